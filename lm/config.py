@@ -1,0 +1,258 @@
+"""Configuration: frozen dataclasses, and command-line overrides checked against them.
+
+An experiment is a Python module whose `config()` returns a `Config`. Users change one
+field from the command line with `--set section.field=value`; the key and the type of
+the value are checked against these dataclasses before any work starts, so a typo
+fails in a second with the nearest valid key instead of after an hour of training.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad experiment configuration or override; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer shape. Dimension names follow lm/model.py's alphabet."""
+
+    vocab_size: int = 4096  # V
+    d_model: int = 256  # D
+    n_layers: int = 4  # L
+    n_heads: int = 4  # N (query heads)
+    n_kv_heads: int = 4  # K (key/value heads; must divide N)
+    head_dim: int | None = None  # H; None means d_model // n_heads
+    d_ff: int = 704  # F (SwiGLU hidden width)
+    max_seq_len: int = 256  # context length the model is built for
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"  # "bfloat16" on accelerators
+    scan_layers: bool = True  # lax.scan over layers: compile time independent of depth
+    # Rematerialisation of each block in the backward pass:
+    # "none" keeps all activations, "full" recomputes the block,
+    # "dots" saves matmul outputs only, "dots_no_batch" saves weight matmuls only.
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # "xla": our einsum attention; "jax_dpa": jax.nn.dot_product_attention (cuDNN on GPU)
+    attention: Literal["xla", "jax_dpa"] = "xla"
+    attention_block: int = 64  # "xla": query block size; skips the causal upper triangle
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim explicitly"
+            )
+        if self.head_size % 2:
+            raise ConfigError(f"head size {self.head_size} must be even for rotary embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means "all the devices the other axes leave"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    z_loss: float = 0.0  # weight of log(Z)^2 in the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    corpus: Literal["default", "synthetic"] = "default"
+    seq_len: int = 256  # T
+    batch_size: int = 8  # global batch, in sequences
+    heldout_fraction: float = 0.02  # documents kept out of training, chosen by hash
+    tokenizer: str | None = None  # path to a SentencePiece .model; None trains one
+    tokenizer_sample_mb: float = 4.0  # text used to train the tokenizer
+    num_workers: int = 0  # grain worker processes (0: in the main process)
+    prefetch: int = 4  # batches prepared ahead in a background thread
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    steps: int = 1000
+    microbatches: int = 1  # gradient accumulation: the global batch is split this many times
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 16
+    num_samples: int = 3  # samples printed at the end
+    sample_tokens: int = 96
+    sample_temperature: float = 0.8
+    peak_flops_per_device: float | None = None  # override the table / CPU measurement
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        if self.data.batch_size % self.trainer.microbatches:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} must be divisible by "
+                f"trainer.microbatches={self.trainer.microbatches}"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides: "--set optim.lr=3e-4"
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a (nested) config dataclass."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, raw: Any, tp: Any) -> Any:
+    """Convert `raw` (a string from the command line, or a Python value) to type `tp`."""
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            lowered = raw.lower()
+            value = {"true": True, "false": False, "none": None, "null": None}.get(lowered, raw)
+
+    def fits(v: Any, t: Any) -> tuple[bool, Any]:
+        origin = typing.get_origin(t)
+        if t is Any:
+            return True, v
+        if origin is Literal:
+            return (v in typing.get_args(t)), v
+        if origin in (typing.Union, types.UnionType):
+            for arm in typing.get_args(t):
+                ok, cv = fits(v, arm)
+                if ok:
+                    return True, cv
+            return False, v
+        if t is type(None):
+            return v is None, v
+        if t is bool:
+            return isinstance(v, bool), v
+        if t is int:
+            return isinstance(v, int) and not isinstance(v, bool), v
+        if t is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            return ok, float(v) if ok else v
+        if t is str:
+            # A string field takes the text as written ("--set data.tokenizer=a.model").
+            return True, raw if isinstance(raw, str) else str(v)
+        return isinstance(v, t), v
+
+    ok, converted = fits(value, tp)
+    if not ok:
+        raise ConfigError(f"--set {key}={raw!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+    return converted
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """Return `cfg` with dotted-key overrides applied; raises ConfigError on a bad key or type."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v.strip()
+        overrides = pairs
+    valid = all_keys(cfg)
+    for key, raw in overrides.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            if not close:  # try matching on the last component, e.g. "lr" -> "optim.lr"
+                last = [k for k in valid if k.split(".")[-1] == key.split(".")[-1]]
+                close = last[:1]
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint} (valid keys: lm info --keys)")
+        cfg = _replace_path(cfg, key.split("."), raw, key)
+    return cfg.validate()
+
+
+def _replace_path(obj: Any, path: list[str], raw: Any, key: str) -> Any:
+    name = path[0]
+    if len(path) == 1:
+        tp = _field_types(type(obj))[name]
+        return dataclasses.replace(obj, **{name: _coerce(key, raw, tp)})
+    return dataclasses.replace(obj, **{name: _replace_path(getattr(obj, name), path[1:], raw, key)})
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run's config.json)."""
+    return Config(
+        name=d.get("name", "experiment"),
+        model=ModelConfig(**d.get("model", {})),
+        mesh=MeshConfig(**d.get("mesh", {})),
+        optim=OptimConfig(**d.get("optim", {})),
+        data=DataConfig(**d.get("data", {})),
+        trainer=TrainerConfig(**d.get("trainer", {})),
+    )
