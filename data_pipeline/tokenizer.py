@@ -1,0 +1,117 @@
+"""SentencePiece tokenizer: training on a text sample, and a small batched wrapper.
+
+The vocabulary reserves ids 0-3 for PAD, UNK, BOS and EOS, then control tokens for
+chat roles (used by SFT later; they are never produced by encoding plain text). Pieces
+are BPE with byte fallback, so any string round-trips exactly; whitespace and newlines
+are kept as they are (identity normalisation), which code needs; digits are split.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+NEWLINE = "\n"
+
+
+def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Cut documents into pieces of at most `max_chars`, at line boundaries where possible.
+
+    SentencePiece trains on "sentences"; feeding whole lines groups (newlines included)
+    lets it learn pieces for indentation and line breaks.
+    """
+    for text in texts:
+        buf = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            while len(line) > max_chars:  # a very long line: hard cut
+                yield line[:max_chars]
+                line = line[max_chars:]
+            if size + len(line) > max_chars and buf:
+                yield "".join(buf)
+                buf, size = [], 0
+            buf.append(line)
+            size += len(line)
+        if buf:
+            yield "".join(buf)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
+                    model_type: str = "bpe", num_threads: int | None = None) -> "Tokenizer":
+    """Train a SentencePiece model on `texts`; writes `out_prefix`.model and returns it."""
+    os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_chunks(texts, 2048),
+        model_writer=model,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
+        treat_whitespace_as_suffix=False,
+        user_defined_symbols=[NEWLINE],
+        control_symbols=list(CHAT_TOKENS),
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        max_sentence_length=4096,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    path = out_prefix + ".model"
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer
+    return Tokenizer(path)
+
+
+class Tokenizer:
+    """A thin wrapper over a SentencePiece model with batched encode/decode."""
+
+    def __init__(self, path: str):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        out = self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))

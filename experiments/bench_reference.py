@@ -1,0 +1,19 @@
+"""The fixed reference configuration of the training benchmark (`make bench`).
+
+Vocabulary 4096, width 256, 4 layers, 4 heads, 4 KV heads, SwiGLU hidden 704, sequence
+256, batch 8, float32, AdamW. It is kept fixed so throughput and MFU figures compare
+across commits and against other frameworks run on the same machine.
+"""
+
+from lm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+
+
+def config() -> Config:
+    return Config(
+        name="bench_reference",
+        model=ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
+                          d_ff=704, max_seq_len=256),
+        optim=OptimConfig(lr=1e-3, warmup_steps=10),
+        data=DataConfig(corpus="synthetic", seq_len=256, batch_size=8),
+        trainer=TrainerConfig(steps=30, log_every=10, eval_batches=2, num_samples=0),
+    )

@@ -1,0 +1,117 @@
+"""Command line: `lm train|info|bench ...` (also `python -m lm ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _log(msg: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(str(msg))
+    except ImportError:
+        print(msg, flush=True)
+
+
+def _distributed(args) -> None:
+    """Join a multi-process job: explicit flags, or auto-detection (TPU pods, SLURM, ...)."""
+    import jax
+
+    if args.coordinator or os.environ.get("LM_DISTRIBUTED"):
+        if args.cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        kwargs = {}
+        if args.coordinator:
+            kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                          process_id=args.process_id)
+        jax.distributed.initialize(**kwargs)
+
+
+def cmd_train(args) -> int:
+    from lm import experiment
+    from lm.train import train
+
+    cfg = experiment.load(args.experiment, args.set)  # bad keys fail here, before any work
+    _distributed(args)
+    run_dir = args.run_dir or os.path.join("runs", cfg.name)
+    _log(f"run directory: {run_dir}")
+    summary = train(cfg, run_dir, log=_log, progress=not args.no_progress)
+    ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
+    _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
+         f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from lm import experiment
+    from lm.config import all_keys
+    from lm.model import flops_per_token, param_count
+
+    cfg = experiment.load(args.experiment, args.set)
+    if args.keys:
+        for k in all_keys(cfg):
+            obj = cfg
+            for part in k.split("."):
+                obj = getattr(obj, part)
+            print(f"{k} = {obj!r}")
+        return 0
+    m = cfg.model
+    n = param_count(m)
+    fpt = flops_per_token(m, cfg.data.seq_len)
+    print(f"experiment        {cfg.name}")
+    print(f"parameters        {n:,} ({n / 1e6:.1f}M)")
+    print(f"non-embedding     {n - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2):,}")
+    print(f"shape             D={m.d_model} L={m.n_layers} N={m.n_heads} K={m.n_kv_heads} "
+          f"H={m.head_size} F={m.d_ff} V={m.vocab_size} context={m.max_seq_len}")
+    print(f"train FLOPs/token {fpt:,.0f} ({fpt / 1e9:.2f} GFLOP) at seq_len={cfg.data.seq_len}")
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    print(f"tokens/step       {tokens:,}; {cfg.trainer.steps} steps = {tokens * cfg.trainer.steps / 1e9:.3f}B tokens, "
+          f"{fpt * tokens * cfg.trainer.steps:.2e} FLOPs")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lm import bench
+
+    return bench.main(args.which)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lm", description="Train and inspect language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def experiment_args(sp):
+        sp.add_argument("experiment", help="experiments/NAME.py, experiments.NAME or NAME")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+
+    t = sub.add_parser("train", help="pretrain an experiment")
+    experiment_args(t)
+    t.add_argument("--run-dir", help="where outputs go (default runs/<experiment name>)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
+    t.add_argument("--num-processes", type=int)
+    t.add_argument("--process-id", type=int)
+    t.add_argument("--cpu-collectives", action="store_true", help="gloo collectives for CPU processes")
+    t.set_defaults(fn=cmd_train)
+
+    i = sub.add_parser("info", help="parameter count and FLOPs of an experiment")
+    experiment_args(i)
+    i.add_argument("--keys", action="store_true", help="list every config key and its value")
+    i.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks (train throughput and MFU)")
+    b.add_argument("which", nargs="?", default="train", choices=["train"])
+    b.set_defaults(fn=cmd_bench)
+
+    args = p.parse_args(argv)
+    from lm.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"lm: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,49 @@
+"""Load an experiment: a Python module (file path or dotted name) with `config() -> Config`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from lm.config import Config, ConfigError, apply_overrides
+
+
+def load(spec: str, overrides: list[str] | None = None) -> Config:
+    """`experiments/pretrain_tiny.py`, `experiments.pretrain_tiny` or `pretrain_tiny`."""
+    module = _import(spec)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"experiment {spec!r} defines no config() function returning a Config")
+    cfg = module.config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"experiment {spec!r}: config() returned {type(cfg).__name__}, not Config")
+    return apply_overrides(cfg, overrides or [])
+
+
+def _import(spec: str):
+    if spec.endswith(".py") or os.sep in spec or "/" in spec:
+        path = os.path.abspath(spec if spec.endswith(".py") else spec + ".py")
+        if not os.path.exists(path):
+            raise ConfigError(f"experiment file {spec!r} does not exist")
+        name = "experiments_" + os.path.splitext(os.path.basename(path))[0]
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        mod_spec.loader.exec_module(module)
+        return module
+    for name in (spec, "experiments." + spec):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (name, name.rsplit(".", 1)[0]) and not name.startswith(e.name or "\0"):
+                raise  # the experiment exists but imports something missing
+    available = list_experiments()
+    raise ConfigError(f"no experiment {spec!r}; available: {', '.join(available) or '(none)'}")
+
+
+def list_experiments() -> list[str]:
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    if not os.path.isdir(here):
+        return []
+    return sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))

@@ -1,0 +1,226 @@
+"""The pretraining host loop: data in, compiled steps, metrics, evaluation, samples.
+
+All numerics live in `lm.train_step`; this file only moves batches in and numbers out.
+The step is asynchronous: the host fetches metrics (and so waits for the device) only
+on logging steps, so the next batch is prepared while the device computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from lm import perf
+from lm.config import Config, to_dict
+from lm.logger import MetricsLogger, plot_loss
+from lm.model import flops_per_token, param_count
+from lm.sharding import make_mesh
+from lm.train_step import BATCH_KEYS, Trainer, make_trainer
+
+SAMPLE_PROMPTS = ("def ", "import os\n\n", "The ", "class ")
+
+
+class Data:
+    """Training batches and held-out batches for one run, for this process."""
+
+    def __init__(self, cfg: Config, run_dir: str, log: Callable = print):
+        from data_pipeline import pipeline
+
+        d = cfg.data
+        self.cfg = cfg
+        pi, pc = jax.process_index(), jax.process_count()
+        if d.batch_size % pc:
+            raise ValueError(f"data.batch_size={d.batch_size} must divide by the {pc} processes")
+        self.local_batch = d.batch_size // pc
+        self.tokenizer = None
+        if d.corpus == "synthetic":
+            self._train = self._synthetic(d.seed)
+            self._heldout = [b for b, _ in zip(self._synthetic(d.seed + 1), range(cfg.trainer.eval_batches))]
+            return
+        train_docs, heldout_docs = pipeline.corpus_documents(d.corpus, d.heldout_fraction)
+        if pi == 0:
+            self.tokenizer = pipeline.tokenizer_for_run(
+                train_docs, cfg.model.vocab_size, run_dir, d.tokenizer, d.tokenizer_sample_mb, d.seed, log)
+        if pc > 1:  # other processes read the tokenizer process 0 stored (shared file system)
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tokenizer")
+            if pi:
+                self.tokenizer = pipeline.tokenizer_for_run(
+                    train_docs, cfg.model.vocab_size, run_dir, d.tokenizer or os.path.join(run_dir, "tokenizer.model"))
+        tok_path = self.tokenizer.path
+        common = dict(seq_len=d.seq_len, batch_size=self.local_batch, process_index=pi, process_count=pc)
+        self.train_ds = pipeline.packed_dataset(train_docs, tok_path, seed=d.seed, shuffle=True,
+                                                repeat=True, prefetch=d.prefetch, **common)
+        self._train = iter(self.train_ds)
+        heldout = pipeline.packed_dataset(heldout_docs, tok_path, seed=d.seed, shuffle=False,
+                                          repeat=False, **common)
+        self._heldout = [b for b, _ in zip(heldout, range(cfg.trainer.eval_batches))]
+        self.heldout_docs = len(heldout_docs)
+        self.train_docs = len(train_docs)
+
+    def _synthetic(self, seed: int) -> Iterator[dict]:
+        from data_pipeline.pipeline import synthetic_batches
+
+        d = self.cfg.data
+        lo = jax.process_index() * self.local_batch
+        for b in synthetic_batches(self.cfg.model.vocab_size, d.seq_len, d.batch_size, seed):
+            yield {k: v[lo: lo + self.local_batch] for k, v in b.items()}
+
+    def next_train(self) -> dict:
+        return next(self._train)
+
+    @property
+    def heldout(self) -> list[dict]:
+        return self._heldout
+
+
+def evaluate(trainer: Trainer, eval_fn, params, batches: list[dict]) -> float:
+    """Mean held-out cross-entropy (nats/token) over the given batches."""
+    from data_pipeline.pipeline import global_batch
+
+    total, count = 0.0, 0.0
+    for b in batches:
+        out = jax.device_get(eval_fn(params, global_batch(b, trainer.batch_sharding)))
+        total += float(out["loss_sum"])
+        count += float(out["tokens"])
+    return total / max(count, 1.0)
+
+
+def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = True) -> dict:
+    """Pretrain `cfg` into `run_dir`; returns a summary dict (also saved as summary.json)."""
+    from data_pipeline.pipeline import global_batch, unigram_entropy
+
+    cfg.validate()
+    main = jax.process_index() == 0
+    os.makedirs(run_dir, exist_ok=True)
+    if main:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+
+    mesh = make_mesh(cfg.mesh)
+    trainer = make_trainer(cfg, mesh)
+    n_params = param_count(cfg.model)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak, peak_src = perf.peak_flops_per_device(cfg.trainer.peak_flops_per_device)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    log(f"{cfg.name}: {n_params / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOP/token, "
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es); peak {peak / 1e9:.0f} GFLOP/s/device ({peak_src})")
+
+    data = Data(cfg, run_dir, log)
+    state = trainer.init_state(cfg.trainer.seed)
+    step_fn = trainer.compile_train_step()
+    eval_fn = trainer.compile_eval_step()
+    logger = MetricsLogger(run_dir, enabled=main)
+
+    steps = cfg.trainer.steps
+    bar = None
+    if progress and main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
+    t_last, steps_since, wait_since = None, 0, 0.0
+    compile_s = 0.0
+    last_metrics: dict = {}
+    eval_loss = float("nan")
+    try:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            batch = global_batch(data.next_train(), trainer.batch_sharding)
+            wait = time.perf_counter() - t0
+            state, metrics = step_fn(state, batch)
+            if bar is not None:
+                bar.update(1)
+            if step == 0:  # the first step compiles; time from the end of it
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - t0
+                log(f"compiled the train step in {compile_s:.1f}s")
+                t_last = time.perf_counter()
+                continue
+            wait_since += wait
+            steps_since += 1
+            last = step == steps - 1
+            do_eval = last or (cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0)
+            if (step + 1) % cfg.trainer.log_every == 0 or last or do_eval:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                step_time = (now - t_last) / steps_since
+                tps = tokens_per_step / step_time
+                m.update(step_time_s=step_time, tokens_per_s=tps,
+                         mfu=fpt * tps / (peak * jax.device_count()),
+                         data_wait_fraction=wait_since / (now - t_last))
+                if do_eval:
+                    eval_loss = evaluate(trainer, eval_fn, state.params, data.heldout)
+                    m["eval_loss"] = eval_loss
+                    now = time.perf_counter()  # evaluation time is not step time
+                logger.log(step + 1, m)
+                last_metrics = m
+                t_last, steps_since, wait_since = now, 0, 0.0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+    if steps <= 1:  # nothing was timed; still evaluate
+        eval_loss = evaluate(trainer, eval_fn, state.params, data.heldout)
+    entropy = unigram_entropy(data.heldout)
+    summary = {
+        "steps": steps,
+        "params": n_params,
+        "final_train_loss": last_metrics.get("loss", float("nan")),
+        "heldout_loss": eval_loss,
+        "heldout_unigram_entropy": entropy,
+        "tokens_per_s": last_metrics.get("tokens_per_s"),
+        "mfu": last_metrics.get("mfu"),
+        "compile_s": compile_s,
+    }
+    log(f"held-out loss {eval_loss:.3f} nats/token vs unigram entropy {entropy:.3f} "
+        f"of the held-out tokens ({np.exp(eval_loss):.1f} vs {np.exp(entropy):.1f} perplexity)")
+
+    save_params(run_dir, state.params)
+    if main:
+        png = plot_loss(run_dir)
+        if png:
+            log(f"loss curve: {png}")
+    if data.tokenizer is not None and cfg.trainer.num_samples > 0:
+        summary["samples"] = print_samples(trainer, state.params, data.tokenizer, cfg, log)
+    if main:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def print_samples(trainer: Trainer, params, tokenizer, cfg: Config, log: Callable) -> list[str]:
+    from lm.sampling import generate
+
+    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(cfg.trainer.num_samples)]
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    host_params = jax.device_get(params)  # small models: sample on one device
+    outs = generate(trainer.graphdef, host_params, ids, cfg.trainer.sample_tokens, cfg.model.max_seq_len,
+                    temperature=cfg.trainer.sample_temperature, eos_id=tokenizer.eos_id,
+                    seed=cfg.trainer.seed, top_k=50)
+    texts = []
+    for p, o in zip(prompts, outs):
+        text = p + tokenizer.decode(o)
+        texts.append(text)
+        log("-" * 30 + " sample " + "-" * 30 + "\n" + text)
+    return texts
+
+
+def save_params(run_dir: str, params) -> str:
+    """Save the final parameters with Orbax (checkpoint management: the checkpoint issue)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.path.join(run_dir, "params"))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, params, force=True)
+    ckpt.wait_until_finished()
+    return path

@@ -1,0 +1,30 @@
+"""Install with `pip install -e .[test]` (the Makefile does it in a virtual environment)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lm",
+    version="0.1.0",
+    description="A JAX/Flax codebase from raw text to a chat model: tokenizer, pretraining, SFT, RLHF, eval.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lm", "lm.*", "data_pipeline", "data_pipeline.*", "experiments"]),
+    install_requires=[
+        "jax>=0.7,<0.12",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12,<0.3",
+        "sentencepiece>=0.2,<0.3",
+        "tensorflow-datasets>=4.9,<5",
+        "numpy>=1.26",
+        "tqdm>=4.66",  # progress bars
+        "matplotlib>=3.8",  # loss-curve PNGs
+        "tensorboardX>=2.6",  # TensorBoard scalars without TensorFlow
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "cuda": ["jax[cuda12]>=0.7,<0.12"],
+        "tpu": ["jax[tpu]>=0.7,<0.12"],
+    },
+    entry_points={"console_scripts": ["lm=lm.cli:main"]},
+)
