@@ -109,7 +109,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -132,9 +132,9 @@ class Attention(nnx.Module):
         cdt = jnp.dtype(cfg.compute_dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
         t = x.shape[0] // batch
-        q = (x @ self.wq.value.astype(cdt).reshape(d, n * h)).reshape(batch, t, n, h)
-        kk = (x @ self.wk.value.astype(cdt).reshape(d, k * h)).reshape(batch, t, k, h)
-        v = (x @ self.wv.value.astype(cdt).reshape(d, k * h)).reshape(batch, t, k, h)
+        q = (x @ self.wq[...].astype(cdt).reshape(d, n * h)).reshape(batch, t, n, h)
+        kk = (x @ self.wk[...].astype(cdt).reshape(d, k * h)).reshape(batch, t, k, h)
+        v = (x @ self.wv[...].astype(cdt).reshape(d, k * h)).reshape(batch, t, k, h)
         q, kk, v = shard(q, "act_btnh"), shard(kk, "act_btkh"), shard(v, "act_btkh")
         if cfg.qk_norm:
             q, kk = self.q_norm(q), self.k_norm(kk)
@@ -144,7 +144,7 @@ class Attention(nnx.Module):
         else:
             out = dot_product_attention(q, kk, v, mask, cfg.attention_block)
         out = shard(out, "act_btnh").reshape(batch * t, n * h)
-        return out @ self.wo.value.astype(cdt).reshape(n * h, d)
+        return out @ self.wo[...].astype(cdt).reshape(n * h, d)
 
 
 class MLP(nnx.Module):
@@ -159,10 +159,10 @@ class MLP(nnx.Module):
     def __call__(self, x):
         """x (B*T, D) -> (B*T, D)."""
         cdt = jnp.dtype(self.cfg.compute_dtype)
-        gate = x @ self.w_gate.value.astype(cdt)
-        up = x @ self.w_up.value.astype(cdt)
+        gate = x @ self.w_gate[...].astype(cdt)
+        up = x @ self.w_up[...].astype(cdt)
         hidden = shard(jax.nn.silu(gate) * up, "act_nf")
-        return hidden @ self.w_down.value.astype(cdt)
+        return hidden @ self.w_down[...].astype(cdt)
 
 
 class Block(nnx.Module):
@@ -214,7 +214,7 @@ class Transformer(nnx.Module):
         cos, sin = rope_tables(positions, cfg.head_size, cfg.rope_theta)
         mask = attention_mask(segment_ids, b, t)
 
-        x = jnp.take(self.embed.value, tokens.reshape(-1), axis=0).astype(cdt)  # (B*T, D)
+        x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(cdt)  # (B*T, D)
         x = shard(x, "act_nd")
 
         graphdef, stacked = nnx.split(self.blocks)
@@ -234,7 +234,7 @@ class Transformer(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden states (..., D) -> float32 logits (..., V)."""
         cdt = jnp.dtype(self.cfg.compute_dtype)
-        w = self.embed.value.T if self.cfg.tie_embeddings else self.head.value
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
         return jnp.dot(h, w.astype(cdt), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:

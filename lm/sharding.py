@@ -93,7 +93,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, me
 
 def _variable_axes(v: nnx.Variable) -> tuple[str | None, ...]:
     axes = tuple(v.get_metadata().get("axes", ()))
-    ndim = len(v.value.shape)
+    ndim = len(v.get_value().shape)
     if len(axes) + 1 == ndim:  # stacked by the layer scan: leading layer axis
         axes = ("layers",) + axes
     if len(axes) != ndim:
@@ -106,7 +106,7 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
     def one(v):
         if isinstance(v, nnx.Variable):
-            spec = logical_to_spec(_variable_axes(v), v.value.shape, mesh)
+            spec = logical_to_spec(_variable_axes(v), v.get_value().shape, mesh)
             return v.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, P())
 

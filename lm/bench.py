@@ -1,0 +1,69 @@
+"""Benchmarks (`make bench`): training throughput and MFU.
+
+Each figure is printed beside the reference it is measured against in the same run: on
+CPU the machine's measured float32 matmul peak. The last line is machine-readable:
+`train_tokens_per_s=N mfu=M` for the fixed reference configuration
+(experiments/bench_reference.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from lm import experiment, perf
+from lm.config import Config, MeshConfig
+from lm.model import flops_per_token, param_count
+from lm.sharding import make_mesh
+from lm.train_step import make_trainer
+
+
+def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3) -> dict:
+    """Median step time of the compiled train step on synthetic batches (one device)."""
+    from data_pipeline.pipeline import global_batch, synthetic_batches
+
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = trainer.init_state(0)
+    step = trainer.compile_train_step()
+    d = cfg.data
+    batches = [global_batch(b, trainer.batch_sharding)
+               for b, _ in zip(synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size), range(4))]
+    for i in range(warmup):
+        state, m = step(state, batches[i % 4])
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(steps):
+            state, m = step(state, batches[i % 4])
+        jax.block_until_ready(m)
+        times.append((time.perf_counter() - t) / steps)
+    step_time = float(np.median(times))
+    tokens = d.batch_size * d.seq_len
+    flops = flops_per_token(cfg.model, d.seq_len) * tokens / step_time
+    return {"step_time_s": step_time, "tokens_per_s": tokens / step_time, "flops_per_s": flops,
+            "params": param_count(cfg.model)}
+
+
+def main(which: str = "train") -> int:
+    dev = jax.devices()[0]
+    peak, src = perf.peak_flops_per_device()
+    if dev.platform == "cpu":
+        peak = perf.measured_matmul_peak()  # the whole host: benchmarks use one device
+    print(f"device: {dev.device_kind} ({dev.platform}); peak {peak / 1e9:.1f} GFLOP/s ({src})")
+    results = {}
+    for name, spec in (("tiny", "pretrain_tiny"), ("reference", "bench_reference")):
+        cfg = experiment.load(spec)
+        r = bench_train(cfg)
+        r["mfu"] = r["flops_per_s"] / peak
+        results[name] = r
+        print(f"train[{name}]: {r['params'] / 1e6:.2f}M params, batch {cfg.data.batch_size}x{cfg.data.seq_len}, "
+              f"step {r['step_time_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['mfu']:.1%} of the {peak / 1e9:.1f} GFLOP/s peak")
+    ref = results["reference"]
+    print(f"train_tokens_per_s={ref['tokens_per_s']:.0f} mfu={ref['mfu']:.4f}")
+    return 0

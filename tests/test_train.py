@@ -1,0 +1,105 @@
+"""Training: the step's numerics, a short run whose loss falls, and the run's outputs."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipeline.pipeline import global_batch, synthetic_batches
+from lm import experiment
+from lm.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainerConfig
+from lm.optim import decay_mask, schedule
+from lm.sharding import make_mesh
+from lm.train import train
+from lm.train_step import cross_entropy, make_trainer
+
+MODEL = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                    max_seq_len=32, attention_block=16)
+ONE = MeshConfig(data=1, fsdp=1, tensor=1)
+
+
+def test_cross_entropy_hand_computed_with_mask_and_z_loss():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]]))
+    targets = jnp.array([0, 2, 1])
+    mask = jnp.array([1.0, 1.0, 0.0])
+    loss, ce, n = cross_entropy(logits, targets, mask, 0.0)
+    assert float(n) == 2
+    np.testing.assert_allclose(ce, (-np.log(0.5) - np.log(0.8)) / 2, rtol=1e-6)
+    # log-probabilities have logsumexp 0, so z-loss adds nothing; shift by 2 and it adds 4 * w
+    loss_z, ce_z, _ = cross_entropy(logits + 2.0, targets, mask, 0.1)
+    np.testing.assert_allclose(ce_z, ce, rtol=1e-6)
+    np.testing.assert_allclose(loss_z, ce + 0.1 * 4.0, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    cfg = Config(model=MODEL, mesh=ONE, optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+                 data=DataConfig(corpus="synthetic", seq_len=32, batch_size=8), trainer=TrainerConfig(steps=3))
+    batch = next(synthetic_batches(128, 32, 8, seed=1))
+    batch["loss_mask"][0, :20] = 0  # uneven token counts across micro-batches
+    results = []
+    for m in (1, 4):
+        c = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, microbatches=m))
+        tr = make_trainer(c, make_mesh(ONE, jax.devices()[:1]))
+        state = tr.init_state(0)
+        state, metrics = tr.compile_train_step()(state, global_batch(batch, tr.batch_sharding))
+        results.append((float(metrics["loss"]), jax.device_get(state.params)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_schedules():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    cos = schedule(cfg, 100)
+    assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0)
+    assert float(cos(100)) == pytest.approx(0.1, abs=1e-6)
+    wsd = schedule(dataclasses.replace(cfg, schedule="wsd"), 100)
+    assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(79)) == pytest.approx(1.0)
+    assert float(wsd(90)) == pytest.approx(0.55, abs=1e-6) and float(wsd(100)) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    tr = make_trainer(Config(model=dataclasses.replace(MODEL, qk_norm=True), mesh=ONE), make_mesh(ONE, jax.devices()[:1]))
+    params = jax.eval_shape(lambda: tr._init(0).params)
+    mask = decay_mask(params, OptimConfig()).to_pure_dict()
+    assert mask["embed"] is False and mask["head"] is False and mask["final_norm"]["scale"] is False
+    assert mask["blocks"]["attn"]["q_norm"]["scale"] is False
+    assert mask["blocks"]["attn"]["wq"] is True and mask["blocks"]["mlp"]["w_down"] is True
+
+
+def test_short_run_on_synthetic_data_learns(tmp_path):
+    cfg = Config(model=MODEL, optim=OptimConfig(lr=1e-2, warmup_steps=5),
+                 data=DataConfig(corpus="synthetic", seq_len=32, batch_size=8),
+                 trainer=TrainerConfig(steps=40, log_every=5, eval_batches=2))
+    summary = train(cfg, str(tmp_path), log=lambda *_: None, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu", "data_wait_fraction"):
+        assert np.isfinite(rows[-1][key]), key
+    assert summary["heldout_loss"] < summary["heldout_unigram_entropy"]
+
+
+def test_tiny_experiment_on_default_corpus_lowers_loss(tmp_path):
+    """The default job, shortened: tokenizer, grain pipeline, training, eval, samples, outputs."""
+    cfg = experiment.load("pretrain_tiny", [
+        "model.n_layers=2", "model.d_model=128", "model.d_ff=352", "model.vocab_size=1024",
+        "data.seq_len=128", "data.batch_size=8", "data.tokenizer_sample_mb=1",
+        "trainer.steps=60", "trainer.eval_every=30", "trainer.eval_batches=4",
+        "trainer.num_samples=2", "trainer.sample_tokens=16", "optim.warmup_steps=10"])
+    logs = []
+    summary = train(cfg, str(tmp_path), log=logs.append, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert summary["heldout_loss"] < summary["heldout_unigram_entropy"]
+    for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json", "tokenizer.model", "params"):
+        assert os.path.exists(tmp_path / name), name
+    assert os.listdir(tmp_path / "tensorboard")
+    assert len(summary["samples"]) == 2 and all(isinstance(s, str) for s in summary["samples"])
+    assert any("held-out loss" in str(m) for m in logs)
