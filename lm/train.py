@@ -137,40 +137,41 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
             state, metrics = step_fn(state, batch)
             if bar is not None:
                 bar.update(1)
-            if step == 0:  # the first step compiles; time from the end of it
+            first = step == 0
+            if first:  # the first step compiles; throughput is timed from its end
                 jax.block_until_ready(metrics)
                 compile_s = time.perf_counter() - t0
                 log(f"compiled the train step in {compile_s:.1f}s")
                 t_last = time.perf_counter()
-                continue
-            wait_since += wait
-            steps_since += 1
+            else:
+                wait_since += wait
+                steps_since += 1
             last = step == steps - 1
             do_eval = last or (cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0)
-            if (step + 1) % cfg.trainer.log_every == 0 or last or do_eval:
+            if first or (step + 1) % cfg.trainer.log_every == 0 or last or do_eval:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                step_time = (now - t_last) / steps_since
-                tps = tokens_per_step / step_time
-                m.update(step_time_s=step_time, tokens_per_s=tps,
-                         mfu=fpt * tps / (peak * jax.device_count()),
-                         data_wait_fraction=wait_since / (now - t_last))
+                if steps_since:  # step 1 has no throughput: it includes compilation
+                    step_time = (now - t_last) / steps_since
+                    tps = tokens_per_step / step_time
+                    m.update(step_time_s=step_time, tokens_per_s=tps,
+                             mfu=fpt * tps / (peak * jax.device_count()),
+                             data_wait_fraction=wait_since / (now - t_last))
                 if do_eval:
                     eval_loss = evaluate(trainer, eval_fn, state.params, data.heldout)
                     m["eval_loss"] = eval_loss
                     now = time.perf_counter()  # evaluation time is not step time
                 logger.log(step + 1, m)
-                last_metrics = m
+                last_metrics = {**last_metrics, **m}
                 t_last, steps_since, wait_since = now, 0, 0.0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+                if bar is not None and "tokens_per_s" in m:
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}",
+                                    mfu=f"{m['mfu']:.1%}")
     finally:
         if bar is not None:
             bar.close()
         logger.close()
 
-    if steps <= 1:  # nothing was timed; still evaluate
-        eval_loss = evaluate(trainer, eval_fn, state.params, data.heldout)
     entropy = unigram_entropy(data.heldout)
     summary = {
         "steps": steps,

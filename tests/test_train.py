@@ -36,7 +36,8 @@ def test_cross_entropy_hand_computed_with_mask_and_z_loss():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    cfg = Config(model=MODEL, mesh=ONE, optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+    # eps raised: Adam turns rounding differences in near-zero gradients into sign flips
+    cfg = Config(model=MODEL, mesh=ONE, optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", eps=1e-4),
                  data=DataConfig(corpus="synthetic", seq_len=32, batch_size=8), trainer=TrainerConfig(steps=3))
     batch = next(synthetic_batches(128, 32, 8, seed=1))
     batch["loss_mask"][0, :20] = 0  # uneven token counts across micro-batches
@@ -63,7 +64,8 @@ def test_schedules():
 
 
 def test_no_weight_decay_on_norms_and_embeddings():
-    tr = make_trainer(Config(model=dataclasses.replace(MODEL, qk_norm=True), mesh=ONE), make_mesh(ONE, jax.devices()[:1]))
+    cfg = Config(model=dataclasses.replace(MODEL, qk_norm=True), mesh=ONE, data=DataConfig(seq_len=32))
+    tr = make_trainer(cfg, make_mesh(ONE, jax.devices()[:1]))
     params = jax.eval_shape(lambda: tr._init(0).params)
     mask = decay_mask(params, OptimConfig()).to_pure_dict()
     assert mask["embed"] is False and mask["head"] is False and mask["final_norm"]["scale"] is False
@@ -77,10 +79,11 @@ def test_short_run_on_synthetic_data_learns(tmp_path):
                  trainer=TrainerConfig(steps=40, log_every=5, eval_batches=2))
     summary = train(cfg, str(tmp_path), log=lambda *_: None, progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert [r["step"] for r in rows] == [1] + list(range(5, 41, 5))
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu", "data_wait_fraction"):
         assert np.isfinite(rows[-1][key]), key
+    assert "tokens_per_s" not in rows[0]  # step 1 includes compilation
     assert summary["heldout_loss"] < summary["heldout_unigram_entropy"]
 
 
@@ -89,7 +92,7 @@ def test_tiny_experiment_on_default_corpus_lowers_loss(tmp_path):
     cfg = experiment.load("pretrain_tiny", [
         "model.n_layers=2", "model.d_model=128", "model.d_ff=352", "model.vocab_size=1024",
         "data.seq_len=128", "data.batch_size=8", "data.tokenizer_sample_mb=1",
-        "trainer.steps=60", "trainer.eval_every=30", "trainer.eval_batches=4",
+        "trainer.steps=120", "trainer.eval_every=60", "trainer.eval_batches=16",
         "trainer.num_samples=2", "trainer.sample_tokens=16", "optim.warmup_steps=10"])
     logs = []
     summary = train(cfg, str(tmp_path), log=logs.append, progress=False)
