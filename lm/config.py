@@ -108,6 +108,7 @@ class DataConfig:
 class TrainerConfig:
     steps: int = 1000
     microbatches: int = 1  # gradient accumulation: the global batch is split this many times
+    loss_chunks: int = 1  # >1: logits and loss computed in this many chunks of the sequence
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end

@@ -231,11 +231,14 @@ class Transformer(nnx.Module):
                 x = layer(x, jax.tree.map(lambda a: a[i], stacked))
         return self.final_norm(x)
 
+    def output_weights(self) -> jax.Array:
+        """The (D, V) output projection in the compute dtype (the embedding, if tied)."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        return w.astype(jnp.dtype(self.cfg.compute_dtype))
+
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden states (..., D) -> float32 logits (..., V)."""
-        cdt = jnp.dtype(self.cfg.compute_dtype)
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        return jnp.dot(h, w.astype(cdt), preferred_element_type=jnp.float32)
+        return jnp.dot(h, self.output_weights(), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens (B, T) -> float32 logits (B, T, V)."""

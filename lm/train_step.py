@@ -18,6 +18,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm.config import Config
+from lm.losses import chunked_cross_entropy, cross_entropy
 from lm.model import Transformer
 from lm.optim import make_optimizer, schedule
 from lm.sharding import batch_sharding, state_shardings, use_mesh
@@ -32,22 +33,6 @@ class TrainState:
 
 # Batches are dicts of (B, T) arrays: inputs, targets, segment_ids, positions, loss_mask.
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float):
-    """Mean float32 cross-entropy over masked tokens, plus z_loss * mean(logsumexp^2).
-
-    Returns (total loss, mean cross-entropy, number of tokens).
-    """
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = lse - target_logit
-    mask = mask.astype(jnp.float32)
-    n = jnp.maximum(mask.sum(), 1.0)
-    ce = (nll * mask).sum() / n
-    loss = ce + z_loss * ((lse**2) * mask).sum() / n if z_loss else ce
-    return loss, ce, n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +68,14 @@ class Trainer:
     def loss_fn(self, params, batch):
         model = self.model(params)
         b, t = batch["inputs"].shape
-        h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-        logits = model.logits(h)  # (B*T, V) float32
-        loss, ce, n = cross_entropy(logits, batch["targets"].reshape(-1),
-                                    batch["loss_mask"].reshape(-1), self.cfg.optim.z_loss)
+        h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])  # (B*T, D)
+        targets, mask = batch["targets"].reshape(-1), batch["loss_mask"].reshape(-1)
+        chunks = self.cfg.trainer.loss_chunks
+        if chunks > 1 and t % chunks == 0:
+            loss, ce, n = chunked_cross_entropy(h, model.output_weights(), targets, mask,
+                                                self.cfg.optim.z_loss, b, chunks)
+        else:
+            loss, ce, n = cross_entropy(model.logits(h), targets, mask, self.cfg.optim.z_loss)
         return loss, (ce, n)
 
     def _grads(self, params, batch):
