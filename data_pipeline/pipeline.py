@@ -1,56 +1,189 @@
 """From documents to global batches, through grain.
 
-One straight road: documents -> (this process's share) -> shuffle per epoch -> read and
-tokenize (BOS ... EOS) -> concatenate-and-split into rows of T+1 tokens -> inputs,
-targets, segment ids, positions, loss mask -> batch -> prefetch -> global jax.Array.
+One straight road per source: documents -> (this process's share) -> shuffle per epoch
+-> read and tokenize (BOS ... EOS) -> pack into rows of T+1 tokens (concatenate-and-split
+or first-fit) -> inputs, targets, segment ids, positions, loss mask. The sources' rows
+are then mixed by weight (deterministic given the seed), batched, prefetched in a
+background thread, and assembled into global jax.Arrays.
 
-Every stage is a grain dataset, so the iterator's position is a small state dict
-(`iterator.get_state()`) that a checkpoint can store and `set_state` can restore.
+Every stage is a grain dataset, so the iterator's position is a small dict
+(`RunData.get_state()`) that a checkpoint stores; after `set_state` the next batch is
+bit-identical to the one an uninterrupted run would have seen. The state is tied to the
+number of processes: each process reads documents `process_index::process_count` of
+every source, so resuming with another process count restarts the data order (the
+checkpoint issue handles that case explicitly).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
-from data_pipeline import default_corpus
+from data_pipeline.sources import DataError, DocumentSource, Record, open_source
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from lm.config import Config, DataConfig, SourceConfig
 
-
-class DataError(ValueError):
-    """Bad data configuration or input; the message names the input and the fix."""
-
-
-# ---------------------------------------------------------------------------------------
-# Sources
-
-
-def corpus_documents(corpus: str, heldout_fraction: float):
-    """(train, held-out) documents of a named corpus."""
-    if corpus == "default":
-        return default_corpus.split(heldout_fraction)
-    raise DataError(f"unknown corpus {corpus!r}; available: 'default' (or 'synthetic' for tests)")
-
-
-def _text(doc) -> str:
-    return doc.text() if hasattr(doc, "text") else str(doc)
+__all__ = ["DataError", "RunData", "global_batch", "synthetic_batches", "unigram_entropy"]
 
 
 # ---------------------------------------------------------------------------------------
-# Tokenizer
+# Bad records: counted per source, reported with their first few locations
 
 
-def tokenizer_for_run(docs: Sequence, vocab_size: int, run_dir: str, path: str | None = None,
-                      sample_mb: float = 4.0, seed: int = 0, log=print) -> Tokenizer:
-    """Load the run's tokenizer, or train one on a sample of `docs` and store it in the run.
+class DataStats:
+    """Thread-safe counts of bad records per source, with the first few locations."""
 
-    The tokenizer's vocabulary must equal the model's: a mismatch fails here, before
-    any training, with both numbers.
+    def __init__(self, names: Sequence[str], keep: int = 5):
+        self.names = list(names)
+        self.keep = keep
+        self.bad = {n: 0 for n in names}
+        self.examples: dict[str, list[str]] = {n: [] for n in names}
+        self.reasons: dict[str, dict[str, int]] = {n: {} for n in names}
+        self._lock = threading.Lock()
+
+    def record_bad(self, source: str, where: str, error: str) -> None:
+        with self._lock:
+            self.bad[source] += 1
+            reason = error.split(" (")[0]
+            self.reasons[source][reason] = self.reasons[source].get(reason, 0) + 1
+            if len(self.examples[source]) < self.keep:
+                self.examples[source].append(f"{where}: {error}")
+
+    def total(self) -> int:
+        return sum(self.bad.values())
+
+    def report(self) -> str:
+        lines = []
+        for n in self.names:
+            if self.bad[n]:
+                kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons[n].items()))
+                lines.append(f"source {n!r}: {self.bad[n]} bad record(s) skipped ({kinds}); first: "
+                             + "; ".join(self.examples[n]))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Stages
+
+
+class Tokenize(grain.transforms.Map):
+    """Record -> {"tokens": int32 [BOS, ..., EOS]}; a bad record gives no tokens (and is counted)."""
+
+    def __init__(self, tokenizer_path: str, source: str, stats: DataStats | None, strict: bool):
+        self.tokenizer_path, self.source, self.stats, self.strict = tokenizer_path, source, stats, strict
+        self._tok = None
+
+    def map(self, record: Record):
+        if self._tok is None:  # opened lazily: grain workers build their own
+            self._tok = Tokenizer(self.tokenizer_path)
+        if record.text is None:
+            if self.strict:
+                raise DataError(f"source {self.source!r}: {record.where}: {record.error} "
+                                "(data.strict=true; set it false to skip and count bad records)")
+            if self.stats is not None:
+                self.stats.record_bad(self.source, record.where, record.error or "bad record")
+            return {"tokens": np.zeros((0,), np.int32)}
+        return {"tokens": np.asarray(self._tok.encode(record.text, bos=True, eos=True), np.int32)}
+
+
+class SplitLong(grain.experimental.FlatMapTransform):
+    """Cut documents longer than a row into row-sized pieces (before first-fit packing)."""
+
+    def __init__(self, length: int, max_fan_out: int = 4096):
+        self.length = length
+        self.max_fan_out = max_fan_out
+
+    def flat_map(self, element):
+        t = element["tokens"]
+        return [{"tokens": t[i: i + self.length]} for i in range(0, max(len(t), 1), self.length)]
+
+
+def to_example(row: dict, source_id: int = 0) -> dict:
+    """A packed row of T+1 tokens -> next-token inputs/targets with document masking."""
+    tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
+    same_doc = (seg[1:] == seg[:-1]) & (seg[1:] != 0)  # never predict across documents
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "segment_ids": seg[:-1],
+        "positions": pos[:-1],
+        "loss_mask": same_doc.astype(np.float32),
+        "source_id": np.int32(source_id),
+    }
+
+
+def packed_rows(docs: DocumentSource, tokenizer_path: str, seq_len: int, *, source: str = "default",
+                source_id: int = 0, seed: int = 0, shuffle: bool = True, repeat: bool = True,
+                process_index: int = 0, process_count: int = 1, packing: str = "concat",
+                stats: DataStats | None = None, strict: bool = False,
+                shuffle_rows: int = 0) -> grain.IterDataset:
+    """Examples (rows of `seq_len` tokens) of one source, for this process."""
+    if len(docs) == 0:
+        raise DataError(f"source {source!r} has no documents (or its split is empty)")
+    ds = grain.MapDataset.source(docs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)  # a new shuffle every epoch
+    ds = ds.map(Tokenize(tokenizer_path, source, stats, strict)).to_iter_dataset()
+    ds = ds.filter(lambda x: len(x["tokens"]) > 2)
+    length = {"tokens": seq_len + 1}
+    if packing == "first_fit":
+        ds = grain.experimental.FlatMapIterDataset(ds, SplitLong(seq_len + 1))
+        ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=length, num_packing_bins=16,
+                                                        seed=seed, shuffle_bins=shuffle)
+    else:
+        ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=length)
+    if shuffle and shuffle_rows > 1:  # rows of one long document would otherwise come in a run
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_rows, seed=seed)
+    return ds.map(lambda row: to_example(row, source_id))
+
+
+def mixture(streams: Sequence[grain.IterDataset], weights: Sequence[float]) -> grain.IterDataset:
+    """Rows drawn from the streams in proportion to `weights` (deterministic)."""
+    if len(streams) == 1:
+        return streams[0]
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise DataError(f"mixture weights must be non-negative and not all zero, got {list(weights)}")
+    return grain.IterDataset.mix(list(streams), [w / total for w in weights])
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer for a run
+
+
+def sample_texts(sources: Sequence[tuple[DocumentSource, float]], megabytes: float, seed: int) -> Iterator[str]:
+    """About `megabytes` of text, drawn from the sources in proportion to their weights."""
+    total = sum(w for _, w in sources) or 1.0
+    for k, (docs, w) in enumerate(sources):
+        budget = megabytes * 1e6 * w / total
+        order = list(range(len(docs)))
+        random.Random(seed + k).shuffle(order)
+        for i in order:
+            rec = docs[i]
+            if rec.text:
+                yield rec.text
+                budget -= len(rec.text)
+                if budget <= 0:
+                    break
+
+
+def tokenizer_for_run(sources: Sequence[tuple[DocumentSource, float]], vocab_size: int, run_dir: str,
+                      path: str | None = None, sample_mb: float = 4.0, seed: int = 0,
+                      log: Callable = print) -> Tokenizer:
+    """Load the run's tokenizer, or train one on a sample and store it in the run directory.
+
+    The tokenizer's vocabulary must equal the model's: a mismatch fails here, before any
+    training, with both numbers.
     """
     stored = os.path.join(run_dir, "tokenizer.model")
     if path is None and os.path.exists(stored):
@@ -59,20 +192,8 @@ def tokenizer_for_run(docs: Sequence, vocab_size: int, run_dir: str, path: str |
         tok = Tokenizer(path)
     else:
         t0 = time.time()
-        order = list(range(len(docs)))
-        random.Random(seed).shuffle(order)
-
-        def sample():
-            budget = sample_mb * 1e6
-            for i in order:
-                text = _text(docs[i])
-                if text:
-                    yield text
-                    budget -= len(text)
-                    if budget <= 0:
-                        return
-
-        tok = train_tokenizer(sample(), vocab_size, os.path.join(run_dir, "tokenizer"))
+        tok = train_tokenizer(sample_texts(sources, sample_mb, seed), vocab_size,
+                              os.path.join(run_dir, "tokenizer"))
         log(f"trained a {vocab_size}-piece BPE tokenizer on {sample_mb:g} MB in "
             f"{time.time() - t0:.1f}s -> {tok.path}")
     if tok.vocab_size != vocab_size:
@@ -83,57 +204,110 @@ def tokenizer_for_run(docs: Sequence, vocab_size: int, run_dir: str, path: str |
 
 
 # ---------------------------------------------------------------------------------------
-# Pipeline stages
+# A run's data
 
 
-class Tokenize(grain.transforms.Map):
-    """Document -> {"tokens": int32 [BOS, ..., EOS]} (empty documents give no tokens)."""
-
-    def __init__(self, tokenizer_path: str):
-        self.tokenizer_path = tokenizer_path
-        self._tok = None
-
-    def map(self, doc):
-        if self._tok is None:  # opened lazily: grain workers build their own
-            self._tok = Tokenizer(self.tokenizer_path)
-        text = _text(doc)
-        ids = self._tok.encode(text, bos=True, eos=True) if text.strip() else []
-        return {"tokens": np.asarray(ids, dtype=np.int32)}
+def source_configs(d: DataConfig) -> list[SourceConfig]:
+    if d.corpus == "sources":
+        return list(d.sources)
+    if d.corpus == "default":
+        return [SourceConfig(name="default", kind="default", heldout_fraction=d.heldout_fraction)]
+    raise DataError(f"unknown corpus {d.corpus!r}; choose 'default', 'sources' or 'synthetic'")
 
 
-def to_example(row: dict) -> dict:
-    """A packed row of T+1 tokens -> next-token inputs/targets with document masking."""
-    tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
-    same_doc = (seg[1:] == seg[:-1]) & (seg[1:] != 0)  # never predict across documents
-    return {
-        "inputs": tokens[:-1],
-        "targets": tokens[1:],
-        "segment_ids": seg[:-1],
-        "positions": pos[:-1],
-        "loss_mask": same_doc.astype(np.float32),
-    }
+class RunData:
+    """Training and held-out batches of one run, for this process.
+
+    `next_train()` returns a dict of numpy arrays (this process's rows of the global
+    batch) with a `source_id` per row; `heldout[name]` holds fixed held-out batches per
+    source; `stats` counts bad records; `get_state()`/`set_state()` save and restore the
+    position of the training iterator.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, log: Callable = print,
+                 process_index: int | None = None, process_count: int | None = None):
+        import jax
+
+        d = cfg.data
+        self.cfg = cfg
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        if d.batch_size % pc:
+            raise DataError(f"data.batch_size={d.batch_size} must divide by the {pc} processes")
+        self.local_batch = d.batch_size // pc
+        self.process_index, self.process_count = pi, pc
+        self.tokenizer: Tokenizer | None = None
+        if d.corpus == "synthetic":
+            self.names = ["synthetic"]
+            self.stats = DataStats(self.names)
+            lo = pi * self.local_batch
+            gen = lambda seed: ({k: v[lo: lo + self.local_batch] for k, v in b.items()}  # noqa: E731
+                                for b in synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size, seed))
+            self._train = gen(d.seed)
+            self.heldout = {"synthetic": [b for b, _ in zip(gen(d.seed + 1), range(cfg.trainer.eval_batches))]}
+            return
+
+        configs = source_configs(d)
+        self.names = [c.name for c in configs]
+        self.weights = [c.weight for c in configs]
+        self.stats = DataStats(self.names)
+        opened = [open_source(c) for c in configs]
+        for c, (train, val) in zip(configs, opened):
+            if len(train) == 0:
+                raise DataError(f"source {c.name!r}: no training documents found")
+        self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)], run_dir, pi, pc, log)
+        common = dict(process_index=pi, process_count=pc, packing=d.packing, strict=d.strict)
+        streams = [packed_rows(train, self.tokenizer.path, d.seq_len, source=c.name, source_id=k,
+                               seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows, **common)
+                   for k, (c, (train, _)) in enumerate(zip(configs, opened))]
+        ds = mixture(streams, self.weights).batch(self.local_batch, drop_remainder=True)
+        if d.prefetch:
+            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+        self.train_ds = ds
+        self._train = iter(ds)
+        self.heldout = {}
+        for k, (c, (_, val)) in enumerate(zip(configs, opened)):
+            if len(val) == 0:
+                log(f"source {c.name!r} has no held-out documents; it is not evaluated")
+                continue
+            rows = packed_rows(val, self.tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
+                               repeat=False, **common).batch(self.local_batch, drop_remainder=False)
+            batches = [_pad_batch(b, self.local_batch) for b, _ in zip(rows, range(cfg.trainer.eval_batches))]
+            if batches:
+                self.heldout[c.name] = batches
+
+    def _tokenizer(self, sources, run_dir, pi, pc, log) -> Tokenizer:
+        d = self.cfg.data
+        if pi == 0:
+            tok = tokenizer_for_run(sources, self.cfg.model.vocab_size, run_dir, d.tokenizer,
+                                    d.tokenizer_sample_mb, d.seed, log)
+        if pc > 1:  # the others read what process 0 stored (a shared file system)
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tokenizer")
+            if pi:
+                tok = tokenizer_for_run(sources, self.cfg.model.vocab_size, run_dir,
+                                        d.tokenizer or os.path.join(run_dir, "tokenizer.model"))
+        return tok
+
+    def next_train(self) -> dict:
+        return next(self._train)
+
+    def get_state(self) -> dict:
+        if not hasattr(self._train, "get_state"):
+            raise DataError("the synthetic corpus has no iterator state")
+        return self._train.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._train.set_state(state)
 
 
-def packed_dataset(docs: Sequence, tokenizer_path: str, seq_len: int, batch_size: int, *,
-                   seed: int, shuffle: bool, repeat: bool, process_index: int = 0,
-                   process_count: int = 1, prefetch: int = 0) -> grain.IterDataset:
-    """Batches of `batch_size` packed rows for this process (its share of the documents)."""
-    if not docs:
-        raise DataError("no documents to read: the corpus (or its held-out split) is empty")
-    ds = grain.MapDataset.source(list(docs))
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)  # a new shuffle every epoch
-    ds = ds.map(Tokenize(tokenizer_path)).to_iter_dataset()
-    ds = ds.filter(lambda x: len(x["tokens"]) > 2)
-    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-    ds = ds.map(to_example).batch(batch_size, drop_remainder=True)
-    if prefetch:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    return ds
+def _pad_batch(b: dict, size: int) -> dict:
+    """Pad a short final held-out batch with fully masked rows (every batch has `size` rows)."""
+    n = len(b["inputs"])
+    if n == size:
+        return b
+    return {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in b.items()}
 
 
 def synthetic_batches(vocab_size: int, seq_len: int, batch_size: int, seed: int = 0) -> Iterator[dict]:
@@ -149,6 +323,7 @@ def synthetic_batches(vocab_size: int, seq_len: int, batch_size: int, seed: int 
             "segment_ids": np.ones((batch_size, seq_len), np.int32),
             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
             "loss_mask": np.ones((batch_size, seq_len), np.float32),
+            "source_id": np.zeros((batch_size,), np.int32),
         }
 
 

@@ -92,8 +92,31 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One corpus of a data mixture (see data_pipeline/sources.py for the kinds)."""
+
+    name: str
+    kind: Literal["default", "text", "jsonl", "json", "parquet", "arrayrecord", "tfds"] = "text"
+    paths: tuple[str, ...] = ()  # globs
+    weight: float = 1.0  # share of training tokens (normalised over the sources)
+    text_field: str = "text"  # jsonl/json/parquet/arrayrecord/tfds: the field with the text
+    doc_per: Literal["file", "block", "line"] = "file"  # text files: a document per ...
+    validation_paths: tuple[str, ...] = ()  # explicit validation split (else heldout_fraction)
+    heldout_fraction: float = 0.01  # documents held out by a hash of their location
+    tfds_name: str = ""  # e.g. "wikipedia/20230601.en"
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    corpus: Literal["default", "synthetic"] = "default"
+    # "default": the embedded default corpus; "synthetic": random patterns (tests);
+    # "sources": the weighted mixture in `sources`.
+    corpus: Literal["default", "synthetic", "sources"] = "default"
+    sources: tuple[SourceConfig, ...] = ()
+    packing: Literal["concat", "first_fit"] = "concat"  # concatenate-and-split, or first-fit bins
+    shuffle_rows: int = 256  # packed rows are shuffled within a window of this many (0: off)
+    strict: bool = False  # a bad record (malformed line, bad UTF-8, ...) raises instead of being counted
     seq_len: int = 256  # T
     batch_size: int = 8  # global batch, in sequences
     heldout_fraction: float = 0.02  # documents kept out of training, chosen by hash
@@ -134,6 +157,11 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.data.corpus == "sources" and not self.data.sources:
+            raise ConfigError("data.corpus='sources' needs data.sources (a tuple of SourceConfig)")
+        names = [src.name for src in self.data.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources names must be unique, got {names}")
         if self.data.batch_size % self.trainer.microbatches:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be divisible by "
@@ -150,13 +178,25 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _named_items(value: Any) -> bool:
+    """A non-empty tuple of dataclasses with a `name` (e.g. data.sources)."""
+    return (isinstance(value, tuple) and bool(value)
+            and all(dataclasses.is_dataclass(v) and hasattr(v, "name") for v in value))
+
+
 def all_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Every settable dotted key of a (nested) config dataclass."""
+    """Every settable dotted key of a (nested) config dataclass.
+
+    Items of a tuple of named configs are addressed by name: `data.sources.wiki.weight`.
+    """
     keys = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             keys += all_keys(value, prefix + f.name + ".")
+        elif _named_items(value):
+            for item in value:
+                keys += [k for k in all_keys(item, f"{prefix}{f.name}.{item.name}.") if not k.endswith(".name")]
         else:
             keys.append(prefix + f.name)
     return keys
@@ -180,7 +220,7 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
             lowered = raw.lower()
             value = {"true": True, "false": False, "none": None, "null": None}.get(lowered, raw)
 
-    def fits(v: Any, t: Any) -> tuple[bool, Any]:
+    def fits(v: Any, t: Any, text: Any = raw) -> tuple[bool, Any]:
         origin = typing.get_origin(t)
         if t is Any:
             return True, v
@@ -188,7 +228,7 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
             return (v in typing.get_args(t)), v
         if origin in (typing.Union, types.UnionType):
             for arm in typing.get_args(t):
-                ok, cv = fits(v, arm)
+                ok, cv = fits(v, arm, text)
                 if ok:
                     return True, cv
             return False, v
@@ -203,7 +243,18 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
             return ok, float(v) if ok else v
         if t is str:
             # A string field takes the text as written ("--set data.tokenizer=a.model").
-            return True, raw if isinstance(raw, str) else str(v)
+            return True, text if isinstance(text, str) else str(v)
+        if origin is tuple:  # tuple[str, ...]: a list/tuple literal, or one comma-separated string
+            arm = typing.get_args(t)[0]
+            items = v if isinstance(v, (list, tuple)) else (raw.split(",") if isinstance(raw, str) else [v])
+            out = []
+            for item in items:
+                item = item.strip() if isinstance(item, str) else item
+                ok, cv = fits(item, arm, item)
+                if not ok:
+                    return False, v
+                out.append(cv)
+            return True, tuple(out)
         return isinstance(v, t), v
 
     ok, converted = fits(value, tp)
@@ -237,6 +288,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Confi
 
 def _replace_path(obj: Any, path: list[str], raw: Any, key: str) -> Any:
     name = path[0]
+    if _named_items(obj):  # a tuple of named configs: path[0] is an item's name
+        return tuple(_replace_path(item, path[1:], raw, key) if item.name == name else item for item in obj)
     if len(path) == 1:
         tp = _field_types(type(obj))[name]
         return dataclasses.replace(obj, **{name: _coerce(key, raw, tp)})
@@ -254,6 +307,13 @@ def from_dict(d: dict) -> Config:
         model=ModelConfig(**d.get("model", {})),
         mesh=MeshConfig(**d.get("mesh", {})),
         optim=OptimConfig(**d.get("optim", {})),
-        data=DataConfig(**d.get("data", {})),
+        data=_data_from_dict(d.get("data", {})),
         trainer=TrainerConfig(**d.get("trainer", {})),
     )
+
+
+def _data_from_dict(d: dict) -> DataConfig:
+    d = dict(d)
+    d["sources"] = tuple(SourceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+                         for s in d.get("sources", ()))
+    return DataConfig(**d)

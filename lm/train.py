@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import numpy as np
@@ -25,76 +25,26 @@ from lm.train_step import BATCH_KEYS, Trainer, make_trainer
 SAMPLE_PROMPTS = ("def ", "import os\n\n", "The ", "class ")
 
 
-class Data:
-    """Training batches and held-out batches for one run, for this process."""
-
-    def __init__(self, cfg: Config, run_dir: str, log: Callable = print):
-        from data_pipeline import pipeline
-
-        d = cfg.data
-        self.cfg = cfg
-        pi, pc = jax.process_index(), jax.process_count()
-        if d.batch_size % pc:
-            raise ValueError(f"data.batch_size={d.batch_size} must divide by the {pc} processes")
-        self.local_batch = d.batch_size // pc
-        self.tokenizer = None
-        if d.corpus == "synthetic":
-            self._train = self._synthetic(d.seed)
-            self._heldout = [b for b, _ in zip(self._synthetic(d.seed + 1), range(cfg.trainer.eval_batches))]
-            return
-        train_docs, heldout_docs = pipeline.corpus_documents(d.corpus, d.heldout_fraction)
-        if pi == 0:
-            self.tokenizer = pipeline.tokenizer_for_run(
-                train_docs, cfg.model.vocab_size, run_dir, d.tokenizer, d.tokenizer_sample_mb, d.seed, log)
-        if pc > 1:  # other processes read the tokenizer process 0 stored (shared file system)
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("tokenizer")
-            if pi:
-                self.tokenizer = pipeline.tokenizer_for_run(
-                    train_docs, cfg.model.vocab_size, run_dir, d.tokenizer or os.path.join(run_dir, "tokenizer.model"))
-        tok_path = self.tokenizer.path
-        common = dict(seq_len=d.seq_len, batch_size=self.local_batch, process_index=pi, process_count=pc)
-        self.train_ds = pipeline.packed_dataset(train_docs, tok_path, seed=d.seed, shuffle=True,
-                                                repeat=True, prefetch=d.prefetch, **common)
-        self._train = iter(self.train_ds)
-        heldout = pipeline.packed_dataset(heldout_docs, tok_path, seed=d.seed, shuffle=False,
-                                          repeat=False, **common)
-        self._heldout = [b for b, _ in zip(heldout, range(cfg.trainer.eval_batches))]
-        self.heldout_docs = len(heldout_docs)
-        self.train_docs = len(train_docs)
-
-    def _synthetic(self, seed: int) -> Iterator[dict]:
-        from data_pipeline.pipeline import synthetic_batches
-
-        d = self.cfg.data
-        lo = jax.process_index() * self.local_batch
-        for b in synthetic_batches(self.cfg.model.vocab_size, d.seq_len, d.batch_size, seed):
-            yield {k: v[lo: lo + self.local_batch] for k, v in b.items()}
-
-    def next_train(self) -> dict:
-        return next(self._train)
-
-    @property
-    def heldout(self) -> list[dict]:
-        return self._heldout
-
-
-def evaluate(trainer: Trainer, eval_fn, params, batches: list[dict]) -> float:
-    """Mean held-out cross-entropy (nats/token) over the given batches."""
+def evaluate(trainer: Trainer, eval_fn, params, heldout: dict[str, list[dict]]) -> dict[str, float]:
+    """Held-out cross-entropy (nats/token) per source, and over all of them ("eval_loss")."""
     from data_pipeline.pipeline import global_batch
 
-    total, count = 0.0, 0.0
-    for b in batches:
-        out = jax.device_get(eval_fn(params, global_batch(b, trainer.batch_sharding)))
-        total += float(out["loss_sum"])
-        count += float(out["tokens"])
-    return total / max(count, 1.0)
+    out, total, count = {}, 0.0, 0.0
+    for name, batches in heldout.items():
+        s, c = 0.0, 0.0
+        for b in batches:
+            r = jax.device_get(eval_fn(params, global_batch(b, trainer.batch_sharding)))
+            s, c = s + float(r["loss_sum"]), c + float(r["tokens"])
+        if len(heldout) > 1:
+            out[f"eval_loss/{name}"] = s / max(c, 1.0)
+        total, count = total + s, count + c
+    out["eval_loss"] = total / max(count, 1.0)
+    return out
 
 
 def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = True) -> dict:
     """Pretrain `cfg` into `run_dir`; returns a summary dict (also saved as summary.json)."""
-    from data_pipeline.pipeline import global_batch, unigram_entropy
+    from data_pipeline.pipeline import RunData, global_batch, unigram_entropy
 
     cfg.validate()
     main = jax.process_index() == 0
@@ -113,7 +63,9 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es); peak {peak / 1e9:.0f} GFLOP/s/device ({peak_src})")
 
-    data = Data(cfg, run_dir, log)
+    data = RunData(cfg, run_dir, log)
+    source_tokens = np.zeros(len(data.names))  # realised training tokens per source
+    reported_bad = 0
     state = trainer.init_state(cfg.trainer.seed)
     step_fn = trainer.compile_train_step()
     eval_fn = trainer.compile_eval_step()
@@ -132,9 +84,13 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
     try:
         for step in range(steps):
             t0 = time.perf_counter()
-            batch = global_batch(data.next_train(), trainer.batch_sharding)
+            local = data.next_train()
+            batch = global_batch(local, trainer.batch_sharding)
             wait = time.perf_counter() - t0
+            np.add.at(source_tokens, local["source_id"], (local["segment_ids"] > 0).sum(axis=1))
             state, metrics = step_fn(state, batch)
+            # Sum the loss on the device (no sync) so each log line is the interval's mean.
+            loss_sum = metrics["loss"] if step == 0 or steps_since == 0 else loss_sum + metrics["loss"]
             if bar is not None:
                 bar.update(1)
             first = step == 0
@@ -150,6 +106,7 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
             do_eval = last or (cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0)
             if first or (step + 1) % cfg.trainer.log_every == 0 or last or do_eval:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                m["loss"] = float(loss_sum) / max(steps_since, 1)  # mean over the interval
                 now = time.perf_counter()
                 if steps_since:  # step 1 has no throughput: it includes compilation
                     step_time = (now - t_last) / steps_since
@@ -157,9 +114,17 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
                     m.update(step_time_s=step_time, tokens_per_s=tps,
                              mfu=fpt * tps / (peak * jax.device_count()),
                              data_wait_fraction=wait_since / (now - t_last))
+                if len(data.names) > 1:  # this process's realised share of tokens per source
+                    m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
+                if data.stats.total():
+                    m["bad_records"] = data.stats.total()
+                    if data.stats.total() > reported_bad:
+                        log(data.stats.report())
+                        reported_bad = data.stats.total()
                 if do_eval:
-                    eval_loss = evaluate(trainer, eval_fn, state.params, data.heldout)
-                    m["eval_loss"] = eval_loss
+                    evals = evaluate(trainer, eval_fn, state.params, data.heldout)
+                    m.update(evals)
+                    eval_loss = evals["eval_loss"]
                     now = time.perf_counter()  # evaluation time is not step time
                 logger.log(step + 1, m)
                 last_metrics = {**last_metrics, **m}
@@ -172,7 +137,7 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
             bar.close()
         logger.close()
 
-    entropy = unigram_entropy(data.heldout)
+    entropy = unigram_entropy([b for bs in data.heldout.values() for b in bs])
     summary = {
         "steps": steps,
         "params": n_params,
@@ -182,7 +147,11 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
         "tokens_per_s": last_metrics.get("tokens_per_s"),
         "mfu": last_metrics.get("mfu"),
         "compile_s": compile_s,
+        "bad_records": data.stats.total(),
     }
+    if len(data.names) > 1:
+        summary["token_share"] = dict(zip(data.names, (source_tokens / source_tokens.sum()).tolist()))
+        summary["weights"] = dict(zip(data.names, (np.asarray(data.weights) / sum(data.weights)).tolist()))
     log(f"held-out loss {eval_loss:.3f} nats/token vs unigram entropy {entropy:.3f} "
         f"of the held-out tokens ({np.exp(eval_loss):.1f} vs {np.exp(entropy):.1f} perplexity)")
 

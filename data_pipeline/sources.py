@@ -1,0 +1,412 @@
+"""Document sources: random-access lists of documents that grain can shuffle and shard.
+
+A source turns a `SourceConfig` into a `DocumentSource`: `len(src)` documents, and
+`src[i]` returns a `Record` with the document's text or, for a bad record (malformed
+JSON, invalid UTF-8, a missing text field, an unreadable file, an empty document), the
+reason and its `file:line` location. Bad records are never dropped silently: the
+pipeline counts and reports them (and raises on the first one in `strict` mode).
+
+Kinds: the embedded default corpus; plain-text files (one document per file, or per
+blank-line-separated block); JSON Lines / JSON arrays with a configurable text field,
+plain or `.gz` / `.bz2`; Parquet; ArrayRecord; TFDS datasets prepared locally
+(`tfds.data_source`). Paths are globs. A source is split into train and validation
+either by explicit `validation_paths` or by a deterministic hash of each document's
+location (`heldout_fraction`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import hashlib
+import json
+import os
+from typing import NamedTuple, Sequence
+
+from lm.config import SourceConfig  # noqa: F401  (re-exported)
+
+
+class DataError(ValueError):
+    """Bad data configuration or input; the message names the input and the fix."""
+
+
+class Record(NamedTuple):
+    text: str | None  # None for a bad record
+    where: str  # "path:line" (or "path#row"), for error reports
+    error: str | None = None
+
+
+def expand(patterns: Sequence[str]) -> list[str]:
+    """Sorted, de-duplicated files matching the globs; a pattern matching nothing is an error."""
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        hits = sorted(glob.glob(pattern, recursive=True))
+        hits = [h for h in hits if os.path.isfile(h)]
+        if not hits:
+            raise DataError(f"no files match {pattern!r}; check the path (globs like data/*.jsonl are allowed)")
+        files += hits
+    return list(dict.fromkeys(files))
+
+
+def _open_bytes(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _decode(raw: bytes, where: str) -> Record:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Record(None, where, f"invalid UTF-8 ({e.reason} at byte {e.start})")
+    if not text.strip():
+        return Record(None, where, "empty document")
+    return Record(text, where)
+
+
+class DocumentSource:
+    """Base class: a sequence of Records with a stable key per document."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Record:
+        raise NotImplementedError
+
+    def key(self, i: int) -> str:
+        """A stable identity of document i (for the hash split)."""
+        raise NotImplementedError
+
+
+class TextFiles(DocumentSource):
+    """Plain text: a document per file, per blank-line-separated block, or per line.
+
+    Blocks and lines are located by a scan of the files when the source is built, and
+    read by offset afterwards (random access, nothing held in memory).
+    """
+
+    def __init__(self, files: Sequence[str], doc_per: str = "file"):
+        self.files = list(files)
+        self.doc_per = doc_per
+        self.index: list[tuple[int, int, int, int]] = []  # (file, start byte, end byte, line)
+        for fi, path in enumerate(self.files):
+            if doc_per == "file":
+                self.index.append((fi, 0, -1, 1))
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                self.index.append((fi, 0, -1, 1))  # reported when read
+                continue
+            self.index += _spans(data, fi, doc_per)
+
+    def __len__(self):
+        return len(self.index)
+
+    def key(self, i):
+        fi, start, _, _ = self.index[i]
+        return f"{os.path.basename(self.files[fi])}:{start}"
+
+    def __getitem__(self, i):
+        fi, start, end, line = self.index[i]
+        path = self.files[fi]
+        where = f"{path}:{line}"
+        try:
+            with _open_bytes(path) as f:
+                if start:
+                    f.seek(start)
+                raw = f.read() if end < 0 else f.read(end - start)
+        except OSError as e:
+            return Record(None, where, f"unreadable file ({e.strerror or e})")
+        return _decode(raw, where)
+
+
+def _spans(data: bytes, fi: int, doc_per: str) -> list[tuple[int, int, int, int]]:
+    """Byte spans of lines, or of blank-line-separated blocks, with their first line number."""
+    spans = []
+    pos, line_no = 0, 1
+    start, start_line = None, 1
+    for raw_line in data.splitlines(keepends=True):
+        blank = not raw_line.strip()
+        if doc_per == "line":
+            if not blank:
+                spans.append((fi, pos, pos + len(raw_line.rstrip(b"\r\n")), line_no))
+        else:
+            if blank and start is not None:
+                spans.append((fi, start, pos, start_line))
+                start = None
+            elif not blank and start is None:
+                start, start_line = pos, line_no
+        pos += len(raw_line)
+        line_no += 1
+    if doc_per == "block" and start is not None:
+        spans.append((fi, start, pos, start_line))
+    return spans
+
+
+class JsonLines(DocumentSource):
+    """JSON Lines (one object per line) or JSON arrays of objects; plain, .gz or .bz2.
+
+    Uncompressed files are indexed by line offset and read by random access; compressed
+    files and JSON arrays are decoded once into memory when the source is built (use the
+    pre-tokenised cache for large compressed corpora).
+    """
+
+    def __init__(self, files: Sequence[str], text_field: str = "text", array: bool = False):
+        self.files = list(files)
+        self.text_field = text_field
+        self.index: list[tuple[int, int, int, int]] = []  # (file, start, end, line) for plain files
+        self.loaded: list[tuple[bytes | object, str]] = []  # (raw line or parsed item, where)
+        for fi, path in enumerate(self.files):
+            compressed = path.endswith((".gz", ".bz2"))
+            try:
+                if array or path.endswith((".json", ".json.gz", ".json.bz2")):
+                    with _open_bytes(path) as f:
+                        items = json.loads(f.read().decode("utf-8"))
+                    if not isinstance(items, list):
+                        raise DataError(f"{path}: a .json source must hold a list of objects")
+                    self.loaded += [(item, f"{path}#{k}") for k, item in enumerate(items)]
+                elif compressed:
+                    with _open_bytes(path) as f:
+                        for k, raw in enumerate(f, 1):
+                            if raw.strip():
+                                self.loaded.append((raw, f"{path}:{k}"))
+                else:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    self.index += _spans(data, fi, "line")
+            except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                self.loaded.append((None, f"{path}:0 unreadable ({e})"))
+
+    def __len__(self):
+        return len(self.index) + len(self.loaded)
+
+    def key(self, i):
+        if i < len(self.index):
+            fi, start, _, _ = self.index[i]
+            return f"{os.path.basename(self.files[fi])}:{start}"
+        return self.loaded[i - len(self.index)][1]
+
+    def __getitem__(self, i):
+        if i < len(self.index):
+            fi, start, end, line = self.index[i]
+            path = self.files[fi]
+            where = f"{path}:{line}"
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    raw = f.read(end - start)
+            except OSError as e:
+                return Record(None, where, f"unreadable file ({e.strerror or e})")
+            return self._parse(raw, where)
+        raw, where = self.loaded[i - len(self.index)]
+        if raw is None:
+            return Record(None, where.split(" ", 1)[0], where.split(" ", 1)[-1])
+        if isinstance(raw, bytes):
+            return self._parse(raw, where)
+        return self._field(raw, where)
+
+    def _parse(self, raw: bytes, where: str) -> Record:
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return Record(None, where, f"invalid UTF-8 ({e.reason} at byte {e.start})")
+        except json.JSONDecodeError as e:
+            return Record(None, where, f"malformed JSON ({e.msg})")
+        return self._field(obj, where)
+
+    def _field(self, obj, where: str) -> Record:
+        if not isinstance(obj, dict) or self.text_field not in obj:
+            return Record(None, where, f"missing text field {self.text_field!r}")
+        text = obj[self.text_field]
+        if not isinstance(text, str):
+            return Record(None, where, f"field {self.text_field!r} is {type(text).__name__}, not a string")
+        if not text.strip():
+            return Record(None, where, "empty document")
+        return Record(text, where)
+
+
+class Parquet(DocumentSource):
+    """Parquet files; a document per row of `text_field` (read by row group on demand)."""
+
+    def __init__(self, files: Sequence[str], text_field: str = "text"):
+        import pyarrow.parquet as pq
+
+        self.files = list(files)
+        self.text_field = text_field
+        self.index: list[tuple[int, int, int]] = []  # (file, row group, row)
+        for fi, path in enumerate(self.files):
+            meta = pq.ParquetFile(path).metadata
+            if text_field not in meta.schema.names:
+                raise DataError(f"{path}: no column {text_field!r} (columns: {meta.schema.names}); "
+                                "set the source's text_field")
+            for g in range(meta.num_row_groups):
+                self.index += [(fi, g, r) for r in range(meta.row_group(g).num_rows)]
+        self._cache: tuple | None = None
+
+    def __len__(self):
+        return len(self.index)
+
+    def key(self, i):
+        fi, g, r = self.index[i]
+        return f"{os.path.basename(self.files[fi])}#{g}.{r}"
+
+    def __getitem__(self, i):
+        import pyarrow.parquet as pq
+
+        fi, g, r = self.index[i]
+        where = f"{self.files[fi]}#row-group{g}.row{r}"
+        if self._cache is None or self._cache[0] != (fi, g):
+            table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=[self.text_field])
+            self._cache = ((fi, g), table.column(0).to_pylist())
+        text = self._cache[1][r]
+        if not isinstance(text, str) or not text.strip():
+            return Record(None, where, "empty or missing text")
+        return Record(text, where)
+
+
+class ArrayRecord(DocumentSource):
+    """ArrayRecord files whose records are UTF-8 text or JSON objects with `text_field`."""
+
+    def __init__(self, files: Sequence[str], text_field: str = "text"):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        self.files = list(files)
+        self.text_field = text_field
+        self.src = ArrayRecordDataSource(self.files)
+
+    def __len__(self):
+        return len(self.src)
+
+    def key(self, i):
+        return f"arrayrecord#{i}"
+
+    def __getitem__(self, i):
+        where = f"{','.join(self.files)}#{i}"
+        raw = self.src[i]
+        if raw[:1] == b"{":
+            return JsonLines([], self.text_field)._parse(raw, where)
+        return _decode(raw, where)
+
+
+class TFDS(DocumentSource):
+    """A TFDS dataset prepared locally, read by random access (`tfds.data_source`)."""
+
+    def __init__(self, name: str, split: str, text_field: str, data_dir: str | None):
+        import tensorflow_datasets as tfds
+
+        self.name, self.split, self.text_field = name, split, text_field
+        try:
+            self.src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # not prepared, unknown name, or no network
+            raise DataError(
+                f"TFDS dataset {name!r} (split {split!r}) is not available locally: {e}. "
+                f"Prepare it once where there is network access: `tfds build {name.split('/')[0]}` "
+                f"(or `python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare()\"`), "
+                "then point tfds_data_dir at the folder it wrote (default ~/tensorflow_datasets)") from e
+
+    def __len__(self):
+        return len(self.src)
+
+    def key(self, i):
+        return f"{self.name}/{self.split}#{i}"
+
+    def __getitem__(self, i):
+        where = f"tfds:{self.name}/{self.split}#{i}"
+        item = self.src[i]
+        text = item.get(self.text_field) if isinstance(item, dict) else None
+        if isinstance(text, bytes):
+            return _decode(text, where)
+        if not isinstance(text, str) or not text.strip():
+            return Record(None, where, f"missing text field {self.text_field!r}")
+        return Record(text, where)
+
+
+class DefaultCorpus(DocumentSource):
+    """The embedded default corpus (see default_corpus.py)."""
+
+    def __init__(self, docs):
+        self.docs = list(docs)
+
+    def __len__(self):
+        return len(self.docs)
+
+    def key(self, i):
+        return self.docs[i].key
+
+    def __getitem__(self, i):
+        d = self.docs[i]
+        try:
+            text = d.text()
+        except OSError as e:
+            return Record(None, d.key, f"unreadable file ({e})")
+        if not text.strip():
+            return Record(None, d.key, "empty document")
+        return Record(text, d.key)
+
+
+class Subset(DocumentSource):
+    """Documents `indices` of `parent` (a train or validation split)."""
+
+    def __init__(self, parent: DocumentSource, indices: Sequence[int]):
+        self.parent, self.indices = parent, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def key(self, i):
+        return self.parent.key(self.indices[i])
+
+    def __getitem__(self, i):
+        return self.parent[self.indices[i]]
+
+
+def _open(cfg: SourceConfig, patterns: Sequence[str]) -> DocumentSource:
+    if cfg.kind == "text":
+        return TextFiles(expand(patterns), cfg.doc_per)
+    if cfg.kind in ("jsonl", "json"):
+        return JsonLines(expand(patterns), cfg.text_field, array=cfg.kind == "json")
+    if cfg.kind == "parquet":
+        return Parquet(expand(patterns), cfg.text_field)
+    if cfg.kind == "arrayrecord":
+        return ArrayRecord(expand(patterns), cfg.text_field)
+    raise DataError(f"source {cfg.name!r}: unknown kind {cfg.kind!r}")
+
+
+def _hash_fraction(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def open_source(cfg: SourceConfig) -> tuple[DocumentSource, DocumentSource]:
+    """(train, validation) document sources for one configured source."""
+    if cfg.kind == "default":
+        from data_pipeline import default_corpus
+
+        train, held = default_corpus.split(cfg.heldout_fraction)
+        return DefaultCorpus(train), DefaultCorpus(held)
+    if cfg.kind == "tfds":
+        if not cfg.tfds_name:
+            raise DataError(f"source {cfg.name!r}: set tfds_name, e.g. 'wikipedia/20230601.en'")
+        train = TFDS(cfg.tfds_name, cfg.tfds_split, cfg.text_field, cfg.tfds_data_dir)
+        if cfg.validation_paths:  # for TFDS, validation_paths names the validation split
+            return train, TFDS(cfg.tfds_name, cfg.validation_paths[0], cfg.text_field, cfg.tfds_data_dir)
+        return _hash_split(train, cfg.heldout_fraction)
+    if not cfg.paths:
+        raise DataError(f"source {cfg.name!r}: no paths given")
+    train = _open(cfg, cfg.paths)
+    if cfg.validation_paths:
+        return train, _open(cfg, cfg.validation_paths)
+    return _hash_split(train, cfg.heldout_fraction)
+
+
+def _hash_split(src: DocumentSource, fraction: float) -> tuple[DocumentSource, DocumentSource]:
+    held = [i for i in range(len(src)) if _hash_fraction(src.key(i)) < fraction]
+    held_set = set(held)
+    if len(src) and not held and fraction > 0:  # tiny sources: keep at least one document
+        held, held_set = [len(src) - 1], {len(src) - 1}
+    return Subset(src, [i for i in range(len(src)) if i not in held_set]), Subset(src, held)

@@ -1,0 +1,271 @@
+"""Data pipeline: sources, bad input, tokenizer, packing, mixtures, exact resume."""
+
+import bz2
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_pipeline import default_corpus
+from data_pipeline.pipeline import DataStats, RunData, packed_rows, to_example
+from data_pipeline.sources import DataError, JsonLines, TextFiles, open_source
+from data_pipeline.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from lm.config import Config, DataConfig, ModelConfig, SourceConfig, TrainerConfig, apply_overrides
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega").split()
+
+
+def make_text(rng, n_words):
+    return " ".join(rng.choice(WORDS, n_words))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    texts = [make_text(rng, 200) + "\n    def f(x):\n        return x + 1\n" for _ in range(200)]
+    return train_tokenizer(texts, 320, str(tmp_path_factory.mktemp("tok") / "sp"))
+
+
+def test_tokenizer_round_trip_specials_and_batching(tokenizer):
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (PAD_ID, BOS_ID, EOS_ID)
+    for text in ["def f(x):\n\treturn  x  + 12345\n", "naïve café — ünïcödé ✓ 日本", "   \n\n  "]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text  # byte fallback: exact
+    ids = tokenizer.encode("alpha", bos=True, eos=True)
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+    # chat-role markers are reserved control tokens, never produced from plain text
+    chat_ids = [tokenizer.sp.piece_to_id(t) for t in CHAT_TOKENS]
+    assert len(set(chat_ids)) == 4 and all(i > EOS_ID for i in chat_ids)
+    assert not set(tokenizer.encode("<|user|> hi <|end|>")) & set(chat_ids)
+    # digits are split
+    assert len(tokenizer.encode("987654")) >= 6
+    assert tokenizer.encode_batch(["alpha beta", "gamma"]) == [tokenizer.encode("alpha beta"), tokenizer.encode("gamma")]
+
+
+def test_default_corpus_split_is_deterministic_and_disjoint():
+    train, held = default_corpus.split(0.05)
+    assert train and held
+    assert {d.key for d in train}.isdisjoint({d.key for d in held})
+    assert [d.key for d in default_corpus.split(0.05)[1]] == [d.key for d in held]
+    # a file's code and its docstring always fall on the same side
+    held_keys = {d.key for d in held}
+    for d in held:
+        if d.key.startswith("code:"):
+            assert "doc:module:" + d.key[5:] in held_keys
+    assert any(d.kind == "code" for d in train) and any(d.kind == "prose" for d in train)
+
+
+def test_every_kind_of_bad_line_is_counted_and_good_lines_still_arrive(tmp_path, tokenizer):
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps({"text": f"good document {i} " + "alpha beta " * 5}) for i in range(6)]
+    lines = [
+        good[0].encode(),
+        b'{"text": "unterminated',  # malformed JSON
+        good[1].encode(),
+        b'{"text": "bad \xff\xfe utf8"}',  # invalid UTF-8
+        good[2].encode(),
+        json.dumps({"body": "no text field"}).encode(),  # missing field
+        good[3].encode(),
+        json.dumps({"text": "   "}).encode(),  # empty document
+        json.dumps({"text": 42}).encode(),  # wrong type
+        good[4].encode(),
+        good[5].encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    src = JsonLines([str(path)], "text")
+    records = [src[i] for i in range(len(src))]
+    assert len(records) == 11
+    errors = {r.where: r.error for r in records if r.text is None}
+    assert errors == {
+        f"{path}:2": "malformed JSON (Unterminated string starting at)",
+        f"{path}:4": errors[f"{path}:4"],
+        f"{path}:6": "missing text field 'text'",
+        f"{path}:8": "empty document",
+        f"{path}:9": "field 'text' is int, not a string",
+    }
+    assert errors[f"{path}:4"].startswith("invalid UTF-8")
+    assert [r.text for r in records if r.text is not None] == [json.loads(g)["text"] for g in good]
+
+    # through the pipeline: counted per source with locations, good documents all arrive
+    stats = DataStats(["mixed"])
+    rows = packed_rows(src, tokenizer.path, 16, source="mixed", shuffle=False, repeat=False, stats=stats)
+    got = list(rows)
+    assert stats.bad["mixed"] == 5 and stats.total() == 5
+    assert stats.reasons["mixed"] == {"malformed JSON": 1, "invalid UTF-8": 1, "missing text field 'text'": 1,
+                                      "empty document": 1, "field 'text' is int, not a string": 1}
+    assert f"{path}:2" in stats.report()
+    n_docs = sum(len(set(r["segment_ids"][r["segment_ids"] > 0]) - {0}) for r in got)
+    tokens = np.concatenate([r["inputs"][r["segment_ids"] > 0] for r in got])
+    assert (tokens == BOS_ID).sum() == 6 and n_docs >= 6
+
+    # strict mode turns the first bad record into an error naming it
+    rows = packed_rows(src, tokenizer.path, 16, source="mixed", shuffle=False, repeat=False, strict=True)
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: malformed JSON"):
+        list(rows)
+
+
+def test_unreadable_file_is_reported_not_fatal(tmp_path):
+    ok = tmp_path / "a.txt"
+    ok.write_text("hello world")
+    gone = tmp_path / "b.txt"
+    gone.write_text("soon gone")
+    src = TextFiles([str(ok), str(gone)])
+    os.remove(gone)
+    assert src[0].text == "hello world"
+    assert src[1].text is None and "unreadable file" in src[1].error and str(gone) in src[1].where
+
+
+def test_text_blocks_lines_compressed_json_and_globs(tmp_path):
+    (tmp_path / "t.txt").write_text("first block\nline two\n\n\nsecond block\n\nthird\n")
+    blocks = open_source(SourceConfig(name="t", kind="text", paths=(str(tmp_path / "*.txt"),),
+                                      doc_per="block", heldout_fraction=0.0))[0]
+    assert [blocks[i].text for i in range(len(blocks))] == ["first block\nline two\n", "second block\n", "third\n"]
+    lines = TextFiles([str(tmp_path / "t.txt")], doc_per="line")
+    assert [lines[i].text for i in range(len(lines))] == ["first block", "line two", "second block", "third"]
+    rows = [json.dumps({"content": f"doc {i}"}) for i in range(4)]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("\n".join(rows[:2]) + "\n")
+    with bz2.open(tmp_path / "b.jsonl.bz2", "wt") as f:
+        f.write("\n".join(rows[2:]) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"content": "doc 4"}, {"content": "doc 5"}]))
+    src, _ = open_source(SourceConfig(name="j", kind="jsonl", paths=(str(tmp_path / "*.jsonl.*"),),
+                                      text_field="content", heldout_fraction=0.0))
+    assert sorted(src[i].text for i in range(len(src))) == ["doc 0", "doc 1", "doc 2", "doc 3"]
+    arr, _ = open_source(SourceConfig(name="a", kind="json", paths=(str(tmp_path / "c.json"),),
+                                      text_field="content", heldout_fraction=0.0))
+    assert [arr[i].text for i in range(len(arr))] == ["doc 4", "doc 5"]
+    with pytest.raises(DataError, match="no files match"):
+        open_source(SourceConfig(name="x", kind="text", paths=(str(tmp_path / "nothing*.txt"),)))
+
+
+def test_parquet_and_arrayrecord_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(5)], "id": list(range(5))}),
+                   tmp_path / "d.parquet", row_group_size=2)
+    src, _ = open_source(SourceConfig(name="p", kind="parquet", paths=(str(tmp_path / "d.parquet"),),
+                                      heldout_fraction=0.0))
+    assert [src[i].text for i in range(len(src))] == [f"row {i}" for i in range(5)]
+    with pytest.raises(DataError, match="no column 'body'"):
+        open_source(SourceConfig(name="p", kind="parquet", paths=(str(tmp_path / "d.parquet"),), text_field="body"))
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    w = ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+    for rec in [b"plain text record", json.dumps({"text": "json record"}).encode(), b"\xff\xfe"]:
+        w.write(rec)
+    w.close()
+    src, _ = open_source(SourceConfig(name="ar", kind="arrayrecord", paths=(str(tmp_path / "d.array_record"),),
+                                      heldout_fraction=0.0))
+    recs = [src[i] for i in range(len(src))]
+    assert [r.text for r in recs[:2]] == ["plain text record", "json record"]
+    assert recs[2].text is None and "invalid UTF-8" in recs[2].error
+
+
+def test_tfds_not_prepared_gives_instructions(tmp_path):
+    with pytest.raises(DataError, match="tfds build"):
+        open_source(SourceConfig(name="w", kind="tfds", tfds_name="mnist", tfds_data_dir=str(tmp_path)))
+
+
+def test_heldout_fraction_split_is_deterministic(tmp_path):
+    for i in range(200):
+        (tmp_path / f"{i}.txt").write_text(f"document {i}")
+    cfg = SourceConfig(name="t", kind="text", paths=(str(tmp_path / "*.txt"),), heldout_fraction=0.2)
+    train, val = open_source(cfg)
+    assert len(train) + len(val) == 200 and 20 <= len(val) <= 60
+    train2, val2 = open_source(cfg)
+    assert [val.key(i) for i in range(len(val))] == [val2.key(i) for i in range(len(val2))]
+    assert not {train.key(i) for i in range(len(train))} & {val.key(i) for i in range(len(val))}
+
+
+def test_to_example_masks_predictions_across_documents():
+    row = {"tokens": np.array([2, 10, 11, 3, 2, 20, 3, 0]), "tokens_segment_ids": np.array([1, 1, 1, 1, 2, 2, 2, 0]),
+           "tokens_positions": np.array([0, 1, 2, 3, 0, 1, 2, 0])}
+    ex = to_example(row, source_id=3)
+    np.testing.assert_array_equal(ex["inputs"], [2, 10, 11, 3, 2, 20, 3])
+    np.testing.assert_array_equal(ex["targets"], [10, 11, 3, 2, 20, 3, 0])
+    # EOS->BOS of the next document and anything into padding is not a prediction
+    np.testing.assert_array_equal(ex["loss_mask"], [1, 1, 1, 0, 1, 1, 0])
+    assert ex["source_id"] == 3
+
+
+# -- whole-run data: mixtures, packing, resume ----------------------------------------------
+
+
+def corpus_dir(tmp_path, rng):
+    """Three sources with very different document lengths."""
+    for name, n_docs, words in (("short", 400, 8), ("medium", 200, 60), ("long", 40, 600)):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "docs.jsonl", "w") as f:
+            for _ in range(n_docs):
+                f.write(json.dumps({"text": make_text(rng, words)}) + "\n")
+    return tmp_path
+
+
+def mixture_config(root, tokenizer, weights=(0.6, 0.3, 0.1), **data):
+    sources = tuple(SourceConfig(name=n, kind="jsonl", paths=(str(root / n / "*.jsonl"),), weight=w,
+                                 heldout_fraction=0.05)
+                    for n, w in zip(("short", "medium", "long"), weights))
+    return Config(model=ModelConfig(vocab_size=tokenizer.vocab_size, max_seq_len=64),
+                  data=DataConfig(corpus="sources", sources=sources, seq_len=64, batch_size=8,
+                                  tokenizer=tokenizer.path, prefetch=2, **data),
+                  trainer=TrainerConfig(eval_batches=2))
+
+
+def test_mixture_realised_token_shares_match_weights(tmp_path, tokenizer):
+    root = corpus_dir(tmp_path, np.random.default_rng(1))
+    data = RunData(mixture_config(root, tokenizer), str(tmp_path / "run"), log=lambda *_: None,
+                   process_index=0, process_count=1)
+    tokens = np.zeros(3)
+    for _ in range(1000):
+        b = data.next_train()
+        np.add.at(tokens, b["source_id"], (b["segment_ids"] > 0).sum(1))
+    share = tokens / tokens.sum()
+    np.testing.assert_allclose(share, [0.6, 0.3, 0.1], atol=0.02)
+    assert set(data.heldout) == {"short", "medium", "long"}
+
+
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+def test_resume_from_iterator_state_is_bit_identical(tmp_path, tokenizer, packing):
+    root = corpus_dir(tmp_path, np.random.default_rng(2))
+    cfg = mixture_config(root, tokenizer, packing=packing)
+    run = str(tmp_path / "run")
+    first = RunData(cfg, run, log=lambda *_: None, process_index=0, process_count=1)
+    for _ in range(7):
+        first.next_train()
+    state = first.get_state()
+    expected = [first.next_train() for _ in range(5)]
+
+    again = RunData(cfg, run, log=lambda *_: None, process_index=0, process_count=1)
+    again.set_state(state)
+    for want in expected:
+        got = again.next_train()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    if packing == "first_fit":  # packed rows never exceed the row length and keep documents whole
+        b = expected[0]
+        assert b["inputs"].shape == (8, 64) and (b["segment_ids"] > 0).mean() > 0.5
+
+
+def test_two_processes_split_the_documents(tmp_path, tokenizer):
+    root = corpus_dir(tmp_path, np.random.default_rng(3))
+    cfg = mixture_config(root, tokenizer)
+    parts = [RunData(cfg, str(tmp_path / "run"), log=lambda *_: None, process_index=i, process_count=2)
+             for i in range(2)]
+    a, b = parts[0].next_train(), parts[1].next_train()
+    assert a["inputs"].shape == b["inputs"].shape == (4, 64)
+    assert not np.array_equal(a["inputs"], b["inputs"])
+
+
+def test_source_overrides_by_name(tmp_path, tokenizer):
+    root = corpus_dir(tmp_path, np.random.default_rng(4))
+    cfg = apply_overrides(mixture_config(root, tokenizer), ["data.sources.long.weight=0.5",
+                                                             "data.sources.short.paths=a.jsonl,b.jsonl"])
+    by_name = {s.name: s for s in cfg.data.sources}
+    assert by_name["long"].weight == 0.5 and by_name["short"].paths == ("a.jsonl", "b.jsonl")
+    with pytest.raises(ValueError, match="data.sources.long.weight"):
+        apply_overrides(cfg, ["data.sources.long.weigth=1"])
