@@ -218,10 +218,17 @@ def source_configs(d: DataConfig) -> list[SourceConfig]:
 class RunData:
     """Training and held-out batches of one run, for this process.
 
-    `next_train()` returns a dict of numpy arrays (this process's rows of the global
-    batch) with a `source_id` per row; `heldout[name]` holds fixed held-out batches per
-    source; `stats` counts bad records; `get_state()`/`set_state()` save and restore the
-    position of the training iterator.
+    The data stream is cut into `S = data.num_shards` logical shards (default: one per
+    process). Shard s reads documents `s::S` of every source through its own pipeline
+    and yields B/S rows per batch; the global batch is the shards' rows in shard order.
+    A process owns shards `p::P`, so the global batches do not depend on the number of
+    processes P (any P dividing S gives the same batches, bit for bit), and neither does
+    the saved iterator state: `get_state()` returns {shard: state} for this process's
+    shards. Resuming with a P that does not divide S is refused with a clear error.
+
+    `next_train()` returns this process's rows as numpy arrays (with a `source_id` per
+    row); `heldout[name]` holds fixed held-out batches per source; `stats` counts bad
+    records.
     """
 
     def __init__(self, cfg: Config, run_dir: str, log: Callable = print,
@@ -232,18 +239,21 @@ class RunData:
         self.cfg = cfg
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
-        if d.batch_size % pc:
-            raise DataError(f"data.batch_size={d.batch_size} must divide by the {pc} processes")
+        shards = d.num_shards or pc
+        if shards % pc or d.batch_size % shards:
+            raise DataError(f"data.num_shards={shards} must be a multiple of the {pc} processes and divide "
+                            f"data.batch_size={d.batch_size}; set --set data.num_shards=N accordingly")
+        self.num_shards, self.shard_ids = shards, list(range(pi, shards, pc))
         self.local_batch = d.batch_size // pc
         self.process_index, self.process_count = pi, pc
         self.tokenizer: Tokenizer | None = None
         if d.corpus == "synthetic":
-            self.names = ["synthetic"]
+            self.names, self.weights = ["synthetic"], [1.0]
             self.stats = DataStats(self.names)
             lo = pi * self.local_batch
             gen = lambda seed: ({k: v[lo: lo + self.local_batch] for k, v in b.items()}  # noqa: E731
                                 for b in synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size, seed))
-            self._train = gen(d.seed)
+            self._iters = {0: gen(d.seed)}
             self.heldout = {"synthetic": [b for b, _ in zip(gen(d.seed + 1), range(cfg.trainer.eval_batches))]}
             return
 
@@ -252,29 +262,36 @@ class RunData:
         self.weights = [c.weight for c in configs]
         self.stats = DataStats(self.names)
         opened = [open_source(c) for c in configs]
-        for c, (train, val) in zip(configs, opened):
+        for c, (train, _) in zip(configs, opened):
             if len(train) == 0:
                 raise DataError(f"source {c.name!r}: no training documents found")
         self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)], run_dir, pi, pc, log)
-        common = dict(process_index=pi, process_count=pc, packing=d.packing, strict=d.strict)
-        streams = [packed_rows(train, self.tokenizer.path, d.seq_len, source=c.name, source_id=k,
-                               seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows, **common)
-                   for k, (c, (train, _)) in enumerate(zip(configs, opened))]
-        ds = mixture(streams, self.weights).batch(self.local_batch, drop_remainder=True)
-        if d.prefetch:
-            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
-        self.train_ds = ds
-        self._train = iter(ds)
+        common = dict(process_count=shards, packing=d.packing, strict=d.strict)
+        self.datasets, self._iters = {}, {}
+        for shard in self.shard_ids:
+            streams = [packed_rows(train, self.tokenizer.path, d.seq_len, source=c.name, source_id=k,
+                                   seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows,
+                                   process_index=shard, **common)
+                       for k, (c, (train, _)) in enumerate(zip(configs, opened))]
+            ds = mixture(streams, self.weights).batch(d.batch_size // shards, drop_remainder=True)
+            if d.num_workers:
+                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+            if d.prefetch:
+                ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+            self.datasets[shard] = ds
+            self._iters[shard] = iter(ds)
+        # Held-out batches: every process reads them whole and keeps its rows.
         self.heldout = {}
+        lo = pi * self.local_batch
         for k, (c, (_, val)) in enumerate(zip(configs, opened)):
             if len(val) == 0:
                 log(f"source {c.name!r} has no held-out documents; it is not evaluated")
                 continue
             rows = packed_rows(val, self.tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
-                               repeat=False, **common).batch(self.local_batch, drop_remainder=False)
-            batches = [_pad_batch(b, self.local_batch) for b, _ in zip(rows, range(cfg.trainer.eval_batches))]
+                               repeat=False, packing=d.packing, strict=d.strict).batch(d.batch_size)
+            batches = [_pad_batch(b, d.batch_size) for b, _ in zip(rows, range(cfg.trainer.eval_batches))]
             if batches:
-                self.heldout[c.name] = batches
+                self.heldout[c.name] = [{key: v[lo: lo + self.local_batch] for key, v in b.items()} for b in batches]
 
     def _tokenizer(self, sources, run_dir, pi, pc, log) -> Tokenizer:
         d = self.cfg.data
@@ -291,15 +308,24 @@ class RunData:
         return tok
 
     def next_train(self) -> dict:
-        return next(self._train)
+        parts = [next(self._iters[s]) for s in sorted(self._iters)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def get_state(self) -> dict:
-        if not hasattr(self._train, "get_state"):
+        """{"num_shards": S, "shards": {shard id: grain iterator state}} for this process's shards."""
+        if self.cfg.data.corpus == "synthetic":
             raise DataError("the synthetic corpus has no iterator state")
-        return self._train.get_state()
+        return {"num_shards": self.num_shards,
+                "shards": {str(s): it.get_state() for s, it in self._iters.items()}}
 
     def set_state(self, state: dict) -> None:
-        self._train.set_state(state)
+        if state.get("num_shards") != self.num_shards:
+            raise DataError(f"the saved data state has {state.get('num_shards')} shards but this run has "
+                            f"{self.num_shards}; keep data.num_shards as it was when the state was saved")
+        for s, it in self._iters.items():
+            it.set_state(state["shards"][str(s)])
 
 
 def _pad_batch(b: dict, size: int) -> dict:

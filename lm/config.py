@@ -122,7 +122,8 @@ class DataConfig:
     heldout_fraction: float = 0.02  # documents kept out of training, chosen by hash
     tokenizer: str | None = None  # path to a SentencePiece .model; None trains one
     tokenizer_sample_mb: float = 4.0  # text used to train the tokenizer
-    num_workers: int = 0  # grain worker processes (0: in the main process)
+    num_shards: int = 0  # logical data shards (0: one per process); fixes the data order across process counts
+    num_workers: int = 0  # grain worker processes per shard (0: in the main process)
     prefetch: int = 4  # batches prepared ahead in a background thread
     seed: int = 0
 

@@ -251,16 +251,6 @@ def test_resume_from_iterator_state_is_bit_identical(tmp_path, tokenizer, packin
         assert b["inputs"].shape == (8, 64) and (b["segment_ids"] > 0).mean() > 0.5
 
 
-def test_two_processes_split_the_documents(tmp_path, tokenizer):
-    root = corpus_dir(tmp_path, np.random.default_rng(3))
-    cfg = mixture_config(root, tokenizer)
-    parts = [RunData(cfg, str(tmp_path / "run"), log=lambda *_: None, process_index=i, process_count=2)
-             for i in range(2)]
-    a, b = parts[0].next_train(), parts[1].next_train()
-    assert a["inputs"].shape == b["inputs"].shape == (4, 64)
-    assert not np.array_equal(a["inputs"], b["inputs"])
-
-
 def test_source_overrides_by_name(tmp_path, tokenizer):
     root = corpus_dir(tmp_path, np.random.default_rng(4))
     cfg = apply_overrides(mixture_config(root, tokenizer), ["data.sources.long.weight=0.5",
@@ -269,3 +259,27 @@ def test_source_overrides_by_name(tmp_path, tokenizer):
     assert by_name["long"].weight == 0.5 and by_name["short"].paths == ("a.jsonl", "b.jsonl")
     with pytest.raises(ValueError, match="data.sources.long.weight"):
         apply_overrides(cfg, ["data.sources.long.weigth=1"])
+
+
+def test_two_processes_together_produce_the_global_batches_of_one(tmp_path, tokenizer):
+    root = corpus_dir(tmp_path, np.random.default_rng(5))
+    cfg = mixture_config(root, tokenizer, num_shards=2)
+    run = str(tmp_path / "run")
+    quiet = dict(log=lambda *_: None)
+    one = RunData(cfg, run, process_index=0, process_count=1, **quiet)
+    two = [RunData(cfg, run, process_index=i, process_count=2, **quiet) for i in range(2)]
+    for _ in range(6):
+        g = one.next_train()
+        parts = [p.next_train() for p in two]
+        for k in g:
+            np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), g[k])
+    # the state saved by the two processes restores a single process exactly
+    merged = {"num_shards": 2, "shards": {**two[0].get_state()["shards"], **two[1].get_state()["shards"]}}
+    expected = one.next_train()
+    resumed = RunData(cfg, run, process_index=0, process_count=1, **quiet)
+    resumed.set_state(merged)
+    got = resumed.next_train()
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k])
+    with pytest.raises(DataError, match="num_shards"):
+        RunData(mixture_config(root, tokenizer, num_shards=3), run, process_index=0, process_count=2, **quiet)
