@@ -247,6 +247,7 @@ class RunData:
         self.local_batch = d.batch_size // pc
         self.process_index, self.process_count = pi, pc
         self.tokenizer: Tokenizer | None = None
+        self.heldout_bytes: dict[str, int] = {}
         if d.corpus == "synthetic":
             self.names, self.weights = ["synthetic"], [1.0]
             self.stats = DataStats(self.names)
@@ -282,6 +283,7 @@ class RunData:
             self._iters[shard] = iter(ds)
         # Held-out batches: every process reads them whole and keeps its rows.
         self.heldout = {}
+        byte_len = self.tokenizer.byte_lengths()
         lo = pi * self.local_batch
         for k, (c, (_, val)) in enumerate(zip(configs, opened)):
             if len(val) == 0:
@@ -292,6 +294,9 @@ class RunData:
             batches = [_pad_batch(b, d.batch_size) for b, _ in zip(rows, range(cfg.trainer.eval_batches))]
             if batches:
                 self.heldout[c.name] = [{key: v[lo: lo + self.local_batch] for key, v in b.items()} for b in batches]
+                # bytes of text behind the predicted tokens, for bits per byte (global, every process)
+                self.heldout_bytes[c.name] = int(sum((byte_len[b["targets"]] * (b["loss_mask"] > 0)).sum()
+                                                     for b in batches))
 
     def _tokenizer(self, sources, run_dir, pi, pc, log) -> Tokenizer:
         d = self.cfg.data

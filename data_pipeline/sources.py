@@ -224,6 +224,8 @@ class JsonLines(DocumentSource):
         if not isinstance(obj, dict) or self.text_field not in obj:
             return Record(None, where, f"missing text field {self.text_field!r}")
         text = obj[self.text_field]
+        if isinstance(text, list) and all(isinstance(t, str) for t in text):
+            text = " ".join(text)  # e.g. SciTLDR keeps an abstract as a list of sentences
         if not isinstance(text, str):
             return Record(None, where, f"field {self.text_field!r} is {type(text).__name__}, not a string")
         if not text.strip():
@@ -345,9 +347,8 @@ class DefaultCorpus(DocumentSource):
             text = d.text()
         except OSError as e:
             return Record(None, d.key, f"unreadable file ({e})")
-        if not text.strip():
-            return Record(None, d.key, "empty document")
-        return Record(text, d.key)
+        # A module without a docstring is not bad input: it simply has no prose document.
+        return Record(text if text.strip() else "", d.key)
 
 
 class Subset(DocumentSource):

@@ -115,3 +115,15 @@ class Tokenizer:
 
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+    def byte_lengths(self):
+        """UTF-8 bytes each id stands for (byte pieces 1, control tokens 0): for bits per byte."""
+        import numpy as np
+
+        out = np.zeros(self.vocab_size, np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                out[i] = 1
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out

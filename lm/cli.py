@@ -103,15 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--keys", action="store_true", help="list every config key and its value")
     i.set_defaults(fn=cmd_info)
 
+    from data_pipeline.cli import add_tokenizer_parser
+
+    add_tokenizer_parser(sub)
+
     b = sub.add_parser("bench", help="benchmarks (train throughput and MFU)")
     b.add_argument("which", nargs="?", default="train", choices=["train"])
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
+    from data_pipeline.sources import DataError
     from lm.config import ConfigError
 
     try:
         return args.fn(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"lm: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ on logging steps, so the next batch is prepared while the device computes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Callable
@@ -25,11 +26,14 @@ from lm.train_step import BATCH_KEYS, Trainer, make_trainer
 SAMPLE_PROMPTS = ("def ", "import os\n\n", "The ", "class ")
 
 
-def evaluate(trainer: Trainer, eval_fn, params, heldout: dict[str, list[dict]]) -> dict[str, float]:
-    """Held-out cross-entropy (nats/token) per source, and over all of them ("eval_loss")."""
+def evaluate(trainer: Trainer, eval_fn, params, heldout: dict[str, list[dict]],
+             nbytes: dict[str, int] | None = None) -> dict[str, float]:
+    """Held-out cross-entropy per source and overall: nats/token ("eval_loss") and, when
+    the text's bytes are known, bits per byte ("eval_bpb", tokenizer-independent)."""
     from data_pipeline.pipeline import global_batch
 
-    out, total, count = {}, 0.0, 0.0
+    nbytes = nbytes or {}
+    out, total, count, total_bytes = {}, 0.0, 0.0, 0
     for name, batches in heldout.items():
         s, c = 0.0, 0.0
         for b in batches:
@@ -37,8 +41,13 @@ def evaluate(trainer: Trainer, eval_fn, params, heldout: dict[str, list[dict]]) 
             s, c = s + float(r["loss_sum"]), c + float(r["tokens"])
         if len(heldout) > 1:
             out[f"eval_loss/{name}"] = s / max(c, 1.0)
+            if nbytes.get(name):
+                out[f"eval_bpb/{name}"] = s / math.log(2) / nbytes[name]
         total, count = total + s, count + c
+        total_bytes += nbytes.get(name, 0)
     out["eval_loss"] = total / max(count, 1.0)
+    if total_bytes and len(nbytes) == len(heldout):
+        out["eval_bpb"] = total / math.log(2) / total_bytes
     return out
 
 
@@ -81,6 +90,7 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
     compile_s = 0.0
     last_metrics: dict = {}
     eval_loss = float("nan")
+    last_evals: dict = {}
     try:
         for step in range(steps):
             t0 = time.perf_counter()
@@ -122,9 +132,10 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
                         log(data.stats.report())
                         reported_bad = data.stats.total()
                 if do_eval:
-                    evals = evaluate(trainer, eval_fn, state.params, data.heldout)
+                    evals = evaluate(trainer, eval_fn, state.params, data.heldout, data.heldout_bytes)
                     m.update(evals)
                     eval_loss = evals["eval_loss"]
+                    last_evals = evals
                     now = time.perf_counter()  # evaluation time is not step time
                 logger.log(step + 1, m)
                 last_metrics = {**last_metrics, **m}
@@ -143,6 +154,7 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
         "params": n_params,
         "final_train_loss": last_metrics.get("loss", float("nan")),
         "heldout_loss": eval_loss,
+        "heldout": last_evals,
         "heldout_unigram_entropy": entropy,
         "tokens_per_s": last_metrics.get("tokens_per_s"),
         "mfu": last_metrics.get("mfu"),
@@ -153,7 +165,11 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
         summary["token_share"] = dict(zip(data.names, (source_tokens / source_tokens.sum()).tolist()))
         summary["weights"] = dict(zip(data.names, (np.asarray(data.weights) / sum(data.weights)).tolist()))
     log(f"held-out loss {eval_loss:.3f} nats/token vs unigram entropy {entropy:.3f} "
-        f"of the held-out tokens ({np.exp(eval_loss):.1f} vs {np.exp(entropy):.1f} perplexity)")
+        f"of the held-out tokens ({np.exp(eval_loss):.1f} vs {np.exp(entropy):.1f} perplexity)"
+        + (f"; {last_evals['eval_bpb']:.3f} bits/byte" if "eval_bpb" in last_evals else ""))
+    for k, v in sorted(last_evals.items()):
+        if "/" in k:
+            log(f"  {k} = {v:.4f}")
 
     save_params(run_dir, state.params)
     if main:

@@ -283,3 +283,20 @@ def test_two_processes_together_produce_the_global_batches_of_one(tmp_path, toke
         np.testing.assert_array_equal(got[k], expected[k])
     with pytest.raises(DataError, match="num_shards"):
         RunData(mixture_config(root, tokenizer, num_shards=3), run, process_index=0, process_count=2, **quiet)
+
+
+def test_tokenizer_cli_trains_from_files(tmp_path, capsys):
+    from lm.cli import main
+
+    rng = np.random.default_rng(6)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": make_text(rng, 300)}) for _ in range(30)))
+    (tmp_path / "b.txt").write_text(make_text(rng, 3000))
+    out = tmp_path / "tok" / "sp"
+    rc = main(["tokenizer", "train", "--source", str(tmp_path / "*.jsonl"), "--source", f"txt={tmp_path / 'b.txt'}",
+               "--text-field", "body", "--vocab-size", "300", "--model-type", "unigram", "--sample-mb", "1",
+               "--out", str(out)])
+    assert rc == 0 and "300-piece unigram" in capsys.readouterr().out
+    tok = Tokenizer(str(out) + ".model")
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("alpha beta")) == "alpha beta"
+    assert main(["tokenizer", "train", "--source", str(tmp_path / "missing*.txt"), "--vocab-size", "300",
+                 "--out", str(out)]) == 2

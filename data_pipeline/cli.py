@@ -1,0 +1,71 @@
+"""`lm tokenizer train`: train a SentencePiece tokenizer on a sample of configured sources."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from data_pipeline.sources import SourceConfig, open_source
+
+_KINDS = ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".jsonl.bz2", "jsonl"), (".json", "json"),
+          (".parquet", "parquet"), (".array_record", "arrayrecord"), (".arrayrecord", "arrayrecord"))
+
+
+def guess_kind(path: str) -> str:
+    for suffix, kind in sorted(_KINDS, key=lambda x: -len(x[0])):
+        if path.endswith(suffix):
+            return kind
+    return "text"
+
+
+def add_tokenizer_parser(sub) -> None:
+    tok = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a SentencePiece tokenizer")
+    t.add_argument("--source", action="append", default=[],
+                   help="a file or glob (kind from the extension), 'default' for the embedded corpus, "
+                        "or NAME=GLOB; repeatable")
+    t.add_argument("--experiment", help="use the sources (and weights) of this experiment instead")
+    t.add_argument("--text-field", default="text", help="JSON/Parquet field holding the text")
+    t.add_argument("--doc-per", default="file", choices=["file", "block", "line"], help="text files: document unit")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    t.add_argument("--sample-mb", type=float, default=20.0, help="megabytes of text to train on")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="tokenizer", help="output prefix: writes OUT.model")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
+
+def _sources(args) -> list[tuple[object, float]]:
+    if args.experiment:
+        from data_pipeline.pipeline import source_configs
+        from lm import experiment
+
+        configs = source_configs(experiment.load(args.experiment).data)
+    else:
+        if not args.source:
+            raise SystemExit("lm tokenizer train: give --source PATH (repeatable) or --experiment NAME")
+        configs = []
+        for k, spec in enumerate(args.source):
+            name, _, pattern = spec.partition("=") if "=" in spec else (f"s{k}", "", spec)
+            if pattern == "default":
+                configs.append(SourceConfig(name=name, kind="default", heldout_fraction=0.0))
+            else:
+                configs.append(SourceConfig(name=name, kind=guess_kind(pattern), paths=(pattern,),
+                                            text_field=args.text_field, doc_per=args.doc_per,
+                                            heldout_fraction=0.0))
+    return [(open_source(c)[0], c.weight) for c in configs]
+
+
+def cmd_tokenizer_train(args) -> int:
+    from data_pipeline.pipeline import sample_texts
+    from data_pipeline.tokenizer import train_tokenizer
+
+    sources = _sources(args)
+    t0 = time.time()
+    tok = train_tokenizer(sample_texts(sources, args.sample_mb, args.seed), args.vocab_size, args.out,
+                          model_type=args.model_type)
+    print(f"trained a {tok.vocab_size}-piece {args.model_type} tokenizer on up to {args.sample_mb:g} MB "
+          f"from {len(sources)} source(s) in {time.time() - t0:.1f}s -> {os.path.abspath(tok.path)}")
+    return 0
