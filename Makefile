@@ -28,7 +28,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests --runslow $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m lm bench train
+	$(PY) -m lm bench all
 
 clean:
 	rm -rf runs .pytest_cache

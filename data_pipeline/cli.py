@@ -37,6 +37,29 @@ def add_tokenizer_parser(sub) -> None:
     t.set_defaults(fn=cmd_tokenizer_train)
 
 
+def add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="data tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("cache", help="pre-tokenise an experiment's sources into a cache (resumable)")
+    c.add_argument("experiment")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--run-dir", help="run directory whose tokenizer to use or create (default runs/<name>)")
+    c.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    c.set_defaults(fn=cmd_data_cache)
+
+
+def cmd_data_cache(args) -> int:
+    from data_pipeline import cache
+    from lm import experiment
+
+    cfg = experiment.load(args.experiment, args.set)
+    run_dir = args.run_dir or os.path.join("runs", cfg.name)
+    cache_dir = cfg.data.cache_dir or os.path.join(run_dir, "token_cache")
+    cache.build(cfg, run_dir, cache_dir, workers=args.workers)
+    print(f"cache ready: train with --set data.cache_dir={cache_dir}")
+    return 0
+
+
 def _sources(args) -> list[tuple[object, float]]:
     if args.experiment:
         from data_pipeline.pipeline import source_configs

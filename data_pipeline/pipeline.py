@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -45,6 +46,16 @@ class DataStats:
         self.bad = {n: 0 for n in names}
         self.examples: dict[str, list[str]] = {n: [] for n in names}
         self.reasons: dict[str, dict[str, int]] = {n: {} for n in names}
+        self._lock = threading.Lock()
+
+    # Picklable for grain's worker processes. Caveat: with data.num_workers > 0 the counts
+    # are made in the workers and are not reported by the main process (0 workers, the
+    # default, reports them; data.strict turns them into errors either way).
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def record_bad(self, source: str, where: str, error: str) -> None:
@@ -80,6 +91,8 @@ class Tokenize(grain.transforms.Map):
         self._tok = None
 
     def map(self, record: Record):
+        if record.tokens is not None:  # pre-tokenised (data_pipeline/cache.py)
+            return {"tokens": np.asarray(record.tokens, np.int32)}
         if self._tok is None:  # opened lazily: grain workers build their own
             self._tok = Tokenizer(self.tokenizer_path)
         if record.text is None:
@@ -262,11 +275,30 @@ class RunData:
         self.names = [c.name for c in configs]
         self.weights = [c.weight for c in configs]
         self.stats = DataStats(self.names)
-        opened = [open_source(c) for c in configs]
+        if d.cache_dir:  # pre-tokenised: the cache's tokenizer, token ids read by random access
+            from data_pipeline.cache import TokenCache
+
+            cached_tok = os.path.join(d.cache_dir, "tokenizer.model")
+            if not d.tokenizer and not os.path.exists(cached_tok):
+                raise DataError(f"no token cache at {d.cache_dir} (no tokenizer.model there); build it with "
+                                "`lm data cache EXPERIMENT --set data.cache_dir=...`")
+            self.tokenizer = tokenizer_for_run([], self.cfg.model.vocab_size, run_dir, d.tokenizer or cached_tok)
+            opened = []
+            for c in configs:
+                val_dir = os.path.join(d.cache_dir, c.name, "validation")
+                val = TokenCache(val_dir, self.tokenizer.path) if os.path.exists(val_dir) else []
+                opened.append((TokenCache(os.path.join(d.cache_dir, c.name, "train"), self.tokenizer.path), val))
+            if pi == 0 and not os.path.exists(os.path.join(run_dir, "tokenizer.model")):
+                os.makedirs(run_dir, exist_ok=True)
+                shutil.copyfile(self.tokenizer.path, os.path.join(run_dir, "tokenizer.model"))
+        else:
+            opened = [open_source(c) for c in configs]
         for c, (train, _) in zip(configs, opened):
             if len(train) == 0:
                 raise DataError(f"source {c.name!r}: no training documents found")
-        self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)], run_dir, pi, pc, log)
+        if not d.cache_dir:
+            self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)],
+                                             run_dir, pi, pc, log)
         common = dict(process_count=shards, packing=d.packing, strict=d.strict)
         self.datasets, self._iters = {}, {}
         for shard in self.shard_ids:
@@ -276,6 +308,7 @@ class RunData:
                        for k, (c, (train, _)) in enumerate(zip(configs, opened))]
             ds = mixture(streams, self.weights).batch(d.batch_size // shards, drop_remainder=True)
             if d.num_workers:
+                _absl_flags_parsed()  # grain's worker processes read absl flags
                 ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
             if d.prefetch:
                 ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
@@ -331,6 +364,13 @@ class RunData:
                             f"{self.num_shards}; keep data.num_shards as it was when the state was saved")
         for s, it in self._iters.items():
             it.set_state(state["shards"][str(s)])
+
+
+def _absl_flags_parsed() -> None:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _pad_batch(b: dict, size: int) -> dict:

@@ -22,7 +22,7 @@ import gzip
 import hashlib
 import json
 import os
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from lm.config import SourceConfig  # noqa: F401  (re-exported)
 
@@ -35,6 +35,7 @@ class Record(NamedTuple):
     text: str | None  # None for a bad record
     where: str  # "path:line" (or "path#row"), for error reports
     error: str | None = None
+    tokens: Any = None  # token ids, when read from the pre-tokenisation cache
 
 
 def expand(patterns: Sequence[str]) -> list[str]:

@@ -1,14 +1,17 @@
 """Benchmarks (`make bench`): training throughput and MFU.
 
 Each figure is printed beside the reference it is measured against in the same run: on
-CPU the machine's measured float32 matmul peak. The last line is machine-readable:
+CPU the machine's measured float32 matmul peak. Machine-readable lines:
 `train_tokens_per_s=N mfu=M` for the fixed reference configuration
-(experiments/bench_reference.py).
+(experiments/bench_reference.py), and `data_tokens_per_s=N`: tokens/s the input
+pipeline of the default run delivers (tokenizing on the fly, no worker processes), which
+must stay far above what training consumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -49,7 +52,60 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3)
             "params": param_count(cfg.model)}
 
 
-def main(which: str = "train") -> int:
+def bench_data(cfg: Config, run_dir: str, batches: int = 300, log=print) -> dict:
+    """Tokens/s the data pipeline delivers (rows of the global batch, no training)."""
+    from data_pipeline.pipeline import RunData
+
+    data = RunData(cfg, run_dir, log=lambda *_: None, process_index=0, process_count=1)
+    for _ in range(5):  # warm up: open files, fill the prefetch buffer
+        data.next_train()
+    t = time.perf_counter()
+    tokens = 0
+    for _ in range(batches):
+        b = data.next_train()
+        tokens += int((b["segment_ids"] > 0).sum())
+    return {"tokens_per_s": tokens / (time.perf_counter() - t)}
+
+
+def main_data(train_tokens_per_s: float | None = None) -> float:
+    import tempfile
+
+    from data_pipeline import cache
+
+    base = experiment.load("pretrain_tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for workers in (0, 1):
+            cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, num_workers=workers))
+            r = bench_data(cfg, tmp)
+            results[("stream", workers)] = r["tokens_per_s"]
+            print(f"data[tokenize on the fly, {workers} worker(s)]: {r['tokens_per_s']:,.0f} tokens/s")
+        cache_dir = os.path.join(tmp, "cache")
+        t = time.perf_counter()
+        cache.build(base, tmp, cache_dir, progress=False)
+        print(f"data[pre-tokenise the corpus once]: {time.perf_counter() - t:.1f}s")
+        for workers in (0, 1):
+            cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, num_workers=workers, cache_dir=cache_dir))
+            r = bench_data(cfg, tmp)
+            results[("cache", workers)] = r["tokens_per_s"]
+            print(f"data[from the cache, {workers} worker(s)]: {r['tokens_per_s']:,.0f} tokens/s")
+    headline = results[("stream", 0)]  # what a default run uses
+    if train_tokens_per_s:
+        print(f"data/training ratio: {headline / train_tokens_per_s:.1f}x on the fly, "
+              f"{results[('cache', 0)] / train_tokens_per_s:.1f}x from the cache "
+              f"(training consumes {train_tokens_per_s:,.0f} tokens/s)")
+    print(f"data_tokens_per_s={headline:.0f}")
+    return headline
+
+
+def main(which: str = "all") -> int:
+    ref = main_train() if which in ("all", "train") else None
+    if which in ("all", "data"):
+        main_data(ref)
+    return 0
+
+
+def main_train() -> float:
     dev = jax.devices()[0]
     peak, src = perf.peak_flops_per_device()
     if dev.platform == "cpu":
@@ -66,4 +122,4 @@ def main(which: str = "train") -> int:
               f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['mfu']:.1%} of the {peak / 1e9:.1f} GFLOP/s peak")
     ref = results["reference"]
     print(f"train_tokens_per_s={ref['tokens_per_s']:.0f} mfu={ref['mfu']:.4f}")
-    return 0
+    return ref["tokens_per_s"]

@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--keys", action="store_true", help="list every config key and its value")
     i.set_defaults(fn=cmd_info)
 
-    from data_pipeline.cli import add_tokenizer_parser
+    from data_pipeline.cli import add_data_parser, add_tokenizer_parser
 
     add_tokenizer_parser(sub)
+    add_data_parser(sub)
 
-    b = sub.add_parser("bench", help="benchmarks (train throughput and MFU)")
-    b.add_argument("which", nargs="?", default="train", choices=["train"])
+    b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
+    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data"])
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)

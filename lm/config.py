@@ -121,6 +121,7 @@ class DataConfig:
     batch_size: int = 8  # global batch, in sequences
     heldout_fraction: float = 0.02  # documents kept out of training, chosen by hash
     tokenizer: str | None = None  # path to a SentencePiece .model; None trains one
+    cache_dir: str | None = None  # read the pre-tokenised cache here (`lm data cache` builds it)
     tokenizer_sample_mb: float = 4.0  # text used to train the tokenizer
     num_shards: int = 0  # logical data shards (0: one per process); fixes the data order across process counts
     num_workers: int = 0  # grain worker processes per shard (0: in the main process)
