@@ -46,6 +46,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
     """Train a SentencePiece model on `texts`; writes `out_prefix`.model and returns it."""
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
     model = io.BytesIO()
+    try:
+        _train(texts, vocab_size, model_type, num_threads, model)
+    except RuntimeError as e:
+        if "Vocabulary size too high" in str(e):
+            raise ValueError(f"the training text is too small for vocab_size={vocab_size} ({e}); "
+                             "use a smaller vocab_size or more text") from e
+        if "Vocabulary size" in str(e):
+            raise ValueError(f"vocab_size={vocab_size} is too small for this text: byte fallback reserves 256 "
+                             f"pieces and every frequent character needs one ({e}); use a larger vocab_size") from e
+        raise
+    path = out_prefix + ".model"
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer
+    return Tokenizer(path)
+
+
+def _train(texts, vocab_size, model_type, num_threads, model) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_chunks(texts, 2048),
         model_writer=model,
@@ -66,12 +85,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
         num_threads=num_threads or os.cpu_count() or 1,
         minloglevel=2,
     )
-    path = out_prefix + ".model"
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer
-    return Tokenizer(path)
 
 
 class Tokenizer:

@@ -335,3 +335,22 @@ def test_token_cache_matches_streaming_and_resumes(tmp_path, tokenizer):
     with pytest.raises(DataError, match="lm data cache"):
         RunData(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "none"),
                                                                   tokenizer=None)), str(tmp_path / "r3"), **quiet)
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="optional: needs ../shared/data (absent on a fresh clone)")
+def test_pretrain_mixture_experiment_shares_on_real_corpora(tmp_path):
+    from lm import experiment
+
+    cfg = experiment.load("pretrain_mixture", ["model.vocab_size=2048", "data.tokenizer_sample_mb=2",
+                                               "data.seq_len=64", "model.max_seq_len=64"])
+    data = RunData(cfg, str(tmp_path), log=lambda *_: None, process_index=0, process_count=1)
+    tokens = np.zeros(len(data.names))
+    for _ in range(1000):
+        b = data.next_train()
+        np.add.at(tokens, b["source_id"], (b["segment_ids"] > 0).sum(1))
+    weights = np.asarray(data.weights) / sum(data.weights)
+    np.testing.assert_allclose(tokens / tokens.sum(), weights, atol=0.02)
+    assert set(data.heldout) == set(data.names)

@@ -1,5 +1,6 @@
 """Two local processes (4 CPU devices each, gloo collectives over 127.0.0.1) train exactly
-as one process with 8 devices: same global batches, same losses."""
+as one process with 8 devices: same global batches (each process reads its data shard
+of a two-source mixture), same losses."""
 
 import json
 import os
@@ -11,8 +12,20 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = """
+from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
+
+def config():
+    sources = (SourceConfig(name="a", kind="jsonl", paths=({a!r},), weight=0.7),
+               SourceConfig(name="b", kind="text", doc_per="block", paths=({b!r},), weight=0.3))
+    return Config(name="two_process", model=ModelConfig(vocab_size=384, max_seq_len=32),
+                  optim=OptimConfig(lr=3e-3, warmup_steps=2),
+                  data=DataConfig(corpus="sources", sources=sources, tokenizer={tok!r}, num_shards=2),
+                  trainer=TrainerConfig(num_samples=0))
+"""
+
 SETTINGS = [
-    "model.vocab_size=128", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
     "model.n_kv_heads=2", "model.d_ff=128", "model.max_seq_len=32", "model.attention_block=16",
     "data.seq_len=32", "data.batch_size=8", "trainer.steps=6", "trainer.log_every=1",
     "trainer.eval_batches=2", "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1",
@@ -25,9 +38,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cmd(run_dir, extra=()):
-    args = [sys.executable, "-m", "lm", "train", "experiments/bench_reference.py", "--run-dir", str(run_dir),
-            "--no-progress"]
+def _write_experiment(tmp_path) -> str:
+    sys.path.insert(0, ROOT)
+    from data_pipeline.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+    docs = [" ".join(rng.choice(words, rng.integers(5, 80))) for _ in range(300)]
+    with open(tmp_path / "a.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:200])
+    (tmp_path / "b.txt").write_text("\n\n".join(docs[200:]))
+    tok = train_tokenizer(docs, 384, str(tmp_path / "sp"))
+    path = tmp_path / "two_process.py"
+    path.write_text(EXPERIMENT.format(a=str(tmp_path / "a.jsonl"), b=str(tmp_path / "b.txt"), tok=tok.path))
+    return str(path)
+
+
+def _cmd(experiment, run_dir, extra=()):
+    args = [sys.executable, "-m", "lm", "train", experiment, "--run-dir", str(run_dir), "--no-progress"]
     for s in SETTINGS:
         args += ["--set", s]
     return args + list(extra)
@@ -46,13 +74,16 @@ def _losses(run_dir):
 
 
 def test_two_processes_match_one_process(tmp_path):
+    experiment = _write_experiment(tmp_path)
     single = tmp_path / "single"
-    subprocess.run(_cmd(single), cwd=ROOT, env=_env(8), check=True, capture_output=True, timeout=300)
+    done = subprocess.run(_cmd(experiment, single), cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     multi = tmp_path / "multi"
     port = _free_port()
     procs = [
-        subprocess.Popen(_cmd(multi, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+        subprocess.Popen(_cmd(experiment, multi, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                       "--process-id", str(i), "--cpu-collectives"]),
                          cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
@@ -74,3 +105,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(a) == len(b) == 6
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     assert a[-1] < a[0]
+    # held-out evaluation (both sources) agrees too
+    ev = [[json.loads(line).get("eval_loss") for line in open(os.path.join(d, "metrics.jsonl"))][-1]
+          for d in (single, multi)]
+    np.testing.assert_allclose(ev[1], ev[0], rtol=1e-5)
