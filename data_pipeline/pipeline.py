@@ -267,7 +267,9 @@ class RunData:
             lo = pi * self.local_batch
             gen = lambda seed: ({k: v[lo: lo + self.local_batch] for k, v in b.items()}  # noqa: E731
                                 for b in synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size, seed))
+            self._synthetic = (gen, d.seed)
             self._iters = {0: gen(d.seed)}
+            self._consumed = 0
             self.heldout = {"synthetic": [b for b, _ in zip(gen(d.seed + 1), range(cfg.trainer.eval_batches))]}
             return
 
@@ -346,6 +348,8 @@ class RunData:
         return tok
 
     def next_train(self) -> dict:
+        if self.cfg.data.corpus == "synthetic":
+            self._consumed += 1
         parts = [next(self._iters[s]) for s in sorted(self._iters)]
         if len(parts) == 1:
             return parts[0]
@@ -353,17 +357,33 @@ class RunData:
 
     def get_state(self) -> dict:
         """{"num_shards": S, "shards": {shard id: grain iterator state}} for this process's shards."""
-        if self.cfg.data.corpus == "synthetic":
-            raise DataError("the synthetic corpus has no iterator state")
+        if self.cfg.data.corpus == "synthetic":  # a counter: the stream is regenerated and skipped
+            return {"num_shards": self.num_shards, "shards": {}, "synthetic_batches": self._consumed}
         return {"num_shards": self.num_shards,
                 "shards": {str(s): it.get_state() for s, it in self._iters.items()}}
 
     def set_state(self, state: dict) -> None:
+        if self.cfg.data.corpus == "synthetic":
+            gen, seed = self._synthetic
+            self._iters = {0: gen(seed)}
+            self._consumed = 0
+            for _ in range(state.get("synthetic_batches", 0)):
+                self.next_train()
+            return
+        state = _tuples(state)  # JSON turned grain's tuples into lists; grain compares with tuples
         if state.get("num_shards") != self.num_shards:
             raise DataError(f"the saved data state has {state.get('num_shards')} shards but this run has "
                             f"{self.num_shards}; keep data.num_shards as it was when the state was saved")
         for s, it in self._iters.items():
             it.set_state(state["shards"][str(s)])
+
+
+def _tuples(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return tuple(_tuples(v) for v in obj)
+    return obj
 
 
 def _absl_flags_parsed() -> None:

@@ -17,5 +17,5 @@ def config() -> Config:
         model=size("tiny"),
         optim=OptimConfig(lr=LEARNING_RATES["tiny"], warmup_steps=50, schedule="cosine"),
         data=DataConfig(corpus="default", seq_len=256, batch_size=16),
-        trainer=TrainerConfig(steps=800, log_every=10, eval_every=100, eval_batches=16),
+        trainer=TrainerConfig(steps=800, log_every=10, eval_every=100, eval_batches=16, checkpoint_every=200),
     )

@@ -38,7 +38,9 @@ def cmd_train(args) -> int:
     _distributed(args)
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
     _log(f"run directory: {run_dir}")
-    summary = train(cfg, run_dir, log=_log, progress=not args.no_progress)
+    summary = train(cfg, run_dir, log=_log, progress=not args.no_progress, resume=not args.fresh)
+    if summary.get("stopped"):  # preempted (clean exit) or diverged (error)
+        return 0 if "received" in summary["stopped"] else 1
     ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
     _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
          f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     experiment_args(t)
     t.add_argument("--run-dir", help="where outputs go (default runs/<experiment name>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--fresh", action="store_true",
+                   help="start from scratch, deleting the run's checkpoints (default: resume from the latest)")
     t.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
     t.add_argument("--num-processes", type=int)
     t.add_argument("--process-id", type=int)

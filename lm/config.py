@@ -142,6 +142,10 @@ class TrainerConfig:
     sample_tokens: int = 96
     sample_temperature: float = 0.8
     peak_flops_per_device: float | None = None  # override the table / CPU measurement
+    checkpoint_every: int = 0  # save every N steps (0: only at the end and on preemption)
+    checkpoint_minutes: float = 0.0  # and/or every M minutes of training (0: off)
+    checkpoint_keep: int = 3  # keep the last K checkpoints (plus the best by held-out loss)
+    max_bad_steps: int = 5  # stop after this many consecutive NaN/Inf steps (each one is skipped)
 
 
 @dataclasses.dataclass(frozen=True)

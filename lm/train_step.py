@@ -29,6 +29,8 @@ class TrainState:
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
+    bad_streak: jax.Array  # consecutive steps whose loss or gradients were not finite
+    skipped: jax.Array  # all steps skipped for that reason
 
 
 # Batches are dicts of (B, T) arrays: inputs, targets, segment_ids, positions, loss_mask.
@@ -60,8 +62,15 @@ class Trainer:
     def _init(self, seed: int) -> TrainState:
         model = Transformer(self.cfg.model, nnx.Rngs(seed))
         params = nnx.state(model, nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.optimizer.init(params))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=self.optimizer.init(params),
+                          bad_streak=zero, skipped=zero)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and target shardings of the state (for restoring onto this mesh)."""
+        shapes = jax.eval_shape(lambda: self._init(0))
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            shapes, self.state_sharding)
 
     # -- the step ----------------------------------------------------------------------
 
@@ -100,15 +109,25 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         loss, ce, grads = self._grads(state.params, batch)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A NaN/Inf loss or gradient: skip the update (keep the last good parameters and
+        # optimiser state), count it; the host stops the run after too many in a row.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         metrics = {
             "loss": ce,
             "total_loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "lr": self.lr_schedule(state.step),
+            "skipped": 1 - finite.astype(jnp.int32),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+                         skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+        return new, metrics
 
     def eval_step(self, params, batch) -> dict:
         _, (ce, n) = self.loss_fn(params, batch)
@@ -163,7 +182,8 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     param_sh = state_shardings(abstract_params, mesh)
     # Optimiser moments mirror the parameters; anything else (counts) is replicated.
     opt_sh = _opt_state_shardings(abstract_opt, abstract_params, param_sh, mesh)
-    state_sh = TrainState(step=NamedSharding(mesh, P()), params=param_sh, opt_state=opt_sh)
+    repl = NamedSharding(mesh, P())
+    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, bad_streak=repl, skipped=repl)
     return Trainer(cfg=cfg, mesh=mesh, graphdef=graphdef, optimizer=optimizer,
                    state_sharding=state_sh, lr_schedule=lr)
 

@@ -102,7 +102,7 @@ def test_tiny_experiment_on_default_corpus_lowers_loss(tmp_path):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert summary["heldout_loss"] < summary["heldout_unigram_entropy"]
-    for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json", "tokenizer.model", "params"):
+    for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json", "tokenizer.model", "checkpoints"):
         assert os.path.exists(tmp_path / name), name
     assert os.listdir(tmp_path / "tensorboard")
     assert len(summary["samples"]) == 2 and all(isinstance(s, str) for s in summary["samples"])

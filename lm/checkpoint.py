@@ -1,0 +1,125 @@
+"""Orbax checkpoints of a run: save asynchronously, keep the last K and the best, restore
+the newest readable one onto any mesh.
+
+A checkpoint (RUN_DIR/checkpoints/<step>/) holds the train state (parameters, optimiser
+state, step, skip counters), the data iterator state of every data shard, and metadata:
+the resolved config and the SHA-256 and vocabulary size of the run's tokenizer. Orbax
+writes into a temporary folder and renames it when complete, so a checkpoint is either
+complete or ignored. A checkpoint that fails to restore (truncated or corrupted files)
+is reported and the previous one is tried. A failed save (a full disk) is reported and
+training goes on; earlier checkpoints are untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _gather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable `obj`, on every process."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    padded = np.zeros(n, np.uint8)
+    padded[: raw.size] = raw
+    out = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in np.asarray(out).reshape(-1, n)]
+
+
+def merge_data_states(states: list[dict | None]) -> dict | None:
+    """Merge per-process data states ({"num_shards", "shards": {...}}) into one."""
+    states = [s for s in states if s]
+    if not states:
+        return None
+    merged = {**states[0], "shards": {}}
+    for s in states:
+        merged["shards"].update(s["shards"])
+    return merged
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, keep: int = 3, log: Callable = print):
+        self.dir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        self.log = log
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=max(1, keep)),
+            # the best held-out loss (BestN keeps the highest metric, so it is negated)
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m["eval_loss"], n=1,
+                                          keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.dir, options=options)
+        self.failed_saves = 0
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict | None, meta: dict,
+             metrics: dict | None = None) -> bool:
+        """Start an asynchronous save; returns False (and reports) if it could not start."""
+        data_state = merge_data_states(_gather_json(data_state))
+        if jax.devices()[0].platform == "cpu":
+            # On CPU Orbax's "device to host" copy can alias the arrays, and the next train
+            # step donates (overwrites) them while the save is still being written: copy.
+            state = jax.tree.map(lambda x: x.copy(), state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state or {}),
+                                  meta=ocp.args.JsonSave(meta))
+        try:
+            self.manager.wait_until_finished()  # surface an error of the previous save first
+            return bool(self.manager.save(step, args=args, metrics=metrics, force=True))
+        except Exception as e:  # noqa: BLE001 -- a failed save must not kill the run
+            self.failed_saves += 1
+            self.log(f"WARNING: saving the checkpoint of step {step} failed ({type(e).__name__}: {e}); "
+                     f"training goes on, earlier checkpoints are intact: {self.steps()}")
+            return False
+
+    def wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self.failed_saves += 1
+            self.log(f"WARNING: finishing a checkpoint save failed ({type(e).__name__}: {e}); "
+                     f"checkpoints on disk: {self.steps()}")
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict | None, dict, int] | None:
+        """(state, data state, meta, step) of the newest readable checkpoint, or None.
+
+        `abstract_state` carries the target shardings: the arrays are laid out for the
+        current mesh, whatever mesh saved them.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                r = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                return r["state"], (r["data"] or None), r["meta"], step
+            except Exception as e:  # noqa: BLE001 -- truncated, corrupted, or from another model
+                self.log(f"WARNING: checkpoint {os.path.join(self.dir, str(step))} cannot be restored "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an earlier one")
+        return None
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+
+def remove(run_dir: str) -> None:
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
