@@ -23,6 +23,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # Hugging Face parity tests (optional): a CPU build of torch and transformers
+        "hf": ["torch>=2.4", "transformers>=4.45"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
     },

@@ -75,6 +75,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from lm.interop.hf import export_run
+
+    export_run(args.run_dir, args.out_dir, log=_log)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from lm.interop.hf import import_run
+
+    import_run(args.hf_dir, args.run_dir, log=_log)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from lm import bench
 
@@ -111,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
 
     add_tokenizer_parser(sub)
     add_data_parser(sub)
+
+    e = sub.add_parser("export-hf", help="a run's newest checkpoint as a Hugging Face LLaMA folder")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.set_defaults(fn=cmd_export_hf)
+    m = sub.add_parser("import-hf", help="a Hugging Face LLaMA folder as a run this codebase trains")
+    m.add_argument("hf_dir")
+    m.add_argument("run_dir")
+    m.set_defaults(fn=cmd_import_hf)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
     b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data"])

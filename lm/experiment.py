@@ -11,7 +11,17 @@ from lm.config import Config, ConfigError, apply_overrides
 
 
 def load(spec: str, overrides: list[str] | None = None) -> Config:
-    """`experiments/pretrain_tiny.py`, `experiments.pretrain_tiny` or `pretrain_tiny`."""
+    """`experiments/pretrain_tiny.py`, `experiments.pretrain_tiny`, `pretrain_tiny`, or a
+    run's `config.json` (e.g. one written by `lm import-hf`)."""
+    if spec.endswith(".json"):
+        import json
+
+        from lm.config import from_dict
+
+        if not os.path.exists(spec):
+            raise ConfigError(f"config file {spec!r} does not exist")
+        with open(spec) as f:
+            return apply_overrides(from_dict(json.load(f)), overrides or [])
     module = _import(spec)
     if not hasattr(module, "config"):
         raise ConfigError(f"experiment {spec!r} defines no config() function returning a Config")

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from helpers import cpu_env, train_cmd, write_experiment  # noqa: E402
 
 EXPERIMENT = """
 from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
@@ -34,34 +35,15 @@ def config():
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    from data_pipeline.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("exp")
-    rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
-    docs = [" ".join(rng.choice(words, rng.integers(5, 80))) for _ in range(300)]
-    with open(d / "a.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in docs[:200])
-    (d / "b.txt").write_text("\n\n".join(docs[200:]))
-    tok = train_tokenizer(docs, 384, str(d / "sp"))
-    path = d / "resilience.py"
-    path.write_text(EXPERIMENT.format(a=str(d / "a.jsonl"), b=str(d / "b.txt"), tok=tok.path))
-    return str(path)
+    return write_experiment(tmp_path_factory.mktemp("exp"), EXPERIMENT, "resilience")
 
 
 def _env(devices=1):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return cpu_env(devices)
 
 
 def _cmd(experiment, run_dir, *sets):
-    cmd = [sys.executable, "-m", "lm", "train", experiment, "--run-dir", str(run_dir), "--no-progress"]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
+    return train_cmd(experiment, run_dir, sets)
 
 
 def _run(experiment, run_dir, *sets, devices=1):

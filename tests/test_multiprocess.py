@@ -6,12 +6,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, cpu_env, train_cmd, write_experiment
+
 EXPERIMENT = """
 from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
 
@@ -38,35 +38,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_experiment(tmp_path) -> str:
-    sys.path.insert(0, ROOT)
-    from data_pipeline.tokenizer import train_tokenizer
-
-    rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
-    docs = [" ".join(rng.choice(words, rng.integers(5, 80))) for _ in range(300)]
-    with open(tmp_path / "a.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:200])
-    (tmp_path / "b.txt").write_text("\n\n".join(docs[200:]))
-    tok = train_tokenizer(docs, 384, str(tmp_path / "sp"))
-    path = tmp_path / "two_process.py"
-    path.write_text(EXPERIMENT.format(a=str(tmp_path / "a.jsonl"), b=str(tmp_path / "b.txt"), tok=tok.path))
-    return str(path)
-
-
 def _cmd(experiment, run_dir, extra=()):
-    args = [sys.executable, "-m", "lm", "train", experiment, "--run-dir", str(run_dir), "--no-progress"]
-    for s in SETTINGS:
-        args += ["--set", s]
-    return args + list(extra)
+    return train_cmd(experiment, run_dir, SETTINGS, extra)
 
 
 def _env(devices: int):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return cpu_env(devices)
 
 
 def _losses(run_dir):
@@ -74,7 +51,7 @@ def _losses(run_dir):
 
 
 def test_two_processes_match_one_process(tmp_path):
-    experiment = _write_experiment(tmp_path)
+    experiment = write_experiment(tmp_path, EXPERIMENT, "two_process")
     single = tmp_path / "single"
     done = subprocess.run(_cmd(experiment, single), cwd=ROOT, env=_env(8), capture_output=True, text=True,
                           timeout=300)

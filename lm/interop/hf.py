@@ -1,0 +1,294 @@
+"""Hugging Face interop for LLaMA-family models, without torch.
+
+`export_llama(model_config, params, out_dir)` writes `config.json`, `model.safetensors`
+(float32) and, given a SentencePiece model, the tokenizer files, in the layout that
+`transformers.LlamaForCausalLM.from_pretrained(out_dir)` and
+`AutoTokenizer.from_pretrained(out_dir)` load. `import_llama(hf_dir)` reads such a
+checkpoint (grouped-query attention, tied or untied embeddings, any RoPE theta and
+RMSNorm epsilon) into `(ModelConfig, params)`, where `params` is the nested dict of
+arrays that `nnx.replace_by_pure_dict` puts into a `Transformer`.
+
+Both sides use the "rotate half" RoPE convention, so no permutation of the query/key
+weights is needed. Safetensors are read and written here directly (a JSON header and
+raw little-endian arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from typing import Any
+
+import numpy as np
+
+from lm.config import ModelConfig
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+
+
+# ---------------------------------------------------------------------------------------
+# safetensors
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write float32/int arrays in the safetensors format (atomically)."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        code = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64",
+                np.dtype(np.int32): "I32", np.dtype(np.float64): "F64"}[a.dtype]
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        buf = data[lo:hi]
+        if info["dtype"] == "BF16":  # widen bfloat16 to float32 by shifting into the high half
+            a = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            a = np.frombuffer(buf, np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<"))
+        out[name] = a.reshape(info["shape"]).astype(a.dtype.newbyteorder("="))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+
+
+def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: str | None = None,
+                 bos_id: int = 2, eos_id: int = 3, pad_id: int = 0) -> str:
+    """Write a Hugging Face LLaMA checkpoint of `params` (a pure dict or nnx.State)."""
+    if cfg.qk_norm:
+        raise ValueError("LLaMA has no qk-norm: a model trained with model.qk_norm=true cannot be exported as LLaMA")
+    p = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+    p = _to_numpy(p)
+    d, n, k, h, f, v, layers = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff,
+                                cfg.vocab_size, cfg.n_layers)
+    b, attn, mlp = p["blocks"], p["blocks"]["attn"], p["blocks"]["mlp"]
+    t = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]["scale"]}
+    for i in range(layers):
+        pre = f"model.layers.{i}."
+        t[pre + "self_attn.q_proj.weight"] = attn["wq"][i].reshape(d, n * h).T
+        t[pre + "self_attn.k_proj.weight"] = attn["wk"][i].reshape(d, k * h).T
+        t[pre + "self_attn.v_proj.weight"] = attn["wv"][i].reshape(d, k * h).T
+        t[pre + "self_attn.o_proj.weight"] = attn["wo"][i].reshape(n * h, d).T
+        t[pre + "mlp.gate_proj.weight"] = mlp["w_gate"][i].T
+        t[pre + "mlp.up_proj.weight"] = mlp["w_up"][i].T
+        t[pre + "mlp.down_proj.weight"] = mlp["w_down"][i].T
+        t[pre + "input_layernorm.weight"] = b["attn_norm"]["scale"][i]
+        t[pre + "post_attention_layernorm.weight"] = b["mlp_norm"]["scale"][i]
+    if not cfg.tie_embeddings:
+        t["lm_head.weight"] = p["head"].T
+    os.makedirs(out_dir, exist_ok=True)
+    save_safetensors({name: np.asarray(a, np.float32) for name, a in t.items()},
+                     os.path.join(out_dir, "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+        "vocab_size": v, "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
+        "num_attention_heads": n, "num_key_value_heads": k, "head_dim": h,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+    }
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    if tokenizer_model:
+        _export_tokenizer(tokenizer_model, out_dir)
+    return out_dir
+
+
+def _export_tokenizer(model_path: str, out_dir: str) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))
+    special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
+               "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "legacy": True, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+              "sp_model_kwargs": {}, "model_max_length": 1_000_000, **special}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as fh:
+        json.dump(special, fh, indent=2)
+
+
+# ---------------------------------------------------------------------------------------
+# Import
+
+
+def import_llama(hf_dir: str) -> tuple[ModelConfig, dict]:
+    """Read a Hugging Face LLaMA checkpoint into (ModelConfig, params as a pure dict)."""
+    with open(os.path.join(hf_dir, "config.json")) as fh:
+        c = json.load(fh)
+    if c.get("model_type") not in (None, "llama", "mistral"):
+        raise ValueError(f"{hf_dir}: model_type {c.get('model_type')!r} is not LLaMA-family")
+    # transformers >= 5 keeps RoPE settings in "rope_parameters"; older files at the top level
+    rope = dict(c.get("rope_parameters") or {})
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise ValueError(f"{hf_dir}: RoPE scaling {scaling} is not supported yet")
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    d, n = c["hidden_size"], c["num_attention_heads"]
+    k = c.get("num_key_value_heads") or n
+    h = c.get("head_dim") or d // n
+    layers = c["num_hidden_layers"]
+    tied = bool(c.get("tie_word_embeddings", False))
+    cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=d, n_layers=layers, n_heads=n, n_kv_heads=k,
+                      head_dim=h, d_ff=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
+                      rope_theta=float(theta), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                      tie_embeddings=tied)
+    t = {}
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{hf_dir}: no .safetensors files (PyTorch .bin checkpoints are not read)")
+    for name in files:
+        t.update(load_safetensors(os.path.join(hf_dir, name)))
+
+    def stack(fmt, fn):
+        return np.stack([fn(t[fmt.format(i)]) for i in range(layers)])
+
+    pre = "model.layers.{}."
+    params = {
+        "embed": t["model.embed_tokens.weight"],
+        "final_norm": {"scale": t["model.norm.weight"]},
+        "blocks": {
+            "attn": {
+                "wq": stack(pre + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h)),
+                "wk": stack(pre + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h)),
+                "wv": stack(pre + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h)),
+                "wo": stack(pre + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d)),
+            },
+            "mlp": {
+                "w_gate": stack(pre + "mlp.gate_proj.weight", lambda w: w.T),
+                "w_up": stack(pre + "mlp.up_proj.weight", lambda w: w.T),
+                "w_down": stack(pre + "mlp.down_proj.weight", lambda w: w.T),
+            },
+            "attn_norm": {"scale": stack(pre + "input_layernorm.weight", lambda w: w)},
+            "mlp_norm": {"scale": stack(pre + "post_attention_layernorm.weight", lambda w: w)},
+        },
+    }
+    if not tied:
+        params["head"] = t["lm_head.weight"].T
+    return cfg, _as_float32(params)
+
+
+def _to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def _as_float32(tree):
+    if isinstance(tree, dict):
+        return {k: _as_float32(v) for k, v in tree.items()}
+    return np.ascontiguousarray(tree, dtype=np.float32)
+
+
+def load_model(cfg: ModelConfig, params: dict):
+    """A Transformer holding `params` (from `import_llama`): `load_model(*import_llama(d))(tokens)`."""
+    from flax import nnx
+
+    from lm.model import Transformer
+
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Run directories <-> Hugging Face folders
+
+
+def export_run(run_dir: str, out_dir: str, log=print) -> str:
+    """`lm export-hf`: the newest checkpoint of a run, as a Hugging Face LLaMA folder."""
+    import dataclasses
+
+    import jax
+
+    from lm.checkpoint import Checkpointer
+    from lm.config import MeshConfig, from_dict
+    from lm.sharding import make_mesh
+    from lm.train_step import make_trainer
+
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        cfg = from_dict(json.load(fh))
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    ckpt = Checkpointer(run_dir, log=log)
+    restored = ckpt.restore_latest(trainer.abstract_state())
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir} has no readable checkpoint to export")
+    state, _, _, step = restored
+    tok = os.path.join(run_dir, "tokenizer.model")
+    export_llama(cfg.model, jax.device_get(state.params), out_dir, tok if os.path.exists(tok) else None)
+    log(f"exported step {step} of {run_dir} to {out_dir} (config.json, model.safetensors"
+        + (", tokenizer files)" if os.path.exists(tok) else ")"))
+    return out_dir
+
+
+def import_run(hf_dir: str, run_dir: str, log=print) -> str:
+    """`lm import-hf`: a Hugging Face LLaMA folder as a run (config.json, tokenizer, step-0
+    checkpoint) that `lm train RUN_DIR/config.json --run-dir RUN_DIR` continues training."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from lm import checkpoint
+    from lm.config import Config, DataConfig, MeshConfig, to_dict
+    from lm.sharding import make_mesh
+    from lm.train_step import make_trainer
+
+    mcfg, params = import_llama(hf_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    tok_src = os.path.join(hf_dir, "tokenizer.model")
+    tok = os.path.join(run_dir, "tokenizer.model")
+    if os.path.exists(tok_src):
+        shutil.copyfile(tok_src, tok)
+    cfg = Config(name=os.path.basename(os.path.abspath(run_dir)), model=mcfg,
+                 mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+                 data=DataConfig(seq_len=min(mcfg.max_seq_len, 256), tokenizer=tok if os.path.exists(tok) else None))
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = trainer.init_state(0)  # fresh optimiser state; parameters replaced below
+    new_params = jax.tree.map(lambda x: x, state.params)
+    nnx.replace_by_pure_dict(new_params, params)
+    state = dataclasses.replace(state, params=jax.device_put(new_params, trainer.state_sharding.params))
+    with open(os.path.join(run_dir, "config.json"), "w") as fh:
+        json.dump(to_dict(cfg), fh, indent=2)
+    meta = {"config": to_dict(cfg), "vocab_size": mcfg.vocab_size,
+            "tokenizer_sha256": checkpoint.file_sha256(tok) if os.path.exists(tok) else None}
+    ckpt = checkpoint.Checkpointer(run_dir, log=log)
+    ckpt.save(0, state, None, meta)
+    ckpt.close()
+    log(f"imported {hf_dir} ({mcfg.n_layers} layers, D={mcfg.d_model}, N={mcfg.n_heads}, K={mcfg.n_kv_heads}, "
+        f"V={mcfg.vocab_size}) into {run_dir}; continue with: lm train {run_dir}/config.json --run-dir {run_dir}")
+    return run_dir
