@@ -126,8 +126,13 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.norm_eps, pdt)
             self.k_norm = RMSNorm(h, cfg.norm_eps, pdt)
 
-    def __call__(self, x, cos, sin, mask, batch: int):
-        """x (B*T, D) -> (B*T, D)."""
+    def __call__(self, x, cos, sin, mask, batch: int, cache=None):
+        """x (B*T, D) -> (B*T, D).
+
+        With `cache = (k (B,S,K,H), v (B,S,K,H), positions (B,T))` the new keys/values are
+        written at their positions, attention runs over the whole cache (`mask` is then
+        (B, T, S)), and the updated cache is returned too: (out, (k, v)).
+        """
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
@@ -139,6 +144,14 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, kk = self.q_norm(q), self.k_norm(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        if cache is not None:  # decoding: slot = absolute position
+            k_cache, v_cache, positions = cache
+            rows = jnp.arange(batch)[:, None]
+            k_cache = k_cache.at[rows, positions].set(kk.astype(k_cache.dtype))
+            v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
+            out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+            out = out.reshape(batch * t, n * h) @ self.wo[...].astype(cdt).reshape(n * h, d)
+            return out, (k_cache, v_cache)
         if cfg.attention == "jax_dpa":
             out = jax.nn.dot_product_attention(q, kk, v, mask=mask[:, None])
         else:
@@ -173,10 +186,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, mask, batch: int):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, batch)
-        x = x + self.mlp(self.mlp_norm(x))
-        return shard(x, "act_nd")
+    def __call__(self, x, cos, sin, mask, batch: int, cache=None):
+        if cache is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, batch)
+            return shard(x + self.mlp(self.mlp_norm(x)), "act_nd")
+        a, cache = self.attn(self.attn_norm(x), cos, sin, mask, batch, cache)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 _REMAT_POLICIES = {
@@ -244,6 +260,39 @@ class Transformer(nnx.Module):
         """tokens (B, T) -> float32 logits (B, T, V)."""
         b, t = tokens.shape
         return self.logits(self.hidden(tokens, positions, segment_ids)).reshape(b, t, -1)
+
+    # -- decoding with a key/value cache ---------------------------------------------------
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        """An empty cache for `batch` sequences of up to `length` tokens: k/v (L, B, S, K, H)."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_size)
+        dtype = dtype or jnp.dtype(cfg.compute_dtype)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def decode(self, tokens, positions, cache: dict) -> tuple[jax.Array, dict]:
+        """Run tokens (B, T) at absolute `positions` (B, T) against the cache.
+
+        Each token's key/value is stored in cache slot = its position; a query at position
+        p attends to slots 0..p. Prefill is a call with the (padded) prompts, decoding a call
+        with one token per sequence. Returns float32 logits (B, T, V) and the new cache.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        s = cache["k"].shape[2]
+        cos, sin = rope_tables(positions, cfg.head_size, cfg.rope_theta)
+        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(jnp.dtype(cfg.compute_dtype))
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, xs):
+            params, k_cache, v_cache = xs
+            x, (k_cache, v_cache) = nnx.merge(graphdef, params)(x, cos, sin, mask, b, (k_cache, v_cache, positions))
+            return x, (k_cache, v_cache)
+
+        x, (k, v) = jax.lax.scan(layer, x, (stacked, cache["k"], cache["v"]))
+        logits = self.logits(self.final_norm(x)).reshape(b, t, -1)
+        return logits, {"k": k, "v": v}
 
 
 def param_count(cfg: ModelConfig) -> int:

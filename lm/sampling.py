@@ -1,14 +1,19 @@
-"""Simple batched sampling by repeated full forward passes (no KV cache yet).
+"""Sampling with a key/value cache: prefill the prompts, then decode token by token.
 
-Good enough to look at a small model's samples at the end of training; the KV-cache
-engine comes with the inference issue. The whole generation loop is one jit-compiled
-`lax.fori_loop`: no Python per token.
+`generate` runs the whole thing as one jit-compiled program (a `lax.while_loop` over new
+tokens, stopping early once every sequence has hit a stop token): no Python per token.
+`stream` yields tokens as they come, for interactive use (one compiled step per token).
+Prompts of different lengths are batched: each sequence decodes from its own length,
+and each token's key/value sits in the cache slot of its absolute position.
+
+Decoding options: greedy (temperature 0), temperature, top-k, top-p (nucleus), stop
+tokens, maximum new tokens, seed.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,46 +21,113 @@ import numpy as np
 from flax import nnx
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k"))
-def _generate(graphdef, params, tokens, lengths, key, *, max_new: int, temperature, top_k: int, eos_id):
+def filter_logits(logits: jax.Array, top_k: int, top_p) -> jax.Array:
+    """Mask (to -inf) all but the top-k tokens and the smallest set with mass >= top_p."""
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep = before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _pick(logits, key, temperature, top_k: int, top_p):
+    filtered = filter_logits(logits, top_k, top_p)
+    sampled = jax.random.categorical(key, filtered / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _prefill(model, tokens, lengths, cache_len):
+    b, p = tokens.shape
+    cache = model.init_cache(b, cache_len)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    logits, cache = model.decode(tokens, positions, cache)
+    return logits[jnp.arange(b), lengths - 1], cache  # logits after each prompt's last token
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "cache_len"))
+def _generate(graphdef, params, tokens, lengths, key, temperature, top_p, stop_ids, *,
+              max_new: int, top_k: int, cache_len: int):
     model = nnx.merge(graphdef, params)
-    b, total = tokens.shape
+    b = tokens.shape[0]
+    last, cache = _prefill(model, tokens, lengths, cache_len)
+    out = jnp.zeros((b, max_new), jnp.int32)
     done = jnp.zeros((b,), jnp.bool_)
+    count = jnp.zeros((b,), jnp.int32)  # new tokens per sequence, stop token included
 
-    def body(i, carry):
-        tokens, lengths, done, key = carry
-        logits = model(tokens)  # (B, L, V)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    def cond(carry):
+        i, _, _, _, done, _, _ = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, last, cache, out, done, count, key = carry
         key, sub = jax.random.split(key)
-        if top_k > 0:
-            kth = jax.lax.top_k(last, top_k)[0][:, -1:]
-            last = jnp.where(last < kth, -jnp.inf, last)
-        sampled = jax.random.categorical(sub, last / jnp.maximum(temperature, 1e-6))
-        greedy = jnp.argmax(last, axis=-1)
-        nxt = jnp.where(temperature > 0, sampled, greedy).astype(tokens.dtype)
-        write = ~done & (lengths < total)
-        tokens = tokens.at[jnp.arange(b), jnp.minimum(lengths, total - 1)].set(
-            jnp.where(write, nxt, tokens[jnp.arange(b), jnp.minimum(lengths, total - 1)]))
-        lengths = lengths + write.astype(lengths.dtype)
-        done = done | (write & (nxt == eos_id))
-        return tokens, lengths, done, key
+        nxt = _pick(last, sub, temperature, top_k, top_p)
+        out = out.at[:, i].set(jnp.where(done, 0, nxt))
+        count = count + (~done).astype(jnp.int32)
+        done = done | jnp.isin(nxt, stop_ids)
+        logits, cache = model.decode(nxt[:, None], (lengths + i)[:, None], cache)
+        return i + 1, logits[:, 0], cache, out, done, count, key
 
-    tokens, lengths, _, _ = jax.lax.fori_loop(0, max_new, body, (tokens, lengths, done, key))
-    return tokens, lengths
+    carry = (jnp.int32(0), last, cache, out, done, count, key)
+    _, _, _, out, done, count, _ = jax.lax.while_loop(cond, body, carry)
+    return out, count
+
+
+def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int):
+    """Left-aligned, zero-padded prompts (keeping each one's last tokens if too long)."""
+    room = max(1, max_len - max_new)
+    prompts = [list(p)[-room:] for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    width = max(len(p) for p in prompts)
+    buf = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        buf[i, : len(p)] = p
+    return buf, np.asarray([len(p) for p in prompts], np.int32)
 
 
 def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, max_len: int,
-             temperature: float = 0.8, top_k: int = 0, eos_id: int = -1, seed: int = 0) -> list[list[int]]:
-    """Continue each prompt by up to `max_new` tokens; returns only the new tokens."""
-    total = min(max_len, max(len(p) for p in prompts) + max_new)
-    buf = np.zeros((len(prompts), total), np.int32)
-    lengths = np.zeros((len(prompts),), np.int32)
-    for i, p in enumerate(prompts):
-        p = list(p)[-(total - 1):]
-        buf[i, : len(p)] = p
-        lengths[i] = len(p)
-    out, out_len = _generate(graphdef, params, jnp.asarray(buf), jnp.asarray(lengths),
-                             jax.random.PRNGKey(seed), max_new=max_new,
-                             temperature=jnp.float32(temperature), top_k=top_k, eos_id=eos_id)
-    out, out_len = np.asarray(out), np.asarray(out_len)
-    return [out[i, lengths[i]: out_len[i]].tolist() for i in range(len(prompts))]
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, eos_id: int = -1,
+             stop_ids: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
+    """Continue each prompt by up to `max_new` tokens; returns the new tokens of each,
+    ending with the stop token (EOS or one of `stop_ids`) if one was produced."""
+    tokens, lengths = _pack(prompts, max_new, max_len)
+    stops = jnp.asarray(list(stop_ids) + ([eos_id] if eos_id >= 0 else []) or [-1], jnp.int32)
+    out, count = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+                           jnp.float32(temperature), jnp.float32(top_p), stops, max_new=max_new, top_k=top_k,
+                           cache_len=tokens.shape[1] + max_new)
+    out, count = np.asarray(out), np.asarray(count)
+    return [out[i, : count[i]].tolist() for i in range(len(prompts))]
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill_jit(graphdef, params, tokens, lengths, *, cache_len: int):
+    return _prefill(nnx.merge(graphdef, params), tokens, lengths, cache_len)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "top_k"), donate_argnames=("cache",))
+def _step_jit(graphdef, params, last, cache, positions, key, temperature, top_p, *, top_k: int):
+    nxt = _pick(last, key, temperature, top_k, top_p)
+    logits, cache = nnx.merge(graphdef, params).decode(nxt[:, None], positions[:, None], cache)
+    return nxt, logits[:, 0], cache
+
+
+def stream(graphdef, params, prompt: Sequence[int], max_new: int, max_len: int, temperature: float = 0.8,
+           top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0) -> Iterator[int]:
+    """Yield new tokens of one prompt as they are produced (stops after a stop token)."""
+    tokens, lengths = _pack([prompt], max_new, max_len)
+    last, cache = _prefill_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                               cache_len=tokens.shape[1] + max_new)
+    key = jax.random.PRNGKey(seed)
+    for i in range(max_new):
+        key, sub = jax.random.split(key)
+        nxt, last, cache = _step_jit(graphdef, params, last, cache, jnp.asarray(lengths + i), sub,
+                                     jnp.float32(temperature), jnp.float32(top_p), top_k=top_k)
+        tok = int(nxt[0])
+        yield tok
+        if tok in stop_ids:
+            return
