@@ -98,10 +98,38 @@ def main_data(train_tokens_per_s: float | None = None) -> float:
     return headline
 
 
+def main_decode() -> None:
+    """New tokens/s of the KV-cache sampler at batch 1 and 8 (32-token prompts, 128 new, greedy)."""
+    from flax import nnx
+
+    from lm.model import Transformer
+    from lm.sampling import generate
+
+    cfg = experiment.load("bench_reference").model
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rates = {}
+    for b in (1, 8):
+        prompts = [list(range(4 + i, 36 + i)) for i in range(b)]
+        generate(graphdef, params, prompts, 128, 256, temperature=0.0)  # compile
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            out = generate(graphdef, params, prompts, 128, 256, temperature=0.0)
+            times.append(time.perf_counter() - t)
+        assert all(len(o) == 128 for o in out)
+        rates[b] = b * 128 / min(times)
+        print(f"decode[batch {b}]: {rates[b]:,.0f} new tokens/s ({min(times) * 1e3 / 128:.2f} ms per step, "
+              "prefill included)")
+    print(f"decode_tokens_per_s_b1={rates[1]:.0f} decode_tokens_per_s_b8={rates[8]:.0f}")
+
+
 def main(which: str = "all") -> int:
     ref = main_train() if which in ("all", "train") else None
     if which in ("all", "data"):
         main_data(ref)
+    if which in ("all", "decode"):
+        main_decode()
     return 0
 
 

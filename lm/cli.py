@@ -89,6 +89,91 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from lm.run import load_run
+    from lm.sampling import generate, stream
+
+    run = load_run(args.run_dir, log=_log)
+    tok = run.tokenizer
+    stops = [tok.eos_id]
+    max_len = run.cfg.model.max_seq_len
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.num > 1:  # a batch, all at once
+        outs = generate(run.graphdef, run.params, [tok.encode(args.prompt, bos=True)] * args.num, args.max_new,
+                        max_len, stop_ids=stops, seed=args.seed, **kw)
+        for i, o in enumerate(outs):
+            print(f"--- sample {i} ---\n{args.prompt}{tok.decode([t for t in o if t not in stops])}")
+        return 0
+    sys.stdout.write(args.prompt)
+    ids: list[int] = []
+    shown = ""
+    for t in stream(run.graphdef, run.params, tok.encode(args.prompt, bos=True), args.max_new, max_len,
+                    stop_ids=stops, seed=args.seed, **kw):
+        if t in stops:
+            break
+        ids.append(t)
+        text = tok.decode(ids)  # decode the whole tail: pieces can merge across tokens
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn loop. A base model (no chat template yet) continues the transcript."""
+    from lm.run import load_run
+    from lm.sampling import stream
+
+    run = load_run(args.run_dir, log=_log)
+    tok = run.tokenizer
+    max_len = run.cfg.model.max_seq_len
+    print(f"chatting with {args.run_dir} (step {run.step}); a base model continues the text. Empty line or "
+          "Ctrl-D to quit.")
+    transcript = ""
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        transcript += line + "\n"
+        ids, shown = [], ""
+        for t in stream(run.graphdef, run.params, tok.encode(transcript, bos=True), args.max_new, max_len,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=[tok.eos_id],
+                        seed=args.seed):
+            if t == tok.eos_id:
+                break
+            ids.append(t)
+            text = tok.decode(ids)
+            if "\n\n" in text:  # a paragraph is a reply
+                text = text[: text.index("\n\n")]
+                sys.stdout.write(text[len(shown):])
+                shown = text
+                break
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+        sys.stdout.write("\n")
+        transcript += shown + "\n"
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lm.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table
+
+    tasks = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        print(f"lm: error: unknown task(s) {unknown}; available: {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    results = evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit, args.batch_size, log=_log)
+    print(format_table(results))
+    print(f"results: {os.path.join(args.run_dir, 'eval.json')}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from lm import bench
 
@@ -126,6 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     add_tokenizer_parser(sub)
     add_data_parser(sub)
 
+    def decoding_args(sp):
+        sp.add_argument("run_dir")
+        sp.add_argument("--max-new", type=int, default=128)
+        sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+        sp.add_argument("--top-k", type=int, default=0)
+        sp.add_argument("--top-p", type=float, default=0.95)
+        sp.add_argument("--seed", type=int, default=0)
+
+    sp = sub.add_parser("sample", help="continue a prompt with a trained run (streams tokens)")
+    decoding_args(sp)
+    sp.add_argument("--prompt", default="", help="text to continue")
+    sp.add_argument("--num", type=int, default=1, help="samples (more than 1: generated as a batch)")
+    sp.set_defaults(fn=cmd_sample)
+    ch = sub.add_parser("chat", help="a multi-turn loop with a trained run")
+    decoding_args(ch)
+    ch.set_defaults(fn=cmd_chat)
+    ev = sub.add_parser("eval", help="evaluate a run: held-out loss and downstream tasks")
+    ev.add_argument("run_dir")
+    ev.add_argument("--tasks", default="all", help="comma-separated: heldout,hellaswag,arc_easy,arc_challenge,"
+                                                   "piqa,winogrande,lambada (default all)")
+    ev.add_argument("--data-dir", help="folder with the task files (default ../shared/data or LM_DATA)")
+    ev.add_argument("--limit", type=int, help="items per task (default all)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(fn=cmd_eval)
+
     e = sub.add_parser("export-hf", help="a run's newest checkpoint as a Hugging Face LLaMA folder")
     e.add_argument("run_dir")
     e.add_argument("out_dir")
@@ -136,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=cmd_import_hf)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode"])
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)

@@ -229,29 +229,15 @@ def load_model(cfg: ModelConfig, params: dict):
 
 def export_run(run_dir: str, out_dir: str, log=print) -> str:
     """`lm export-hf`: the newest checkpoint of a run, as a Hugging Face LLaMA folder."""
-    import dataclasses
-
     import jax
 
-    from lm.checkpoint import Checkpointer
-    from lm.config import MeshConfig, from_dict
-    from lm.sharding import make_mesh
-    from lm.train_step import make_trainer
+    from lm.run import load_run
 
-    with open(os.path.join(run_dir, "config.json")) as fh:
-        cfg = from_dict(json.load(fh))
-    cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
-    trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
-    ckpt = Checkpointer(run_dir, log=log)
-    restored = ckpt.restore_latest(trainer.abstract_state())
-    ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir} has no readable checkpoint to export")
-    state, _, _, step = restored
-    tok = os.path.join(run_dir, "tokenizer.model")
-    export_llama(cfg.model, jax.device_get(state.params), out_dir, tok if os.path.exists(tok) else None)
-    log(f"exported step {step} of {run_dir} to {out_dir} (config.json, model.safetensors"
-        + (", tokenizer files)" if os.path.exists(tok) else ")"))
+    run = load_run(run_dir, log=log)
+    tok = run.tokenizer.path if run.tokenizer is not None else None
+    export_llama(run.cfg.model, jax.device_get(run.params), out_dir, tok)
+    log(f"exported step {run.step} of {run_dir} to {out_dir} (config.json, model.safetensors"
+        + (", tokenizer files)" if tok else ")"))
     return out_dir
 
 

@@ -1,0 +1,211 @@
+"""Evaluation: held-out loss, multiple-choice tasks by log-likelihood, LAMBADA.
+
+Every task reduces to log-likelihood requests (context tokens, continuation tokens),
+scored in batches by one jit-compiled function: the sum of the continuation's
+log-probabilities and whether it is the greedy continuation. Multiple-choice accuracy
+picks the choice with the highest log-likelihood ("acc") or the highest per byte of the
+choice's text ("acc_norm"); LAMBADA counts a hit when the last word is the greedy
+continuation.
+
+Task files are read by path from a data folder (default ../shared/data, or LM_DATA) in
+the formats its README documents: HellaSwag (bzip2 text, 6 lines per item), ARC-Easy and
+-Challenge, PIQA (JSON Lines: query, choices, gold), Winogrande (context_options,
+continuation, gold), LAMBADA (context, continuation).
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import math
+import os
+from functools import partial
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
+TASKS = ("heldout",) + MC_TASKS + ("lambada",)
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+
+
+@partial(jax.jit, static_argnums=0)
+def _score(logits_fn, params, tokens, targets, mask):
+    """Sum of log p(target) over masked positions, and whether all were argmax."""
+    logits = logits_fn(params, tokens).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tgt = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    return (tgt * mask).sum(-1), jnp.all(greedy | (mask == 0), axis=-1)
+
+
+def loglikelihoods(logits_fn: Callable, params, requests: Sequence[tuple[list[int], list[int]]], max_len: int,
+                   batch_size: int = 16, progress: bool = False, desc: str = "") -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), continuation is greedy) for each request.
+
+    `logits_fn(params, tokens (B, T)) -> (B, T, V)` is compiled once per shape (it is a
+    static argument: pass the same function object). Contexts are cut from the left to
+    fit `max_len`.
+    """
+    out: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc=desc or "score", unit="req", dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        seqs = []
+        for i in idx:
+            ctx, cont = requests[i]
+            if not cont:
+                raise ValueError(f"request {i} has an empty continuation")
+            seq = (list(ctx) + list(cont))[-(max_len + 1):]
+            seqs.append((seq, len(cont)))
+        width = max(len(s) - 1 for s, _ in seqs)
+        width = min(max_len, int(2 ** math.ceil(math.log2(max(width, 8)))))  # few distinct shapes
+        tokens = np.zeros((batch_size, width), np.int32)
+        targets = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), np.float32)
+        for r, (seq, n_cont) in enumerate(seqs):
+            n = len(seq) - 1
+            tokens[r, :n] = seq[:-1]
+            targets[r, :n] = seq[1:]
+            mask[r, n - n_cont: n] = 1.0
+        ll, greedy = jax.device_get(_score(logits_fn, params, tokens, targets, mask))
+        for r, i in enumerate(idx):
+            out[i] = (float(ll[r]), bool(greedy[r]))
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks: each item is (contexts, continuations, gold) with one context or one continuation
+
+
+def _jsonl(path: str) -> Iterable[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def load_task(name: str, data_dir: str = DEFAULT_DATA) -> list[dict]:
+    """Items {"contexts": [...], "continuations": [...], "gold": int} (or LAMBADA pairs)."""
+    d = os.path.normpath(data_dir)
+    if name == "hellaswag":
+        with bz2.open(os.path.join(d, "hellaswag", "hellaswag_val_full.txt.bz2"), "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        return [{"contexts": [lines[i]], "continuations": [" " + e for e in lines[i + 2: i + 6]],
+                 "gold": int(lines[i + 1])} for i in range(0, len(lines) - 5, 6)]
+    if name in ("arc_easy", "arc_challenge", "piqa"):
+        folder = "arc" if name.startswith("arc") else "piqa"
+        return [{"contexts": [r["query"].rstrip() + "\nAnswer:"], "continuations": [" " + c for c in r["choices"]],
+                 "gold": int(r["gold"])} for r in _jsonl(os.path.join(d, folder, f"{name}.jsonl"))]
+    if name == "winogrande":  # the choice is in the context; the shared continuation is scored
+        return [{"contexts": r["context_options"], "continuations": [" " + r["continuation"]],
+                 "gold": int(r["gold"])} for r in _jsonl(os.path.join(d, "winogrande", "winogrande.jsonl"))]
+    if name == "lambada":
+        return [{"contexts": [r["context"]], "continuations": [" " + r["continuation"]], "gold": 0}
+                for r in _jsonl(os.path.join(d, "lambada_openai", "lambada_openai.jsonl"))]
+    raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+
+
+def score_multiple_choice(logits_fn, params, tokenizer, items: Sequence[dict], max_len: int, batch_size: int = 16,
+                          progress: bool = False, desc: str = "") -> dict:
+    """acc (highest log-likelihood) and acc_norm (highest log-likelihood per byte)."""
+    requests, spans = [], []
+    for item in items:
+        ctxs, conts = item["contexts"], item["continuations"]
+        pairs = [(c, conts[0]) for c in ctxs] if len(ctxs) > 1 else [(ctxs[0], c) for c in conts]
+        spans.append((len(requests), len(pairs), [len(c.encode()) for _, c in pairs]))
+        for ctx, cont in pairs:
+            requests.append((tokenizer.encode(ctx, bos=True), tokenizer.encode(cont)))
+    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, desc)
+    hits = hits_norm = 0
+    for item, (start, n, nbytes) in zip(items, spans):
+        ll = [scores[start + k][0] for k in range(n)]
+        hits += int(np.argmax(ll) == item["gold"])
+        hits_norm += int(np.argmax([v / max(b, 1) for v, b in zip(ll, nbytes)]) == item["gold"])
+    n = max(len(items), 1)
+    return {"acc": hits / n, "acc_norm": hits_norm / n, "n": len(items)}
+
+
+def score_lambada(logits_fn, params, tokenizer, items: Sequence[dict], max_len: int, batch_size: int = 16,
+                  progress: bool = False) -> dict:
+    """Accuracy (last word is the greedy continuation) and perplexity of the last word."""
+    requests = [(tokenizer.encode(it["contexts"][0], bos=True), tokenizer.encode(it["continuations"][0]))
+                for it in items]
+    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, "lambada")
+    n_tok = sum(len(c) for _, c in requests)
+    return {"acc": sum(g for _, g in scores) / max(len(items), 1),
+            "ppl": math.exp(-sum(ll for ll, _ in scores) / max(n_tok, 1)), "n": len(items)}
+
+
+# ---------------------------------------------------------------------------------------
+# A run
+
+
+def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DATA, limit: int | None = None,
+                 batch_size: int = 16, log: Callable = print, progress: bool = True) -> dict:
+    """Evaluate the newest checkpoint of a run; writes RUN_DIR/eval.json and returns the results."""
+    from lm.run import load_run
+
+    run = load_run(run_dir, log=log)
+    if run.tokenizer is None:
+        raise ValueError(f"{run_dir} has no tokenizer.model: task evaluation needs one")
+    logits_fn = partial(model_logits, run.graphdef)
+    max_len = run.cfg.model.max_seq_len
+    results: dict = {"run": run_dir, "step": run.step}
+    for task in tasks:
+        if task == "heldout":
+            results[task] = _heldout(run, log)
+            continue
+        items = load_task(task, data_dir)[:limit] if limit else load_task(task, data_dir)
+        if task == "lambada":
+            results[task] = score_lambada(logits_fn, run.params, run.tokenizer, items, max_len, batch_size,
+                                          progress)
+        else:
+            results[task] = score_multiple_choice(logits_fn, run.params, run.tokenizer, items, max_len,
+                                                  batch_size, progress, task)
+    with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def model_logits(graphdef, params, tokens):
+    from flax import nnx
+
+    return nnx.merge(graphdef, params)(tokens)
+
+
+def _heldout(run, log) -> dict:
+    from data_pipeline.pipeline import RunData
+    from lm.train import evaluate
+
+    data = RunData(run.cfg, os.path.dirname(run.tokenizer.path), log=lambda *_: None)
+    out = evaluate(run.trainer, run.trainer.compile_eval_step(), run.params, data.heldout, data.heldout_bytes)
+    out["ppl"] = math.exp(out["eval_loss"])
+    return out
+
+
+def format_table(results: dict) -> str:
+    rows = ["| task | metric | value |", "|---|---|---|"]
+    for task, r in results.items():
+        if not isinstance(r, dict):
+            continue
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and k != "n":
+                rows.append(f"| {task} | {k} | {v:.4f} |")
+    return "\n".join(rows)

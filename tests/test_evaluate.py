@@ -1,0 +1,80 @@
+"""Task scoring on hand-made models whose right answers are known by construction."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.evaluate import TASKS, load_task, loglikelihoods, score_lambada, score_multiple_choice
+
+V = 128
+
+
+class CharTokenizer:
+    """One token per ASCII character; BOS is 1."""
+
+    bos_id = 1
+
+    def encode(self, text, bos=False, eos=False):
+        return ([1] if bos else []) + [ord(c) % V for c in text]
+
+
+def likes_a(params, tokens):
+    """Predicts 'a' everywhere: p(a) = e^10 / (e^10 + 127)."""
+    return jnp.broadcast_to(10.0 * jax.nn.one_hot(ord("a"), V), tokens.shape + (V,))
+
+
+def successor(params, tokens):
+    """Predicts the next character code: 'b' after 'a', 'd' after 'c', ..."""
+    return 10.0 * jax.nn.one_hot((tokens + 1) % V, V)
+
+
+LOGP_A = 10.0 - np.log(np.exp(10.0) + 127)  # log p of the preferred token
+LOGP_OTHER = -np.log(np.exp(10.0) + 127)
+
+
+def test_loglikelihood_hand_computed():
+    tok = CharTokenizer()
+    (ll, greedy), (ll2, greedy2) = loglikelihoods(likes_a, None, [(tok.encode("q", True), tok.encode("aa")),
+                                                               (tok.encode("q", True), tok.encode("ab"))], 64)
+    np.testing.assert_allclose(ll, 2 * LOGP_A, atol=1e-5)
+    np.testing.assert_allclose(ll2, LOGP_A + LOGP_OTHER, atol=1e-5)
+    assert greedy and not greedy2
+
+
+def test_multiple_choice_raw_and_length_normalised():
+    tok = CharTokenizer()
+    items = [
+        {"contexts": ["Q:"], "continuations": [" bbb", " aaa", " bab"], "gold": 1},  # both metrics right
+        # raw prefers the short " a"; per byte the long answer wins
+        {"contexts": ["Q:"], "continuations": [" a", " aaaaaaaa"], "gold": 1},
+        {"contexts": ["Q:"], "continuations": [" aaa", " xyz"], "gold": 1},  # both wrong
+    ]
+    r = score_multiple_choice(likes_a, None, tok, items, 64, batch_size=4)
+    assert r == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
+
+
+def test_partial_scoring_with_several_contexts_and_lambada():
+    tok = CharTokenizer()
+    wino = [{"contexts": ["xab", "xax"], "continuations": ["c"], "gold": 0},
+            {"contexts": ["mno", "mnk"], "continuations": ["l"], "gold": 1}]
+    assert score_multiple_choice(successor, None, tok, wino, 64)["acc"] == 1.0
+    lambada = [{"contexts": ["abc"], "continuations": ["de"], "gold": 0},
+               {"contexts": ["abc"], "continuations": ["dz"], "gold": 0}]
+    r = score_lambada(successor, None, tok, lambada, 64)
+    assert r["acc"] == 0.5 and r["n"] == 2
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="optional: needs ../shared/data")
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "heldout"])
+def test_task_files_load(task):
+    items = load_task(task, SHARED)
+    assert len(items) > 1000
+    for it in items[:50]:
+        assert 0 <= it["gold"] < max(len(it["contexts"]), len(it["continuations"]))
+        assert all(isinstance(c, str) and c for c in it["contexts"] + it["continuations"])
