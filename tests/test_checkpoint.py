@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -166,3 +167,29 @@ def test_resume_on_a_different_device_count(experiment, tmp_path):
     a, b = _losses(full)[1], _losses(part)[1]
     assert a[:8] == b[:8]
     np.testing.assert_allclose(b[8:], a[8:], rtol=2e-4)
+
+
+def test_failed_save_is_reported_and_keeps_earlier_checkpoints_and_best_is_kept(tmp_path):
+    import jax.numpy as jnp
+
+    from lm.checkpoint import Checkpointer
+
+    logs = []
+    ck = Checkpointer(str(tmp_path), keep=2, log=logs.append)
+    state = {"w": jnp.arange(4.0)}
+    losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 2.2}  # step 2 is the best
+    for step, loss in losses.items():
+        assert ck.save(step, {"w": state["w"] + step}, None, {"step": step}, {"eval_loss": loss})
+    ck.wait()
+    assert ck.steps() == [2, 4, 5]  # the last two, plus the best by held-out loss
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    ck.manager.save = full_disk
+    assert ck.save(6, state, None, {"step": 6}) is False
+    assert "saving the checkpoint of step 6 failed" in logs[-1] and "No space left" in logs[-1]
+    assert ck.steps() == [2, 4, 5] and ck.failed_saves == 1
+    restored = ck.restore_latest({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    assert restored[3] == 5 and np.allclose(restored[0]["w"], np.arange(4.0) + 5)
+    ck.close()

@@ -61,7 +61,7 @@ def test_tokenizer_and_greedy_continuation_match_transformers(tmp_path):
     export_llama(cfg, nnx.state(model, nnx.Param), str(out), tokenizer_model=tok.path)
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    for text in ["def name(self):\n    return value", "import the class of  values 12"]:
+    for text in ["def name(self):\n    return value", "import the class of  values 12", "import x\n\nclass y"]:
         assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True)
     prompt = tok.encode("def name", bos=True)
     graphdef, params = nnx.split(model, nnx.Param)

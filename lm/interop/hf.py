@@ -130,7 +130,7 @@ def _export_tokenizer(model_path: str, out_dir: str) -> None:
     special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
                "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "legacy": True, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+              "legacy": False, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
               "sp_model_kwargs": {}, "model_max_length": 1_000_000, **special}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
