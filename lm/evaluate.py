@@ -10,7 +10,12 @@ continuation.
 Task files are read by path from a data folder (default ../shared/data, or LM_DATA) in
 the formats its README documents: HellaSwag (bzip2 text, 6 lines per item), ARC-Easy and
 -Challenge, PIQA (JSON Lines: query, choices, gold), Winogrande (context_options,
-continuation, gold), LAMBADA (context, continuation).
+continuation, gold), LAMBADA (context, continuation), GSM8K (question, answer with
+"#### N"), WMT22 general test and Multi30k (aligned source/reference lines).
+
+Generation tasks decode greedily with the KV-cache sampler, in batches: GSM8K (3-shot
+from its train split) is scored by exact match of the final number; translation
+(zero-shot "English: ... German:" prompts) by corpus BLEU and chrF.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import bz2
 import json
 import math
 import os
+import re
 from functools import partial
 from typing import Callable, Iterable, Sequence
 
@@ -29,7 +35,8 @@ import numpy as np
 DEFAULT_DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
-TASKS = ("heldout",) + MC_TASKS + ("lambada",)
+GEN_TASKS = ("gsm8k", "wmt22_en_de", "wmt22_de_en", "multi30k_en_de")
+TASKS = ("heldout",) + MC_TASKS + ("lambada",) + GEN_TASKS
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,6 +161,89 @@ def score_lambada(logits_fn, params, tokenizer, items: Sequence[dict], max_len: 
 
 
 # ---------------------------------------------------------------------------------------
+# Generation tasks
+
+_LANG = {"en": "English", "de": "German"}
+
+
+def _lines(path: str) -> list[str]:
+    opener = __import__("gzip").open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def load_generation_task(name: str, data_dir: str = DEFAULT_DATA, shots: int = 3) -> list[dict]:
+    """Items {"prompt": str, "reference": str}."""
+    d = os.path.normpath(data_dir)
+    if name == "gsm8k":
+        train = list(_jsonl(os.path.join(d, "gsm8k", "train.jsonl")))[:shots]
+        prefix = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in train)
+        return [{"prompt": prefix + f"Question: {r['question']}\nAnswer:", "reference": r["answer"]}
+                for r in _jsonl(os.path.join(d, "gsm8k", "test.jsonl"))]
+    if name.startswith("wmt22_") or name.startswith("multi30k_"):
+        src, tgt = name.split("_")[1:]
+        if name.startswith("wmt22_"):
+            base = os.path.join(d, "wmt22-general-test", f"generaltest2022.{src}-{tgt}")
+            sources, refs = _lines(f"{base}.src.{src}"), _lines(f"{base}.ref.A.{tgt}")
+        else:
+            base = os.path.join(d, "multi30k", "test_2016_flickr")
+            sources, refs = _lines(f"{base}.{src}.gz"), _lines(f"{base}.{tgt}.gz")
+        return [{"prompt": f"{_LANG[src]}: {s}\n{_LANG[tgt]}:", "reference": r} for s, r in zip(sources, refs)]
+    raise ValueError(f"unknown generation task {name!r}; available: {', '.join(GEN_TASKS)}")
+
+
+def final_number(text: str) -> str | None:
+    """The answer of a GSM8K-style solution: after "####" if present, else the last number."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    if not nums:
+        return None
+    n = nums[0] if "####" in text else nums[-1]
+    n = n.replace(",", "").rstrip(".")
+    return n[:-2] if n.endswith(".0") else n
+
+
+def score_gsm8k(outputs: Sequence[str], references: Sequence[str]) -> dict:
+    hits = sum(final_number(o) is not None and final_number(o) == final_number(r)
+               for o, r in zip(outputs, references))
+    return {"exact_match": hits / max(len(outputs), 1), "n": len(outputs)}
+
+
+def score_translation(outputs: Sequence[str], references: Sequence[str]) -> dict:
+    from lm.metrics_text import corpus_bleu, corpus_chrf
+
+    return {"bleu": corpus_bleu(outputs, references), "chrf": corpus_chrf(outputs, references), "n": len(outputs)}
+
+
+def generate_texts(graphdef, params, tokenizer, prompts: Sequence[str], max_new: int, max_len: int,
+                   batch_size: int = 16, stop: str = "\n", progress: bool = False, desc: str = "") -> list[str]:
+    """Greedy continuations of `prompts`, each cut at the first `stop`."""
+    from lm.sampling import generate
+
+    out = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc=desc or "generate", unit="item", dynamic_ncols=True)
+    for start in range(0, len(prompts), batch_size):
+        chunk = [tokenizer.encode(p, bos=True) for p in prompts[start: start + batch_size]]
+        chunk += [chunk[-1]] * (batch_size - len(chunk))  # a fixed batch shape: one compilation
+        ids = generate(graphdef, params, chunk, max_new, max_len, temperature=0.0, stop_ids=[tokenizer.eos_id],
+                       bucket=64)
+        for o in ids[: min(batch_size, len(prompts) - start)]:
+            text = tokenizer.decode([t for t in o if t != tokenizer.eos_id])
+            text = text.lstrip()  # a leading line break is not the end of the answer
+            out.append(text.split(stop)[0].strip() if stop else text.strip())
+        if bar is not None:
+            bar.update(min(batch_size, len(prompts) - start))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # A run
 
 
@@ -171,6 +261,17 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
     for task in tasks:
         if task == "heldout":
             results[task] = _heldout(run, log)
+            continue
+        if task in GEN_TASKS:
+            items = load_generation_task(task, data_dir)
+            items = items[:limit] if limit else items
+            gsm = task == "gsm8k"
+            outs = generate_texts(run.graphdef, run.params, run.tokenizer, [it["prompt"] for it in items],
+                                  256 if gsm else 128, max_len, batch_size, stop="\n\n" if gsm else "\n",
+                                  progress=progress, desc=task)
+            refs = [it["reference"] for it in items]
+            results[task] = score_gsm8k(outs, refs) if gsm else score_translation(outs, refs)
+            results[task]["examples"] = [{"output": o, "reference": r} for o, r in list(zip(outs, refs))[:3]]
             continue
         items = load_task(task, data_dir)[:limit] if limit else load_task(task, data_dir)
         if task == "lambada":

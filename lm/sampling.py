@@ -77,13 +77,15 @@ def _generate(graphdef, params, tokens, lengths, key, temperature, top_p, stop_i
     return out, count
 
 
-def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int):
-    """Left-aligned, zero-padded prompts (keeping each one's last tokens if too long)."""
+def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int, bucket: int = 1):
+    """Left-aligned, zero-padded prompts (keeping each one's last tokens if too long); the
+    width is rounded up to a multiple of `bucket` so varied prompts share compilations."""
     room = max(1, max_len - max_new)
     prompts = [list(p)[-room:] for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     width = max(len(p) for p in prompts)
+    width = min(max(room, width), -(-width // bucket) * bucket)
     buf = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         buf[i, : len(p)] = p
@@ -92,10 +94,10 @@ def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int):
 
 def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, max_len: int,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, eos_id: int = -1,
-             stop_ids: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
+             stop_ids: Sequence[int] = (), seed: int = 0, bucket: int = 1) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens; returns the new tokens of each,
     ending with the stop token (EOS or one of `stop_ids`) if one was produced."""
-    tokens, lengths = _pack(prompts, max_new, max_len)
+    tokens, lengths = _pack(prompts, max_new, max_len, bucket)
     stops = jnp.asarray(list(stop_ids) + ([eos_id] if eos_id >= 0 else []) or [-1], jnp.int32)
     out, count = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
                            jnp.float32(temperature), jnp.float32(top_p), stops, max_new=max_new, top_k=top_k,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.evaluate import TASKS, load_task, loglikelihoods, score_lambada, score_multiple_choice
+from lm.evaluate import GEN_TASKS, TASKS, load_generation_task, load_task, loglikelihoods, score_lambada, score_multiple_choice
 
 V = 128
 
@@ -71,10 +71,36 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="optional: needs ../shared/data")
-@pytest.mark.parametrize("task", [t for t in TASKS if t != "heldout"])
+@pytest.mark.parametrize("task", [t for t in TASKS if t not in ("heldout",) + GEN_TASKS])
 def test_task_files_load(task):
     items = load_task(task, SHARED)
     assert len(items) > 1000
     for it in items[:50]:
         assert 0 <= it["gold"] < max(len(it["contexts"]), len(it["continuations"]))
         assert all(isinstance(c, str) and c for c in it["contexts"] + it["continuations"])
+
+
+def test_gsm8k_answer_extraction_and_scoring():
+    from lm.evaluate import final_number, score_gsm8k
+
+    assert final_number("She pays 3 * 2 = 6 dollars.\n#### 1,234") == "1234"
+    assert final_number("so the answer is 18.") == "18"
+    assert final_number("no number here") is None
+    assert final_number("#### 7.0") == "7"
+    refs = ["... #### 18", "... #### 3", "... #### 40"]
+    assert score_gsm8k(["The answer is 18", "#### 4", "40 apples, #### 40"], refs)["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_translation_scoring_wires_bleu_and_chrf():
+    from lm.evaluate import score_translation
+
+    perfect = score_translation(["Ein Hund läuft."], ["Ein Hund läuft."])
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
+    assert score_translation(["xyz"], ["Ein Hund läuft."])["bleu"] == 0.0
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="optional: needs ../shared/data")
+@pytest.mark.parametrize("task", GEN_TASKS)
+def test_generation_task_files_load(task):
+    items = load_generation_task(task, SHARED)
+    assert len(items) > 900 and all(it["prompt"] and it["reference"] for it in items[:50])
