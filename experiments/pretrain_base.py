@@ -8,7 +8,7 @@ Expected: a steady loss decrease; on the default corpus this is a throughput che
 not a useful model (the standard library holds ~3M tokens).
 """
 
-from lm.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainerConfig
+from lm.config import Config, DataConfig, MeshConfig, OptimConfig, TrainerConfig
 from lm.sizes import LEARNING_RATES, size
 
 

@@ -24,7 +24,7 @@ from lm.config import Config, to_dict
 from lm.logger import MetricsLogger, plot_loss, read_metrics
 from lm.model import flops_per_token, param_count
 from lm.sharding import make_mesh
-from lm.train_step import BATCH_KEYS, Trainer, make_trainer
+from lm.train_step import Trainer, make_trainer
 
 SAMPLE_PROMPTS = ("def ", "import os\n\n", "The ", "class ")
 
@@ -166,6 +166,7 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
 
         bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     t_last, steps_since, wait_since = None, 0, 0.0
+    loss_sum = None  # device-side sum of the losses since the last log line
     compile_s = 0.0
     last_metrics: dict = {}
     eval_loss = float("nan")
@@ -184,7 +185,7 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
                 np.add.at(source_tokens, local["source_id"], (local["segment_ids"] > 0).sum(axis=1))
                 state, metrics = step_fn(state, batch)
                 # Sum the loss on the device (no sync) so each log line is the interval's mean.
-                loss_sum = metrics["loss"] if step == start or steps_since == 0 else loss_sum + metrics["loss"]
+                loss_sum = metrics["loss"] if loss_sum is None or steps_since == 0 else loss_sum + metrics["loss"]
                 if bar is not None:
                     bar.update(1)
                 first = step == start

@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,3 +79,24 @@ def test_filter_logits_top_k_and_top_p():
     assert keep(filter_logits(logits, 0, 0.75)) == [True, True, False, False]  # 0.5 < 0.75 <= 0.8
     assert keep(filter_logits(logits, 0, 0.5)) == [True, False, False, False]
     assert keep(filter_logits(logits, 0, 1.0)) == [True, True, True, True]
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_sampling_with_parameters_sharded_by_the_training_rules(data, fsdp, tensor):
+    """The sampler runs on parameters laid out by the training mesh rules, with the same result."""
+    import jax
+
+    from lm.config import Config, DataConfig, MeshConfig
+    from lm.sharding import make_mesh, use_mesh
+    from lm.train_step import make_trainer
+
+    cfg = Config(model=dataclasses.replace(CFG, n_heads=8, n_kv_heads=4, d_model=64),
+                 mesh=MeshConfig(data=data, fsdp=fsdp, tensor=tensor), data=DataConfig(seq_len=64))
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh))
+    state = trainer.init_state(0)
+    assert not state.params["blocks"]["attn"]["wq"].get_value().sharding.is_fully_replicated
+    prompts = [[5, 6, 7], [9], [1, 2, 3, 4], [8, 8]]
+    with use_mesh(trainer.mesh):
+        sharded = generate(trainer.graphdef, state.params, prompts, 10, 64, temperature=0.0)
+    single = generate(trainer.graphdef, jax.device_get(state.params), prompts, 10, 64, temperature=0.0)
+    assert sharded == single
