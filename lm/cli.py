@@ -168,7 +168,12 @@ def cmd_eval(args) -> int:
     if unknown:
         print(f"lm: error: unknown task(s) {unknown}; available: {', '.join(TASKS)}", file=sys.stderr)
         return 2
-    results = evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit, args.batch_size, log=_log)
+    try:
+        results = evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit, args.batch_size,
+                               log=_log)
+    except FileNotFoundError as e:
+        print(f"lm: error: {e}", file=sys.stderr)
+        return 2
     print(format_table(results))
     print(f"results: {os.path.join(args.run_dir, 'eval.json')}")
     return 0
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("run_dir")
     ev.add_argument("--tasks", default="all", help="comma-separated: heldout,hellaswag,arc_easy,arc_challenge,"
                                                    "piqa,winogrande,lambada (default all)")
-    ev.add_argument("--data-dir", help="folder with the task files (default ../shared/data or LM_DATA)")
+    ev.add_argument("--data-dir", help="folder with the task files (default: LM_DATA, else the optional "
+                                       "shared/data folder beside the repository)")
     ev.add_argument("--limit", type=int, help="items per task (default all)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(fn=cmd_eval)

@@ -7,7 +7,8 @@ picks the choice with the highest log-likelihood ("acc") or the highest per byte
 choice's text ("acc_norm"); LAMBADA counts a hit when the last word is the greedy
 continuation.
 
-Task files are read by path from a data folder (default ../shared/data, or LM_DATA) in
+Task files are read by path from a data folder (default: the optional ../shared/data
+beside the repository, or LM_DATA, or --data-dir; a missing folder is a clear error) in
 the formats its README documents: HellaSwag (bzip2 text, 6 lines per item), ARC-Easy and
 -Challenge, PIQA (JSON Lines: query, choices, gold), Winogrande (context_options,
 continuation, gold), LAMBADA (context, continuation), GSM8K (question, answer with
@@ -252,6 +253,9 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
     """Evaluate the newest checkpoint of a run; writes RUN_DIR/eval.json and returns the results."""
     from lm.run import load_run
 
+    if any(t != "heldout" for t in tasks) and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"task files not found: {os.path.normpath(data_dir)} does not exist; pass "
+                                "--data-dir DIR (or set LM_DATA) to the folder holding hellaswag/, arc/, ...")
     run = load_run(run_dir, log=log)
     if run.tokenizer is None:
         raise ValueError(f"{run_dir} has no tokenizer.model: task evaluation needs one")

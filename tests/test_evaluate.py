@@ -104,3 +104,10 @@ def test_translation_scoring_wires_bleu_and_chrf():
 def test_generation_task_files_load(task):
     items = load_generation_task(task, SHARED)
     assert len(items) > 900 and all(it["prompt"] and it["reference"] for it in items[:50])
+
+
+def test_missing_task_folder_is_a_clear_error(tmp_path, capsys):
+    from lm.cli import main
+
+    assert main(["eval", str(tmp_path), "--tasks", "piqa", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert "--data-dir" in capsys.readouterr().err
