@@ -151,7 +151,7 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
     def data_state_now():
         try:
             return data.get_state()
-        except Exception:  # noqa: BLE001 -- the synthetic corpus has no state
+        except Exception:  # noqa: BLE001 -- a source without resumable state: save the rest
             return None
 
     def save(step_done: int, metrics: dict | None = None) -> None:
