@@ -55,12 +55,14 @@ def _score(logits_fn, params, tokens, targets, mask):
 
 
 def loglikelihoods(logits_fn: Callable, params, requests: Sequence[tuple[list[int], list[int]]], max_len: int,
-                   batch_size: int = 16, progress: bool = False, desc: str = "") -> list[tuple[float, bool]]:
+                   batch_size: int = 16, progress: bool = False, desc: str = "",
+                   batch_sharding=None) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), continuation is greedy) for each request.
 
     `logits_fn(params, tokens (B, T)) -> (B, T, V)` is compiled once per shape (it is a
     static argument: pass the same function object). Contexts are cut from the left to
-    fit `max_len`.
+    fit `max_len`. With `batch_sharding` (a NamedSharding over the batch axis) the rows
+    of each batch are spread over the devices.
     """
     out: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
@@ -88,6 +90,8 @@ def loglikelihoods(logits_fn: Callable, params, requests: Sequence[tuple[list[in
             tokens[r, :n] = seq[:-1]
             targets[r, :n] = seq[1:]
             mask[r, n - n_cont: n] = 1.0
+        if batch_sharding is not None:
+            tokens, targets, mask = (jax.device_put(a, batch_sharding) for a in (tokens, targets, mask))
         ll, greedy = jax.device_get(_score(logits_fn, params, tokens, targets, mask))
         for r, i in enumerate(idx):
             out[i] = (float(ll[r]), bool(greedy[r]))
@@ -131,7 +135,7 @@ def load_task(name: str, data_dir: str = DEFAULT_DATA) -> list[dict]:
 
 
 def score_multiple_choice(logits_fn, params, tokenizer, items: Sequence[dict], max_len: int, batch_size: int = 16,
-                          progress: bool = False, desc: str = "") -> dict:
+                          progress: bool = False, desc: str = "", batch_sharding=None) -> dict:
     """acc (highest log-likelihood) and acc_norm (highest log-likelihood per byte)."""
     requests, spans = [], []
     for item in items:
@@ -140,7 +144,7 @@ def score_multiple_choice(logits_fn, params, tokenizer, items: Sequence[dict], m
         spans.append((len(requests), len(pairs), [len(c.encode()) for _, c in pairs]))
         for ctx, cont in pairs:
             requests.append((tokenizer.encode(ctx, bos=True), tokenizer.encode(cont)))
-    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, desc)
+    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, desc, batch_sharding)
     hits = hits_norm = 0
     for item, (start, n, nbytes) in zip(items, spans):
         ll = [scores[start + k][0] for k in range(n)]
@@ -151,11 +155,11 @@ def score_multiple_choice(logits_fn, params, tokenizer, items: Sequence[dict], m
 
 
 def score_lambada(logits_fn, params, tokenizer, items: Sequence[dict], max_len: int, batch_size: int = 16,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, batch_sharding=None) -> dict:
     """Accuracy (last word is the greedy continuation) and perplexity of the last word."""
     requests = [(tokenizer.encode(it["contexts"][0], bos=True), tokenizer.encode(it["continuations"][0]))
                 for it in items]
-    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, "lambada")
+    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, "lambada", batch_sharding)
     n_tok = sum(len(c) for _, c in requests)
     return {"acc": sum(g for _, g in scores) / max(len(items), 1),
             "ppl": math.exp(-sum(ll for ll, _ in scores) / max(n_tok, 1)), "n": len(items)}
@@ -256,7 +260,10 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
     if any(t != "heldout" for t in tasks) and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"task files not found: {os.path.normpath(data_dir)} does not exist; pass "
                                 "--data-dir DIR (or set LM_DATA) to the folder holding hellaswag/, arc/, ...")
-    run = load_run(run_dir, log=log)
+    run = load_run(run_dir, single_device=False, log=log)  # parameters laid out by the run's mesh rules
+    sharding = run.trainer.batch_sharding["inputs"]
+    data_ways = sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"]
+    batch_size = -(-batch_size // data_ways) * data_ways  # every device gets whole rows
     if run.tokenizer is None:
         raise ValueError(f"{run_dir} has no tokenizer.model: task evaluation needs one")
     logits_fn = partial(model_logits, run.graphdef)
@@ -280,10 +287,10 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
         items = load_task(task, data_dir)[:limit] if limit else load_task(task, data_dir)
         if task == "lambada":
             results[task] = score_lambada(logits_fn, run.params, run.tokenizer, items, max_len, batch_size,
-                                          progress)
+                                          progress, sharding)
         else:
             results[task] = score_multiple_choice(logits_fn, run.params, run.tokenizer, items, max_len,
-                                                  batch_size, progress, task)
+                                                  batch_size, progress, task, sharding)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results

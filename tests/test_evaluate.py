@@ -111,3 +111,19 @@ def test_missing_task_folder_is_a_clear_error(tmp_path, capsys):
 
     assert main(["eval", str(tmp_path), "--tasks", "piqa", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_scoring_with_the_batch_sharded_over_devices():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from lm.config import MeshConfig
+    from lm.sharding import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
+    tok = CharTokenizer()
+    reqs = [(tok.encode("q" * (i % 5 + 1), True), tok.encode("ab"[: i % 2 + 1])) for i in range(11)]
+    plain = loglikelihoods(successor, None, reqs, 64, batch_size=8)
+    sharded = loglikelihoods(successor, None, reqs, 64, batch_size=8,
+                             batch_sharding=NamedSharding(mesh, P("data", None)))
+    assert [g for _, g in plain] == [g for _, g in sharded]
+    np.testing.assert_allclose([v for v, _ in plain], [v for v, _ in sharded], atol=1e-5)
