@@ -110,23 +110,26 @@ class Trainer:
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         loss, ce, grads = self._grads(state.params, batch)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # A NaN/Inf loss or gradient: skip the update (keep the last good parameters and
         # optimiser state), count it; the host stops the run after too many in a row.
+        # A cond rather than a select: the normal path costs nothing extra.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def update(_):
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+        bad = 1 - finite.astype(jnp.int32)
         metrics = {
             "loss": ce,
             "total_loss": loss,
             "grad_norm": grad_norm,
             "lr": self.lr_schedule(state.step),
-            "skipped": 1 - finite.astype(jnp.int32),
+            "skipped": bad,
         }
-        new = TrainState(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
-                         bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
-                         skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         bad_streak=jnp.where(finite, 0, state.bad_streak + 1), skipped=state.skipped + bad)
         return new, metrics
 
     def eval_step(self, params, batch) -> dict:
