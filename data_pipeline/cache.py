@@ -15,7 +15,6 @@ shard_NNNNN.offsets.npy}.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -25,13 +24,9 @@ from typing import Callable
 import numpy as np
 
 from data_pipeline.sources import DataError, DocumentSource, Record, open_source
+from data_pipeline.tokenizer import file_sha256
 
 _WORKER: dict = {}
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _init_worker(docs: DocumentSource, tokenizer_path: str) -> None:

@@ -204,34 +204,37 @@ class JsonLines(DocumentSource):
                     raw = f.read(end - start)
             except OSError as e:
                 return Record(None, where, f"unreadable file ({e.strerror or e})")
-            return self._parse(raw, where)
+            return parse_json_record(raw, where, self.text_field)
         raw, where = self.loaded[i - len(self.index)]
         if raw is None:
             return Record(None, where.split(" ", 1)[0], where.split(" ", 1)[-1])
         if isinstance(raw, bytes):
-            return self._parse(raw, where)
-        return self._field(raw, where)
+            return parse_json_record(raw, where, self.text_field)
+        return json_text_field(raw, where, self.text_field)
 
-    def _parse(self, raw: bytes, where: str) -> Record:
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            return Record(None, where, f"invalid UTF-8 ({e.reason} at byte {e.start})")
-        except json.JSONDecodeError as e:
-            return Record(None, where, f"malformed JSON ({e.msg})")
-        return self._field(obj, where)
 
-    def _field(self, obj, where: str) -> Record:
-        if not isinstance(obj, dict) or self.text_field not in obj:
-            return Record(None, where, f"missing text field {self.text_field!r}")
-        text = obj[self.text_field]
-        if isinstance(text, list) and all(isinstance(t, str) for t in text):
-            text = " ".join(text)  # e.g. SciTLDR keeps an abstract as a list of sentences
-        if not isinstance(text, str):
-            return Record(None, where, f"field {self.text_field!r} is {type(text).__name__}, not a string")
-        if not text.strip():
-            return Record(None, where, "empty document")
-        return Record(text, where)
+def parse_json_record(raw: bytes, where: str, text_field: str) -> Record:
+    """A Record from one JSON object's bytes (a bad record says why)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return Record(None, where, f"invalid UTF-8 ({e.reason} at byte {e.start})")
+    except json.JSONDecodeError as e:
+        return Record(None, where, f"malformed JSON ({e.msg})")
+    return json_text_field(obj, where, text_field)
+
+
+def json_text_field(obj, where: str, text_field: str) -> Record:
+    if not isinstance(obj, dict) or text_field not in obj:
+        return Record(None, where, f"missing text field {text_field!r}")
+    text = obj[text_field]
+    if isinstance(text, list) and all(isinstance(t, str) for t in text):
+        text = " ".join(text)  # e.g. SciTLDR keeps an abstract as a list of sentences
+    if not isinstance(text, str):
+        return Record(None, where, f"field {text_field!r} is {type(text).__name__}, not a string")
+    if not text.strip():
+        return Record(None, where, "empty document")
+    return Record(text, where)
 
 
 class Parquet(DocumentSource):
@@ -293,7 +296,7 @@ class ArrayRecord(DocumentSource):
         where = f"{','.join(self.files)}#{i}"
         raw = self.src[i]
         if raw[:1] == b"{":
-            return JsonLines([], self.text_field)._parse(raw, where)
+            return parse_json_record(raw, where, self.text_field)
         return _decode(raw, where)
 
 

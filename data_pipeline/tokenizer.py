@@ -87,6 +87,14 @@ def _train(texts, vocab_size, model_type, num_threads, model) -> None:
     )
 
 
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file (identifies a tokenizer model in checkpoints and token caches)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 class Tokenizer:
     """A thin wrapper over a SentencePiece model with batched encode/decode."""
 

@@ -12,7 +12,6 @@ training goes on; earlier checkpoints are untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from data_pipeline.tokenizer import file_sha256  # noqa: F401  (re-exported for callers)
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -46,11 +47,6 @@ def merge_data_states(states: list[dict | None]) -> dict | None:
     for s in states:
         merged["shards"].update(s["shards"])
     return merged
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 class Checkpointer:
