@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= test
 
-.PHONY: install pretrain test test-all bench clean
+.PHONY: install pretrain sft sft-lora test test-all bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,16 @@ $(STAMP): setup.py
 # The main job: pretrain the tiny model on the embedded default corpus (no download).
 pretrain: $(STAMP)
 	$(PY) -m lm train experiments/pretrain_tiny.py $(ARGS)
+
+# Fine-tune the pretrained tiny model into an assistant (SFT); pretrains it first if
+# runs/pretrain_tiny is missing or unfinished (a finished run is only re-evaluated).
+sft: $(STAMP)
+	@test -f runs/pretrain_tiny/summary.json || $(PY) -m lm train experiments/pretrain_tiny.py
+	$(PY) -m lm train experiments/sft_tiny.py $(ARGS)
+
+sft-lora: $(STAMP)
+	@test -f runs/pretrain_tiny/summary.json || $(PY) -m lm train experiments/pretrain_tiny.py
+	$(PY) -m lm train experiments/sft_lora.py $(ARGS)
 
 # The test suite on CPU with 8 fake devices (slow tests excluded; `make test-all` runs them).
 test: $(STAMP)

@@ -23,8 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-from data_pipeline.sources import DataError, DocumentSource, Record, open_source
-from data_pipeline.tokenizer import file_sha256
+from data_pipeline.config import DataConfig
+from data_pipeline.sources import DataError, DocumentSource, Record, open_source, source_configs
+from data_pipeline.tokenizer import file_sha256, tokenizer_for_run
 
 _WORKER: dict = {}
 
@@ -119,18 +120,16 @@ def build_split(docs: DocumentSource, tokenizer_path: str, out_dir: str, vocab_s
     return meta
 
 
-def build(cfg, run_dir: str, cache_dir: str, workers: int | None = None, progress: bool = True,
-          log: Callable = print) -> dict:
-    """Tokenize every source (train and validation) of experiment config `cfg` into `cache_dir`."""
-    from data_pipeline.pipeline import source_configs, tokenizer_for_run
-
-    configs = source_configs(cfg.data)
+def build(data: DataConfig, vocab_size: int, run_dir: str, cache_dir: str, workers: int | None = None,
+          progress: bool = True, log: Callable = print) -> dict:
+    """Tokenize every source (train and validation) of data config `data` into `cache_dir`."""
+    configs = source_configs(data)
     opened = [open_source(c) for c in configs]
     os.makedirs(cache_dir, exist_ok=True)
     cached_tok = os.path.join(cache_dir, "tokenizer.model")
-    tok_path = cfg.data.tokenizer or (cached_tok if os.path.exists(cached_tok) else None)
-    tok = tokenizer_for_run([(t, c.weight) for c, (t, _) in zip(configs, opened)], cfg.model.vocab_size,
-                            run_dir, tok_path, cfg.data.tokenizer_sample_mb, cfg.data.seed, log)
+    tok_path = data.tokenizer or (cached_tok if os.path.exists(cached_tok) else None)
+    tok = tokenizer_for_run([(t, c.weight) for c, (t, _) in zip(configs, opened)], vocab_size,
+                            run_dir, tok_path, data.tokenizer_sample_mb, data.seed, log)
     if os.path.abspath(tok.path) != os.path.abspath(cached_tok):
         shutil.copyfile(tok.path, cached_tok)
     metas = {}

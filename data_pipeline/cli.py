@@ -18,7 +18,7 @@ def guess_kind(path: str) -> str:
     return "text"
 
 
-def add_tokenizer_parser(sub) -> None:
+def add_tokenizer_parser(sub, load_experiment) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a SentencePiece tokenizer")
@@ -33,10 +33,12 @@ def add_tokenizer_parser(sub) -> None:
     t.add_argument("--sample-mb", type=float, default=20.0, help="megabytes of text to train on")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="tokenizer", help="output prefix: writes OUT.model")
-    t.set_defaults(fn=cmd_tokenizer_train)
+    t.set_defaults(fn=cmd_tokenizer_train, load_experiment=load_experiment)
 
 
-def add_data_parser(sub) -> None:
+def add_data_parser(sub, load_experiment) -> None:
+    """`load_experiment(spec, overrides)` -> a config with `.name`, `.data`, `.model.vocab_size`
+    (passed in by `lm.cli`: the data pipeline does not import `lm`)."""
     data = sub.add_parser("data", help="data tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("cache", help="pre-tokenise an experiment's sources into a cache (resumable)")
@@ -44,27 +46,25 @@ def add_data_parser(sub) -> None:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--run-dir", help="run directory whose tokenizer to use or create (default runs/<name>)")
     c.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    c.set_defaults(fn=cmd_data_cache)
+    c.set_defaults(fn=cmd_data_cache, load_experiment=load_experiment)
 
 
 def cmd_data_cache(args) -> int:
     from data_pipeline import cache
-    from lm import experiment
 
-    cfg = experiment.load(args.experiment, args.set)
+    cfg = args.load_experiment(args.experiment, args.set)
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
     cache_dir = cfg.data.cache_dir or os.path.join(run_dir, "token_cache")
-    cache.build(cfg, run_dir, cache_dir, workers=args.workers)
+    cache.build(cfg.data, cfg.model.vocab_size, run_dir, cache_dir, workers=args.workers)
     print(f"cache ready: train with --set data.cache_dir={cache_dir}")
     return 0
 
 
 def _sources(args) -> list[tuple[object, float]]:
     if args.experiment:
-        from data_pipeline.pipeline import source_configs
-        from lm import experiment
+        from data_pipeline.sources import source_configs
 
-        configs = source_configs(experiment.load(args.experiment).data)
+        configs = source_configs(args.load_experiment(args.experiment, []).data)
     else:
         if not args.source:
             raise SystemExit("lm tokenizer train: give --source PATH (repeatable) or --experiment NAME")
@@ -81,8 +81,7 @@ def _sources(args) -> list[tuple[object, float]]:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from data_pipeline.pipeline import sample_texts
-    from data_pipeline.tokenizer import train_tokenizer
+    from data_pipeline.tokenizer import sample_texts, train_tokenizer
 
     sources = _sources(args)
     t0 = time.time()

@@ -17,7 +17,6 @@ checkpoint issue handles that case explicitly).
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import threading
 import time
@@ -26,9 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from data_pipeline.sources import DataError, DocumentSource, Record, open_source
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from lm.config import Config, DataConfig, SourceConfig
+from data_pipeline.config import DataConfig
+from data_pipeline.sources import DataError, DocumentSource, Record, open_source, source_configs
+from data_pipeline.tokenizer import Tokenizer, tokenizer_for_run
 
 __all__ = ["DataError", "RunData", "global_batch", "synthetic_batches", "unigram_entropy"]
 
@@ -171,61 +170,7 @@ def mixture(streams: Sequence[grain.IterDataset], weights: Sequence[float]) -> g
 
 
 # ---------------------------------------------------------------------------------------
-# Tokenizer for a run
-
-
-def sample_texts(sources: Sequence[tuple[DocumentSource, float]], megabytes: float, seed: int) -> Iterator[str]:
-    """About `megabytes` of text, drawn from the sources in proportion to their weights."""
-    total = sum(w for _, w in sources) or 1.0
-    for k, (docs, w) in enumerate(sources):
-        budget = megabytes * 1e6 * w / total
-        order = list(range(len(docs)))
-        random.Random(seed + k).shuffle(order)
-        for i in order:
-            rec = docs[i]
-            if rec.text:
-                yield rec.text
-                budget -= len(rec.text)
-                if budget <= 0:
-                    break
-
-
-def tokenizer_for_run(sources: Sequence[tuple[DocumentSource, float]], vocab_size: int, run_dir: str,
-                      path: str | None = None, sample_mb: float = 4.0, seed: int = 0,
-                      log: Callable = print) -> Tokenizer:
-    """Load the run's tokenizer, or train one on a sample and store it in the run directory.
-
-    The tokenizer's vocabulary must equal the model's: a mismatch fails here, before any
-    training, with both numbers.
-    """
-    stored = os.path.join(run_dir, "tokenizer.model")
-    if path is None and os.path.exists(stored):
-        path = stored
-    if path is not None:
-        tok = Tokenizer(path)
-    else:
-        t0 = time.time()
-        tok = train_tokenizer(sample_texts(sources, sample_mb, seed), vocab_size,
-                              os.path.join(run_dir, "tokenizer"))
-        log(f"trained a {vocab_size}-piece BPE tokenizer on {sample_mb:g} MB in "
-            f"{time.time() - t0:.1f}s -> {tok.path}")
-    if tok.vocab_size != vocab_size:
-        raise DataError(
-            f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
-            f"use --set model.vocab_size={tok.vocab_size} or another tokenizer")
-    return tok
-
-
-# ---------------------------------------------------------------------------------------
 # A run's data
-
-
-def source_configs(d: DataConfig) -> list[SourceConfig]:
-    if d.corpus == "sources":
-        return list(d.sources)
-    if d.corpus == "default":
-        return [SourceConfig(name="default", kind="default", heldout_fraction=d.heldout_fraction)]
-    raise DataError(f"unknown corpus {d.corpus!r}; choose 'default', 'sources' or 'synthetic'")
 
 
 class RunData:
@@ -244,12 +189,12 @@ class RunData:
     records.
     """
 
-    def __init__(self, cfg: Config, run_dir: str, log: Callable = print,
-                 process_index: int | None = None, process_count: int | None = None):
+    def __init__(self, data: DataConfig, run_dir: str, *, vocab_size: int, eval_batches: int = 16,
+                 log: Callable = print, process_index: int | None = None, process_count: int | None = None):
         import jax
 
-        d = cfg.data
-        self.cfg = cfg
+        d = self.data = data
+        self.vocab_size = vocab_size
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
         shards = d.num_shards or pc
@@ -266,11 +211,11 @@ class RunData:
             self.stats = DataStats(self.names)
             lo = pi * self.local_batch
             gen = lambda seed: ({k: v[lo: lo + self.local_batch] for k, v in b.items()}  # noqa: E731
-                                for b in synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size, seed))
+                                for b in synthetic_batches(vocab_size, d.seq_len, d.batch_size, seed))
             self._synthetic = (gen, d.seed)
             self._iters = {0: gen(d.seed)}
             self._consumed = 0
-            self.heldout = {"synthetic": [b for b, _ in zip(gen(d.seed + 1), range(cfg.trainer.eval_batches))]}
+            self.heldout = {"synthetic": [b for b, _ in zip(gen(d.seed + 1), range(eval_batches))]}
             return
 
         configs = source_configs(d)
@@ -284,7 +229,7 @@ class RunData:
             if not d.tokenizer and not os.path.exists(cached_tok):
                 raise DataError(f"no token cache at {d.cache_dir} (no tokenizer.model there); build it with "
                                 "`lm data cache EXPERIMENT --set data.cache_dir=...`")
-            self.tokenizer = tokenizer_for_run([], self.cfg.model.vocab_size, run_dir, d.tokenizer or cached_tok)
+            self.tokenizer = tokenizer_for_run([], self.vocab_size, run_dir, d.tokenizer or cached_tok)
             opened = []
             for c in configs:
                 val_dir = os.path.join(d.cache_dir, c.name, "validation")
@@ -326,7 +271,7 @@ class RunData:
                 continue
             rows = packed_rows(val, self.tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
                                repeat=False, packing=d.packing, strict=d.strict).batch(d.batch_size)
-            batches = [_pad_batch(b, d.batch_size) for b, _ in zip(rows, range(cfg.trainer.eval_batches))]
+            batches = [_pad_batch(b, d.batch_size) for b, _ in zip(rows, range(eval_batches))]
             if batches:
                 self.heldout[c.name] = [{key: v[lo: lo + self.local_batch] for key, v in b.items()} for b in batches]
                 # bytes of text behind the predicted tokens, for bits per byte (global, every process)
@@ -334,21 +279,21 @@ class RunData:
                                                      for b in batches))
 
     def _tokenizer(self, sources, run_dir, pi, pc, log) -> Tokenizer:
-        d = self.cfg.data
+        d = self.data
         if pi == 0:
-            tok = tokenizer_for_run(sources, self.cfg.model.vocab_size, run_dir, d.tokenizer,
+            tok = tokenizer_for_run(sources, self.vocab_size, run_dir, d.tokenizer,
                                     d.tokenizer_sample_mb, d.seed, log)
         if pc > 1:  # the others read what process 0 stored (a shared file system)
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("tokenizer")
             if pi:
-                tok = tokenizer_for_run(sources, self.cfg.model.vocab_size, run_dir,
+                tok = tokenizer_for_run(sources, self.vocab_size, run_dir,
                                         d.tokenizer or os.path.join(run_dir, "tokenizer.model"))
         return tok
 
     def next_train(self) -> dict:
-        if self.cfg.data.corpus == "synthetic":
+        if self.data.corpus == "synthetic":
             self._consumed += 1
         parts = [next(self._iters[s]) for s in sorted(self._iters)]
         if len(parts) == 1:
@@ -357,13 +302,13 @@ class RunData:
 
     def get_state(self) -> dict:
         """{"num_shards": S, "shards": {shard id: grain iterator state}} for this process's shards."""
-        if self.cfg.data.corpus == "synthetic":  # a counter: the stream is regenerated and skipped
+        if self.data.corpus == "synthetic":  # a counter: the stream is regenerated and skipped
             return {"num_shards": self.num_shards, "shards": {}, "synthetic_batches": self._consumed}
         return {"num_shards": self.num_shards,
                 "shards": {str(s): it.get_state() for s, it in self._iters.items()}}
 
     def set_state(self, state: dict) -> None:
-        if self.cfg.data.corpus == "synthetic":
+        if self.data.corpus == "synthetic":
             gen, seed = self._synthetic
             self._iters = {0: gen(seed)}
             self._consumed = 0

@@ -24,7 +24,7 @@ import json
 import os
 from typing import Any, NamedTuple, Sequence
 
-from lm.config import SourceConfig  # noqa: F401  (re-exported)
+from data_pipeline.config import DataConfig, SourceConfig
 
 
 class DataError(ValueError):
@@ -415,3 +415,12 @@ def _hash_split(src: DocumentSource, fraction: float) -> tuple[DocumentSource, D
     if len(src) and not held and fraction > 0:  # tiny sources: keep at least one document
         held, held_set = [len(src) - 1], {len(src) - 1}
     return Subset(src, [i for i in range(len(src)) if i not in held_set]), Subset(src, held)
+
+
+def source_configs(d: DataConfig) -> list[SourceConfig]:
+    """The sources of a run's data config (the default corpus is one source)."""
+    if d.corpus == "sources":
+        return list(d.sources)
+    if d.corpus == "default":
+        return [SourceConfig(name="default", kind="default", heldout_fraction=d.heldout_fraction)]
+    raise DataError(f"unknown corpus {d.corpus!r}; choose 'default', 'sources' or 'synthetic'")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, Iterator, Sequence
+import random
+import time
+from typing import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -148,3 +150,54 @@ class Tokenizer:
             elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
                 out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
         return out
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer of a run
+
+
+def sample_texts(sources, megabytes: float, seed: int) -> Iterator[str]:
+    """About `megabytes` of text from (DocumentSource, weight) pairs, in proportion to the weights."""
+    total = sum(w for _, w in sources) or 1.0
+    for k, (docs, w) in enumerate(sources):
+        budget = megabytes * 1e6 * w / total
+        order = list(range(len(docs)))
+        random.Random(seed + k).shuffle(order)
+        for i in order:
+            rec = docs[i]
+            if rec.text:
+                yield rec.text
+                budget -= len(rec.text)
+                if budget <= 0:
+                    break
+
+
+def tokenizer_for_run(sources, vocab_size: int, run_dir: str, path: str | None = None,
+                      sample_mb: float = 4.0, seed: int = 0, log: Callable = print) -> Tokenizer:
+    """Load the run's tokenizer, or train one on a sample of `sources` and store it in the run
+    directory. The tokenizer's vocabulary must equal the model's: a mismatch fails here,
+    before any training, with both numbers."""
+    from data_pipeline.sources import DataError
+
+    stored = os.path.join(run_dir, "tokenizer.model")
+    if path is None and os.path.exists(stored):
+        path = stored
+    if path is not None:
+        tok = Tokenizer(path)
+        if not os.path.exists(stored):  # keep a copy: the run directory is then self-contained
+            import shutil
+
+            os.makedirs(run_dir, exist_ok=True)
+            tmp = f"{stored}.{os.getpid()}.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, stored)
+    else:
+        t0 = time.time()
+        tok = train_tokenizer(sample_texts(sources, sample_mb, seed), vocab_size, os.path.join(run_dir, "tokenizer"))
+        log(f"trained a {vocab_size}-piece BPE tokenizer on {sample_mb:g} MB in "
+            f"{time.time() - t0:.1f}s -> {tok.path}")
+    if tok.vocab_size != vocab_size:
+        raise DataError(
+            f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
+            f"use --set model.vocab_size={tok.vocab_size} or another tokenizer")
+    return tok

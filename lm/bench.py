@@ -21,7 +21,7 @@ from lm import experiment, perf
 from lm.config import Config, MeshConfig
 from lm.model import flops_per_token, param_count
 from lm.sharding import make_mesh
-from lm.train_step import make_trainer
+from lm.engine import make_trainer
 
 
 def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3) -> dict:
@@ -30,7 +30,7 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3)
 
     cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
-    state = trainer.init_state(0)
+    state, _ = trainer.init_state(0)
     step = trainer.compile_train_step()
     d = cfg.data
     batches = [global_batch(b, trainer.batch_sharding)
@@ -56,7 +56,8 @@ def bench_data(cfg: Config, run_dir: str, batches: int = 300, log=print) -> dict
     """Tokens/s the data pipeline delivers (rows of the global batch, no training)."""
     from data_pipeline.pipeline import RunData
 
-    data = RunData(cfg, run_dir, log=lambda *_: None, process_index=0, process_count=1)
+    data = RunData(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches,
+                   log=lambda *_: None, process_index=0, process_count=1)
     for _ in range(5):  # warm up: open files, fill the prefetch buffer
         data.next_train()
     t = time.perf_counter()
@@ -82,7 +83,7 @@ def main_data(train_tokens_per_s: float | None = None) -> float:
             print(f"data[tokenize on the fly, {workers} worker(s)]: {r['tokens_per_s']:,.0f} tokens/s")
         cache_dir = os.path.join(tmp, "cache")
         t = time.perf_counter()
-        cache.build(base, tmp, cache_dir, progress=False)
+        cache.build(base.data, base.model.vocab_size, tmp, cache_dir, progress=False)
         print(f"data[pre-tokenise the corpus once]: {time.perf_counter() - t:.1f}s")
         for workers in (0, 1):
             cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, num_workers=workers, cache_dir=cache_dir))

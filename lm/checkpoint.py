@@ -119,3 +119,31 @@ class Checkpointer:
 
 def remove(run_dir: str) -> None:
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+
+
+def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
+                   log: Callable = print) -> tuple[Any, int]:
+    """The parameters alone of a run's newest readable checkpoint (or of `step`), laid out
+    as `abstract_params` says: the optimiser moments are never read."""
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")))
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step} (it has {sorted(steps)})")
+            steps = [step]
+        if not steps:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint")
+        target = {"params": abstract_params}
+        for s in steps:
+            try:
+                r = manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                                 partial_restore=True)))
+                return r["state"]["params"], s
+            except Exception as e:  # noqa: BLE001 -- truncated or corrupted: try an earlier one
+                log(f"WARNING: checkpoint {os.path.join(run_dir, 'checkpoints', str(s))} cannot be restored "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an earlier one")
+        raise FileNotFoundError(f"{run_dir} has no readable checkpoint")
+    finally:
+        manager.close()

@@ -41,9 +41,14 @@ def cmd_train(args) -> int:
     summary = train(cfg, run_dir, log=_log, progress=not args.no_progress, resume=not args.fresh)
     if summary.get("stopped"):  # preempted (clean exit) or diverged (error)
         return 0 if "received" in summary["stopped"] else 1
-    ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
-    _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
-         f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
+    if "heldout_unigram_entropy" in summary:
+        ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
+        _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
+             f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
+    elif "base_heldout_loss" in summary:
+        _log(f"done: held-out loss {summary['heldout_loss']:.3f} (the base model: {summary['base_heldout_loss']:.3f})")
+    else:
+        _log(f"done: held-out loss {summary['heldout_loss']:.3f}")
     return 0
 
 
@@ -95,6 +100,18 @@ def cmd_sample(args) -> int:
 
     run = load_run(args.run_dir, log=_log)
     tok = run.tokenizer
+    if args.chat is not None:  # one question, answered with the chat template
+        from lm.chat import Chat, is_chat_model
+
+        if not is_chat_model(run):
+            print(f"lm: error: {args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
+                  "use --prompt to continue text, or fine-tune it (make sft)", file=sys.stderr)
+            return 2
+        chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return 0
     stops = [tok.eos_id]
     max_len = run.cfg.model.max_seq_len
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -121,20 +138,55 @@ def cmd_sample(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """A multi-turn loop. A base model (no chat template yet) continues the transcript."""
+    """A multi-turn loop: the chat template for a fine-tuned run; a base model continues the text."""
+    from lm.chat import Chat, is_chat_model
     from lm.run import load_run
-    from lm.sampling import stream
 
     run = load_run(args.run_dir, log=_log)
+    if not is_chat_model(run):
+        return _chat_base(run, args)
+    chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+    print(f"chatting with {args.run_dir} ({run.cfg.stage}, step {run.step}, context {run.cfg.model.max_seq_len} "
+          "tokens)" + (f", system prompt {args.system!r}" if args.system else "")
+          + ". /reset starts over; an empty line, /quit or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not line.strip() or line.strip() in ("/quit", "/exit"):
+            break
+        if line.strip() == "/reset":
+            chat.reset()
+            print("(history cleared)")
+            continue
+        dropped = chat.dropped
+        try:
+            chat.reply(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        except ValueError as e:
+            print(f"(not sent: {e})")
+            continue
+        sys.stdout.write("\n" if chat.ended else " [reply cut at --max-new tokens]\n")
+        if chat.dropped > dropped:
+            print(f"(the oldest {chat.dropped - dropped} exchange(s) no longer fit the context and were left out)")
+    return 0
+
+
+def _chat_base(run, args) -> int:
+    """A base model has no chat template: it continues a plain-text transcript."""
+    from lm.sampling import stream
+
     tok = run.tokenizer
     max_len = run.cfg.model.max_seq_len
-    print(f"chatting with {args.run_dir} (step {run.step}); a base model continues the text. Empty line or "
-          "Ctrl-D to quit.")
+    print(f"NOTE: {args.run_dir} is a base model (stage {run.cfg.stage!r}, step {run.step}), not fine-tuned to chat: "
+          "it continues the transcript as text (fine-tune it with `make sft`). Empty line or Ctrl-D to quit.")
     transcript = ""
     while True:
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             break
         if not line.strip():
             break
@@ -194,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
 
-    t = sub.add_parser("train", help="pretrain an experiment")
+    t = sub.add_parser("train", help="train an experiment (its stage: pretrain, sft, ...)")
     experiment_args(t)
     t.add_argument("--run-dir", help="where outputs go (default runs/<experiment name>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -213,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_pipeline.cli import add_data_parser, add_tokenizer_parser
 
-    add_tokenizer_parser(sub)
-    add_data_parser(sub)
+    from lm.experiment import load as load_experiment
+
+    add_tokenizer_parser(sub, load_experiment)
+    add_data_parser(sub, load_experiment)
 
     def decoding_args(sp):
         sp.add_argument("run_dir")
@@ -228,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     decoding_args(sp)
     sp.add_argument("--prompt", default="", help="text to continue")
     sp.add_argument("--num", type=int, default=1, help="samples (more than 1: generated as a batch)")
+    sp.add_argument("--chat", metavar="QUESTION", help="a fine-tuned run: answer QUESTION with the chat template")
+    sp.add_argument("--system", default="", help="with --chat: a system prompt")
     sp.set_defaults(fn=cmd_sample)
-    ch = sub.add_parser("chat", help="a multi-turn loop with a trained run")
+    ch = sub.add_parser("chat", help="talk to a fine-tuned run (multi-turn, streaming; /reset)")
     decoding_args(ch)
+    ch.add_argument("--system", default="", help="a system prompt")
     ch.set_defaults(fn=cmd_chat)
     ev = sub.add_parser("eval", help="evaluate a run: held-out loss and downstream tasks")
     ev.add_argument("run_dir")
@@ -256,11 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
+    from data_pipeline.chat import ChatFormatError
     from data_pipeline.sources import DataError
     from lm.config import ConfigError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ChatFormatError, FileNotFoundError) as e:
         print(f"lm: error: {e}", file=sys.stderr)
         return 2

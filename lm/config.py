@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from data_pipeline.config import DataConfig, SourceConfig  # noqa: F401  (data configs live with the data)
+
 
 class ConfigError(ValueError):
     """A bad experiment configuration or override; the message says how to fix it."""
@@ -47,6 +49,7 @@ class ModelConfig:
     # "xla": our einsum attention; "jax_dpa": jax.nn.dot_product_attention (cuDNN on GPU)
     attention: Literal["xla", "jax_dpa"] = "xla"
     attention_block: int = 64  # "xla": query block size; skips the causal upper triangle
+    scalar_heads: tuple[str, ...] = ()  # extra (D,) -> scalar heads, e.g. ("reward",) or ("value",)
 
     @property
     def head_size(self) -> int:
@@ -92,46 +95,24 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceConfig:
-    """One corpus of a data mixture (see data_pipeline/sources.py for the kinds)."""
+class LoraConfig:
+    """Low-rank adapters on the frozen base (rank 0: off, every parameter is trained)."""
 
-    name: str
-    kind: Literal["default", "text", "jsonl", "json", "parquet", "arrayrecord", "tfds"] = "text"
-    paths: tuple[str, ...] = ()  # globs
-    weight: float = 1.0  # share of training tokens (normalised over the sources)
-    text_field: str = "text"  # jsonl/json/parquet/arrayrecord/tfds: the field with the text
-    doc_per: Literal["file", "block", "line"] = "file"  # text files: a document per ...
-    validation_paths: tuple[str, ...] = ()  # explicit validation split (else heldout_fraction)
-    heldout_fraction: float = 0.01  # documents held out by a hash of their location
-    tfds_name: str = ""  # e.g. "wikipedia/20230601.en"
-    tfds_split: str = "train"
-    tfds_data_dir: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    # "default": the embedded default corpus; "synthetic": random patterns (tests);
-    # "sources": the weighted mixture in `sources`.
-    corpus: Literal["default", "synthetic", "sources"] = "default"
-    sources: tuple[SourceConfig, ...] = ()
-    packing: Literal["concat", "first_fit"] = "concat"  # concatenate-and-split, or first-fit bins
-    shuffle_rows: int = 256  # packed rows are shuffled within a window of this many (0: off)
-    strict: bool = False  # a bad record (malformed line, bad UTF-8, ...) raises instead of being counted
-    seq_len: int = 256  # T
-    batch_size: int = 8  # global batch, in sequences
-    heldout_fraction: float = 0.02  # documents kept out of training, chosen by hash
-    tokenizer: str | None = None  # path to a SentencePiece .model; None trains one
-    cache_dir: str | None = None  # read the pre-tokenised cache here (`lm data cache` builds it)
-    tokenizer_sample_mb: float = 4.0  # text used to train the tokenizer
-    num_shards: int = 0  # logical data shards (0: one per process); fixes the data order across process counts
-    num_workers: int = 0  # grain worker processes per shard (0: in the main process)
-    prefetch: int = 4  # batches prepared ahead in a background thread
-    seed: int = 0
+    rank: int = 0  # r
+    alpha: float = 16.0  # the update is (alpha / r) * A @ B
+    dropout: float = 0.0
+    # matrices that get adapters, among q, k, v, o, gate, up, down
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     steps: int = 1000
+    # Start from another run's parameters (a run directory: its newest checkpoint, or step
+    # `init_step`; or a Hugging Face LLaMA folder), with a fresh optimiser and data state.
+    # Resuming a run that was started this way resumes the run itself.
+    init_from: str | None = None
+    init_step: int | None = None
     microbatches: int = 1  # gradient accumulation: the global batch is split this many times
     loss_chunks: int = 1  # >1: logits and loss computed in this many chunks of the sequence
     seed: int = 0
@@ -151,11 +132,13 @@ class TrainerConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "experiment"
+    stage: str = "pretrain"  # the training stage (lm/stages/<stage>.py): pretrain, sft, ...
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
+    lora: LoraConfig = LoraConfig()
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -173,6 +156,25 @@ class Config:
                 f"data.batch_size={self.data.batch_size} must be divisible by "
                 f"trainer.microbatches={self.trainer.microbatches}"
             )
+        from lm.stages import STAGES  # noqa: PLC0415 -- the registry imports stage modules lazily
+
+        if self.stage not in STAGES:
+            close = difflib.get_close_matches(self.stage, list(STAGES), n=1)
+            raise ConfigError(f"unknown stage {self.stage!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                              + f" (stages: {', '.join(STAGES)})")
+        if self.lora.rank:
+            from lm.lora import check
+
+            check(self.lora)
+            if not self.trainer.init_from:
+                raise ConfigError("lora.rank>0 trains adapters on a frozen base: set trainer.init_from to a run "
+                                  "directory or a Hugging Face folder")
+        for key in ("steps", "log_every"):
+            if getattr(self.trainer, key) <= 0:
+                raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must be positive")
+        for key in ("seq_len", "batch_size"):
+            if getattr(self.data, key) <= 0:
+                raise ConfigError(f"data.{key}={getattr(self.data, key)} must be positive")
         return self
 
 
@@ -310,11 +312,13 @@ def from_dict(d: dict) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. a run's config.json)."""
     return Config(
         name=d.get("name", "experiment"),
-        model=ModelConfig(**d.get("model", {})),
+        model=ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("model", {}).items()}),
         mesh=MeshConfig(**d.get("mesh", {})),
         optim=OptimConfig(**d.get("optim", {})),
         data=_data_from_dict(d.get("data", {})),
         trainer=TrainerConfig(**d.get("trainer", {})),
+        lora=LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()}),
+        stage=d.get("stage", "pretrain"),
     )
 
 

@@ -306,8 +306,9 @@ def _heldout(run, log) -> dict:
     from data_pipeline.pipeline import RunData
     from lm.train import evaluate
 
-    data = RunData(run.cfg, os.path.dirname(run.tokenizer.path), log=lambda *_: None)
-    out = evaluate(run.trainer, run.trainer.compile_eval_step(), run.params, data.heldout, data.heldout_bytes)
+    data = RunData(run.cfg.data, os.path.dirname(run.tokenizer.path), vocab_size=run.cfg.model.vocab_size,
+                   eval_batches=run.cfg.trainer.eval_batches, log=lambda *_: None)
+    out = evaluate(run.trainer, run.trainer.compile_eval_step(), run.params, {}, data.heldout, data.heldout_bytes)
     out["ppl"] = math.exp(out["eval_loss"])
     return out
 

@@ -219,33 +219,66 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt, ("embed", "vocab"))
+        # Extra scalar heads on the final hidden state (reward, value, ...): a (D,) vector each,
+        # zero at initialisation, so adding one changes nothing until it is trained.
+        self.scalar_heads = nnx.Dict({name: nnx.Param(jnp.zeros((cfg.d_model,), pdt), axes=("embed",))
+                                      for name in cfg.scalar_heads})
 
-    def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-        """tokens (B, T) int -> final normalised hidden states (B*T, D)."""
+    def forward(self, tokens, positions=None, segment_ids=None, cache: dict | None = None):
+        """The one forward path, for training, scoring and cached decoding.
+
+        tokens (B, T) int -> (final normalised hidden states (B*T, D), new cache or None).
+        Without a cache: causal attention within documents (`segment_ids`), positions
+        default to 0..T-1. With `cache = {"k", "v": (L, B, S, K, H)}` (decoding) each
+        token's key/value is written to the slot of its absolute position and a query at
+        position p attends to slots 0..p.
+        """
         cfg = self.cfg
         b, t = tokens.shape
         cdt = jnp.dtype(cfg.compute_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_tables(positions, cfg.head_size, cfg.rope_theta)
-        mask = attention_mask(segment_ids, b, t)
+        if cache is None:
+            mask = attention_mask(segment_ids, b, t)  # (B, T, T)
+        else:
+            mask = jnp.arange(cache["k"].shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
 
         x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(cdt)  # (B*T, D)
         x = shard(x, "act_nd")
-
         graphdef, stacked = nnx.split(self.blocks)
 
-        def layer(x, params):
-            return nnx.merge(graphdef, params)(x, cos, sin, mask, b)
+        if cache is None:
+            def layer(x, params):
+                return nnx.merge(graphdef, params)(x, cos, sin, mask, b), None
 
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda h, p: (layer(h, p), None), x, stacked)
+            if cfg.remat != "none":
+                layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+            xs = stacked
+        else:
+            def layer(x, xs):  # one layer's parameters and its slice of the cache
+                params, k_cache, v_cache = xs
+                return nnx.merge(graphdef, params)(x, cos, sin, mask, b, (k_cache, v_cache, positions))
+
+            xs = (stacked, cache["k"], cache["v"])
+        if cfg.scan_layers or cache is not None:
+            x, new = jax.lax.scan(layer, x, xs)
         else:
             for i in range(cfg.n_layers):
-                x = layer(x, jax.tree.map(lambda a: a[i], stacked))
-        return self.final_norm(x)
+                x, _ = layer(x, jax.tree.map(lambda a: a[i], xs))
+            new = None
+        new_cache = None if cache is None else {"k": new[0], "v": new[1]}
+        return self.final_norm(x), new_cache
+
+    def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """tokens (B, T) int -> final normalised hidden states (B*T, D)."""
+        return self.forward(tokens, positions, segment_ids)[0]
+
+    def scalar(self, h: jax.Array, name: str) -> jax.Array:
+        """Hidden states (..., D) -> float32 scalars (...) of the extra head `name`
+        (`model.scalar_heads`, e.g. a reward or value head)."""
+        w = self.scalar_heads[name][...]  # (D,)
+        return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
     def output_weights(self) -> jax.Array:
         """The (D, V) output projection in the compute dtype (the embedding, if tied)."""
@@ -271,28 +304,14 @@ class Transformer(nnx.Module):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def decode(self, tokens, positions, cache: dict) -> tuple[jax.Array, dict]:
-        """Run tokens (B, T) at absolute `positions` (B, T) against the cache.
+        """Run tokens (B, T) at absolute `positions` (B, T) against the cache (see `forward`).
 
-        Each token's key/value is stored in cache slot = its position; a query at position
-        p attends to slots 0..p. Prefill is a call with the (padded) prompts, decoding a call
-        with one token per sequence. Returns float32 logits (B, T, V) and the new cache.
+        Prefill is a call with the (padded) prompts, decoding a call with one token per
+        sequence. Returns float32 logits (B, T, V) and the new cache.
         """
-        cfg = self.cfg
         b, t = tokens.shape
-        s = cache["k"].shape[2]
-        cos, sin = rope_tables(positions, cfg.head_size, cfg.rope_theta)
-        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # (B, T, S)
-        x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(jnp.dtype(cfg.compute_dtype))
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def layer(x, xs):
-            params, k_cache, v_cache = xs
-            x, (k_cache, v_cache) = nnx.merge(graphdef, params)(x, cos, sin, mask, b, (k_cache, v_cache, positions))
-            return x, (k_cache, v_cache)
-
-        x, (k, v) = jax.lax.scan(layer, x, (stacked, cache["k"], cache["v"]))
-        logits = self.logits(self.final_norm(x)).reshape(b, t, -1)
-        return logits, {"k": k, "v": v}
+        h, cache = self.forward(tokens, positions, cache=cache)
+        return self.logits(h).reshape(b, t, -1), cache
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -15,7 +15,7 @@ from lm.config import Config, MeshConfig, from_dict
 @dataclasses.dataclass
 class LoadedRun:
     cfg: Config
-    trainer: Any  # lm.train_step.Trainer on the current devices
+    trainer: Any  # lm.engine.Trainer on the current devices
     params: Any  # nnx.State of parameters
     step: int
     tokenizer: Any  # data_pipeline.tokenizer.Tokenizer, or None
@@ -28,12 +28,14 @@ class LoadedRun:
         return self.trainer.model(self.params)
 
 
-def load_run(run_dir: str, single_device: bool = True, log: Callable = print) -> LoadedRun:
-    """Restore the newest readable checkpoint of `run_dir` (onto one device by default)."""
+def load_run(run_dir: str, single_device: bool = True, log: Callable = print, step: int | None = None) -> LoadedRun:
+    """The parameters (only: never the optimiser state) of the newest readable checkpoint of
+    `run_dir`, or of `step`, onto one device by default. A LoRA run's adapters are merged
+    into its base model."""
     from data_pipeline.tokenizer import Tokenizer
-    from lm.checkpoint import Checkpointer
+    from lm.checkpoint import restore_params
+    from lm.engine import make_engine
     from lm.sharding import make_mesh
-    from lm.train_step import make_trainer
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
@@ -43,15 +45,20 @@ def load_run(run_dir: str, single_device: bool = True, log: Callable = print) ->
     devices = jax.devices()[:1] if single_device else jax.devices()
     if single_device:
         cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
-    trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices))
-    ckpt = Checkpointer(run_dir, log=log)
-    try:
-        restored = ckpt.restore_latest(trainer.abstract_state())
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir} has no readable checkpoint")
-    state, _, _, step = restored
+    run_cfg = cfg
+    # Sampling and scoring need the full model only: an engine without adapters.
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0))
+    engine = make_engine(cfg, make_mesh(cfg.mesh, devices))
+    if run_cfg.lora.rank:
+        from lm import lora
+        from lm.init import load_params
+
+        lora_engine = make_engine(dataclasses.replace(run_cfg, mesh=cfg.mesh), engine.mesh)
+        adapters, step = restore_params(run_dir, lora_engine.abstract_state().params, step, log)
+        base, _ = load_params(run_cfg.trainer.init_from, engine.abstract_params(), run_cfg.trainer.init_step, log)
+        params = jax.jit(lambda b, a: lora.merge(b, a, run_cfg.lora))(base, adapters)
+    else:
+        params, step = restore_params(run_dir, engine.abstract_params(), step, log)
     tok_path = os.path.join(run_dir, "tokenizer.model")
     tokenizer = Tokenizer(tok_path) if os.path.exists(tok_path) else None
-    return LoadedRun(cfg=cfg, trainer=trainer, params=state.params, step=step, tokenizer=tokenizer)
+    return LoadedRun(cfg=cfg, trainer=engine, params=params, step=step, tokenizer=tokenizer)

@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 
 from data_pipeline import default_corpus
-from data_pipeline.pipeline import DataStats, RunData, packed_rows, to_example
+from data_pipeline.pipeline import DataStats, RunData as _RunData, packed_rows, to_example
 from data_pipeline.sources import DataError, JsonLines, TextFiles, open_source
 from data_pipeline.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 from lm.config import Config, DataConfig, ModelConfig, SourceConfig, TrainerConfig, apply_overrides
+
+
+def RunData(cfg, run_dir, **kw):
+    """The data of experiment config `cfg` (as the pretraining stage opens it)."""
+    return _RunData(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches, **kw)
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega").split()
@@ -311,7 +316,7 @@ def test_token_cache_matches_streaming_and_resumes(tmp_path, tokenizer):
         f.write("{not json\n")  # one bad line: counted at build time
     cfg = mixture_config(root, tokenizer)
     cache_dir = tmp_path / "cache"
-    metas = cache.build(cfg, str(tmp_path / "run"), str(cache_dir), workers=2, progress=False, log=lambda *_: None)
+    metas = cache.build(cfg.data, cfg.model.vocab_size, str(tmp_path / "run"), str(cache_dir), workers=2, progress=False, log=lambda *_: None)
     assert metas["short/train"]["bad_records"] + metas.get("short/validation", {}).get("bad_records", 0) == 1
     # interrupted build: remove a finished shard; only it is redone, with the same result
     split = cache_dir / "medium" / "train"

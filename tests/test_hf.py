@@ -88,7 +88,7 @@ def test_export_and_import_run_directories(tmp_path):
     from lm.checkpoint import Checkpointer
     from lm.experiment import load
     from lm.sharding import make_mesh
-    from lm.train_step import make_trainer
+    from lm.engine import make_trainer
 
     icfg = load(str(tmp_path / "imported" / "config.json"))
     trainer = make_trainer(icfg, make_mesh(icfg.mesh, jax.devices()[:1]))

@@ -88,12 +88,12 @@ def test_sampling_with_parameters_sharded_by_the_training_rules(data, fsdp, tens
 
     from lm.config import Config, DataConfig, MeshConfig
     from lm.sharding import make_mesh, use_mesh
-    from lm.train_step import make_trainer
+    from lm.engine import make_trainer
 
     cfg = Config(model=dataclasses.replace(CFG, n_heads=8, n_kv_heads=4, d_model=64),
                  mesh=MeshConfig(data=data, fsdp=fsdp, tensor=tensor), data=DataConfig(seq_len=64))
     trainer = make_trainer(cfg, make_mesh(cfg.mesh))
-    state = trainer.init_state(0)
+    state, _ = trainer.init_state(0)
     assert not state.params["blocks"]["attn"]["wq"].get_value().sharding.is_fully_replicated
     prompts = [[5, 6, 7], [9], [1, 2, 3, 4], [8, 8]]
     with use_mesh(trainer.mesh):

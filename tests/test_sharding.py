@@ -9,7 +9,7 @@ import pytest
 from data_pipeline.pipeline import global_batch, synthetic_batches
 from lm.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainerConfig
 from lm.sharding import logical_to_spec, make_mesh
-from lm.train_step import make_trainer
+from lm.engine import make_trainer
 
 # 8 query heads and 4 KV heads: with tensor=8 the KV heads are replicated (4 % 8 != 0).
 CFG = Config(
@@ -28,7 +28,7 @@ def run(mesh_cfg, devices, steps=2):
     cfg = dataclasses.replace(CFG, mesh=mesh_cfg)
     mesh = make_mesh(mesh_cfg, devices)
     trainer = make_trainer(cfg, mesh)
-    state = trainer.init_state(0)
+    state, _ = trainer.init_state(0)
     step = trainer.compile_train_step()
     data = synthetic_batches(128, 32, 8, seed=3)
     losses, logits = [], None

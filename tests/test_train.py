@@ -16,7 +16,7 @@ from lm.optim import decay_mask, schedule
 from lm.sharding import make_mesh
 from lm.train import train
 from lm.losses import chunked_cross_entropy, cross_entropy
-from lm.train_step import make_trainer
+from lm.engine import make_trainer
 
 MODEL = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                     max_seq_len=32, attention_block=16)
@@ -46,7 +46,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     for m in (1, 4):
         c = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, microbatches=m))
         tr = make_trainer(c, make_mesh(ONE, jax.devices()[:1]))
-        state = tr.init_state(0)
+        state, _ = tr.init_state(0)
         state, metrics = tr.compile_train_step()(state, global_batch(batch, tr.batch_sharding))
         results.append((float(metrics["loss"]), jax.device_get(state.params)))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
@@ -67,7 +67,7 @@ def test_schedules():
 def test_no_weight_decay_on_norms_and_embeddings():
     cfg = Config(model=dataclasses.replace(MODEL, qk_norm=True), mesh=ONE, data=DataConfig(seq_len=32))
     tr = make_trainer(cfg, make_mesh(ONE, jax.devices()[:1]))
-    params = jax.eval_shape(lambda: tr._init(0).params)
+    params = jax.eval_shape(lambda: tr._init_params(0))
     mask = decay_mask(params, OptimConfig()).to_pure_dict()
     assert mask["embed"] is False and mask["head"] is False and mask["final_norm"]["scale"] is False
     assert mask["blocks"]["attn"]["q_norm"]["scale"] is False

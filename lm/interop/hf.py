@@ -123,19 +123,44 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
 
 
 def _export_tokenizer(model_path: str, out_dir: str) -> None:
+    """tokenizer.model + tokenizer_config.json that `AutoTokenizer` loads with our ids.
+
+    When the model has the chat role tokens (data_pipeline.chat), they are exported as special
+    added tokens (so HF keeps each one a single id when it meets its text) together with the chat
+    template, so `apply_chat_template` gives the ids of `data_pipeline.chat.render`.
+    """
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=model_path)
     shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))
     special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
                "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
+    # legacy=False + add_prefix_space=True: a "▁" before the text, none after special tokens (as
+    # SentencePiece encoding the text alone); with add_prefix_space=None transformers 4 adds none at all
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "legacy": False, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+              "legacy": False, "add_prefix_space": True, "clean_up_tokenization_spaces": False,
               "sp_model_kwargs": {}, "model_max_length": 1_000_000, **special}
+    chat = _chat_tokens(sp)
+    if chat:
+        from data_pipeline.chat import CHAT_TEMPLATE
+
+        # "additional_special_tokens" (transformers 4; read as "extra_special_tokens" by 5)
+        special["additional_special_tokens"] = list(chat.values())
+        config.update(special, chat_template=CHAT_TEMPLATE, added_tokens_decoder={
+            str(i): {"content": piece, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+                     "single_word": False} for i, piece in chat.items()})
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as fh:
         json.dump(special, fh, indent=2)
+
+
+def _chat_tokens(sp) -> dict[int, str]:
+    """id -> piece of the chat role tokens in a SentencePiece model ({} for a tokenizer trained without them)."""
+    from data_pipeline.tokenizer import CHAT_TOKENS
+
+    ids = {sp.piece_to_id(piece): piece for piece in CHAT_TOKENS}
+    return {} if sp.unk_id() in ids else ids
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,7 +277,7 @@ def import_run(hf_dir: str, run_dir: str, log=print) -> str:
     from lm import checkpoint
     from lm.config import Config, DataConfig, MeshConfig, to_dict
     from lm.sharding import make_mesh
-    from lm.train_step import make_trainer
+    from lm.engine import make_trainer
 
     mcfg, params = import_llama(hf_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -264,7 +289,7 @@ def import_run(hf_dir: str, run_dir: str, log=print) -> str:
                  mesh=MeshConfig(data=1, fsdp=1, tensor=1),
                  data=DataConfig(seq_len=min(mcfg.max_seq_len, 256), tokenizer=tok if os.path.exists(tok) else None))
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
-    state = trainer.init_state(0)  # fresh optimiser state; parameters replaced below
+    state, _ = trainer.init_state(0)  # fresh optimiser state; parameters replaced below
     new_params = jax.tree.map(lambda x: x, state.params)
     nnx.replace_by_pure_dict(new_params, params)
     state = dataclasses.replace(state, params=jax.device_put(new_params, trainer.state_sharding.params))

@@ -1,0 +1,268 @@
+"""SFT batches: conversations rendered with the chat template, packed whole, loss on replies.
+
+One road per source, as in pipeline.py: conversations (conversations.py) -> this shard's
+share -> shuffle per epoch -> render (data_pipeline/chat.py: ids + 0/1 assistant mask) ->
+fit to a row (truncate on a turn boundary, or drop) -> first-fit packing into rows of
+T+1 tokens -> inputs, targets, segment ids, positions, loss mask. The sources' rows are
+mixed by weight, batched and prefetched exactly as `RunData` does; `ChatData` is a
+`RunData` with another reading road, so `next_train`, `get_state` and `set_state` (exact
+resume) are RunData's own.
+
+Packing is always first-fit, never concatenate-and-split: a conversation is never cut
+across rows (the second half would be trained without its context); rows are padded
+where nothing else fits. The loss mask is packed alongside the tokens (a grain "meta"
+sequence feature: same offsets as the tokens, no segment ids of its own).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import grain
+import numpy as np
+
+from data_pipeline import chat
+from data_pipeline.config import DataConfig
+from data_pipeline.conversations import open_chat_source
+from data_pipeline.pipeline import DataStats, RunData, _absl_flags_parsed, _pad_batch, mixture
+from data_pipeline.sources import DataError, DocumentSource, Record, source_configs
+from data_pipeline.tokenizer import Tokenizer
+
+__all__ = ["ChatData", "ChatStats", "RenderChat", "chat_rows", "fit_conversation", "to_sft_example"]
+
+CHECK_RECORDS = 64  # records of each source rendered up front: one must be usable
+# Rendering is Python work on local files: a few reader threads and a short read-ahead do
+# not slow it down, and keep restarts (set_state) and GIL contention cheap.
+READ = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+
+
+class ChatStats(DataStats):
+    """DataStats plus a count of conversations cut to fit a row (not errors, reported apart)."""
+
+    def __init__(self, names, keep: int = 5):
+        super().__init__(names, keep)
+        self.truncated = {n: 0 for n in names}
+
+    def record_truncated(self, source: str) -> None:
+        with self._lock:
+            self.truncated[source] += 1
+
+    def report(self) -> str:
+        lines = [super().report()] if self.total() else []
+        lines += [f"source {n!r}: {k} conversation(s) longer than a row cut after their last whole turn that fits"
+                  for n, k in self.truncated.items() if k]
+        return "\n".join(lines)
+
+
+class TooLong(ValueError):
+    pass
+
+
+def fit_conversation(tokenizer: Tokenizer, messages: list[dict], max_len: int,
+                     long: str = "truncate") -> tuple[list[int], list[int], int | None]:
+    """Render `messages` in at most `max_len` tokens -> (ids, mask, assistant turns kept or None if whole).
+
+    "truncate" keeps the longest prefix ending with a whole assistant turn (its <|end|>
+    included) that fits; TooLong when not even the first reply fits, or with "drop".
+    """
+    ids, mask = chat.render(tokenizer, messages)
+    if len(ids) <= max_len:
+        return ids, mask, None
+    if long != "truncate":
+        raise TooLong(f"longer than the row ({len(ids)} tokens > {max_len})")
+    replies = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    # Closing <|end|> tokens of replies that fit in the full render: the likely number of
+    # replies kept. Re-render the prefix (so the template decides what a prefix looks
+    # like) and step back while it is still too long.
+    end = chat.chat_token_ids(tokenizer)["end"]
+    fits = sum(1 for i in range(max_len) if ids[i] == end and mask[i])
+    for n in range(min(fits, len(replies) - 1), 0, -1):
+        ids, mask = chat.render(tokenizer, messages[: replies[n - 1] + 1])
+        if len(ids) <= max_len:
+            return ids, mask, n
+    raise TooLong(f"longer than the row (its first reply needs more than {max_len} tokens)")
+
+
+class RenderChat(grain.transforms.Map):
+    """Record -> {"tokens": int32 [n], "mask": int32 [n]} with n <= max_len; n = 0 for a dropped record.
+
+    Bad records and conversations too long for a row are counted in `stats` (and a bad
+    record raises with `strict`; a too-long one never does: it is a length choice, not bad
+    input). `max_dropped_in_row` guards an infinite repeat of a source with nothing usable:
+    grain's filter would wait forever for a record, so that many drops in a row raise.
+    """
+
+    def __init__(self, tokenizer_path: str, max_len: int, long: str, source: str,
+                 stats: ChatStats | None, strict: bool, max_dropped_in_row: int | None = None):
+        self.tokenizer_path, self.max_len, self.long = tokenizer_path, max_len, long
+        self.source, self.stats, self.strict = source, stats, strict
+        self.max_dropped_in_row, self._dropped_in_row = max_dropped_in_row, 0
+        self._tok = None
+
+    def map(self, record: Record):
+        if self._tok is None:  # opened lazily: grain workers build their own
+            self._tok = Tokenizer(self.tokenizer_path)
+        try:
+            if record.text is None:
+                raise chat.ChatFormatError(record.error or "bad record")
+            ids, mask, kept = fit_conversation(self._tok, json.loads(record.text), self.max_len, self.long)
+        except (chat.ChatFormatError, TooLong, json.JSONDecodeError) as e:
+            if self.strict and not isinstance(e, TooLong):
+                raise DataError(f"source {self.source!r}: {record.where}: {e} "
+                                "(data.strict=true; set it false to skip and count bad records)") from e
+            if self.stats is not None:
+                self.stats.record_bad(self.source, record.where, str(e))
+            self._dropped_in_row += 1
+            if self.max_dropped_in_row is not None and self._dropped_in_row > self.max_dropped_in_row:
+                raise DataError(f"source {self.source!r}: {self._dropped_in_row} conversations in a row were "
+                                "unusable (more than an epoch of this shard); fix the data or its chat_format"
+                                + (f"\n{self.stats.report()}" if self.stats else "")) from e
+            return {"tokens": np.zeros((0,), np.int32), "mask": np.zeros((0,), np.int32)}
+        self._dropped_in_row = 0
+        if kept is not None and self.stats is not None:
+            self.stats.record_truncated(self.source)
+        return {"tokens": np.asarray(ids, np.int32), "mask": np.asarray(mask, np.int32)}
+
+
+def to_sft_example(row: dict, source_id: int = 0) -> dict:
+    """A packed row of T+1 tokens -> inputs/targets [T]; the loss is on reply tokens only.
+
+    Same keys and dtypes as pipeline.to_example. loss_mask[i] = mask[i+1] (target i+1 is a
+    reply token or the <|end|> closing a reply) and target i+1 is in the conversation of
+    input i (never predicted across conversations; padding has segment 0).
+    """
+    tokens, seg, pos, mask = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"], row["mask"]
+    same_conv = (seg[1:] == seg[:-1]) & (seg[1:] != 0)
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "segment_ids": seg[:-1],
+        "positions": pos[:-1],
+        "loss_mask": ((mask[1:] > 0) & same_conv).astype(np.float32),
+        "source_id": np.int32(source_id),
+    }
+
+
+def chat_rows(docs: DocumentSource, tokenizer_path: str, seq_len: int, *, source: str = "chat",
+              source_id: int = 0, seed: int = 0, shuffle: bool = True, repeat: bool = True,
+              process_index: int = 0, process_count: int = 1, long: str = "truncate",
+              stats: ChatStats | None = None, strict: bool = False, shuffle_rows: int = 0,
+              num_packing_bins: int = 16) -> grain.IterDataset:
+    """SFT examples (rows of `seq_len` inputs) of one conversation source, for one shard."""
+    if len(docs) == 0:
+        raise DataError(f"source {source!r} has no conversations (or its split is empty)")
+    ds = grain.MapDataset.source(docs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    n = len(ds)
+    if n == 0:
+        raise DataError(f"source {source!r} has fewer conversations than data.num_shards={process_count}")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)  # a new shuffle every epoch
+    # With one usable record per epoch, at most 2(n-1) drops come in a row (the end of one
+    # epoch, the start of the next); the margin covers the prefetch threads' reordering.
+    render = RenderChat(tokenizer_path, seq_len + 1, long, source, stats, strict,
+                        max_dropped_in_row=2 * n + 64 if repeat else None)
+    ds = ds.map(render).to_iter_dataset(READ).filter(lambda x: len(x["tokens"]) > 0)
+    length = {"tokens": seq_len + 1, "mask": seq_len + 1}
+    ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=length, meta_features=("mask",),
+                                                    num_packing_bins=num_packing_bins, seed=seed,
+                                                    shuffle_bins=shuffle)
+    if shuffle and shuffle_rows > 1:
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_rows, seed=seed)
+    return ds.map(lambda row: to_sft_example(row, source_id))
+
+
+def check_usable(docs: DocumentSource, tokenizer: Tokenizer, max_len: int, long: str, name: str,
+                 limit: int = CHECK_RECORDS) -> None:
+    """Fail now, with the reasons, if none of up to `limit` records spread over `docs` is usable."""
+    stats = ChatStats([name])
+    render = RenderChat(tokenizer.path, max_len, long, name, stats, strict=False)
+    render._tok = tokenizer
+    for i in np.unique(np.linspace(0, len(docs) - 1, min(len(docs), limit)).astype(int)):
+        if len(render.map(docs[int(i)])["tokens"]):
+            return
+    raise DataError(f"source {name!r}: none of the {stats.bad[name]} conversations checked is usable; "
+                    f"check its paths and chat_format. {stats.report()}")
+
+
+class ChatData(RunData):
+    """SFT training and held-out batches of one run, for this process (RunData's surface).
+
+    `tokenizer` must have the chat control tokens (a pretraining run's tokenizer from
+    data_pipeline.tokenizer.train_tokenizer has them). Every source must have kind "chat".
+    `data.packing` is ignored: conversations are always packed first-fit.
+    """
+
+    def __init__(self, data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eval_batches: int = 16,
+                 log: Callable = print, process_index: int | None = None, process_count: int | None = None):
+        import jax
+
+        # RunData.__init__ is not called: this is its reading road for conversations; the
+        # attributes that next_train/get_state/set_state use (data, _iters, num_shards) are set here.
+        d = self.data = data
+        try:
+            chat.chat_token_ids(tokenizer)  # an old tokenizer without role tokens fails here, in one line
+        except chat.ChatFormatError as e:
+            raise DataError(str(e)) from None
+        self.tokenizer, self.vocab_size = tokenizer, tokenizer.vocab_size
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        shards = d.num_shards or pc
+        if shards % pc or d.batch_size % shards:
+            raise DataError(f"data.num_shards={shards} must be a multiple of the {pc} processes and divide "
+                            f"data.batch_size={d.batch_size}; set --set data.num_shards=N accordingly")
+        self.num_shards, self.shard_ids = shards, list(range(pi, shards, pc))
+        self.local_batch = d.batch_size // pc
+        self.process_index, self.process_count = pi, pc
+        if d.corpus != "sources":
+            raise DataError(f"SFT reads conversations: set data.corpus='sources' with sources of kind 'chat' "
+                            f"(data.corpus is {d.corpus!r})")
+        configs = source_configs(d)
+        for c in configs:
+            if c.kind != "chat":
+                raise DataError(f"source {c.name!r} has kind {c.kind!r}; SFT reads conversations: set its "
+                                "kind to 'chat' (and its chat_format, default 'auto')")
+        self.names, self.weights = [c.name for c in configs], [c.weight for c in configs]
+        self.stats = ChatStats(self.names)
+        opened = [open_chat_source(c) for c in configs]
+        for c, (train, _) in zip(configs, opened):
+            if len(train) == 0:
+                raise DataError(f"source {c.name!r}: no training conversations found")
+            check_usable(train, tokenizer, d.seq_len + 1, d.long_conversations, c.name)
+
+        common = dict(process_count=shards, long=d.long_conversations, strict=d.strict)
+        self.datasets, self._iters = {}, {}
+        for shard in self.shard_ids:
+            streams = [chat_rows(train, tokenizer.path, d.seq_len, source=c.name, source_id=k,
+                                 seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows,
+                                 process_index=shard, **common)
+                       for k, (c, (train, _)) in enumerate(zip(configs, opened))]
+            ds = mixture(streams, self.weights).batch(d.batch_size // shards, drop_remainder=True)
+            if d.num_workers:
+                _absl_flags_parsed()  # grain's worker processes read absl flags
+                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+            if d.prefetch:
+                ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+            self.datasets[shard] = ds
+            self._iters[shard] = iter(ds)
+
+        # Held-out batches (fixed, unshuffled): every process reads them whole and keeps its rows.
+        self.heldout, self.heldout_bytes = {}, {}
+        byte_len = tokenizer.byte_lengths()
+        lo = pi * self.local_batch
+        for k, (c, (_, val)) in enumerate(zip(configs, opened)):
+            if len(val) == 0:
+                log(f"source {c.name!r} has no held-out conversations; it is not evaluated")
+                continue
+            rows = chat_rows(val, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
+                             repeat=False, long=d.long_conversations, strict=d.strict).batch(d.batch_size)
+            batches = [_pad_batch(b, d.batch_size) for b, _ in zip(rows, range(eval_batches))]
+            if batches:
+                self.heldout[c.name] = [{key: v[lo: lo + self.local_batch] for key, v in b.items()} for b in batches]
+                # bytes of reply text behind the predicted tokens, for bits per byte
+                self.heldout_bytes[c.name] = int(sum((byte_len[b["targets"]] * (b["loss_mask"] > 0)).sum()
+                                                     for b in batches))

@@ -1,0 +1,362 @@
+"""The one host loop every stage runs: data in, compiled steps, hooks, metrics out.
+
+A stage (`lm/stages/*.py`) hands the loop a `Setup`: the engine (objective, optimiser,
+shardings), its data, where the parameters start, and extra hooks. The loop owns what
+every stage needs and must get right once: resuming the run exactly (state, data
+iterator, metrics), starting from another run's parameters (`trainer.init_from`),
+preemption (SIGTERM/SIGINT save and exit), NaN/Inf steps, the progress bar, metrics in
+JSON Lines and TensorBoard, periodic evaluation and checkpoints.
+
+The step is asynchronous: the host fetches metrics (and so waits for the device) only on
+logging steps, so the next batch is prepared while the device computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from lm import checkpoint, perf
+from lm.checkpoint import Checkpointer
+from lm.config import Config, to_dict
+from lm.engine import Engine
+from lm.logger import MetricsLogger, plot_loss, read_metrics
+from lm.model import flops_per_token, param_count
+
+
+@dataclasses.dataclass
+class Hook:
+    """`fn(ctx, metrics)` after every `every` steps (0: only after the last step), on the
+    host, with the metrics of that step; it may add entries to `metrics` (they are
+    logged). `ctx` is the `Context` of the run."""
+
+    fn: Callable[["Context", dict], None]
+    every: int = 0
+    name: str = ""
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a stage gives the loop."""
+
+    engine: Engine
+    data: Any  # next_train(), get_state(), set_state(), heldout, heldout_bytes, stats, names, weights, tokenizer
+    meta: dict  # stored with every checkpoint (tokenizer hash, where the run started from, ...)
+    init_params: Callable[[], Any] | None = None  # full model parameters to start from (None: random)
+    hooks: list[Hook] = dataclasses.field(default_factory=list)
+    finish: Callable[["Context", dict], None] | None = None  # after the last step: report, samples
+
+
+@dataclasses.dataclass
+class Context:
+    """The run as hooks see it."""
+
+    cfg: Config
+    run_dir: str
+    engine: Engine
+    data: Any
+    state: Any
+    frozen: dict
+    log: Callable
+    main: bool
+    step: int = 0
+    evaluate: Callable | None = None  # evaluate(params=None) -> {"eval_loss": ..., ...}
+
+    @property
+    def model_params(self):
+        return self.engine.model_params(self.state.params, self.frozen)
+
+
+def evaluate(engine: Engine, eval_fn, params, frozen: dict, heldout: dict[str, list[dict]],
+             nbytes: dict[str, int] | None = None) -> dict[str, float]:
+    """Held-out metrics per source and overall. For next-token objectives: nats/token
+    ("eval_loss") and, when the text's bytes are known, bits per byte ("eval_bpb")."""
+    from data_pipeline.pipeline import global_batch
+
+    nbytes = nbytes or {}
+    out, totals = {}, {}
+    total_bytes = 0
+    for name, batches in heldout.items():
+        sums: dict[str, float] = {}
+        for b in batches:
+            r = jax.device_get(eval_fn(params, global_batch(b, engine.batch_sharding), frozen))
+            for k, v in r.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        w = max(sums.get("weight", 0.0), 1.0)
+        if len(heldout) > 1:
+            out.update({f"eval_{k}/{name}": v / w for k, v in sums.items() if k != "weight"})
+            if nbytes.get(name):
+                out[f"eval_bpb/{name}"] = sums["loss"] / np.log(2) / nbytes[name]
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + v
+        total_bytes += nbytes.get(name, 0)
+    w = max(totals.get("weight", 0.0), 1.0)
+    out.update({f"eval_{k}": v / w for k, v in totals.items() if k != "weight"})
+    out.setdefault("eval_loss", float("nan"))
+    if total_bytes and len(nbytes) == len(heldout) and "loss" in totals:
+        out["eval_bpb"] = totals["loss"] / np.log(2) / total_bytes
+    return out
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _truncate_metrics(run_dir: str, step: int) -> None:
+    """Drop metric lines logged after `step` (they are recomputed after a resume)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+
+
+def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress: bool = True,
+        resume: bool = True) -> dict:
+    """Train `setup` into `run_dir`; returns a summary dict (also saved as summary.json).
+
+    If `run_dir` holds checkpoints and `resume` is true, training continues from the
+    newest readable one, with the same data order; otherwise it starts fresh (from
+    `setup.init_params` if given).
+    """
+    t_cfg = cfg.trainer
+    engine, data = setup.engine, setup.data
+    mesh = engine.mesh
+    main = jax.process_index() == 0
+    n_params = param_count(cfg.model)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak, peak_src = perf.peak_flops_per_device(t_cfg.peak_flops_per_device)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    log(f"{cfg.name} ({cfg.stage}): {n_params / 1e6:.2f}M parameters"
+        + (f" ({_count(engine.abstract_state().params):,} trainable: LoRA rank {cfg.lora.rank})" if engine.lora else "")
+        + f", {fpt / 1e6:.1f} MFLOP/token, mesh {dict(mesh.shape)} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es); "
+        f"peak {peak / 1e9:.0f} GFLOP/s/device ({peak_src})")
+
+    ckpt = Checkpointer(run_dir, keep=t_cfg.checkpoint_keep, log=log)
+    meta = dict(setup.meta)
+    start = 0
+    restored = ckpt.restore_latest(engine.abstract_state()) if resume and ckpt.steps() else None
+    if restored is not None:
+        state, data_state, saved_meta, start = restored
+        if saved_meta.get("tokenizer_sha256") != meta.get("tokenizer_sha256"):
+            raise ValueError(f"the checkpoint at step {start} was trained with another tokenizer than "
+                             f"{run_dir}/tokenizer.model (vocabulary {saved_meta.get('vocab_size')}); "
+                             "restore the run's tokenizer, or start afresh with --fresh")
+        meta["init_from"] = saved_meta.get("init_from")  # the run's own origin, not today's config
+        frozen = {}
+        if engine.frozen_names:  # e.g. a LoRA run's base: re-read from where the run started
+            frozen = _frozen(engine, setup.init_params)
+        if data_state:
+            data.set_state(data_state)
+        if main:
+            _truncate_metrics(run_dir, start)
+        log(f"resumed from the checkpoint of step {start} in {ckpt.dir}")
+    else:
+        params = setup.init_params() if setup.init_params else None
+        state, frozen = engine.init_state(t_cfg.seed, params)
+        if main:  # a killed earlier attempt may have logged steps that left no checkpoint
+            _truncate_metrics(run_dir, 0)
+    step_fn = engine.compile_train_step()
+    eval_fn = engine.compile_eval_step()
+    logger = MetricsLogger(run_dir, enabled=main)
+    ctx = Context(cfg=cfg, run_dir=run_dir, engine=engine, data=data, state=state, frozen=frozen, log=log,
+                  main=main, step=start)
+    ctx.evaluate = lambda: evaluate(engine, eval_fn, ctx.state.params, ctx.frozen, data.heldout, data.heldout_bytes)
+
+    def data_state_now():
+        try:
+            return data.get_state()
+        except Exception:  # noqa: BLE001 -- a source without resumable state: save the rest
+            return None
+
+    steps = t_cfg.steps
+    source_tokens = np.zeros(len(data.names))  # realised training tokens per source
+    reported_bad, loss_ema, stopped, last_save_time = "", None, None, time.time()
+    bar = None
+    if progress and main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
+    t_last, steps_since, wait_since = None, 0, 0.0
+    loss_sum = None  # device-side sum of the losses since the last log line
+    compile_s = 0.0
+    last_metrics: dict = {}
+    last_evals: dict = {}
+    eval_loss = float("nan")
+    if start >= steps:
+        log(f"the run is already complete ({start} of {steps} steps); evaluating it")
+        last_evals = ctx.evaluate()
+        eval_loss = last_evals["eval_loss"]
+    with _Preemption() as preempt:
+        try:
+            for step in range(start, steps):
+                t0 = time.perf_counter()
+                local = data.next_train()
+                batch = {k: local[k] for k in engine.objective.batch_axes}
+                from data_pipeline.pipeline import global_batch
+
+                batch = global_batch(batch, engine.batch_sharding)
+                wait = time.perf_counter() - t0
+                if "source_id" in local and "segment_ids" in local:
+                    np.add.at(source_tokens, local["source_id"], (local["segment_ids"] > 0).sum(axis=1))
+                state, metrics = step_fn(state, batch, frozen)
+                ctx.state, ctx.step = state, step + 1
+                # Sum the loss on the device (no sync) so each log line is the interval's mean.
+                loss_sum = metrics["loss"] if loss_sum is None or steps_since == 0 else loss_sum + metrics["loss"]
+                if bar is not None:
+                    bar.update(1)
+                first = step == start
+                if first:  # the first step compiles; throughput is timed from its end
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - t0
+                    log(f"compiled the train step in {compile_s:.1f}s")
+                    t_last = time.perf_counter()
+                else:
+                    wait_since += wait
+                    steps_since += 1
+                last = step == steps - 1
+                do_eval = last or (t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0)
+                do_save = (t_cfg.checkpoint_every and (step + 1) % t_cfg.checkpoint_every == 0) or (
+                    t_cfg.checkpoint_minutes and time.time() - last_save_time > 60 * t_cfg.checkpoint_minutes)
+                due = [h for h in setup.hooks if (h.every and (step + 1) % h.every == 0) or (last and not h.every)]
+                if (first or (step + 1) % t_cfg.log_every == 0 or last or do_eval or do_save or due
+                        or preempt.signal):
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    m["loss"] = float(loss_sum) / max(steps_since, 1)  # mean over the interval
+                    now = time.perf_counter()
+                    if steps_since:  # step 1 has no throughput: it includes compilation
+                        step_time = (now - t_last) / steps_since
+                        tps = tokens_per_step / step_time
+                        m.update(step_time_s=step_time, tokens_per_s=tps,
+                                 mfu=fpt * tps / (peak * jax.device_count()),
+                                 data_wait_fraction=wait_since / (now - t_last))
+                    if len(data.names) > 1 and source_tokens.sum():  # realised share of tokens per source
+                        m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
+                    if data.stats.total():
+                        m["bad_records"] = data.stats.total()
+                    report = data.stats.report()
+                    if report and report != reported_bad:  # bad (or truncated) records: say so when it changes
+                        log(report)
+                        reported_bad = report
+                    bad_streak, skipped = int(state.bad_streak), int(state.skipped)
+                    if skipped:
+                        m["skipped_steps"] = skipped
+                    if np.isfinite(m["loss"]):
+                        if loss_ema is not None and m["loss"] > loss_ema + max(0.5, 0.25 * loss_ema):
+                            log(f"loss spike at step {step + 1}: {m['loss']:.3f} (recent mean {loss_ema:.3f})")
+                        loss_ema = m["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * m["loss"]
+                    if bad_streak >= t_cfg.max_bad_steps:
+                        logger.log(step + 1, m)
+                        stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss or gradient (each was "
+                                   f"skipped); stopping at step {step + 1}. The last good checkpoint is kept: "
+                                   f"{ckpt.steps()}; lower optim.lr or raise optim.clip_norm and resume")
+                        break
+                    if do_eval:
+                        last_evals = ctx.evaluate()
+                        m.update(last_evals)
+                        eval_loss = last_evals["eval_loss"]
+                    for h in due:
+                        h.fn(ctx, m)
+                    logger.log(step + 1, m)
+                    last_metrics = {**last_metrics, **m}
+                    if bar is not None and "tokens_per_s" in m:
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}",
+                                        mfu=f"{m['mfu']:.1%}")
+                    if (do_save or last or preempt.signal) and bad_streak == 0:
+                        ckpt.save(step + 1, state, data_state_now(), meta, {"eval_loss": eval_loss} if do_eval else None)
+                        last_save_time = time.time()
+                    t_last, steps_since, wait_since = time.perf_counter(), 0, 0.0
+                    if preempt.signal and not last:
+                        ckpt.wait()
+                        stopped = (f"received {preempt.signal}: saved the checkpoint of step {step + 1} in "
+                                   f"{ckpt.dir}; run the same command again to resume")
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+            ckpt.close()
+
+    ctx.state = state
+    summary = {"stage": cfg.stage, "steps": int(state.step), "params": n_params, "stopped": stopped,
+               "final_train_loss": last_metrics.get("loss", float("nan")), "heldout_loss": eval_loss,
+               "heldout": last_evals, "tokens_per_s": last_metrics.get("tokens_per_s"),
+               "mfu": last_metrics.get("mfu"), "compile_s": compile_s, "bad_records": data.stats.total(),
+               "skipped_steps": int(state.skipped), "resumed_from": start or None,
+               "init_from": meta.get("init_from")}
+    if stopped:
+        log(stopped)
+        return summary
+    if len(data.names) > 1 and source_tokens.sum():
+        summary["token_share"] = dict(zip(data.names, (source_tokens / source_tokens.sum()).tolist()))
+        summary["weights"] = dict(zip(data.names, (np.asarray(data.weights) / sum(data.weights)).tolist()))
+    if setup.finish is not None:
+        setup.finish(ctx, summary)
+    if main:
+        png = plot_loss(run_dir)
+        if png:
+            log(f"loss curve: {png}")
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _frozen(engine: Engine, init_params: Callable | None) -> dict:
+    """The frozen inputs of a resumed run, rebuilt from where it started."""
+    if engine.lora:
+        if init_params is None:
+            raise ValueError("a LoRA run needs its base model: set trainer.init_from to the run or Hugging Face "
+                             "folder it was started from")
+        params = jax.device_put(init_params(), engine.param_sharding)
+        return {"base": params}
+    return {}
+
+
+def write_config(cfg: Config, run_dir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+
+
+def remove_run(run_dir: str) -> None:
+    """`--fresh`: forget the old run's checkpoints and metrics."""
+    if jax.process_index() == 0:
+        checkpoint.remove(run_dir)
+        for name in ("metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))

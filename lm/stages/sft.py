@@ -1,0 +1,124 @@
+"""Supervised fine-tuning: next-token loss on the assistant turns of chat conversations.
+
+The objective is pretraining's (`NextToken`); what changes is the data: conversations
+(Alpaca, OpenAI `messages`, ShareGPT, LIMA records) rendered with the chat template
+(`data_pipeline/chat.py`), packed several to a row, and a loss mask that keeps only the
+assistant replies and their end tokens. The run starts from another run's parameters
+(`trainer.init_from`) and uses its tokenizer, which must have the chat role tokens.
+
+With `data.corpus="default"` the conversations are the embedded standard-library Q&A set
+(`data_pipeline/default_chat.py`): nothing to download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Callable
+
+from lm.config import Config, ConfigError
+from lm.engine import make_engine
+from lm.init import init_params_loader, source_tokenizer
+from lm.loop import Setup, evaluate
+from lm.objectives import NextToken
+from lm.stages.pretrain import print_samples, run_meta
+
+SAMPLE_QUESTIONS = ("What is the `json` module for?", "What does `os.path.join` do?",
+                    "How do I call `math.isclose`?", "Explain `collections.Counter`.")
+
+
+def tokenizer_path(cfg: Config, run_dir: str) -> str:
+    """The run's tokenizer: data.tokenizer, else the one stored in the run, else the base's."""
+    stored = os.path.join(run_dir, "tokenizer.model")
+    path = cfg.data.tokenizer or (stored if os.path.exists(stored) else None)
+    path = path or (cfg.trainer.init_from and source_tokenizer(cfg.trainer.init_from))
+    if not path:
+        raise ConfigError("SFT needs a tokenizer with chat role tokens: set trainer.init_from to a run that has "
+                          "one (e.g. runs/pretrain_tiny) or data.tokenizer=PATH.model")
+    return path
+
+
+def data_config(cfg: Config, run_dir: str):
+    """The run's chat sources; the default corpus is the embedded standard-library Q&A set."""
+    from data_pipeline.config import SourceConfig
+
+    d = cfg.data
+    if d.corpus == "default":
+        from data_pipeline import default_chat
+
+        path = default_chat.write_jsonl(os.path.join(run_dir, "data", "stdlib_chat.jsonl"), d.seed)
+        src = SourceConfig(name="stdlib_chat", kind="chat", paths=(path,), chat_format="messages",
+                           heldout_fraction=d.heldout_fraction)
+        return dataclasses.replace(d, corpus="sources", sources=(src,))
+    if d.corpus != "sources":
+        raise ConfigError(f"data.corpus={d.corpus!r}: SFT reads chat sources (data.corpus='sources' with "
+                          "kind='chat' sources) or the embedded set (data.corpus='default')")
+    return d
+
+
+def open_data(cfg: Config, run_dir: str, log: Callable = print, tokenizer=None):
+    from data_pipeline.chat_data import ChatData
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok = tokenizer or Tokenizer(tokenizer_path(cfg, run_dir))
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size="
+                          f"{cfg.model.vocab_size}; take the model config from the base run")
+    return ChatData(data_config(cfg, run_dir), run_dir, tokenizer=tok, eval_batches=cfg.trainer.eval_batches,
+                    log=log)
+
+
+def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok_path = tokenizer_path(cfg, run_dir)
+    stored = os.path.join(run_dir, "tokenizer.model")
+    if not os.path.exists(stored) or not os.path.samefile(tok_path, stored):
+        os.makedirs(run_dir, exist_ok=True)
+        shutil.copyfile(tok_path, stored + ".tmp")
+        os.replace(stored + ".tmp", stored)  # `lm chat RUN_DIR` finds it here
+    tok = Tokenizer(stored)
+    engine = make_engine(cfg, mesh, NextToken(cfg))
+    data = open_data(cfg, run_dir, log, tok)
+    loader = init_params_loader(cfg, engine, log)
+    if loader is None:
+        log("WARNING: SFT from random parameters (no trainer.init_from): set it to a pretrained run")
+    return Setup(engine=engine, data=data, meta=run_meta(cfg, tok), init_params=loader, finish=_finish(loader))
+
+
+def _finish(init_params):
+    def finish(ctx, summary: dict) -> None:
+        """Held-out assistant-token loss of the base model and of the fine-tuned one; samples."""
+        from data_pipeline.chat import generation_prompt
+
+        log = ctx.log
+        loss = summary["heldout_loss"]
+        if init_params is not None:
+            plain = make_engine(dataclasses.replace(ctx.cfg, lora=dataclasses.replace(ctx.cfg.lora, rank=0)),
+                                ctx.engine.mesh, ctx.engine.objective)
+            base = evaluate(plain, plain.compile_eval_step(), init_params(), {}, ctx.data.heldout)["eval_loss"]
+            summary["base_heldout_loss"] = base
+            log(f"held-out loss on assistant tokens: {base:.3f} before SFT -> {loss:.3f} after "
+                f"({'lower' if loss < base else 'NOT lower'})")
+        else:
+            log(f"held-out loss on assistant tokens: {loss:.3f}")
+        if ctx.cfg.trainer.num_samples > 0:
+            tok = ctx.data.tokenizer
+
+            def encode(q):
+                return generation_prompt(tok, [{"role": "user", "content": q}])
+
+            def decode(q, out):
+                return f"user: {q}\nassistant: {tok.decode([t for t in out if t not in _stop_ids(tok)])}" + (
+                    "  [end]" if out and out[-1] in _stop_ids(tok) else "  [no end token]")
+
+            summary["samples"] = print_samples(ctx, SAMPLE_QUESTIONS, encode, decode)
+
+    return finish
+
+
+def _stop_ids(tok) -> set[int]:
+    from data_pipeline.chat import chat_token_ids
+
+    return {chat_token_ids(tok)["end"], tok.eos_id}

@@ -1,0 +1,292 @@
+"""SFT on the one engine: packed = unpacked loss, zero gradient on masked tokens, starting
+from another run's parameters only, a run that learns, chat with the template, LoRA, and
+exact resume after SIGKILL."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from helpers import cpu_env, train_cmd, write_experiment  # noqa: E402
+
+from lm.config import (Config, DataConfig, LoraConfig, ModelConfig, OptimConfig, SourceConfig,  # noqa: E402
+                       TrainerConfig)
+
+BASE = """
+from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
+
+def config():
+    return Config(
+        name="base",
+        model=ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                          max_seq_len=64, attention_block=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        data=DataConfig(corpus="sources", seq_len=64, batch_size=8, tokenizer={tok!r}, prefetch=2,
+                        sources=(SourceConfig(name="a", kind="jsonl", paths=({a!r},)),)),
+        trainer=TrainerConfig(steps=20, log_every=5, checkpoint_every=10, eval_batches=2, num_samples=0))
+"""
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+
+
+def _conversations(n: int, seed: int = 0) -> list[dict]:
+    """Learnable chats: the assistant repeats the user's words in reverse order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        turns = []
+        for _ in range(1 + i % 2):
+            words = list(rng.choice(WORDS, rng.integers(2, 5)))
+            turns += [{"role": "user", "content": "reverse: " + " ".join(words)},
+                      {"role": "assistant", "content": " ".join(words[::-1])}]
+        if i % 3 == 0:
+            turns = [{"role": "system", "content": "You reverse words."}] + turns
+        out.append({"messages": turns})
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A briefly pretrained base run (with a tokenizer that has the chat role tokens) and chat data."""
+    from lm import experiment
+    from lm.train import train
+
+    d = tmp_path_factory.mktemp("sft")
+    exp = write_experiment(d, BASE, "base")
+    cfg = experiment.load(exp)
+    run = d / "base_run"
+    train(cfg, str(run), log=lambda *_: None, progress=False)
+    chat = d / "chat.jsonl"
+    chat.write_text("".join(json.dumps(c) + "\n" for c in _conversations(400)))
+    return {"dir": d, "run": str(run), "chat": str(chat), "cfg": cfg}
+
+
+def sft_config(base, **trainer) -> Config:
+    t = dict(steps=30, log_every=1, eval_every=15, eval_batches=2, checkpoint_every=5, num_samples=0,
+             init_from=base["run"])
+    t.update(trainer)
+    return Config(
+        name="sft", stage="sft", model=base["cfg"].model,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        data=DataConfig(corpus="sources", seq_len=64, batch_size=8, prefetch=2,
+                        sources=(SourceConfig(name="chat", kind="chat", paths=(base["chat"],), heldout_fraction=0.1),)),
+        trainer=TrainerConfig(**t))
+
+
+def _engine_and_batch(base, cfg=None):
+    from data_pipeline.pipeline import global_batch
+    from lm.engine import make_engine
+    from lm.sharding import make_mesh
+    from lm.stages import sft
+
+    cfg = cfg or sft_config(base)
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1))
+    engine = make_engine(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    data = sft.open_data(cfg, str(base["dir"] / "scratch"), log=lambda *_: None)
+    local = data.next_train()
+    return engine, data, local, global_batch({k: local[k] for k in engine.objective.batch_axes}, engine.batch_sharding)
+
+
+def test_packed_sft_loss_equals_unpacked(base_run):
+    """The loss of a packed batch equals the loss of its conversations each in a row of its own."""
+    engine, _, local, batch = _engine_and_batch(base_run)
+    state, _ = engine.init_state(0)
+    _, aux = engine.loss_fn(state.params, batch)
+    packed_sum = float(aux["loss"] * aux["weight"])
+    rows = []
+    for r in range(local["inputs"].shape[0]):
+        seg = local["segment_ids"][r]
+        assert len(set(seg[seg > 0].tolist())) >= 2 or r > 0  # the first row packs several conversations
+        for s in sorted(set(seg[seg > 0].tolist())):
+            idx = np.flatnonzero(seg == s)
+            row = {k: np.zeros_like(local[k][r]) for k in engine.objective.batch_axes}
+            for k in row:
+                row[k][: len(idx)] = local[k][r][idx]
+            row["segment_ids"][: len(idx)] = 1
+            assert row["positions"][0] == 0  # positions restart in every conversation
+            rows.append(row)
+    total, count = 0.0, 0.0
+    for i in range(0, len(rows), 8):
+        chunk = rows[i: i + 8]
+        chunk += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (8 - len(chunk))
+        b = {k: jnp.asarray(np.stack([c[k] for c in chunk])) for k in rows[0]}
+        _, a = engine.loss_fn(state.params, b)
+        total += float(a["loss"] * a["weight"])
+        count += float(a["weight"])
+    assert count == float(aux["weight"])  # the same assistant tokens are counted
+    np.testing.assert_allclose(packed_sum, total, rtol=2e-5)
+
+
+def test_masked_tokens_get_exactly_zero_gradient(base_run):
+    """The gradient of the SFT loss reaches the logits of assistant targets only, and
+    changing a non-assistant target token leaves the loss bit-identical."""
+    engine, _, local, batch = _engine_and_batch(base_run)
+    state, _ = engine.init_state(0)
+    model = engine.model(state.params)
+    from lm.losses import cross_entropy
+
+    b, t = batch["inputs"].shape
+    h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits = model.logits(h)
+    mask = batch["loss_mask"].reshape(-1)
+    g = jax.grad(lambda lg: cross_entropy(lg, batch["targets"].reshape(-1), mask, 0.0)[0])(logits)
+    g = np.asarray(g)
+    off = np.asarray(mask) == 0
+    assert off.sum() > 0 and (~off).sum() > 0
+    assert np.all(g[off] == 0.0)
+    assert np.abs(g[~off]).sum(axis=-1).min() > 0
+    # the user/system/template tokens as targets do not matter
+    targets = np.array(local["targets"])
+    targets[local["loss_mask"] == 0] = 7
+    changed = dict(batch, targets=jnp.asarray(targets))
+    assert float(engine.loss_fn(state.params, batch)[0]) == float(engine.loss_fn(state.params, changed)[0])
+
+
+def test_init_from_reads_parameters_only(base_run, tmp_path):
+    """Starting from a run reads its parameters, from its newest or a named checkpoint, onto
+    this run's layout; another model shape is refused before any work."""
+    import shutil
+
+    from lm.checkpoint import Checkpointer
+    from lm.engine import make_engine
+    from lm.init import load_params
+    from lm.run import load_run
+    from lm.sharding import make_mesh
+
+    src = tmp_path / "src"
+    shutil.copytree(base_run["run"], src)
+    cfg = sft_config(base_run, init_from=str(src))
+    engine = make_engine(cfg, make_mesh(dataclasses.replace(cfg.mesh, data=1), jax.devices()[:1]))
+    params, step = load_params(str(src), engine.abstract_params(), log=lambda *_: None)
+    assert step == 20
+    ref = load_run(base_run["run"], log=lambda *_: None)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a named step
+    _, step10 = load_params(str(src), engine.abstract_params(), step=10, log=lambda *_: None)
+    assert step10 == 10
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+        load_params(str(src), engine.abstract_params(), step=7, log=lambda *_: None)
+    # another shape: a clear error before any work
+    from lm.config import ConfigError
+    from lm.init import check_model_matches
+
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32))
+    with pytest.raises(ConfigError, match="another model shape.*d_model"):
+        check_model_matches(bad, str(src))
+    ckpt = Checkpointer(base_run["run"])
+    ckpt.close()
+
+
+def test_sft_run_learns_records_origin_and_chats(base_run, tmp_path):
+    from lm.chat import Chat, is_chat_model
+    from lm.run import load_run
+    from lm.train import train
+
+    logs = []
+    run = tmp_path / "sft"
+    summary = train(sft_config(base_run, steps=60, eval_every=30, num_samples=2, sample_tokens=8), str(run),
+                    log=logs.append, progress=False)
+    text = "\n".join(map(str, logs))
+    assert summary["base_heldout_loss"] > summary["heldout_loss"] + 0.5, text
+    assert "before SFT" in text and "parameters from" in text
+    assert summary["init_from"]["path"] == base_run["run"]
+    assert os.path.exists(run / "tokenizer.model")
+    loaded = load_run(str(run), log=lambda *_: None)
+    assert is_chat_model(loaded)
+    assert not is_chat_model(load_run(base_run["run"], log=lambda *_: None))
+    chat = Chat(loaded, max_new=12, temperature=0.0)
+    reply = chat.reply("reverse: quick fox")
+    assert chat.ended and len(chat.history) == 4 - 2  # one exchange
+    assert isinstance(reply, str)
+    # a second run of the same command resumes the SFT run itself (not the base again)
+    logs2 = []
+    summary2 = train(sft_config(base_run, steps=60, eval_every=30), str(run), log=logs2.append, progress=False)
+    assert any("already complete" in str(m) for m in logs2)
+    assert summary2["init_from"]["path"] == base_run["run"]
+
+
+def test_lora_trains_only_adapters_and_merges(base_run, tmp_path):
+    from lm import lora
+    from lm.checkpoint import Checkpointer
+    from lm.engine import make_engine
+    from lm.run import load_run
+    from lm.sharding import make_mesh
+    from lm.train import train
+
+    cfg = dataclasses.replace(sft_config(base_run, steps=12, eval_every=6, checkpoint_every=6),
+                              lora=LoraConfig(rank=4, alpha=8.0))
+    run = tmp_path / "lora"
+    summary = train(cfg, str(run), log=lambda *_: None, progress=False)
+    assert summary["heldout_loss"] < summary["base_heldout_loss"]
+    engine = make_engine(cfg, make_mesh(dataclasses.replace(cfg.mesh, data=1), jax.devices()[:1]))
+    state = engine.abstract_state()
+    n_adapters = lora.count(state.params)
+    moments = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * n_adapters  # AdamW's two moments, of the adapters only
+    ck = Checkpointer(str(run))
+    restored = ck.restore_latest(engine.abstract_state())
+    ck.close()
+    assert set(restored[0].params) == set(cfg.lora.targets)  # the checkpoint holds adapters
+    # the merged model differs from the base (the adapters were trained) and equals base+adapters
+    merged = load_run(str(run), log=lambda *_: None)
+    base = load_run(base_run["run"], log=lambda *_: None)
+    x = jnp.asarray(np.arange(16).reshape(1, 16) % 300 + 4)
+    assert not np.allclose(merged.model()(x), base.model()(x), atol=1e-4)
+    frozen = {"base": jax.device_put(base.params, engine.param_sharding)}
+    unmerged = engine.model(engine.model_params(restored[0].params, frozen))(x)
+    np.testing.assert_allclose(np.asarray(merged.model()(x)), np.asarray(unmerged), atol=1e-5)
+
+
+SFT_EXPERIMENT = """
+import dataclasses, sys
+sys.path.insert(0, {tests!r})
+from test_sft import sft_config
+from lm import experiment
+
+def config():
+    base = {{"run": {run!r}, "chat": {chat!r}, "cfg": experiment.load({exp!r})}}
+    return sft_config(base, steps=16, log_every=1, checkpoint_every=2, eval_every=8)
+"""
+
+
+def test_sigkill_during_sft_then_resume_gives_identical_losses(base_run, tmp_path):
+    exp = tmp_path / "sft_exp.py"
+    exp.write_text(SFT_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)), run=base_run["run"],
+                                         chat=base_run["chat"], exp=str(base_run["dir"] / "base.py")))
+
+    def losses(run):
+        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+        return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+    ref = tmp_path / "ref"
+    p = subprocess.run(train_cmd(str(exp), ref), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import time
+
+    t0 = time.time()
+    path = run / "metrics.jsonl"
+    while time.time() - t0 < 240 and proc.poll() is None:
+        if path.exists() and sum(1 for _ in open(path)) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = subprocess.run(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from the checkpoint of step" in p.stdout + p.stderr
+    assert losses(run) == losses(ref)
