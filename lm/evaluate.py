@@ -303,13 +303,24 @@ def model_logits(graphdef, params, tokens):
 
 
 def _heldout(run, log) -> dict:
-    from data_pipeline.pipeline import RunData
+    """Held-out loss of the run's own data: pretraining text, or for SFT runs the loss on
+    the assistant tokens of the held-out conversations."""
     from lm.train import evaluate
 
-    data = RunData(run.cfg.data, os.path.dirname(run.tokenizer.path), vocab_size=run.cfg.model.vocab_size,
-                   eval_batches=run.cfg.trainer.eval_batches, log=lambda *_: None)
+    run_dir = os.path.dirname(run.tokenizer.path)
+    if run.cfg.stage == "sft":
+        from lm.stages import sft
+
+        data = sft.open_data(run.cfg, run_dir, log=lambda *_: None, tokenizer=run.tokenizer)
+    else:
+        from data_pipeline.pipeline import RunData
+
+        data = RunData(run.cfg.data, run_dir, vocab_size=run.cfg.model.vocab_size,
+                       eval_batches=run.cfg.trainer.eval_batches, log=lambda *_: None)
     out = evaluate(run.trainer, run.trainer.compile_eval_step(), run.params, {}, data.heldout, data.heldout_bytes)
     out["ppl"] = math.exp(out["eval_loss"])
+    if run.cfg.stage == "sft":
+        out["tokens"] = "assistant"
     return out
 
 

@@ -259,6 +259,7 @@ def config():
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_sft_then_resume_gives_identical_losses(base_run, tmp_path):
     exp = tmp_path / "sft_exp.py"
     exp.write_text(SFT_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)), run=base_run["run"],
@@ -290,3 +291,28 @@ def test_sigkill_during_sft_then_resume_gives_identical_losses(base_run, tmp_pat
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from the checkpoint of step" in p.stdout + p.stderr
     assert losses(run) == losses(ref)
+
+
+def test_extra_scalar_head_without_copying_the_transformer(base_run):
+    """A model with a reward head is the same transformer plus a (D,) vector: it starts from a
+    run without the head (the head at zero, every other parameter equal), and the head reads
+    the same final hidden states as the language-model logits."""
+    from lm.engine import make_engine
+    from lm.init import load_params
+    from lm.run import load_run
+    from lm.sharding import make_mesh
+
+    cfg = sft_config(base_run)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scalar_heads=("reward",)),
+                              mesh=dataclasses.replace(cfg.mesh, data=1))
+    engine = make_engine(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    params, _ = load_params(base_run["run"], engine.abstract_params(), log=lambda *_: None)
+    model = engine.model(params)
+    assert np.all(np.asarray(model.scalar_heads["reward"][...]) == 0)
+    base = load_run(base_run["run"], log=lambda *_: None).model()
+    x = jnp.asarray(np.arange(12).reshape(2, 6) + 4)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(base(x)))  # the LM is untouched
+    w = np.random.default_rng(0).normal(size=cfg.model.d_model).astype(np.float32)
+    model.scalar_heads["reward"][...] = jnp.asarray(w)
+    h = model.hidden(x)
+    np.testing.assert_allclose(np.asarray(model.scalar(h, "reward")), np.asarray(h) @ w, rtol=1e-5, atol=1e-5)

@@ -117,8 +117,17 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
     }
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
+    # Generation stops at EOS, and in a chat model also at the end-of-turn token.
+    stops = [eos_id]
     if tokenizer_model:
         _export_tokenizer(tokenizer_model, out_dir)
+        import sentencepiece as spm
+
+        end = _chat_tokens(spm.SentencePieceProcessor(model_file=tokenizer_model))
+        stops += [i for i, piece in end.items() if piece == "<|end|>"]
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as fh:
+        json.dump({"bos_token_id": bos_id, "eos_token_id": stops if len(stops) > 1 else eos_id,
+                   "pad_token_id": pad_id, "do_sample": False}, fh, indent=2)
     return out_dir
 
 
