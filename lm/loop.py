@@ -34,13 +34,18 @@ from lm.model import flops_per_token, param_count
 
 @dataclasses.dataclass
 class Hook:
-    """`fn(ctx, metrics)` after every `every` steps (0: only after the last step), on the
-    host, with the metrics of that step; it may add entries to `metrics` (they are
-    logged). `ctx` is the `Context` of the run."""
+    """`fn(ctx, metrics)` after every `every` steps and after the last one (`at_end`), on
+    the host, with that step's metrics fetched from the device; it may add entries to
+    `metrics` (they are logged). Hooks run in order: evaluation, the stage's own, then
+    the checkpoint (which records the held-out loss evaluation put in `metrics`)."""
 
     fn: Callable[["Context", dict], None]
     every: int = 0
+    at_end: bool = True
     name: str = ""
+
+    def due(self, ctx: "Context") -> bool:
+        return bool((self.every and ctx.step % self.every == 0) or (self.at_end and ctx.last))
 
 
 @dataclasses.dataclass
@@ -67,8 +72,10 @@ class Context:
     frozen: dict
     log: Callable
     main: bool
-    step: int = 0
-    evaluate: Callable | None = None  # evaluate(params=None) -> {"eval_loss": ..., ...}
+    step: int = 0  # steps done
+    last: bool = False  # the step just done is the run's last
+    preempted: str | None = None  # the signal received, if any
+    evaluate: Callable | None = None  # evaluate() -> {"eval_loss": ..., ...} of the current parameters
 
     @property
     def model_params(self):
@@ -140,6 +147,65 @@ def _truncate_metrics(run_dir: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+class _Checkpoints(Hook):
+    """Save every `trainer.checkpoint_every` steps and/or `checkpoint_minutes`, after the last
+    step and on preemption; never a state whose last step was skipped as non-finite."""
+
+    def __init__(self, ckpt: Checkpointer, cfg: Config, data, meta: dict):
+        super().__init__(self.save, cfg.trainer.checkpoint_every, True, "checkpoint")
+        self.ckpt, self.data, self.meta = ckpt, data, meta
+        self.minutes = cfg.trainer.checkpoint_minutes
+        self.last_time = time.time()
+
+    def due(self, ctx) -> bool:
+        late = self.minutes and time.time() - self.last_time > 60 * self.minutes
+        return super().due(ctx) or bool(late) or ctx.preempted is not None
+
+    def save(self, ctx, m: dict) -> None:
+        if int(ctx.state.bad_streak) == 0:
+            try:
+                data_state = self.data.get_state()
+            except Exception:  # noqa: BLE001 -- a source without resumable state: save the rest
+                data_state = None
+            self.ckpt.save(ctx.step, ctx.state, data_state, self.meta,
+                           {"eval_loss": m["eval_loss"]} if "eval_loss" in m else None)
+            self.last_time = time.time()
+
+
+class _Meter:
+    """Interval means and throughput: the loss is summed on the device (no sync), and the
+    host reads it, with the step time, only when metrics are logged."""
+
+    def __init__(self, tokens_per_step: int, fpt: float, peak: float):
+        self.tokens_per_step, self.fpt, self.peak = tokens_per_step, fpt, peak
+        self.loss_sum, self.steps, self.wait, self.t_last, self.compile_s = None, 0, 0.0, None, 0.0
+
+    def add(self, metrics: dict, wait: float, first: bool, t0: float, log: Callable) -> None:
+        self.loss_sum = metrics["loss"] if self.loss_sum is None or self.steps == 0 else self.loss_sum + metrics["loss"]
+        if first:  # the first step compiles; throughput is timed from its end
+            jax.block_until_ready(metrics)
+            self.compile_s = time.perf_counter() - t0
+            log(f"compiled the train step in {self.compile_s:.1f}s")
+            self.t_last = time.perf_counter()
+        else:
+            self.wait += wait
+            self.steps += 1
+
+    def read(self, metrics: dict) -> dict:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m["loss"] = float(self.loss_sum) / max(self.steps, 1)  # mean over the interval
+        now = time.perf_counter()
+        if self.steps:  # step 1 has no throughput: it includes compilation
+            step_time = (now - self.t_last) / self.steps
+            tps = self.tokens_per_step / step_time
+            m.update(step_time_s=step_time, tokens_per_s=tps, mfu=self.fpt * tps / (self.peak * jax.device_count()),
+                     data_wait_fraction=self.wait / (now - self.t_last))
+        return m
+
+    def restart(self) -> None:
+        self.t_last, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+
 def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress: bool = True,
         resume: bool = True) -> dict:
     """Train `setup` into `run_dir`; returns a summary dict (also saved as summary.json).
@@ -148,20 +214,21 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     newest readable one, with the same data order; otherwise it starts fresh (from
     `setup.init_params` if given).
     """
+    from data_pipeline.pipeline import global_batch
+
     t_cfg = cfg.trainer
     engine, data = setup.engine, setup.data
-    mesh = engine.mesh
     main = jax.process_index() == 0
     n_params = param_count(cfg.model)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, peak_src = perf.peak_flops_per_device(t_cfg.peak_flops_per_device)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     log(f"{cfg.name} ({cfg.stage}): {n_params / 1e6:.2f}M parameters"
         + (f" ({_count(engine.abstract_state().params):,} trainable: LoRA rank {cfg.lora.rank})" if engine.lora else "")
-        + f", {fpt / 1e6:.1f} MFLOP/token, mesh {dict(mesh.shape)} over {jax.device_count()} "
+        + f", {fpt / 1e6:.1f} MFLOP/token, mesh {dict(engine.mesh.shape)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es); "
         f"peak {peak / 1e9:.0f} GFLOP/s/device ({peak_src})")
 
+    # -- the state: resumed, or new (from init_from's parameters or random) ----------------
     ckpt = Checkpointer(run_dir, keep=t_cfg.checkpoint_keep, log=log)
     meta = dict(setup.meta)
     start = 0
@@ -173,9 +240,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                              f"{run_dir}/tokenizer.model (vocabulary {saved_meta.get('vocab_size')}); "
                              "restore the run's tokenizer, or start afresh with --fresh")
         meta["init_from"] = saved_meta.get("init_from")  # the run's own origin, not today's config
-        frozen = {}
-        if engine.frozen_names:  # e.g. a LoRA run's base: re-read from where the run started
-            frozen = _frozen(engine, setup.init_params)
+        frozen = _frozen(engine, setup.init_params) if engine.frozen_names else {}
         if data_state:
             data.set_state(data_state)
         if main:
@@ -188,132 +253,102 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
             _truncate_metrics(run_dir, 0)
     step_fn = engine.compile_train_step()
     eval_fn = engine.compile_eval_step()
-    logger = MetricsLogger(run_dir, enabled=main)
     ctx = Context(cfg=cfg, run_dir=run_dir, engine=engine, data=data, state=state, frozen=frozen, log=log,
                   main=main, step=start)
     ctx.evaluate = lambda: evaluate(engine, eval_fn, ctx.state.params, ctx.frozen, data.heldout, data.heldout_bytes)
 
-    def data_state_now():
-        try:
-            return data.get_state()
-        except Exception:  # noqa: BLE001 -- a source without resumable state: save the rest
-            return None
+    # -- hooks: evaluation, the stage's, checkpoints ---------------------------------------
+    results = {"evals": {}}
 
+    def evaluation(ctx, m):
+        results["evals"] = ctx.evaluate()
+        m.update(results["evals"])
+
+    hooks = [Hook(evaluation, t_cfg.eval_every, True, "evaluation"), *setup.hooks,
+             _Checkpoints(ckpt, cfg, data, meta)]
+    logger = MetricsLogger(run_dir, enabled=main)
+    meter = _Meter(cfg.data.batch_size * cfg.data.seq_len, fpt, peak)
     steps = t_cfg.steps
     source_tokens = np.zeros(len(data.names))  # realised training tokens per source
-    reported_bad, loss_ema, stopped, last_save_time = "", None, None, time.time()
+    reported, loss_ema, stopped = "", None, None
+    last_metrics: dict = {}
     bar = None
     if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
-    t_last, steps_since, wait_since = None, 0, 0.0
-    loss_sum = None  # device-side sum of the losses since the last log line
-    compile_s = 0.0
-    last_metrics: dict = {}
-    last_evals: dict = {}
-    eval_loss = float("nan")
     if start >= steps:
         log(f"the run is already complete ({start} of {steps} steps); evaluating it")
-        last_evals = ctx.evaluate()
-        eval_loss = last_evals["eval_loss"]
+        results["evals"] = ctx.evaluate()
+
+    # -- the loop ----------------------------------------------------------------------------
     with _Preemption() as preempt:
         try:
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 local = data.next_train()
-                batch = {k: local[k] for k in engine.objective.batch_axes}
-                from data_pipeline.pipeline import global_batch
-
-                batch = global_batch(batch, engine.batch_sharding)
+                batch = global_batch({k: local[k] for k in engine.objective.batch_axes}, engine.batch_sharding)
                 wait = time.perf_counter() - t0
                 if "source_id" in local and "segment_ids" in local:
                     np.add.at(source_tokens, local["source_id"], (local["segment_ids"] > 0).sum(axis=1))
                 state, metrics = step_fn(state, batch, frozen)
-                ctx.state, ctx.step = state, step + 1
-                # Sum the loss on the device (no sync) so each log line is the interval's mean.
-                loss_sum = metrics["loss"] if loss_sum is None or steps_since == 0 else loss_sum + metrics["loss"]
+                ctx.state, ctx.step, ctx.last, ctx.preempted = state, step + 1, step == steps - 1, preempt.signal
+                first = step == start
+                meter.add(metrics, wait, first, t0, log)
                 if bar is not None:
                     bar.update(1)
-                first = step == start
-                if first:  # the first step compiles; throughput is timed from its end
-                    jax.block_until_ready(metrics)
-                    compile_s = time.perf_counter() - t0
-                    log(f"compiled the train step in {compile_s:.1f}s")
-                    t_last = time.perf_counter()
-                else:
-                    wait_since += wait
-                    steps_since += 1
-                last = step == steps - 1
-                do_eval = last or (t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0)
-                do_save = (t_cfg.checkpoint_every and (step + 1) % t_cfg.checkpoint_every == 0) or (
-                    t_cfg.checkpoint_minutes and time.time() - last_save_time > 60 * t_cfg.checkpoint_minutes)
-                due = [h for h in setup.hooks if (h.every and (step + 1) % h.every == 0) or (last and not h.every)]
-                if (first or (step + 1) % t_cfg.log_every == 0 or last or do_eval or do_save or due
-                        or preempt.signal):
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    m["loss"] = float(loss_sum) / max(steps_since, 1)  # mean over the interval
-                    now = time.perf_counter()
-                    if steps_since:  # step 1 has no throughput: it includes compilation
-                        step_time = (now - t_last) / steps_since
-                        tps = tokens_per_step / step_time
-                        m.update(step_time_s=step_time, tokens_per_s=tps,
-                                 mfu=fpt * tps / (peak * jax.device_count()),
-                                 data_wait_fraction=wait_since / (now - t_last))
-                    if len(data.names) > 1 and source_tokens.sum():  # realised share of tokens per source
-                        m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
-                    if data.stats.total():
-                        m["bad_records"] = data.stats.total()
-                    report = data.stats.report()
-                    if report and report != reported_bad:  # bad (or truncated) records: say so when it changes
-                        log(report)
-                        reported_bad = report
-                    bad_streak, skipped = int(state.bad_streak), int(state.skipped)
-                    if skipped:
-                        m["skipped_steps"] = skipped
-                    if np.isfinite(m["loss"]):
-                        if loss_ema is not None and m["loss"] > loss_ema + max(0.5, 0.25 * loss_ema):
-                            log(f"loss spike at step {step + 1}: {m['loss']:.3f} (recent mean {loss_ema:.3f})")
-                        loss_ema = m["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * m["loss"]
-                    if bad_streak >= t_cfg.max_bad_steps:
-                        logger.log(step + 1, m)
-                        stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss or gradient (each was "
-                                   f"skipped); stopping at step {step + 1}. The last good checkpoint is kept: "
-                                   f"{ckpt.steps()}; lower optim.lr or raise optim.clip_norm and resume")
-                        break
-                    if do_eval:
-                        last_evals = ctx.evaluate()
-                        m.update(last_evals)
-                        eval_loss = last_evals["eval_loss"]
-                    for h in due:
-                        h.fn(ctx, m)
-                    logger.log(step + 1, m)
-                    last_metrics = {**last_metrics, **m}
-                    if bar is not None and "tokens_per_s" in m:
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}",
-                                        mfu=f"{m['mfu']:.1%}")
-                    if (do_save or last or preempt.signal) and bad_streak == 0:
-                        ckpt.save(step + 1, state, data_state_now(), meta, {"eval_loss": eval_loss} if do_eval else None)
-                        last_save_time = time.time()
-                    t_last, steps_since, wait_since = time.perf_counter(), 0, 0.0
-                    if preempt.signal and not last:
-                        ckpt.wait()
-                        stopped = (f"received {preempt.signal}: saved the checkpoint of step {step + 1} in "
-                                   f"{ckpt.dir}; run the same command again to resume")
-                        break
+                due = [h for h in hooks if h.due(ctx)]
+                if not (first or ctx.step % t_cfg.log_every == 0 or due):
+                    continue
+                # A logging step: fetch the metrics (this waits for the device).
+                m = meter.read(metrics)
+                if len(data.names) > 1 and source_tokens.sum():  # realised share of tokens per source
+                    m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
+                if data.stats.total():
+                    m["bad_records"] = data.stats.total()
+                report = data.stats.report()
+                if report and report != reported:  # bad (or truncated) records: say so when it changes
+                    log(report)
+                    reported = report
+                bad_streak, skipped = int(state.bad_streak), int(state.skipped)
+                if skipped:
+                    m["skipped_steps"] = skipped
+                if np.isfinite(m["loss"]):
+                    if loss_ema is not None and m["loss"] > loss_ema + max(0.5, 0.25 * loss_ema):
+                        log(f"loss spike at step {ctx.step}: {m['loss']:.3f} (recent mean {loss_ema:.3f})")
+                    loss_ema = m["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * m["loss"]
+                if bad_streak >= t_cfg.max_bad_steps:
+                    logger.log(ctx.step, m)
+                    stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss or gradient (each was "
+                               f"skipped); stopping at step {ctx.step}. The last good checkpoint is kept: "
+                               f"{ckpt.steps()}; lower optim.lr or raise optim.clip_norm and resume")
+                    break
+                for hook in due:
+                    hook.fn(ctx, m)
+                logger.log(ctx.step, m)
+                last_metrics = {**last_metrics, **m}
+                if bar is not None and "tokens_per_s" in m:
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", mfu=f"{m['mfu']:.1%}")
+                meter.restart()
+                if ctx.preempted and not ctx.last:  # (the signal as the hooks saw it: they saved)
+                    ckpt.wait()
+                    stopped = (f"received {ctx.preempted}: saved the checkpoint of step {ctx.step} in "
+                               f"{ckpt.dir}; run the same command again to resume")
+                    break
         finally:
             if bar is not None:
                 bar.close()
             logger.close()
             ckpt.close()
 
-    ctx.state = state
+    # -- the summary -------------------------------------------------------------------------
+    evals = results["evals"]
     summary = {"stage": cfg.stage, "steps": int(state.step), "params": n_params, "stopped": stopped,
-               "final_train_loss": last_metrics.get("loss", float("nan")), "heldout_loss": eval_loss,
-               "heldout": last_evals, "tokens_per_s": last_metrics.get("tokens_per_s"),
-               "mfu": last_metrics.get("mfu"), "compile_s": compile_s, "bad_records": data.stats.total(),
-               "skipped_steps": int(state.skipped), "resumed_from": start or None,
-               "init_from": meta.get("init_from")}
+               "final_train_loss": last_metrics.get("loss", float("nan")),
+               "heldout_loss": evals.get("eval_loss", float("nan")), "heldout": evals,
+               "tokens_per_s": last_metrics.get("tokens_per_s"), "mfu": last_metrics.get("mfu"),
+               "compile_s": meter.compile_s, "bad_records": data.stats.total(), "skipped_steps": int(state.skipped),
+               "resumed_from": start or None, "init_from": meta.get("init_from")}
     if stopped:
         log(stopped)
         return summary
