@@ -187,32 +187,94 @@ def test_init_from_reads_parameters_only(base_run, tmp_path):
     ckpt.close()
 
 
-def test_sft_run_learns_records_origin_and_chats(base_run, tmp_path):
-    from lm.chat import Chat, is_chat_model
-    from lm.run import load_run
+@pytest.fixture(scope="module")
+def sft_run(base_run):
     from lm.train import train
 
     logs = []
-    run = tmp_path / "sft"
+    run = base_run["dir"] / "sft_run"
     summary = train(sft_config(base_run, steps=60, eval_every=30, num_samples=2, sample_tokens=8), str(run),
                     log=logs.append, progress=False)
-    text = "\n".join(map(str, logs))
+    return {"run": str(run), "summary": summary, "logs": "\n".join(map(str, logs))}
+
+
+def test_sft_run_learns_records_origin_and_resumes_itself(base_run, sft_run):
+    from lm.train import train
+
+    summary, text, run = sft_run["summary"], sft_run["logs"], sft_run["run"]
     assert summary["base_heldout_loss"] > summary["heldout_loss"] + 0.5, text
     assert "before SFT" in text and "parameters from" in text
     assert summary["init_from"]["path"] == base_run["run"]
-    assert os.path.exists(run / "tokenizer.model")
-    loaded = load_run(str(run), log=lambda *_: None)
+    assert os.path.exists(os.path.join(run, "tokenizer.model"))
+    # a second run of the same command resumes the SFT run itself (not the base again)
+    logs2 = []
+    summary2 = train(sft_config(base_run, steps=60, eval_every=30), run, log=logs2.append, progress=False)
+    assert any("already complete" in str(m) for m in logs2)
+    assert any("resumed from the checkpoint of step 60" in str(m) for m in logs2)
+    assert summary2["init_from"]["path"] == base_run["run"]
+    assert summary2["heldout_loss"] == pytest.approx(summary["heldout_loss"], rel=1e-6)
+
+
+def test_chat_with_the_template_keeps_history_within_the_context(base_run, sft_run):
+    from lm.chat import Chat, is_chat_model
+    from lm.run import load_run
+
+    loaded = load_run(sft_run["run"], log=lambda *_: None)
     assert is_chat_model(loaded)
     assert not is_chat_model(load_run(base_run["run"], log=lambda *_: None))
     chat = Chat(loaded, max_new=12, temperature=0.0)
     reply = chat.reply("reverse: quick fox")
-    assert chat.ended and len(chat.history) == 4 - 2  # one exchange
-    assert isinstance(reply, str)
-    # a second run of the same command resumes the SFT run itself (not the base again)
-    logs2 = []
-    summary2 = train(sft_config(base_run, steps=60, eval_every=30), str(run), log=logs2.append, progress=False)
-    assert any("already complete" in str(m) for m in logs2)
-    assert summary2["init_from"]["path"] == base_run["run"]
+    assert isinstance(reply, str) and len(chat.history) == 2
+    # the context is 64 tokens: long exchanges push the oldest ones out of the prompt
+    for _ in range(4):
+        chat.reply("reverse: " + " ".join(WORDS[:6]))
+    ids = chat.prompt_ids("reverse: dog")
+    assert len(ids) <= loaded.cfg.model.max_seq_len - chat.max_new and chat.dropped > 0
+    assert ids[0] == loaded.tokenizer.bos_id  # trimmed by whole exchanges, never mid-template
+    chat.reset()
+    assert chat.history == [] and chat.dropped == 0
+
+
+def test_cli_chat_and_sample(base_run, sft_run, monkeypatch, capsys):
+    from lm.cli import main
+
+    lines = iter(["reverse: lazy dog", "/reset", "reverse: hex", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", sft_run["run"], "--temperature", "0", "--max-new", "12", "--system", "You reverse."]) == 0
+    out = capsys.readouterr().out
+    assert "chatting with" in out and "system prompt 'You reverse.'" in out and "(history cleared)" in out
+    lines = iter(["the quick", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", base_run["run"], "--max-new", "4"]) == 0
+    assert "is a base model" in capsys.readouterr().out
+    assert main(["sample", base_run["run"], "--chat", "hi"]) == 2
+    assert "base model" in capsys.readouterr().err
+    assert main(["sample", sft_run["run"], "--chat", "reverse: fox dog", "--temperature", "0", "--max-new", "8"]) == 0
+
+
+def test_eval_reports_assistant_token_loss(sft_run):
+    from lm.evaluate import evaluate_run
+
+    r = evaluate_run(sft_run["run"], ["heldout"], log=lambda *_: None)
+    assert r["heldout"]["tokens"] == "assistant"
+    assert r["heldout"]["eval_loss"] == pytest.approx(sft_run["summary"]["heldout_loss"], rel=1e-4)
+
+
+def test_init_from_a_hugging_face_folder(base_run, tmp_path):
+    from lm.engine import make_engine
+    from lm.init import load_params
+    from lm.interop.hf import export_run
+    from lm.run import load_run
+    from lm.sharding import make_mesh
+
+    hf = export_run(base_run["run"], str(tmp_path / "hf"), log=lambda *_: None)
+    cfg = sft_config(base_run, init_from=hf)
+    engine = make_engine(cfg, make_mesh(dataclasses.replace(cfg.mesh, data=1), jax.devices()[:1]))
+    params, step = load_params(hf, engine.abstract_params())
+    assert step is None
+    ref = load_run(base_run["run"], log=lambda *_: None).params
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_lora_trains_only_adapters_and_merges(base_run, tmp_path):
