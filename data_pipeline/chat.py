@@ -134,8 +134,16 @@ CHAT_TEMPLATE = (
     "{{- raise_exception('message ' ~ loop.index0 ~ ': content must be a string') -}}"
     "{%- endif -%}"
     "{{- '<|' ~ message['role'] ~ '|>' -}}"
+    # An assistant's text and its <|end|> are what SFT trains on: marked as a `generation`
+    # block, so transformers' return_assistant_tokens_mask (and TRL's assistant-only loss)
+    # find exactly our loss mask. The markers add no text.
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
     "{%- if message['content'] -%}{{- ' ' ~ message['content'] -}}{%- endif -%}"
     "{{- '<|end|>' -}}"
+    "{%- endgeneration -%}{%- else -%}"
+    "{%- if message['content'] -%}{{- ' ' ~ message['content'] -}}{%- endif -%}"
+    "{{- '<|end|>' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "{%- if messages[-1]['role'] != 'user' -%}"

@@ -25,7 +25,7 @@ import numpy as np
 from data_pipeline import chat
 from data_pipeline.config import DataConfig
 from data_pipeline.conversations import open_chat_source
-from data_pipeline.pipeline import DataStats, RunData, _absl_flags_parsed, _pad_batch, mixture
+from data_pipeline.pipeline import DataStats, RunData
 from data_pipeline.sources import DataError, DocumentSource, Record, source_configs
 from data_pipeline.tokenizer import Tokenizer
 
@@ -199,25 +199,15 @@ class ChatData(RunData):
 
     def __init__(self, data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eval_batches: int = 16,
                  log: Callable = print, process_index: int | None = None, process_count: int | None = None):
-        import jax
-
-        # RunData.__init__ is not called: this is its reading road for conversations; the
-        # attributes that next_train/get_state/set_state use (data, _iters, num_shards) are set here.
+        # RunData.__init__ is not called: this is its reading road for conversations, on the
+        # same shard layout (`_layout`) and assembly of streams and held-out batches (`_build`).
         d = self.data = data
         try:
             chat.chat_token_ids(tokenizer)  # an old tokenizer without role tokens fails here, in one line
         except chat.ChatFormatError as e:
             raise DataError(str(e)) from None
         self.tokenizer, self.vocab_size = tokenizer, tokenizer.vocab_size
-        pi = jax.process_index() if process_index is None else process_index
-        pc = jax.process_count() if process_count is None else process_count
-        shards = d.num_shards or pc
-        if shards % pc or d.batch_size % shards:
-            raise DataError(f"data.num_shards={shards} must be a multiple of the {pc} processes and divide "
-                            f"data.batch_size={d.batch_size}; set --set data.num_shards=N accordingly")
-        self.num_shards, self.shard_ids = shards, list(range(pi, shards, pc))
-        self.local_batch = d.batch_size // pc
-        self.process_index, self.process_count = pi, pc
+        self._layout(process_index, process_count)
         if d.corpus != "sources":
             raise DataError(f"SFT reads conversations: set data.corpus='sources' with sources of kind 'chat' "
                             f"(data.corpus is {d.corpus!r})")
@@ -234,35 +224,13 @@ class ChatData(RunData):
                 raise DataError(f"source {c.name!r}: no training conversations found")
             check_usable(train, tokenizer, d.seq_len + 1, d.long_conversations, c.name)
 
-        common = dict(process_count=shards, long=d.long_conversations, strict=d.strict)
-        self.datasets, self._iters = {}, {}
-        for shard in self.shard_ids:
-            streams = [chat_rows(train, tokenizer.path, d.seq_len, source=c.name, source_id=k,
-                                 seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows,
-                                 process_index=shard, **common)
-                       for k, (c, (train, _)) in enumerate(zip(configs, opened))]
-            ds = mixture(streams, self.weights).batch(d.batch_size // shards, drop_remainder=True)
-            if d.num_workers:
-                _absl_flags_parsed()  # grain's worker processes read absl flags
-                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-            if d.prefetch:
-                ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
-            self.datasets[shard] = ds
-            self._iters[shard] = iter(ds)
+        def rows(docs, k: int, shard: int | None):  # shard None: the held-out rows, in order, once
+            c = configs[k]
+            if shard is None:
+                return chat_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
+                                 repeat=False, long=d.long_conversations, strict=d.strict)
+            return chat_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, seed=d.seed + 1000 * k,
+                             stats=self.stats, shuffle_rows=d.shuffle_rows, process_index=shard,
+                             process_count=self.num_shards, long=d.long_conversations, strict=d.strict)
 
-        # Held-out batches (fixed, unshuffled): every process reads them whole and keeps its rows.
-        self.heldout, self.heldout_bytes = {}, {}
-        byte_len = tokenizer.byte_lengths()
-        lo = pi * self.local_batch
-        for k, (c, (_, val)) in enumerate(zip(configs, opened)):
-            if len(val) == 0:
-                log(f"source {c.name!r} has no held-out conversations; it is not evaluated")
-                continue
-            rows = chat_rows(val, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
-                             repeat=False, long=d.long_conversations, strict=d.strict).batch(d.batch_size)
-            batches = [_pad_batch(b, d.batch_size) for b, _ in zip(rows, range(eval_batches))]
-            if batches:
-                self.heldout[c.name] = [{key: v[lo: lo + self.local_batch] for key, v in b.items()} for b in batches]
-                # bytes of reply text behind the predicted tokens, for bits per byte
-                self.heldout_bytes[c.name] = int(sum((byte_len[b["targets"]] * (b["loss_mask"] > 0)).sum()
-                                                     for b in batches))
+        self._build(configs, opened, rows, eval_batches, log)

@@ -191,19 +191,9 @@ class RunData:
 
     def __init__(self, data: DataConfig, run_dir: str, *, vocab_size: int, eval_batches: int = 16,
                  log: Callable = print, process_index: int | None = None, process_count: int | None = None):
-        import jax
-
         d = self.data = data
         self.vocab_size = vocab_size
-        pi = jax.process_index() if process_index is None else process_index
-        pc = jax.process_count() if process_count is None else process_count
-        shards = d.num_shards or pc
-        if shards % pc or d.batch_size % shards:
-            raise DataError(f"data.num_shards={shards} must be a multiple of the {pc} processes and divide "
-                            f"data.batch_size={d.batch_size}; set --set data.num_shards=N accordingly")
-        self.num_shards, self.shard_ids = shards, list(range(pi, shards, pc))
-        self.local_batch = d.batch_size // pc
-        self.process_index, self.process_count = pi, pc
+        pi, pc = self._layout(process_index, process_count)
         self.tokenizer: Tokenizer | None = None
         self.heldout_bytes: dict[str, int] = {}
         if d.corpus == "synthetic":
@@ -246,14 +236,44 @@ class RunData:
         if not d.cache_dir:
             self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)],
                                              run_dir, pi, pc, log)
-        common = dict(process_count=shards, packing=d.packing, strict=d.strict)
+
+        def rows(docs, k: int, shard: int | None):  # shard None: the held-out rows, in order, once
+            c = configs[k]
+            if shard is None:
+                return packed_rows(docs, self.tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
+                                   repeat=False, packing=d.packing, strict=d.strict)
+            return packed_rows(docs, self.tokenizer.path, d.seq_len, source=c.name, source_id=k,
+                               seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows,
+                               process_index=shard, process_count=self.num_shards, packing=d.packing,
+                               strict=d.strict)
+
+        self._build(configs, opened, rows, eval_batches, log)
+
+    def _layout(self, process_index: int | None, process_count: int | None) -> tuple[int, int]:
+        """This process's logical data shards and rows of the global batch."""
+        import jax
+
+        d = self.data
+        pi = jax.process_index() if process_index is None else process_index
+        pc = jax.process_count() if process_count is None else process_count
+        shards = d.num_shards or pc
+        if shards % pc or d.batch_size % shards:
+            raise DataError(f"data.num_shards={shards} must be a multiple of the {pc} processes and divide "
+                            f"data.batch_size={d.batch_size}; set --set data.num_shards=N accordingly")
+        self.num_shards, self.shard_ids = shards, list(range(pi, shards, pc))
+        self.local_batch = d.batch_size // pc
+        self.process_index, self.process_count = pi, pc
+        return pi, pc
+
+    def _build(self, configs, opened, rows: Callable, eval_batches: int, log: Callable) -> None:
+        """The training iterators (one per data shard of this process: the sources' rows mixed
+        by weight, batched, prefetched) and the fixed held-out batches of every source.
+        `rows(docs, k, shard)` is source k's stream of examples (shard None: held out)."""
+        d = self.data
         self.datasets, self._iters = {}, {}
         for shard in self.shard_ids:
-            streams = [packed_rows(train, self.tokenizer.path, d.seq_len, source=c.name, source_id=k,
-                                   seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows,
-                                   process_index=shard, **common)
-                       for k, (c, (train, _)) in enumerate(zip(configs, opened))]
-            ds = mixture(streams, self.weights).batch(d.batch_size // shards, drop_remainder=True)
+            streams = [rows(train, k, shard) for k, (train, _) in enumerate(opened)]
+            ds = mixture(streams, self.weights).batch(d.batch_size // self.num_shards, drop_remainder=True)
             if d.num_workers:
                 _absl_flags_parsed()  # grain's worker processes read absl flags
                 ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
@@ -262,16 +282,15 @@ class RunData:
             self.datasets[shard] = ds
             self._iters[shard] = iter(ds)
         # Held-out batches: every process reads them whole and keeps its rows.
-        self.heldout = {}
+        self.heldout, self.heldout_bytes = {}, {}
         byte_len = self.tokenizer.byte_lengths()
-        lo = pi * self.local_batch
+        lo = self.process_index * self.local_batch
         for k, (c, (_, val)) in enumerate(zip(configs, opened)):
             if len(val) == 0:
-                log(f"source {c.name!r} has no held-out documents; it is not evaluated")
+                log(f"source {c.name!r} has nothing held out; it is not evaluated")
                 continue
-            rows = packed_rows(val, self.tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
-                               repeat=False, packing=d.packing, strict=d.strict).batch(d.batch_size)
-            batches = [_pad_batch(b, d.batch_size) for b, _ in zip(rows, range(eval_batches))]
+            batches = [_pad_batch(b, d.batch_size)
+                       for b, _ in zip(rows(val, k, None).batch(d.batch_size), range(eval_batches))]
             if batches:
                 self.heldout[c.name] = [{key: v[lo: lo + self.local_batch] for key, v in b.items()} for b in batches]
                 # bytes of text behind the predicted tokens, for bits per byte (global, every process)
