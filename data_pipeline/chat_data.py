@@ -48,6 +48,10 @@ class ChatStats(DataStats):
         with self._lock:
             self.truncated[source] += 1
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Counts logged with the training metrics (besides bad records)."""
+        return {"truncated": dict(self.truncated)}
+
     def report(self) -> str:
         lines = [super().report()] if self.total() else []
         lines += [f"source {n!r}: {k} conversation(s) longer than a row cut after their last whole turn that fits"

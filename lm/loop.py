@@ -270,7 +270,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     meter = _Meter(cfg.data.batch_size * cfg.data.seq_len, fpt, peak)
     steps = t_cfg.steps
     source_tokens = np.zeros(len(data.names))  # realised training tokens per source
-    reported, loss_ema, stopped = "", None, None
+    reported, loss_ema, stopped = 0, None, None
     last_metrics: dict = {}
     bar = None
     if progress and main:
@@ -306,10 +306,11 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                     m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
                 if data.stats.total():
                     m["bad_records"] = data.stats.total()
-                report = data.stats.report()
-                if report and report != reported:  # bad (or truncated) records: say so when it changes
-                    log(report)
-                    reported = report
+                    if data.stats.total() > reported:  # new bad records: say so (once per logging step)
+                        log(data.stats.report())
+                        reported = data.stats.total()
+                m.update({f"{k}/{n}": v for k, per in getattr(data.stats, "counters", lambda: {})().items()
+                          for n, v in per.items() if v})
                 bad_streak, skipped = int(state.bad_streak), int(state.skipped)
                 if skipped:
                     m["skipped_steps"] = skipped
@@ -349,6 +350,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                "tokens_per_s": last_metrics.get("tokens_per_s"), "mfu": last_metrics.get("mfu"),
                "compile_s": meter.compile_s, "bad_records": data.stats.total(), "skipped_steps": int(state.skipped),
                "resumed_from": start or None, "init_from": meta.get("init_from")}
+    if data.stats.report():
+        log(data.stats.report())
     if stopped:
         log(stopped)
         return summary
