@@ -19,7 +19,7 @@ import json
 import os
 import random
 
-from data_pipeline.default_corpus import _docstring, _read, documents  # noqa: F401
+from data_pipeline.default_corpus import _read, documents
 
 SYSTEM = "You are a concise assistant who knows the Python standard library."
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 from typing import Any, Callable, Iterator, Sequence
 
 import grain

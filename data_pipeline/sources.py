@@ -401,11 +401,19 @@ def open_source(cfg: SourceConfig) -> tuple[DocumentSource, DocumentSource]:
         if cfg.validation_paths:  # for TFDS, validation_paths names the validation split
             return train, TFDS(cfg.tfds_name, cfg.validation_paths[0], cfg.text_field, cfg.tfds_data_dir)
         return _hash_split(train, cfg.heldout_fraction)
+    if cfg.kind == "chat":
+        raise DataError(f"source {cfg.name!r} has kind 'chat': conversations are read by an SFT run "
+                        "(Config(stage='sft')); for pretraining text use kind jsonl/json/text/...")
     if not cfg.paths:
         raise DataError(f"source {cfg.name!r}: no paths given")
-    train = _open(cfg, cfg.paths)
-    if cfg.validation_paths:
-        return train, _open(cfg, cfg.validation_paths)
+    try:
+        train = _open(cfg, cfg.paths)
+        if cfg.validation_paths:
+            return train, _open(cfg, cfg.validation_paths)
+    except DataError as e:
+        if str(e).startswith("source "):
+            raise
+        raise DataError(f"source {cfg.name!r}: {e}") from None
     return _hash_split(train, cfg.heldout_fraction)
 
 

@@ -264,14 +264,14 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
     sharding = run.trainer.batch_sharding["inputs"]
     data_ways = sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"]
     batch_size = -(-batch_size // data_ways) * data_ways  # every device gets whole rows
-    if run.tokenizer is None:
-        raise ValueError(f"{run_dir} has no tokenizer.model: task evaluation needs one")
+    if run.tokenizer is None and any(t != "heldout" for t in tasks):
+        raise FileNotFoundError(f"{run_dir} has no tokenizer.model: task evaluation needs one")
     logits_fn = partial(model_logits, run.graphdef)
     max_len = run.cfg.model.max_seq_len
     results: dict = {"run": run_dir, "step": run.step}
     for task in tasks:
         if task == "heldout":
-            results[task] = _heldout(run, log)
+            results[task] = _heldout(run, run_dir, log)
             continue
         if task in GEN_TASKS:
             items = load_generation_task(task, data_dir)
@@ -291,8 +291,12 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
         else:
             results[task] = score_multiple_choice(logits_fn, run.params, run.tokenizer, items, max_len,
                                                   batch_size, progress, task, sharding)
-    with open(os.path.join(run_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    for task in tasks:  # each task's figures say which checkpoint they are of
+        results[task]["step"] = run.step
+    # Earlier results of other tasks are kept (merged per task); strict JSON.
+    from lm.rundir import merge_json
+
+    merge_json(os.path.join(run_dir, "eval.json"), results)
     return results
 
 
@@ -302,12 +306,11 @@ def model_logits(graphdef, params, tokens):
     return nnx.merge(graphdef, params)(tokens)
 
 
-def _heldout(run, log) -> dict:
+def _heldout(run, run_dir: str, log) -> dict:
     """Held-out loss of the run's own data: pretraining text, or for SFT runs the loss on
     the assistant tokens of the held-out conversations."""
     from lm.train import evaluate
 
-    run_dir = os.path.dirname(run.tokenizer.path)
     if run.cfg.stage == "sft":
         from lm.stages import sft
 

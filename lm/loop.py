@@ -24,12 +24,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lm import checkpoint, perf
+from lm import perf
 from lm.checkpoint import Checkpointer
 from lm.config import Config, to_dict
 from lm.engine import Engine
 from lm.logger import MetricsLogger, plot_loss, read_metrics
 from lm.model import flops_per_token, param_count
+from lm.rundir import RunDirError, merge_json
 
 
 @dataclasses.dataclass
@@ -247,9 +248,15 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
             _truncate_metrics(run_dir, start)
         log(f"resumed from the checkpoint of step {start} in {ckpt.dir}")
     else:
+        if resume and ckpt.steps():
+            raise RunDirError(f"no checkpoint of {run_dir} restores (tried steps {ckpt.steps()}; see the warnings "
+                              "above); nothing was changed: use --fresh to start over or another --run-dir")
+        if resume and os.path.exists(os.path.join(run_dir, "summary.json")):
+            raise RunDirError(f"{run_dir} holds a finished run whose checkpoints are gone; nothing was changed: "
+                              "use --fresh to start over or another --run-dir")
         params = setup.init_params() if setup.init_params else None
         state, frozen = engine.init_state(t_cfg.seed, params)
-        if main:  # a killed earlier attempt may have logged steps that left no checkpoint
+        if main:  # a killed earlier attempt may have logged steps before its first checkpoint
             _truncate_metrics(run_dir, 0)
     step_fn = engine.compile_train_step()
     eval_fn = engine.compile_eval_step()
@@ -364,8 +371,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
         png = plot_loss(run_dir)
         if png:
             log(f"loss curve: {png}")
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        # A re-run of a finished run only re-evaluates: keep the figures of the run itself.
+        summary = merge_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
 
 
@@ -385,16 +392,15 @@ def _frozen(engine: Engine, init_params: Callable | None) -> dict:
 
 
 def write_config(cfg: Config, run_dir: str) -> None:
+    """The run's resolved config as RUN_DIR/config.json (left alone when it is unchanged)."""
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-
-
-def remove_run(run_dir: str) -> None:
-    """`--fresh`: forget the old run's checkpoints and metrics."""
-    if jax.process_index() == 0:
-        checkpoint.remove(run_dir)
-        for name in ("metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(run_dir, name)):
-                os.remove(os.path.join(run_dir, name))
+        path = os.path.join(run_dir, "config.json")
+        text = json.dumps(to_dict(cfg), indent=2)
+        if os.path.exists(path):
+            with open(path) as f:
+                if f.read() == text:
+                    return
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)

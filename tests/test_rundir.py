@@ -1,0 +1,154 @@
+"""Never lose a run: refusing incompatible configs instead of starting over, --fresh that
+checks before it deletes, one process per run directory, results kept and strict JSON."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
+from lm.rundir import RunDirError, RunLock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(steps=6, **model) -> Config:
+    m = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=16)
+    m.update(model)
+    return Config(name="guard", model=ModelConfig(**m), optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                  data=DataConfig(corpus="synthetic", seq_len=16, batch_size=8),
+                  trainer=TrainerConfig(steps=steps, log_every=1, checkpoint_every=2, eval_batches=1, num_samples=0))
+
+
+def _train(cfg, run, **kw):
+    from lm.train import train
+
+    logs = []
+    summary = train(cfg, str(run), log=logs.append, progress=False, **kw)
+    return summary, "\n".join(map(str, logs))
+
+
+def _snapshot(run):
+    """Every file of a run directory with its size and modification time."""
+    out = {}
+    for dirpath, _, files in os.walk(run):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if f != ".lock":
+                st = os.stat(p)
+                out[os.path.relpath(p, run)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def finished(tmp_path):
+    run = tmp_path / "run"
+    _train(tiny(), run)
+    return run
+
+
+def test_another_model_shape_is_refused_and_nothing_changes(finished):
+    before = _snapshot(finished)
+    with pytest.raises(RunDirError) as e:
+        _train(tiny(d_model=64, d_ff=128), finished)
+    msg = str(e.value)
+    assert "model.d_model: 32 -> 64" in msg and "--fresh" in msg and "--run-dir" in msg and "\n" not in msg
+    assert _snapshot(finished) == before  # no checkpoint deleted, no metric truncated, config kept
+
+
+def test_settings_that_keep_the_shapes_continue_and_say_so(finished):
+    cfg = tiny(steps=8)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=5e-4))
+    summary, logs = _train(cfg, finished)
+    assert "continuing" in logs and "optim.lr: 0.001 -> 0.0005" in logs and "trainer.steps: 6 -> 8" in logs
+    assert "resumed from the checkpoint of step 6" in logs and summary["steps"] == 8
+
+
+def test_unreadable_checkpoints_are_refused_not_replaced(finished):
+    for step in os.listdir(finished / "checkpoints"):
+        for dirpath, _, files in os.walk(finished / "checkpoints" / step / "state"):
+            for f in files:
+                with open(os.path.join(dirpath, f), "r+b") as fh:
+                    fh.truncate(os.path.getsize(os.path.join(dirpath, f)) // 3)
+    before = _snapshot(finished)
+    with pytest.raises(RunDirError, match="no checkpoint of .* restores"):
+        _train(tiny(), finished)
+    assert _snapshot(finished) == before
+
+
+def test_a_finished_run_without_checkpoints_is_refused(finished):
+    shutil.rmtree(finished / "checkpoints")
+    before = _snapshot(finished)
+    with pytest.raises(RunDirError, match="finished run whose checkpoints are gone"):
+        _train(tiny(), finished)
+    assert _snapshot(finished) == before
+
+
+def test_fresh_checks_before_it_deletes(finished, tmp_path):
+    before = _snapshot(finished)
+    bad = dataclasses.replace(tiny(), data=DataConfig(corpus="sources", seq_len=16, batch_size=8, sources=(
+        SourceConfig(name="gone", kind="jsonl", paths=(str(tmp_path / "missing*.jsonl"),)),)))
+    with pytest.raises(Exception, match="gone"):
+        _train(bad, finished, resume=False)
+    assert _snapshot(finished) == before  # the old run is back, untouched
+    summary, logs = _train(tiny(d_model=64, d_ff=128), finished, resume=False)
+    assert "resumed" not in logs and summary["steps"] == 6
+    rows = [json.loads(line) for line in open(finished / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # only the new run's metrics
+    assert json.load(open(finished / "config.json"))["model"]["d_model"] == 64
+    assert not [n for n in os.listdir(finished) if n.startswith(".replaced")]
+
+
+def test_a_second_process_on_the_run_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(str(run)):
+        with pytest.raises(RunDirError, match=f"in use by pid {os.getpid()}"):
+            _train(tiny(), run)
+    assert not os.path.exists(run / "metrics.jsonl")
+    # a killed holder leaves no stale lock: the kernel releases it with the process
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from lm.rundir import RunLock\n"
+        "with RunLock(%r):\n    print('locked', flush=True); time.sleep(60)\n") % (ROOT, str(run))],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunDirError, match=f"in use by pid {holder.pid}"):
+        _train(tiny(), run)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    summary, _ = _train(tiny(), run)
+    assert summary["steps"] == 6
+
+
+def test_rerunning_a_finished_run_keeps_its_figures_in_strict_json(finished):
+    first = json.load(open(finished / "summary.json"))
+    summary, logs = _train(tiny(), finished)
+    assert "already complete" in logs
+    text = open(finished / "summary.json").read()
+    again = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert again["final_train_loss"] == first["final_train_loss"] and again["tokens_per_s"] == first["tokens_per_s"]
+    assert again["heldout_loss"] == pytest.approx(first["heldout_loss"], rel=1e-6)
+
+
+def test_eval_results_of_other_tasks_are_kept(finished):
+    from lm.evaluate import evaluate_run
+
+    with open(finished / "eval.json", "w") as f:
+        json.dump({"hellaswag": {"acc": 0.25, "step": 6}}, f)
+    evaluate_run(str(finished), ["heldout"], log=lambda *_: None)
+    kept = json.load(open(finished / "eval.json"))
+    assert kept["hellaswag"] == {"acc": 0.25, "step": 6} and kept["heldout"]["step"] == 6
+
+
+def test_run_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        _train(tiny(), f)
