@@ -18,6 +18,22 @@ def guess_kind(path: str) -> str:
     return "text"
 
 
+def _positive(kind):
+    """An argparse type: a positive number, checked at parse time."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be positive")
+        return v
+
+    return parse
+
+
 def add_tokenizer_parser(sub, load_experiment) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -28,9 +44,9 @@ def add_tokenizer_parser(sub, load_experiment) -> None:
     t.add_argument("--experiment", help="use the sources (and weights) of this experiment instead")
     t.add_argument("--text-field", default="text", help="JSON/Parquet field holding the text")
     t.add_argument("--doc-per", default="file", choices=["file", "block", "line"], help="text files: document unit")
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--vocab-size", type=_positive(int), required=True)
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    t.add_argument("--sample-mb", type=float, default=20.0, help="megabytes of text to train on")
+    t.add_argument("--sample-mb", type=_positive(float), default=20.0, help="megabytes of text to train on")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="tokenizer", help="output prefix: writes OUT.model")
     t.set_defaults(fn=cmd_tokenizer_train, load_experiment=load_experiment)

@@ -82,10 +82,15 @@ class DataStats:
 
 
 class Tokenize(grain.transforms.Map):
-    """Record -> {"tokens": int32 [BOS, ..., EOS]}; a bad record gives no tokens (and is counted)."""
+    """Record -> {"tokens": int32 [BOS, ..., EOS]}; a bad record gives no tokens (and is counted).
 
-    def __init__(self, tokenizer_path: str, source: str, stats: DataStats | None, strict: bool):
+    `max_bad_in_row` guards an endless repeat of a source with nothing usable (grain's
+    filter would wait for a good record forever): that many bad records in a row raise."""
+
+    def __init__(self, tokenizer_path: str, source: str, stats: DataStats | None, strict: bool,
+                 max_bad_in_row: int | None = None):
         self.tokenizer_path, self.source, self.stats, self.strict = tokenizer_path, source, stats, strict
+        self.max_bad_in_row, self._bad_in_row = max_bad_in_row, 0
         self._tok = None
 
     def map(self, record: Record):
@@ -99,7 +104,13 @@ class Tokenize(grain.transforms.Map):
                                 "(data.strict=true; set it false to skip and count bad records)")
             if self.stats is not None:
                 self.stats.record_bad(self.source, record.where, record.error or "bad record")
+            self._bad_in_row += 1
+            if self.max_bad_in_row is not None and self._bad_in_row > self.max_bad_in_row:
+                raise DataError(f"source {self.source!r}: {self._bad_in_row} records in a row were unusable (more "
+                                "than an epoch of this shard); fix the source's paths, kind or text_field"
+                                + (f": {self.stats.report()}" if self.stats else ""))
             return {"tokens": np.zeros((0,), np.int32)}
+        self._bad_in_row = 0
         return {"tokens": np.asarray(self._tok.encode(record.text, bos=True, eos=True), np.int32)}
 
 
@@ -113,6 +124,18 @@ class SplitLong(grain.experimental.FlatMapTransform):
     def flat_map(self, element):
         t = element["tokens"]
         return [{"tokens": t[i: i + self.length]} for i in range(0, max(len(t), 1), self.length)]
+
+
+def check_usable(docs: DocumentSource, name: str, limit: int = 64) -> None:
+    """Fail now, with the reasons, if none of up to `limit` documents spread over `docs` has text."""
+    stats = DataStats([name])
+    for i in np.unique(np.linspace(0, len(docs) - 1, min(len(docs), limit)).astype(int)):
+        rec = docs[int(i)]
+        if rec.tokens is not None and len(rec.tokens) or (rec.text and rec.text.strip()):
+            return
+        stats.record_bad(name, rec.where, rec.error or "empty document")
+    raise DataError(f"source {name!r}: none of the {stats.bad[name]} documents checked (spread over its "
+                    f"{len(docs)}) has usable text; check its paths, kind and text_field. {stats.report()}")
 
 
 def to_example(row: dict, source_id: int = 0) -> dict:
@@ -144,7 +167,7 @@ def packed_rows(docs: DocumentSource, tokenizer_path: str, seq_len: int, *, sour
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)  # a new shuffle every epoch
-    ds = ds.map(Tokenize(tokenizer_path, source, stats, strict)).to_iter_dataset()
+    ds = ds.map(Tokenize(tokenizer_path, source, stats, strict, max_bad_in_row=2 * len(docs) + 64)).to_iter_dataset()
     ds = ds.filter(lambda x: len(x["tokens"]) > 2)
     length = {"tokens": seq_len + 1}
     if packing == "first_fit":
@@ -229,9 +252,11 @@ class RunData:
                 shutil.copyfile(self.tokenizer.path, os.path.join(run_dir, "tokenizer.model"))
         else:
             opened = [open_source(c) for c in configs]
-        for c, (train, _) in zip(configs, opened):
+        for c, (train, val) in zip(configs, opened):
             if len(train) == 0:
-                raise DataError(f"source {c.name!r}: no training documents found")
+                raise DataError(f"source {c.name!r}: no training documents found ({len(val)} held out); check its "
+                                "paths, and heldout_fraction for a very small source")
+            check_usable(train, c.name)
         if not d.cache_dir:
             self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)],
                                              run_dir, pi, pc, log)

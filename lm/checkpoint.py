@@ -125,7 +125,10 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
                    log: Callable = print) -> tuple[Any, int]:
     """The parameters alone of a run's newest readable checkpoint (or of `step`), laid out
     as `abstract_params` says: the optimiser moments are never read."""
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")))
+    directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    if not os.path.isdir(directory):  # (and create nothing there)
+        raise FileNotFoundError(f"{run_dir} has no checkpoint (no checkpoints/ folder); train it first")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
     try:
         steps = sorted(manager.all_steps(), reverse=True)
         if step is not None:

@@ -83,14 +83,14 @@ def cmd_info(args) -> int:
 def cmd_export_hf(args) -> int:
     from lm.interop.hf import export_run
 
-    export_run(args.run_dir, args.out_dir, log=_log)
+    export_run(args.run_dir, args.out_dir, log=_log, force=args.force)
     return 0
 
 
 def cmd_import_hf(args) -> int:
     from lm.interop.hf import import_run
 
-    import_run(args.hf_dir, args.run_dir, log=_log)
+    import_run(args.hf_dir, args.run_dir, log=_log, force=args.force)
     return 0
 
 
@@ -237,6 +237,21 @@ def cmd_bench(args) -> int:
     return bench.main(args.which)
 
 
+def _number(kind, low=None, high=None, low_open=False, what=""):
+    """An argparse type: a number in [low, high] ((low, high] with low_open), checked at parse time."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return v
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lm", description="Train and inspect language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -272,16 +287,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def decoding_args(sp):
         sp.add_argument("run_dir")
-        sp.add_argument("--max-new", type=int, default=128)
-        sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-        sp.add_argument("--top-k", type=int, default=0)
-        sp.add_argument("--top-p", type=float, default=0.95)
+        sp.add_argument("--max-new", type=_number(int, 1, what="at least 1"), default=128)
+        sp.add_argument("--temperature", type=_number(float, 0.0, what="0 (greedy) or more"), default=0.8,
+                        help="0 for greedy")
+        sp.add_argument("--top-k", type=_number(int, 0, what="0 (off) or more"), default=0)
+        sp.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.95)
         sp.add_argument("--seed", type=int, default=0)
 
     sp = sub.add_parser("sample", help="continue a prompt with a trained run (streams tokens)")
     decoding_args(sp)
     sp.add_argument("--prompt", default="", help="text to continue")
-    sp.add_argument("--num", type=int, default=1, help="samples (more than 1: generated as a batch)")
+    sp.add_argument("--num", type=_number(int, 1, what="at least 1"), default=1, help="samples (more than 1: generated as a batch)")
     sp.add_argument("--chat", metavar="QUESTION", help="a fine-tuned run: answer QUESTION with the chat template")
     sp.add_argument("--system", default="", help="with --chat: a system prompt")
     sp.set_defaults(fn=cmd_sample)
@@ -295,17 +311,19 @@ def main(argv: list[str] | None = None) -> int:
                                                    "piqa,winogrande,lambada (default all)")
     ev.add_argument("--data-dir", help="folder with the task files (default: LM_DATA, else the optional "
                                        "shared/data folder beside the repository)")
-    ev.add_argument("--limit", type=int, help="items per task (default all)")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--limit", type=_number(int, 1, what="at least 1"), help="items per task (default all)")
+    ev.add_argument("--batch-size", type=_number(int, 1, what="at least 1"), default=16)
     ev.set_defaults(fn=cmd_eval)
 
     e = sub.add_parser("export-hf", help="a run's newest checkpoint as a Hugging Face LLaMA folder")
     e.add_argument("run_dir")
     e.add_argument("out_dir")
+    e.add_argument("--force", action="store_true", help="export into a non-empty folder (replacing the export's files)")
     e.set_defaults(fn=cmd_export_hf)
     m = sub.add_parser("import-hf", help="a Hugging Face LLaMA folder as a run this codebase trains")
     m.add_argument("hf_dir")
     m.add_argument("run_dir")
+    m.add_argument("--force", action="store_true", help="replace the run already in RUN_DIR")
     m.set_defaults(fn=cmd_import_hf)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")

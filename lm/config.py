@@ -56,6 +56,11 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     def validate(self) -> None:
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be positive (or None: d_model // n_heads)")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}"
@@ -151,6 +156,21 @@ class Config:
         names = [src.name for src in self.data.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources names must be unique, got {names}")
+        for key in ("seq_len", "batch_size"):
+            if getattr(self.data, key) <= 0:
+                raise ConfigError(f"data.{key}={getattr(self.data, key)} must be positive")
+        for key in ("steps", "log_every", "microbatches", "loss_chunks", "max_bad_steps"):
+            if getattr(self.trainer, key) <= 0:
+                raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must be positive")
+        for key in ("eval_every", "eval_batches", "checkpoint_every", "num_samples", "sample_tokens"):
+            if getattr(self.trainer, key) < 0:
+                raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must not be negative (0: off)")
+        for key in ("data", "fsdp", "tensor"):
+            v = getattr(self.mesh, key)
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{key}={v} must be positive, or -1 for the devices the other axes leave")
+        if self.optim.lr < 0 or self.optim.warmup_steps < 0 or self.optim.clip_norm < 0:
+            raise ConfigError("optim.lr, optim.warmup_steps and optim.clip_norm must not be negative")
         if self.data.batch_size % self.trainer.microbatches:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be divisible by "
@@ -169,12 +189,6 @@ class Config:
             if not self.trainer.init_from:
                 raise ConfigError("lora.rank>0 trains adapters on a frozen base: set trainer.init_from to a run "
                                   "directory or a Hugging Face folder")
-        for key in ("steps", "log_every"):
-            if getattr(self.trainer, key) <= 0:
-                raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must be positive")
-        for key in ("seq_len", "batch_size"):
-            if getattr(self.data, key) <= 0:
-                raise ConfigError(f"data.{key}={getattr(self.data, key)} must be positive")
         return self
 
 

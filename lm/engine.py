@@ -26,7 +26,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import lora
-from lm.config import Config
+from lm.config import Config, ConfigError
 from lm.model import Transformer
 from lm.optim import make_optimizer, schedule
 from lm.sharding import logical_to_spec, state_shardings, use_mesh
@@ -241,6 +241,12 @@ def make_engine(cfg: Config, mesh: Mesh, objective: Objective | None = None) -> 
     from lm.objectives import NextToken
 
     cfg.validate()
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch is split over these devices
+    per_micro = cfg.data.batch_size // cfg.trainer.microbatches
+    if per_micro % ways:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (/ trainer.microbatches={cfg.trainer.microbatches}) "
+                          f"does not divide over the {ways} data-parallel devices (mesh data*fsdp); use a multiple "
+                          f"of {ways * cfg.trainer.microbatches}, or more mesh.tensor")
     objective = objective or NextToken(cfg)
     if cfg.lora.rank:
         lora.check(cfg.lora)

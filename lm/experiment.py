@@ -25,7 +25,12 @@ def load(spec: str, overrides: list[str] | None = None) -> Config:
     module = _import(spec)
     if not hasattr(module, "config"):
         raise ConfigError(f"experiment {spec!r} defines no config() function returning a Config")
-    cfg = module.config()
+    try:
+        cfg = module.config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- an error inside config()
+        raise ConfigError(f"experiment {spec}: config() failed: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"experiment {spec!r}: config() returned {type(cfg).__name__}, not Config")
     return apply_overrides(cfg, overrides or [])
@@ -40,7 +45,12 @@ def _import(spec: str):
         mod_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[name] = module
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ConfigError(f"experiment {spec}: syntax error at line {e.lineno}: {e.msg}") from None
+        except Exception as e:  # noqa: BLE001 -- a failing import or top-level statement
+            raise ConfigError(f"experiment {spec} failed to load: {_where(e, path)}{type(e).__name__}: {e}") from None
         return module
     for name in (spec, "experiments." + spec):
         try:
@@ -50,6 +60,14 @@ def _import(spec: str):
                 raise  # the experiment exists but imports something missing
     available = list_experiments()
     raise ConfigError(f"no experiment {spec!r}; available: {', '.join(available) or '(none)'}")
+
+
+def _where(e: BaseException, path: str) -> str:
+    """'line N: ' of the innermost frame of `e` in the experiment file."""
+    import traceback
+
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
+    return f"line {lines[-1]}: " if lines else ""
 
 
 def list_experiments() -> list[str]:

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import pytest
 
@@ -65,3 +66,58 @@ def test_every_experiment_builds(name):
 def test_unknown_experiment_lists_available():
     with pytest.raises(ConfigError, match="pretrain_tiny"):
         experiment.load("pretrain_tinyy")
+
+
+@pytest.mark.parametrize("override", [
+    "data.batch_size=0", "model.n_heads=0", "model.d_model=0", "model.n_layers=0", "data.seq_len=0",
+    "trainer.log_every=0", "trainer.microbatches=0", "mesh.tensor=0", "trainer.steps=-5", "optim.lr=-1e-3",
+    "model.vocab_size=-1", "trainer.eval_every=-1", "mesh.data=-2",
+])
+def test_zero_or_negative_sizes_are_one_line_errors(override, capsys):
+    assert cli_main(["info", "pretrain_tiny", "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lm: error:") and "\n" not in err and override.split("=")[0] in err
+
+
+def test_batch_that_does_not_divide_the_devices_is_a_clear_error():
+    import jax
+
+    from lm.engine import make_engine
+    from lm.sharding import make_mesh
+
+    cfg = apply_overrides(experiment.load("pretrain_tiny"), ["data.batch_size=12"])
+    with pytest.raises(ConfigError, match="does not divide over the 8 data-parallel devices"):
+        make_engine(cfg, make_mesh(cfg.mesh, jax.devices()))
+
+
+def test_broken_experiment_files_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def config(:\n    pass\n")
+    assert cli_main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "syntax error at line 1" in err and "\n" not in err
+    failing = tmp_path / "failing.py"
+    failing.write_text("import os\nimport not_a_module_anywhere\n")
+    assert cli_main(["info", str(failing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "line 2" in err and "not_a_module_anywhere" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "RUN", "--temperature", "-1"], ["sample", "RUN", "--top-p", "0"], ["sample", "RUN", "--top-p", "1.5"],
+    ["sample", "RUN", "--max-new", "-3"], ["sample", "RUN", "--num", "0"], ["eval", "RUN", "--limit", "0"],
+    ["tokenizer", "train", "--source", "x", "--vocab-size", "0"],
+    ["tokenizer", "train", "--source", "x", "--vocab-size", "100", "--sample-mb", "0"],
+])
+def test_nonsense_values_are_refused_at_parse_time(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(args)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_sample_on_a_missing_run_is_a_one_line_error(tmp_path, capsys):
+    assert cli_main(["sample", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a run directory" in err and "\n" not in err
+    assert not os.path.exists(tmp_path / "nope")

@@ -152,3 +152,59 @@ def test_run_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     f.write_text("x")
     with pytest.raises(RunDirError, match="is a file"):
         _train(tiny(), f)
+
+
+def test_export_and_import_refuse_to_overwrite_without_force(finished, tmp_path, capsys):
+    from lm.cli import main
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "notes.txt").write_text("keep me")
+    assert main(["export-hf", str(finished), str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and json.load(open(out / "config.json")) == {"mine": True}
+    assert main(["export-hf", str(finished), str(out), "--force"]) == 0
+    assert json.load(open(out / "config.json"))["model_type"] == "llama"
+    assert (out / "notes.txt").read_text() == "keep me"  # only the export's files are replaced
+    before = _snapshot(finished)
+    assert main(["import-hf", str(out), str(finished)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _snapshot(finished) == before
+    assert main(["import-hf", str(out), str(finished), "--force"]) == 0
+    assert sorted(os.listdir(finished / "checkpoints")) == ["0"]
+
+
+@pytest.mark.parametrize("content", ["missing_field", "random_bytes", "huge_line"])
+def test_a_source_with_no_usable_record_fails_fast_naming_it(tmp_path, content):
+    import threading
+
+    from data_pipeline.pipeline import DataError, RunData
+    from data_pipeline.tokenizer import train_tokenizer
+
+    path = tmp_path / "bad.jsonl"
+    if content == "missing_field":
+        path.write_text("".join(json.dumps({"body": f"text {i}"}) + "\n" for i in range(500)))
+    elif content == "random_bytes":
+        path.write_bytes(os.urandom(200_000))
+    else:
+        path.write_text("x" * 3_000_000)  # one huge non-JSON line
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"the quick brown fox {i}"}) + "\n" for i in range(200)))
+    tok = train_tokenizer([f"the quick brown fox {i} jumps" for i in range(300)], 300, str(tmp_path / "sp"))
+    data = DataConfig(corpus="sources", seq_len=16, batch_size=8, tokenizer=tok.path, sources=(
+        SourceConfig(name="good", kind="jsonl", paths=(str(good),)),
+        SourceConfig(name="broken", kind="jsonl", paths=(str(path),))))
+    out = {}
+
+    def attempt():
+        try:
+            RunData(data, str(tmp_path / "run"), vocab_size=300, process_index=0, process_count=1,
+                    log=lambda *_: None).next_train()
+        except DataError as e:
+            out["error"] = str(e)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the pipeline hangs on a source with nothing usable"
+    assert "source 'broken'" in out.get("error", "") and "check its paths" in out["error"]

@@ -261,12 +261,21 @@ def load_model(cfg: ModelConfig, params: dict):
 # Run directories <-> Hugging Face folders
 
 
-def export_run(run_dir: str, out_dir: str, log=print) -> str:
-    """`lm export-hf`: the newest checkpoint of a run, as a Hugging Face LLaMA folder."""
+def export_run(run_dir: str, out_dir: str, log=print, force: bool = False) -> str:
+    """`lm export-hf`: the newest checkpoint of a run, as a Hugging Face LLaMA folder.
+
+    A non-empty `out_dir` is refused unless `force`; with `force` only the files the export
+    writes are replaced (other files there are left alone)."""
     import jax
 
+    from lm.config import ConfigError
     from lm.run import load_run
 
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir} is a file; give a folder to export into")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise ConfigError(f"{out_dir} is not empty ({', '.join(sorted(os.listdir(out_dir))[:4])}...); export into "
+                          "a new folder, or add --force to replace the files an export writes there")
     run = load_run(run_dir, log=log)
     tok = run.tokenizer.path if run.tokenizer is not None else None
     export_llama(run.cfg.model, jax.device_get(run.params), out_dir, tok)
@@ -275,20 +284,33 @@ def export_run(run_dir: str, out_dir: str, log=print) -> str:
     return out_dir
 
 
-def import_run(hf_dir: str, run_dir: str, log=print) -> str:
+def import_run(hf_dir: str, run_dir: str, log=print, force: bool = False) -> str:
     """`lm import-hf`: a Hugging Face LLaMA folder as a run (config.json, tokenizer, step-0
-    checkpoint) that `lm train RUN_DIR/config.json --run-dir RUN_DIR` continues training."""
+    checkpoint) that `lm train RUN_DIR/config.json --run-dir RUN_DIR` continues training.
+
+    A `run_dir` that already holds a run is refused unless `force`, which replaces that
+    run (its checkpoints and metrics) with the import."""
     import dataclasses
 
     import jax
     from flax import nnx
 
     from lm import checkpoint
-    from lm.config import Config, DataConfig, MeshConfig, to_dict
-    from lm.sharding import make_mesh
+    from lm.config import Config, ConfigError, DataConfig, MeshConfig, to_dict
     from lm.engine import make_trainer
+    from lm.rundir import holds_run
+    from lm.sharding import make_mesh
 
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"{run_dir} is a file; give a folder for the run")
+    if (holds_run(run_dir) or os.path.exists(os.path.join(run_dir, "config.json"))) and not force:
+        raise ConfigError(f"{run_dir} already holds a run; import into a new folder, or add --force to replace it")
     mcfg, params = import_llama(hf_dir)
+    if force:
+        checkpoint.remove(run_dir)
+        for name in ("metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
     os.makedirs(run_dir, exist_ok=True)
     tok_src = os.path.join(hf_dir, "tokenizer.model")
     tok = os.path.join(run_dir, "tokenizer.model")
