@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Callable
 
 import jax
@@ -101,16 +102,27 @@ class Checkpointer:
         `abstract_state` carries the target shardings: the arrays are laid out for the
         current mesh, whatever mesh saved them.
         """
+        unreadable = []
+        found = None
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 r = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-                return r["state"], (r["data"] or None), r["meta"], step
+                found = r["state"], (r["data"] or None), r["meta"], step
+                break
             except Exception as e:  # noqa: BLE001 -- truncated, corrupted, or from another model
                 self.log(f"WARNING: checkpoint {os.path.join(self.dir, str(step))} cannot be restored "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an earlier one")
-        return None
+                unreadable.append(step)
+        if found is not None and unreadable:
+            # Keep the unreadable ones for inspection, out of the way of the saves that redo their steps.
+            for step in unreadable:
+                aside = os.path.join(self.dir, f".unreadable-{step}-{int(time.time())}")
+                os.replace(os.path.join(self.dir, str(step)), aside)
+                self.log(f"moved the unreadable checkpoint of step {step} to {aside}")
+            self.manager.reload()
+        return found
 
     def close(self) -> None:
         self.wait()

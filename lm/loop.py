@@ -359,6 +359,10 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                "resumed_from": start or None, "init_from": meta.get("init_from")}
     if data.stats.report():
         log(data.stats.report())
+    if not stopped and start < steps and not os.path.isdir(os.path.join(ckpt.dir, str(steps))):
+        stopped = (f"the final checkpoint (step {steps}) was not saved (see the warnings above): free space or fix "
+                   f"{ckpt.dir}, then run the same command again to redo the missing steps")
+        summary["stopped"] = stopped
     if stopped:
         log(stopped)
         return summary
@@ -372,7 +376,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
         if png:
             log(f"loss curve: {png}")
         # A re-run of a finished run only re-evaluates: keep the figures of the run itself.
-        summary = merge_json(os.path.join(run_dir, "summary.json"), summary)
+        merge_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
 
 

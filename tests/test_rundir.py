@@ -208,3 +208,32 @@ def test_a_source_with_no_usable_record_fails_fast_naming_it(tmp_path, content):
     t.join(60)
     assert not t.is_alive(), "the pipeline hangs on a source with nothing usable"
     assert "source 'broken'" in out.get("error", "") and "check its paths" in out["error"]
+
+
+def test_an_unreadable_final_checkpoint_is_moved_aside_and_redone(finished):
+    state = finished / "checkpoints" / "6" / "state"
+    for dirpath, _, files in os.walk(state):
+        for f in files:
+            with open(os.path.join(dirpath, f), "r+b") as fh:
+                fh.truncate(os.path.getsize(os.path.join(dirpath, f)) // 3)
+    summary, logs = _train(tiny(), finished)
+    assert "resumed from the checkpoint of step 4" in logs and "moved the unreadable checkpoint of step 6" in logs
+    assert summary["stopped"] is None and summary["steps"] == 6
+    names = os.listdir(finished / "checkpoints")
+    assert "6" in names and any(n.startswith(".unreadable-6-") for n in names)
+
+
+def test_a_run_whose_final_checkpoint_fails_to_save_says_so(tmp_path, monkeypatch):
+    from lm.checkpoint import Checkpointer
+
+    real = Checkpointer.save
+
+    def failing(self, step, *a, **kw):
+        if step == 6:
+            self.log(f"WARNING: saving the checkpoint of step {step} failed (OSError: No space left on device)")
+            return False
+        return real(self, step, *a, **kw)
+
+    monkeypatch.setattr(Checkpointer, "save", failing)
+    summary, logs = _train(tiny(), tmp_path / "run")
+    assert "final checkpoint (step 6) was not saved" in summary["stopped"]
