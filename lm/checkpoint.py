@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data_pipeline.tokenizer import file_sha256  # noqa: F401  (re-exported for callers)
+from data_pipeline.tokenizer import file_sha256
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -133,6 +133,17 @@ def remove(run_dir: str) -> None:
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
 
 
+def check_tokenizer(run_dir: str, meta: dict, step: int) -> None:
+    """The run's tokenizer.model must be the one its checkpoint was trained with."""
+    from lm.config import ConfigError
+
+    saved = (meta or {}).get("tokenizer_sha256")
+    path = os.path.join(run_dir, "tokenizer.model")
+    if saved and os.path.exists(path) and file_sha256(path) != saved:
+        raise ConfigError(f"{path} is not the tokenizer the checkpoint of step {step} was trained with (SHA-256 "
+                          f"differs); restore the run's own tokenizer.model")
+
+
 def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
                    log: Callable = print) -> tuple[Any, int]:
     """The parameters alone of a run's newest readable checkpoint (or of `step`), laid out
@@ -154,9 +165,15 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
             try:
                 r = manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                                 partial_restore=True)))
+                                                 partial_restore=True),
+                    meta=ocp.args.JsonRestore()))
+                check_tokenizer(run_dir, r["meta"], s)
                 return r["state"]["params"], s
             except Exception as e:  # noqa: BLE001 -- truncated or corrupted: try an earlier one
+                from lm.config import ConfigError
+
+                if isinstance(e, ConfigError):
+                    raise
                 log(f"WARNING: checkpoint {os.path.join(run_dir, 'checkpoints', str(s))} cannot be restored "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an earlier one")
         raise FileNotFoundError(f"{run_dir} has no readable checkpoint")

@@ -95,6 +95,7 @@ def test_sigkill_at_three_points_then_resume_gives_bit_identical_losses(experime
     assert losses == reference  # bit-identical, not "close"
 
 
+@pytest.mark.slow  # run by .ci/run after make test
 def test_sigterm_saves_and_the_run_resumes(experiment, reference, tmp_path):
     run = tmp_path / "run"
     p = subprocess.Popen(_cmd(experiment, run), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -111,6 +112,7 @@ def test_sigterm_saves_and_the_run_resumes(experiment, reference, tmp_path):
     assert _losses(run)[1] == reference
 
 
+@pytest.mark.slow  # run by .ci/run after make test
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(experiment, reference, tmp_path):
     run = tmp_path / "run"
     _run(experiment, run)
@@ -151,6 +153,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path):
     assert ckpts and ckpts[-1] == summary["steps"] - 3
 
 
+@pytest.mark.slow  # run by .ci/run after make test
 def test_resume_on_a_different_device_count(experiment, tmp_path):
     import shutil
 

@@ -50,6 +50,7 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow  # run by .ci/run after make test
 def test_two_processes_match_one_process(tmp_path):
     experiment = write_experiment(tmp_path, EXPERIMENT, "two_process")
     single = tmp_path / "single"

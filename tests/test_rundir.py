@@ -237,3 +237,27 @@ def test_a_run_whose_final_checkpoint_fails_to_save_says_so(tmp_path, monkeypatc
     monkeypatch.setattr(Checkpointer, "save", failing)
     summary, logs = _train(tiny(), tmp_path / "run")
     assert "final checkpoint (step 6) was not saved" in summary["stopped"]
+
+
+def test_a_run_given_a_tokenizer_keeps_a_checked_copy(tmp_path, capsys):
+    """data.tokenizer=PATH: the run directory keeps its own copy, and sampling from the run
+    refuses a tokenizer.model that is not the one its checkpoint was trained with."""
+    from data_pipeline.tokenizer import train_tokenizer
+    from lm.cli import main
+
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    texts = [" ".join(words[(i + j) % 8] for j in range(12)) for i in range(200)]
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = train_tokenizer(texts, 300, str(tmp_path / "sp"))
+    cfg = dataclasses.replace(tiny(vocab_size=300), data=DataConfig(
+        corpus="sources", seq_len=16, batch_size=8, tokenizer=tok.path,
+        sources=(SourceConfig(name="a", kind="jsonl", paths=(str(src),)),)))
+    run = tmp_path / "run"
+    _train(cfg, run)
+    assert open(run / "tokenizer.model", "rb").read() == open(tok.path, "rb").read()
+    assert main(["sample", str(run), "--prompt", "alpha", "--max-new", "4"]) == 0
+    other = train_tokenizer(texts[::-1] + ["omega " * 5], 300, str(tmp_path / "other"))
+    (run / "tokenizer.model").write_bytes(open(other.path, "rb").read())
+    assert main(["sample", str(run), "--prompt", "alpha", "--max-new", "4"]) == 2
+    assert "not the tokenizer the checkpoint" in capsys.readouterr().err

@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (CI installs it
 transformers = pytest.importorskip("transformers", reason="transformers not installed (CI installs it)")
 
 QUIET = dict(log=lambda *_: None)
+pytestmark = pytest.mark.slow  # peer parity: run by .ci/run after make test
 
 
 def _hf_model(path):
