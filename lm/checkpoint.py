@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -72,6 +73,12 @@ class Checkpointer:
              metrics: dict | None = None) -> bool:
         """Start an asynchronous save; returns False (and reports) if it could not start."""
         data_state = merge_data_states(_gather_json(data_state))
+        sums, finite = fingerprint(state)
+        if not finite:  # a poisoned state is never saved as a checkpoint
+            self.failed_saves += 1
+            self.log(f"WARNING: not saving the checkpoint of step {step}: the state holds NaN or Inf values")
+            return False
+        meta = {**meta, "checksums": sums}
         if jax.devices()[0].platform == "cpu":
             # On CPU Orbax's "device to host" copy can alias the arrays, and the next train
             # step donates (overwrites) them while the save is still being written: copy.
@@ -109,6 +116,7 @@ class Checkpointer:
                 r = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                verify(r["state"], r["meta"], step)
                 found = r["state"], (r["data"] or None), r["meta"], step
                 break
             except Exception as e:  # noqa: BLE001 -- truncated, corrupted, or from another model
@@ -117,12 +125,18 @@ class Checkpointer:
                 unreadable.append(step)
         if found is not None and unreadable:
             # Keep the unreadable ones for inspection, out of the way of the saves that redo their steps.
-            for step in unreadable:
-                aside = os.path.join(self.dir, f".unreadable-{step}-{int(time.time())}")
-                os.replace(os.path.join(self.dir, str(step)), aside)
-                self.log(f"moved the unreadable checkpoint of step {step} to {aside}")
-            self.manager.reload()
+            self.set_aside(unreadable, "unreadable")
         return found
+
+    def set_aside(self, steps: list[int], why: str) -> list[int]:
+        """Move the checkpoints of `steps` to checkpoints/.<why>-<step>-<time> (kept, not deleted)."""
+        for step in steps:
+            aside = os.path.join(self.dir, f".{why}-{step}-{int(time.time())}")
+            os.replace(os.path.join(self.dir, str(step)), aside)
+            self.log(f"moved the {why} checkpoint of step {step} to {aside}")
+        if steps:
+            self.manager.reload()
+        return list(steps)
 
     def close(self) -> None:
         self.wait()
@@ -131,6 +145,52 @@ class Checkpointer:
 
 def remove(run_dir: str) -> None:
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+
+
+# -- checksums: corrupted bytes inside an array are caught on restore ----------------------
+
+
+def _path(p) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p)
+
+
+@jax.jit
+def _fingerprint(leaves):
+    """Per array: a position-weighted sum of its bits (mod 2^32), and whether all is finite."""
+    sums, finite = [], jnp.bool_(True)
+    for x in leaves:
+        if x.dtype.itemsize == 4:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        elif x.dtype.itemsize == 2:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        else:
+            bits = x.astype(jnp.uint32)
+        idx = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, 0) if bits.ndim else jnp.uint32(0)
+        for d in range(1, bits.ndim):
+            idx = idx * jnp.uint32(bits.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
+        # mixing the position in makes swapped or shifted bytes count, not only changed totals
+        sums.append(jnp.sum(bits ^ (idx * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)), dtype=jnp.uint32))
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            finite = finite & jnp.all(jnp.isfinite(x))
+    return sums, finite
+
+
+def fingerprint(tree) -> tuple[dict[str, int], bool]:
+    """({array path: checksum}, every float is finite) of a pytree of arrays."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums, finite = jax.device_get(_fingerprint([x for _, x in flat]))
+    return {_path(p): int(v) for (p, _), v in zip(flat, sums)}, bool(finite)
+
+
+def verify(tree, meta: dict, step: int, prefix: str = "") -> None:
+    """Raise if an array restored from the checkpoint of `step` differs from what was saved."""
+    saved = (meta or {}).get("checksums")
+    if not saved:
+        return  # a checkpoint from before checksums
+    now, _ = fingerprint(tree)
+    for path, v in now.items():
+        if path in saved and saved[path] != v:
+            raise ValueError(f"checksum mismatch in {path}: the checkpoint of step {step} is corrupted")
 
 
 def check_tokenizer(run_dir: str, meta: dict, step: int) -> None:
@@ -168,6 +228,7 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
                                                  partial_restore=True),
                     meta=ocp.args.JsonRestore()))
                 check_tokenizer(run_dir, r["meta"], s)
+                verify({"params": r["state"]["params"]}, r["meta"], s, prefix="params")
                 return r["state"]["params"], s
             except Exception as e:  # noqa: BLE001 -- truncated or corrupted: try an earlier one
                 from lm.config import ConfigError

@@ -327,9 +327,16 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                     loss_ema = m["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * m["loss"]
                 if bad_streak >= t_cfg.max_bad_steps:
                     logger.log(ctx.step, m)
+                    # The state saved just before the first bad step is what made it bad (its
+                    # values may be finite yet huge): set such checkpoints aside, so that the
+                    # one a resume takes really is good.
+                    ckpt.wait()
+                    suspect = ckpt.set_aside([s for s in ckpt.steps() if s >= ctx.step - bad_streak], "suspect")
                     stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss or gradient (each was "
-                               f"skipped); stopping at step {ctx.step}. The last good checkpoint is kept: "
-                               f"{ckpt.steps()}; lower optim.lr or raise optim.clip_norm and resume")
+                               f"skipped); stopping at step {ctx.step}."
+                               + (f" Checkpoints {suspect} led to them and were set aside." if suspect else "")
+                               + f" The last good checkpoint is kept: {ckpt.steps()}; lower optim.lr or raise "
+                               "optim.clip_norm and resume")
                     break
                 for hook in due:
                     hook.fn(ctx, m)

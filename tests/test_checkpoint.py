@@ -148,9 +148,13 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path):
     assert summary["skipped_steps"] == 3 and summary["steps"] < 30
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows[-1]["skipped"] == 1 and rows[-1]["skipped_steps"] == 3
-    # the good steps were checkpointed, the bad ones not
-    ckpts = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-    assert ckpts and ckpts[-1] == summary["steps"] - 3
+    # the bad steps were not checkpointed, and the state that led to them was set aside (kept),
+    # so that a resume starts from a state that is really good
+    names = os.listdir(tmp_path / "checkpoints")
+    first_bad = summary["steps"] - 2
+    assert any(n.startswith(f".suspect-{first_bad - 1}-") for n in names), names
+    assert all(int(n) < first_bad - 1 for n in names if n.isdigit())
+    assert "set aside" in summary["stopped"]
 
 
 @pytest.mark.slow  # run by .ci/run after make test

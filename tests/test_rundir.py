@@ -261,3 +261,39 @@ def test_a_run_given_a_tokenizer_keeps_a_checked_copy(tmp_path, capsys):
     (run / "tokenizer.model").write_bytes(open(other.path, "rb").read())
     assert main(["sample", str(run), "--prompt", "alpha", "--max-new", "4"]) == 2
     assert "not the tokenizer the checkpoint" in capsys.readouterr().err
+
+
+def test_corrupted_bytes_inside_a_checkpoint_are_caught_by_checksums(finished):
+    import numpy as np
+
+    state = finished / "checkpoints" / "6" / "state"
+    rng = np.random.default_rng(0)
+    for f in [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]:
+        # 1,000 random bytes in the middle of every array-data file
+        raw = bytearray(f.read_bytes())
+        if len(raw) > 4000:
+            mid = len(raw) // 2
+            raw[mid: mid + 1000] = rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
+            f.write_bytes(bytes(raw))
+    summary, logs = _train(tiny(steps=8), finished)
+    assert "checkpoints/6 cannot be restored" in logs, logs
+    assert "resumed from the checkpoint of step 4" in logs and summary["steps"] == 8
+
+
+def test_checksums_detect_a_changed_array_and_nan_states_are_not_saved(tmp_path):
+    import jax.numpy as jnp
+
+    from lm.checkpoint import Checkpointer, fingerprint, verify
+
+    state = {"w": jnp.arange(12.0).reshape(3, 4), "n": jnp.int32(3)}
+    sums, finite = fingerprint(state)
+    assert finite
+    verify(state, {"checksums": sums}, 1)
+    swapped = {"w": state["w"][::-1], "n": state["n"]}  # same values, other places
+    with pytest.raises(ValueError, match="checksum mismatch in w"):
+        verify(swapped, {"checksums": sums}, 1)
+    ck = Checkpointer(str(tmp_path), log=lambda *_: None)
+    assert not ck.save(1, {"w": state["w"].at[0, 0].set(jnp.nan)}, None, {})
+    assert ck.save(2, state, None, {})
+    ck.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
