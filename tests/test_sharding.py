@@ -56,7 +56,13 @@ def test_splits_cover_every_factorisation_of_8():
     assert len(SPLITS) == 10 and all(d * f * t == 8 for d, f, t in SPLITS)
 
 
-@pytest.mark.parametrize("data,fsdp,tensor", SPLITS)
+# Four layouts in `make test` (pure data, pure FSDP, pure tensor, all three mixed); the other
+# factorisations of 8 run in CI's slow phase.
+QUICK = {(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)}
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", [s if s in QUICK else pytest.param(*s, marks=pytest.mark.slow)
+                                              for s in SPLITS])
 def test_sharded_forward_and_train_step_match_single_device(reference, data, fsdp, tensor):
     ref_losses, ref_logits, ref_grads, ref_params, _ = reference
     losses, logits, grads, params, state = run(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices())
