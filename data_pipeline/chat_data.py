@@ -50,7 +50,7 @@ class ChatStats(DataStats):
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Counts logged with the training metrics (besides bad records)."""
-        return {"truncated": dict(self.truncated)}
+        return {**super().counters(), "truncated": dict(self.truncated)}
 
     def report(self) -> str:
         lines = [super().report()] if self.total() else []

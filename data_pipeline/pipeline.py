@@ -44,6 +44,7 @@ class DataStats:
         self.bad = {n: 0 for n in names}
         self.examples: dict[str, list[str]] = {n: [] for n in names}
         self.reasons: dict[str, dict[str, int]] = {n: {} for n in names}
+        self.long: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # Picklable for grain's worker processes. Caveat: with data.num_workers > 0 the counts
@@ -67,6 +68,15 @@ class DataStats:
     def total(self) -> int:
         return sum(self.bad.values())
 
+    def record_long(self, source: str) -> None:
+        """A document long enough to be tokenized in pieces (not an error; counted)."""
+        with self._lock:
+            self.long[source] = self.long.get(source, 0) + 1
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Counts logged with the training metrics (besides bad records)."""
+        return {"long_documents": dict(self.long)}
+
     def report(self) -> str:
         lines = []
         for n in self.names:
@@ -79,6 +89,25 @@ class DataStats:
 
 # ---------------------------------------------------------------------------------------
 # Stages
+
+
+# SentencePiece needs hundreds of bytes of memory per character of the string it encodes:
+# a document longer than this is encoded in pieces cut at line or space boundaries (each
+# piece gets SentencePiece's dummy-prefix space, so a cut may add one token: negligible
+# in a document this long, and memory stays bounded).
+MAX_PIECE_CHARS = 1 << 18
+
+
+def split_text(text: str, size: int):
+    """Pieces of at most `size` characters, cut after a newline or a space where there is one."""
+    start = 0
+    while start < len(text):
+        stop = min(start + size, len(text))
+        if stop < len(text):
+            cut = max(text.rfind("\n", start, stop), text.rfind(" ", start, stop))
+            stop = cut + 1 if cut > start else stop
+        yield text[start:stop]
+        start = stop
 
 
 class Tokenize(grain.transforms.Map):
@@ -111,6 +140,13 @@ class Tokenize(grain.transforms.Map):
                                 + (f": {self.stats.report()}" if self.stats else ""))
             return {"tokens": np.zeros((0,), np.int32)}
         self._bad_in_row = 0
+        if len(record.text) > MAX_PIECE_CHARS:  # a huge document: encoded piece by piece (bounded memory)
+            if self.stats is not None:
+                self.stats.record_long(self.source)
+            ids = [self._tok.bos_id]
+            for piece in split_text(record.text, MAX_PIECE_CHARS):
+                ids += self._tok.encode(piece)
+            return {"tokens": np.asarray(ids + [self._tok.eos_id], np.int32)}
         return {"tokens": np.asarray(self._tok.encode(record.text, bos=True, eos=True), np.int32)}
 
 

@@ -340,3 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ChatFormatError, FileNotFoundError) as e:
         print(f"lm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it, the loop saves and exits)
+        print("lm: interrupted", file=sys.stderr)
+        return 130

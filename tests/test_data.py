@@ -359,3 +359,35 @@ def test_pretrain_mixture_experiment_shares_on_real_corpora(tmp_path):
     weights = np.asarray(data.weights) / sum(data.weights)
     np.testing.assert_allclose(tokens / tokens.sum(), weights, atol=0.02)
     assert set(data.heldout) == set(data.names)
+
+
+def test_split_text_cuts_at_boundaries_and_loses_nothing():
+    from data_pipeline.pipeline import split_text
+
+    text = "alpha beta\ngamma " * 1000 + "x" * 5000
+    pieces = list(split_text(text, 300))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 300
+    assert all(p.endswith((" ", "\n")) for p in pieces[:-20])  # cut after a space or a newline where possible
+
+
+def test_a_huge_single_line_document_is_tokenized_in_bounded_memory(tmp_path):
+    """A 6 MB one-line document: encoded whole, SentencePiece would need several GB."""
+    import subprocess
+    import sys
+
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 200 + ["0123456789 abc"], 300,
+                          str(tmp_path / "sp"))
+    code = (
+        "import resource, sys, numpy as np\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "from data_pipeline.pipeline import Tokenize, DataStats\n"
+        "from data_pipeline.sources import Record\n"
+        "text = ('the quick brown fox jumps over the lazy dog ' * 140000)\n"
+        "stats = DataStats(['s'])\n"
+        f"out = Tokenize({tok.path!r}, 's', stats, False).map(Record(text, 'doc', None, None))\n"
+        "print(len(text), len(out['tokens']), stats.long, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    chars, tokens, long, peak_kb = p.stdout.split(" ", 3)[0], p.stdout.split()[1], p.stdout, p.stdout.split()[-1]
+    assert int(chars) > 6_000_000 and int(tokens) > 1_000_000 and "'s': 1" in long
+    assert int(peak_kb) < 1_500_000, f"peak memory {int(peak_kb) / 1e6:.1f} GB"

@@ -297,3 +297,45 @@ def test_checksums_detect_a_changed_array_and_nan_states_are_not_saved(tmp_path)
     assert ck.save(2, state, None, {})
     ck.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from lm.interop.hf import export_run
+
+    d = tmp_path_factory.mktemp("exported")
+    _train(tiny(), d / "run")
+    return export_run(str(d / "run"), str(d / "hf"), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("damage", ["no_config", "bad_json", "missing_key", "missing_layer", "extra_layer",
+                                    "truncated", "random_bytes"])
+def test_malformed_hugging_face_folders_are_one_line_errors(exported, tmp_path, damage, capsys):
+    from lm.cli import main
+    from lm.interop.hf import load_safetensors, save_safetensors
+
+    hf = tmp_path / "hf"
+    shutil.copytree(exported, hf)
+    weights, config = hf / "model.safetensors", hf / "config.json"
+    if damage == "no_config":
+        config.unlink()
+    elif damage == "bad_json":
+        config.write_text("{not json")
+    elif damage == "missing_key":
+        c = json.loads(config.read_text())
+        del c["hidden_size"]
+        config.write_text(json.dumps(c))
+    elif damage in ("missing_layer", "extra_layer"):
+        t = load_safetensors(str(weights))
+        if damage == "missing_layer":
+            t = {k: v for k, v in t.items() if not k.startswith("model.layers.0.")}
+        else:
+            t.update({k.replace("layers.0.", "layers.7."): v for k, v in t.items() if "layers.0." in k})
+        save_safetensors(t, str(weights))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.write_bytes(os.urandom(weights.stat().st_size))
+    assert main(["import-hf", str(hf), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lm: error:") and "\n" not in err and "Traceback" not in err

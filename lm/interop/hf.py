@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lm.config import ModelConfig
+from lm.config import ConfigError, ModelConfig
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
@@ -56,15 +56,37 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[s
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Read a safetensors file; a truncated or malformed one raises HFFormatError naming it."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise HFFormatError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:  # a random or truncated file claims a header larger than itself
+            raise HFFormatError(f"{path} is not a valid safetensors file (header of {n} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise HFFormatError(f"{path} is not a valid safetensors file (unreadable header)") from None
         data = f.read()
+    if not isinstance(header, dict):
+        raise HFFormatError(f"{path} is not a valid safetensors file (header is not an object)")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        lo, hi = info["data_offsets"]
+        try:
+            lo, hi = info["data_offsets"]
+            count = int(np.prod(info["shape"]))
+        except (KeyError, TypeError, ValueError):
+            raise HFFormatError(f"{path}: tensor {name!r} has a malformed entry in the header") from None
+        if info.get("dtype") not in _DTYPES or not 0 <= lo <= hi <= len(data):
+            raise HFFormatError(f"{path}: tensor {name!r} is truncated or has an unknown dtype ({info.get('dtype')}); "
+                                "the file is incomplete or corrupted")
+        width = 2 if info["dtype"] in ("BF16", "F16") else np.dtype(_DTYPES[info["dtype"]]).itemsize
+        if hi - lo != count * width:
+            raise HFFormatError(f"{path}: tensor {name!r} holds {hi - lo} bytes for shape {info['shape']}")
         buf = data[lo:hi]
         if info["dtype"] == "BF16":  # widen bfloat16 to float32 by shifting into the high half
             a = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
@@ -177,9 +199,36 @@ def _chat_tokens(sp) -> dict[int, str]:
 
 
 def import_llama(hf_dir: str) -> tuple[ModelConfig, dict]:
-    """Read a Hugging Face LLaMA checkpoint into (ModelConfig, params as a pure dict)."""
-    with open(os.path.join(hf_dir, "config.json")) as fh:
-        c = json.load(fh)
+    """Read a Hugging Face LLaMA checkpoint into (ModelConfig, params as a pure dict).
+
+    A malformed folder (missing or invalid config.json, missing keys, missing or extra
+    layers, truncated or random safetensors) raises HFFormatError saying what is wrong."""
+    try:
+        return _import_llama(hf_dir)
+    except HFFormatError:
+        raise
+    except KeyError as e:
+        raise HFFormatError(f"{hf_dir}: missing {e} (in config.json or the weights); not a complete LLaMA "
+                            "checkpoint") from None
+    except (ValueError, TypeError) as e:
+        raise HFFormatError(f"{hf_dir}: {e}") from None
+
+
+class HFFormatError(ConfigError):
+    """A Hugging Face folder this code cannot read; the message says what is wrong."""
+
+
+def _import_llama(hf_dir: str) -> tuple[ModelConfig, dict]:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir) or not os.path.exists(path):
+        raise HFFormatError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+    try:
+        with open(path) as fh:
+            c = json.load(fh)
+    except ValueError as e:
+        raise HFFormatError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise HFFormatError(f"{path} is not a JSON object")
     if c.get("model_type") not in (None, "llama", "mistral"):
         raise ValueError(f"{hf_dir}: model_type {c.get('model_type')!r} is not LLaMA-family")
     # transformers >= 5 keeps RoPE settings in "rope_parameters"; older files at the top level
@@ -203,6 +252,13 @@ def import_llama(hf_dir: str) -> tuple[ModelConfig, dict]:
         raise FileNotFoundError(f"{hf_dir}: no .safetensors files (PyTorch .bin checkpoints are not read)")
     for name in files:
         t.update(load_safetensors(os.path.join(hf_dir, name)))
+
+    layer_ids = {int(k.split(".")[2]) for k in t if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    if layer_ids != set(range(layers)):
+        missing, extra = sorted(set(range(layers)) - layer_ids), sorted(layer_ids - set(range(layers)))
+        raise HFFormatError(f"{hf_dir}: config.json says {layers} layers but the weights have "
+                            + (f"no layer(s) {missing[:5]}" if missing else "") + (" and " if missing and extra else "")
+                            + (f"extra layer(s) {extra[:5]}" if extra else ""))
 
     def stack(fmt, fn):
         return np.stack([fn(t[fmt.format(i)]) for i in range(layers)])
