@@ -22,6 +22,8 @@ import random
 from data_pipeline.default_corpus import _read, documents
 
 SYSTEM = "You are a concise assistant who knows the Python standard library."
+# A chat source path that stands for this set (the SFT stage writes it into the run directory).
+EMBEDDED = "<embedded:stdlib_chat>"
 
 _ASK_FUNCTION = ("What does `{q}` do?", "Explain `{q}` in one paragraph.", "What is `{q}` for?",
                  "Describe the function `{q}`.")

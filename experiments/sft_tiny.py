@@ -7,7 +7,7 @@ answered from docstrings; no download), with the loss on assistant turns only. E
 result: the held-out loss on assistant tokens falls well below the base model's (the run
 prints both), and `lm chat runs/sft_tiny` answers in turns that end with the end token.
 
-Other data: `--set data.corpus=sources` with chat sources, e.g. experiments/sft_mixture.py.
+Other data: experiments/sft_mixture.py (Alpaca, LIMA and the Alpaca seed tasks from ../shared/data).
 """
 
 import dataclasses

@@ -313,7 +313,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                     m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
                 if data.stats.total():
                     m["bad_records"] = data.stats.total()
-                    if data.stats.total() > reported:  # new bad records: say so (once per logging step)
+                    if data.stats.total() >= 2 * reported:  # reported at 1, 2, 4, 8, ... (and at the end)
                         log(data.stats.report())
                         reported = data.stats.total()
                 m.update({f"{k}/{n}": v for k, per in getattr(data.stats, "counters", lambda: {})().items()

@@ -43,14 +43,18 @@ def data_config(cfg: Config, run_dir: str):
     """The run's chat sources; the default corpus is the embedded standard-library Q&A set."""
     from data_pipeline.config import SourceConfig
 
-    d = cfg.data
-    if d.corpus == "default":
-        from data_pipeline import default_chat
+    from data_pipeline import default_chat
 
-        path = default_chat.write_jsonl(os.path.join(run_dir, "data", "stdlib_chat.jsonl"), d.seed)
-        src = SourceConfig(name="stdlib_chat", kind="chat", paths=(path,), chat_format="messages",
+    d = cfg.data
+    embedded = lambda: default_chat.write_jsonl(os.path.join(run_dir, "data", "stdlib_chat.jsonl"), d.seed)  # noqa: E731
+    if d.corpus == "default":
+        src = SourceConfig(name="stdlib_chat", kind="chat", paths=(embedded(),), chat_format="messages",
                            heldout_fraction=d.heldout_fraction)
         return dataclasses.replace(d, corpus="sources", sources=(src,))
+    if any(default_chat.EMBEDDED in s.paths for s in d.sources):  # the embedded set as one source of a mixture
+        d = dataclasses.replace(d, sources=tuple(
+            dataclasses.replace(s, paths=tuple(embedded() if p == default_chat.EMBEDDED else p for p in s.paths))
+            for s in d.sources))
     if d.corpus != "sources":
         raise ConfigError(f"data.corpus={d.corpus!r}: SFT reads chat sources (data.corpus='sources' with "
                           "kind='chat' sources) or the embedded set (data.corpus='default')")
