@@ -47,17 +47,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
                     model_type: str = "bpe", num_threads: int | None = None) -> "Tokenizer":
     """Train a SentencePiece model on `texts`; writes `out_prefix`.model and returns it."""
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
+    from data_pipeline.sources import DataError
+
+    smallest = 256 + 4 + len(CHAT_TOKENS) + 1  # byte pieces, PAD/UNK/BOS/EOS, role tokens, newline
+    if vocab_size < smallest:
+        raise DataError(f"vocab_size={vocab_size} is too small: byte fallback and the special tokens take "
+                        f"{smallest} pieces; use at least a few hundred more")
     model = io.BytesIO()
     try:
         _train(texts, vocab_size, model_type, num_threads, model)
     except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         if "Vocabulary size too high" in str(e):
-            raise ValueError(f"the training text is too small for vocab_size={vocab_size} ({e}); "
-                             "use a smaller vocab_size or more text") from e
+            raise DataError(f"the training text is too small for vocab_size={vocab_size} ({first}); "
+                            "use a smaller vocab_size or more text") from None
         if "Vocabulary size" in str(e):
-            raise ValueError(f"vocab_size={vocab_size} is too small for this text: byte fallback reserves 256 "
-                             f"pieces and every frequent character needs one ({e}); use a larger vocab_size") from e
-        raise
+            raise DataError(f"vocab_size={vocab_size} is too small for this text: byte fallback reserves 256 "
+                            f"pieces and every frequent character needs one ({first}); use a larger vocab_size") from None
+        if "empty" in str(e).lower() or "no sentence" in str(e).lower() or "Sentence" in str(e):
+            raise DataError(f"no usable training text for the tokenizer ({first}); check the sources") from None
+        raise DataError(f"training the tokenizer failed ({first}); check the sources and vocab_size") from None
     path = out_prefix + ".model"
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

@@ -65,6 +65,7 @@ class Checkpointer:
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
         self.failed_saves = 0
+        self._pending = None  # the step whose save is being written in the background
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -86,22 +87,34 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state or {}),
                                   meta=ocp.args.JsonSave(meta))
+        self.wait()  # a failure of the previous (background) save is reported for its own step
         try:
-            self.manager.wait_until_finished()  # surface an error of the previous save first
-            return bool(self.manager.save(step, args=args, metrics=metrics, force=True))
+            ok = bool(self.manager.save(step, args=args, metrics=metrics, force=True))
+            self._pending = step
+            return ok
         except Exception as e:  # noqa: BLE001 -- a failed save must not kill the run
             self.failed_saves += 1
-            self.log(f"WARNING: saving the checkpoint of step {step} failed ({type(e).__name__}: {e}); "
+            self.log(f"WARNING: saving the checkpoint of step {step} failed ({_short(e)}); "
                      f"training goes on, earlier checkpoints are intact: {self.steps()}")
+            self._clean_partial()
             return False
 
     def wait(self) -> None:
+        """Wait for the background save; a failure is reported once, naming its step."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             self.failed_saves += 1
-            self.log(f"WARNING: finishing a checkpoint save failed ({type(e).__name__}: {e}); "
+            self.log(f"WARNING: writing the checkpoint of step {self._pending} failed ({_short(e)}); "
                      f"checkpoints on disk: {self.steps()}")
+            self._clean_partial()
+        self._pending = None
+
+    def _clean_partial(self) -> None:
+        """Remove the temporary folders of failed saves (they would keep a full disk full)."""
+        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+            if "orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict | None, dict, int] | None:
         """(state, data state, meta, step) of the newest readable checkpoint, or None.
@@ -141,6 +154,12 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _short(e: BaseException) -> str:
+    """`Type: first line` of an exception (Orbax and TensorStore errors run to many lines)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def remove(run_dir: str) -> None:

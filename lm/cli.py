@@ -115,6 +115,10 @@ def cmd_sample(args) -> int:
     stops = [tok.eos_id]
     max_len = run.cfg.model.max_seq_len
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    n_prompt = len(tok.encode(args.prompt, bos=True))
+    if n_prompt > max(1, max_len - args.max_new):
+        print(f"note: the prompt is {n_prompt} tokens; with --max-new {args.max_new} the {max_len}-token context "
+              f"keeps only its last {max(1, max_len - args.max_new)}", file=sys.stderr)
     if args.num > 1:  # a batch, all at once
         outs = generate(run.graphdef, run.params, [tok.encode(args.prompt, bos=True)] * args.num, args.max_new,
                         max_len, stop_ids=stops, seed=args.seed, **kw)

@@ -379,11 +379,14 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     if setup.finish is not None:
         setup.finish(ctx, summary)
     if main:
-        png = plot_loss(run_dir)
-        if png:
-            log(f"loss curve: {png}")
-        # A re-run of a finished run only re-evaluates: keep the figures of the run itself.
-        merge_json(os.path.join(run_dir, "summary.json"), summary)
+        try:  # the run is saved: a full disk here costs the plot or the summary, not the run
+            png = plot_loss(run_dir)
+            if png:
+                log(f"loss curve: {png}")
+            # A re-run of a finished run only re-evaluates: keep the figures of the run itself.
+            merge_json(os.path.join(run_dir, "summary.json"), summary)
+        except OSError as e:
+            log(f"WARNING: could not write the loss plot or summary.json ({e}); the checkpoints are complete")
     return summary
 
 

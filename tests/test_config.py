@@ -121,3 +121,16 @@ def test_sample_on_a_missing_run_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "not a run directory" in err and "\n" not in err
     assert not os.path.exists(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("content,vocab", [("", 300), ("random", 300), ("text", 10)])
+def test_tokenizer_training_failures_are_one_line_errors(tmp_path, content, vocab, capsys):
+    src = tmp_path / "src.txt"
+    if content == "random":
+        src.write_bytes(os.urandom(50_000))
+    else:
+        src.write_text("hello world " * 100 if content == "text" else "")
+    assert cli_main(["tokenizer", "train", "--source", str(src), "--vocab-size", str(vocab),
+                     "--out", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lm: error:") and "\n" not in err
