@@ -339,3 +339,27 @@ def test_malformed_hugging_face_folders_are_one_line_errors(exported, tmp_path, 
     assert main(["import-hf", str(hf), str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lm: error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_a_failed_save_is_reported_once_and_the_next_one_still_happens(tmp_path):
+    import jax.numpy as jnp
+
+    from lm.checkpoint import Checkpointer
+
+    logs = []
+    ck = Checkpointer(str(tmp_path), keep=5, log=logs.append)
+    real = ck.manager.save
+
+    def disk_full_at_step_2(step, *a, **kw):
+        if step == 2:
+            os.makedirs(os.path.join(ck.dir, "2.orbax-checkpoint-tmp-123"), exist_ok=True)  # what a failed save leaves
+            raise OSError(28, "No space left on device")
+        return real(step, *a, **kw)
+
+    ck.manager.save = disk_full_at_step_2
+    state = {"w": jnp.ones(3)}
+    assert ck.save(1, state, None, {}) and not ck.save(2, state, None, {}) and ck.save(3, state, None, {})
+    ck.close()
+    warnings = [m for m in logs if "WARNING" in m]
+    assert len(warnings) == 1 and "step 2" in warnings[0] and "No space left" in warnings[0]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]  # the partial folder is gone
