@@ -19,7 +19,7 @@ from typing import Callable
 
 from lm.config import Config, ConfigError
 from lm.engine import make_engine
-from lm.init import init_params_loader, source_tokenizer
+from lm.init import init_params_loader, source_model_config, source_tokenizer
 from lm.loop import Setup, evaluate
 from lm.objectives import NextToken
 from lm.stages.pretrain import print_samples, run_meta
@@ -30,6 +30,8 @@ SAMPLE_QUESTIONS = ("What is the `json` module for?", "What does `os.path.join` 
 
 def tokenizer_path(cfg: Config, run_dir: str) -> str:
     """The run's tokenizer: data.tokenizer, else the one stored in the run, else the base's."""
+    if cfg.trainer.init_from:
+        source_model_config(cfg.trainer.init_from)  # a missing or wrong init_from: say so first
     stored = os.path.join(run_dir, "tokenizer.model")
     path = cfg.data.tokenizer or (stored if os.path.exists(stored) else None)
     path = path or (cfg.trainer.init_from and source_tokenizer(cfg.trainer.init_from))
