@@ -25,7 +25,7 @@ import numpy as np
 from data_pipeline import chat
 from data_pipeline.config import DataConfig
 from data_pipeline.conversations import open_chat_source
-from data_pipeline.pipeline import DataStats, RunData
+from data_pipeline.pipeline import DataStats, RunData, shard_documents
 from data_pipeline.sources import DataError, DocumentSource, Record, source_configs
 from data_pipeline.tokenizer import Tokenizer
 
@@ -154,18 +154,8 @@ def chat_rows(docs: DocumentSource, tokenizer_path: str, seq_len: int, *, source
               stats: ChatStats | None = None, strict: bool = False, shuffle_rows: int = 0,
               num_packing_bins: int = 16) -> grain.IterDataset:
     """SFT examples (rows of `seq_len` inputs) of one conversation source, for one shard."""
-    if len(docs) == 0:
-        raise DataError(f"source {source!r} has no conversations (or its split is empty)")
-    ds = grain.MapDataset.source(docs)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    n = len(ds)
-    if n == 0:
-        raise DataError(f"source {source!r} has fewer conversations than data.num_shards={process_count}")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)  # a new shuffle every epoch
+    n = len(range(process_index, len(docs), process_count))  # records of this shard
+    ds = shard_documents(docs, source, "conversations", seed, shuffle, repeat, process_index, process_count)
     # With one usable record per epoch, at most 2(n-1) drops come in a row (the end of one
     # epoch, the start of the next); the margin covers the prefetch threads' reordering.
     render = RenderChat(tokenizer_path, seq_len + 1, long, source, stats, strict,

@@ -188,21 +188,31 @@ def to_example(row: dict, source_id: int = 0) -> dict:
     }
 
 
+def shard_documents(docs: DocumentSource, source: str, unit: str, seed: int, shuffle: bool, repeat: bool,
+                    process_index: int, process_count: int) -> grain.MapDataset:
+    """The records of one logical data shard (`process_index::process_count`), shuffled
+    anew every epoch and repeated, as a grain MapDataset."""
+    if len(docs) == 0:
+        raise DataError(f"source {source!r} has no {unit} (or its split is empty)")
+    ds = grain.MapDataset.source(docs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if len(ds) == 0:
+        raise DataError(f"source {source!r} has fewer {unit} than data.num_shards={process_count}")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)  # a new shuffle every epoch
+    return ds
+
+
 def packed_rows(docs: DocumentSource, tokenizer_path: str, seq_len: int, *, source: str = "default",
                 source_id: int = 0, seed: int = 0, shuffle: bool = True, repeat: bool = True,
                 process_index: int = 0, process_count: int = 1, packing: str = "concat",
                 stats: DataStats | None = None, strict: bool = False,
                 shuffle_rows: int = 0) -> grain.IterDataset:
     """Examples (rows of `seq_len` tokens) of one source, for this process."""
-    if len(docs) == 0:
-        raise DataError(f"source {source!r} has no documents (or its split is empty)")
-    ds = grain.MapDataset.source(docs)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)  # a new shuffle every epoch
+    ds = shard_documents(docs, source, "documents", seed, shuffle, repeat, process_index, process_count)
     ds = ds.map(Tokenize(tokenizer_path, source, stats, strict, max_bad_in_row=2 * len(docs) + 64)).to_iter_dataset()
     ds = ds.filter(lambda x: len(x["tokens"]) > 2)
     length = {"tokens": seq_len + 1}
