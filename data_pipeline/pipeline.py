@@ -26,6 +26,7 @@ import numpy as np
 
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, DocumentSource, Record, open_source, source_configs
+from data_pipeline.synthetic import synthetic_batches
 from data_pipeline.tokenizer import Tokenizer, tokenizer_for_run
 
 __all__ = ["DataError", "RunData", "global_batch", "synthetic_batches", "unigram_entropy"]
@@ -433,23 +434,6 @@ def _pad_batch(b: dict, size: int) -> dict:
     if n == size:
         return b
     return {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in b.items()}
-
-
-def synthetic_batches(vocab_size: int, seq_len: int, batch_size: int, seed: int = 0) -> Iterator[dict]:
-    """Random-token batches with a learnable pattern (for tests and benchmarks)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        start = rng.integers(4, vocab_size, size=(batch_size, 1))
-        step = rng.integers(1, 4, size=(batch_size, 1))
-        tokens = (4 + (start + step * np.arange(seq_len + 1)) % (vocab_size - 4)).astype(np.int32)
-        yield {
-            "inputs": tokens[:, :-1],
-            "targets": tokens[:, 1:],
-            "segment_ids": np.ones((batch_size, seq_len), np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-            "loss_mask": np.ones((batch_size, seq_len), np.float32),
-            "source_id": np.zeros((batch_size,), np.int32),
-        }
 
 
 def global_batch(local: dict, shardings: dict) -> dict:

@@ -2,7 +2,7 @@
 
 For one GPU (H100 80 GB), a TPU slice or a multi-host cluster (`lm train` under
 `jax.distributed`): bfloat16 compute, float32 parameters and Adam moments, FSDP over all
-devices, full rematerialisation of each layer, cuDNN attention where available. Global
+devices, full rematerialisation of each layer, fused (flash) attention with document masking. Global
 batch 128 x 4096 = 0.5M tokens, reached by gradient accumulation when memory is short.
 Expected: a steady loss decrease; on the default corpus this is a throughput check,
 not a useful model (the standard library holds ~3M tokens).

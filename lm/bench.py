@@ -24,17 +24,29 @@ from lm.sharding import make_mesh
 from lm.engine import make_trainer
 
 
-def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3) -> dict:
-    """Median step time of the compiled train step on synthetic batches (one device)."""
-    from data_pipeline.pipeline import global_batch, synthetic_batches
+def bench_batches(cfg: Config, n: int = 4, mean_doc: int = 0) -> list[dict]:
+    """`n` synthetic host batches; with `mean_doc` > 0 the rows are packed with documents
+    of about that many tokens (segment ids), as real pretraining batches are."""
+    from data_pipeline.synthetic import packed_segment_ids, synthetic_batches
 
+    d = cfg.data
+    out = []
+    for i, b in zip(range(n), synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size, seed=0)):
+        if mean_doc:
+            b["segment_ids"] = packed_segment_ids(d.batch_size, d.seq_len, mean_doc, seed=i)
+        out.append(b)
+    return out
+
+
+def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3, mean_doc: int = 0) -> dict:
+    """Median step time of the compiled train step on synthetic batches (one device)."""
     cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     state, _ = trainer.init_state(0)
     step = trainer.compile_train_step()
     d = cfg.data
-    batches = [global_batch(b, trainer.batch_sharding)
-               for b, _ in zip(synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size), range(4))]
+    batches = [{k: jax.device_put(b[k], trainer.batch_sharding[k]) for k in trainer.batch_sharding}
+               for b in bench_batches(cfg, 4, mean_doc)]
     for i in range(warmup):
         state, m = step(state, batches[i % 4])
     jax.block_until_ready(m)
@@ -48,8 +60,10 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3)
     step_time = float(np.median(times))
     tokens = d.batch_size * d.seq_len
     flops = flops_per_token(cfg.model, d.seq_len) * tokens / step_time
+    stats = jax.devices()[0].memory_stats() or {}
     return {"step_time_s": step_time, "tokens_per_s": tokens / step_time, "flops_per_s": flops,
-            "params": param_count(cfg.model)}
+            "params": param_count(cfg.model), "peak_bytes": stats.get("peak_bytes_in_use"),
+            "loss": float(m["loss"])}
 
 
 def bench_data(cfg: Config, run_dir: str, batches: int = 300, log=print) -> dict:

@@ -46,9 +46,15 @@ class ModelConfig:
     # "none" keeps all activations, "full" recomputes the block,
     # "dots" saves matmul outputs only, "dots_no_batch" saves weight matmuls only.
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # "xla": our einsum attention; "jax_dpa": jax.nn.dot_product_attention (cuDNN on GPU)
-    attention: Literal["xla", "jax_dpa"] = "xla"
+    # Training attention (lm/attention.py): "xla" our einsum attention over a (B, T, S) mask;
+    # "jax_dpa" jax.nn.dot_product_attention with that mask; fused kernels that take the
+    # packed documents' segment ids and never build the mask: "pallas"
+    # (Triton flash kernel), "splash" (TPU), "flash" = the platform's fused kernel with
+    # document masking; "cudnn" (NVIDIA, causal over whole rows: needs document_mask=False).
+    attention: Literal["xla", "jax_dpa", "cudnn", "pallas", "splash", "flash"] = "xla"
     attention_block: int = 64  # "xla": query block size; skips the causal upper triangle
+    # Packed rows hold several documents; True: a token attends only within its document.
+    document_mask: bool = True
     scalar_heads: tuple[str, ...] = ()  # extra (D,) -> scalar heads, e.g. ("reward",) or ("value",)
 
     @property
@@ -70,6 +76,12 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "set model.head_dim explicitly"
             )
+        if self.attention == "cudnn" and self.compute_dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"model.attention=cudnn needs model.compute_dtype bfloat16 or float16, "
+                              f"got {self.compute_dtype}; use attention=pallas or flash in float32")
+        if self.attention == "cudnn" and self.document_mask:
+            raise ConfigError("model.attention=cudnn cannot mask packed documents: set model.document_mask=false "
+                              "(attend across documents, as GPT-2 does) or use attention=pallas or flash")
         if self.head_size % 2:
             raise ConfigError(f"head size {self.head_size} must be even for rotary embeddings")
 

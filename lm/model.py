@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import attention
 from lm.config import ModelConfig
 from lm.sharding import shard
 
@@ -127,7 +128,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.norm_eps, pdt)
 
     def __call__(self, x, cos, sin, mask, batch: int, cache=None):
-        """x (B*T, D) -> (B*T, D).
+        """x (B*T, D) -> (B*T, D). `mask` is (B, T, S), or for the fused kernels
+        (`model.attention`, lm/attention.py) the segment ids (B, T) or None.
 
         With `cache = (k (B,S,K,H), v (B,S,K,H), positions (B,T))` the new keys/values are
         written at their positions, attention runs over the whole cache (`mask` is then
@@ -152,7 +154,10 @@ class Attention(nnx.Module):
             out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
             out = out.reshape(batch * t, n * h) @ self.wo[...].astype(cdt).reshape(n * h, d)
             return out, (k_cache, v_cache)
-        if cfg.attention == "jax_dpa":
+        impl = attention.resolve(cfg.attention)
+        if impl in attention.FUSED:  # `mask` holds the segment ids (B, T), or None
+            out = attention.fused_attention(q, kk, v, mask, impl)
+        elif impl == "jax_dpa":
             out = jax.nn.dot_product_attention(q, kk, v, mask=mask[:, None])
         else:
             out = dot_product_attention(q, kk, v, mask, cfg.attention_block)
@@ -239,7 +244,11 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_tables(positions, cfg.head_size, cfg.rope_theta)
-        if cache is None:
+        if not cfg.document_mask:
+            segment_ids = None  # attend across the documents packed in a row (GPT-2 style)
+        if cache is None and attention.resolve(cfg.attention) in attention.FUSED:
+            mask = segment_ids  # the fused kernels mask by segment ids, without a (B, T, T) mask
+        elif cache is None:
             mask = attention_mask(segment_ids, b, t)  # (B, T, T)
         else:
             mask = jnp.arange(cache["k"].shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)

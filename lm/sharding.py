@@ -131,6 +131,11 @@ def use_mesh(mesh: Mesh | None):
         _ACTIVE.mesh = prev
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh set by `use_mesh` (None outside one)."""
+    return getattr(_ACTIVE, "mesh", None)
+
+
 def shard(x: jax.Array, layout: str) -> jax.Array:
     """Constrain activation `x` to a named layout (see ACTIVATIONS); no-op without a mesh."""
     mesh = getattr(_ACTIVE, "mesh", None)

@@ -25,13 +25,13 @@ SIZES: dict[str, ModelConfig] = {
                         d_ff=704, max_seq_len=256, remat="full"),
     "small": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                          d_ff=2048, max_seq_len=1024, tie_embeddings=True,
-                         compute_dtype="bfloat16", attention="jax_dpa"),
+                         compute_dtype="bfloat16", attention="flash"),
     "medium": ModelConfig(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16,
                           d_ff=2816, max_seq_len=2048, tie_embeddings=True,
-                          compute_dtype="bfloat16", attention="jax_dpa", remat="dots_no_batch"),
+                          compute_dtype="bfloat16", attention="flash", remat="dots_no_batch"),
     "base": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=16, n_kv_heads=8,
                         d_ff=5632, max_seq_len=4096, rope_theta=500_000.0,
-                        compute_dtype="bfloat16", attention="jax_dpa", remat="full"),
+                        compute_dtype="bfloat16", attention="flash", remat="full"),
 }
 
 # Default peak learning rates (AdamW, batch of ~0.5M tokens for the larger sizes).

@@ -1,0 +1,81 @@
+"""The PyTorch peer of the training benchmark: Hugging Face LLaMA of the same shape.
+
+The same model (LlamaForCausalLM built from our ModelConfig: RoPE, RMSNorm, SwiGLU,
+grouped-query attention, same vocabulary/width/depth), the same batch of token ids, one
+AdamW step per iteration, timed like ours (median of repeats, after warm-up). On a GPU:
+bfloat16 autocast over float32 parameters, SDPA attention (flash, causal), fused AdamW;
+on a CPU: float32. `compile=True` wraps the model in `torch.compile`. Gradient
+checkpointing mirrors `model.remat="full"` where asked.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from lm.config import ModelConfig
+
+
+def hf_config(cfg: ModelConfig, seq_len: int):
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_size, max_position_embeddings=max(seq_len, cfg.max_seq_len), rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+        hidden_act="silu")
+
+
+def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu", bf16: bool = False,
+               compile: bool = False, grad_ckpt: bool = False, steps: int = 10, warmup: int = 3,
+               repeats: int = 3, threads: int | None = None) -> dict:
+    """Training tokens/s of the Hugging Face LLaMA peer (and its peak device memory on GPU)."""
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(hf_config(cfg, seq_len), attn_implementation="sdpa",
+                                                        torch_dtype=torch.float32).to(device)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda")
+    fwd = torch.compile(model) if compile else model
+    rng = np.random.default_rng(0)
+    xs = [torch.from_numpy(rng.integers(4, cfg.vocab_size, size=(batch, seq_len))).to(device) for _ in range(4)]
+
+    def step(x):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = fwd(input_ids=x, labels=x, use_cache=False).loss  # the model shifts the labels itself
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup):
+        loss = step(xs[i % 4])
+    float(loss)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(steps):
+            loss = step(xs[i % 4])
+        float(loss)
+        sync()
+        times.append((time.perf_counter() - t) / steps)
+    step_time = float(np.median(times))
+    out = {"step_time_s": step_time, "tokens_per_s": batch * seq_len / step_time}
+    if device == "cuda":
+        out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
