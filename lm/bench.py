@@ -140,6 +140,10 @@ def main_decode() -> None:
 
 
 def main(which: str = "all") -> int:
+    if which == "accel":
+        from lm import bench_accel
+
+        return bench_accel.main([])
     ref = main_train() if which in ("all", "train") else None
     if which in ("all", "data"):
         main_data(ref)
@@ -165,4 +169,36 @@ def main_train() -> float:
               f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['mfu']:.1%} of the {peak / 1e9:.1f} GFLOP/s peak")
     ref = results["reference"]
     print(f"train_tokens_per_s={ref['tokens_per_s']:.0f} mfu={ref['mfu']:.4f}")
+    if dev.platform == "cpu":
+        train_peer(experiment.load("bench_reference"), ref["tokens_per_s"])
     return ref["tokens_per_s"]
+
+
+def train_peer(cfg: Config, ours: float) -> None:
+    """The PyTorch peer (Hugging Face LLaMA of the same shape, float32, AdamW), eager and
+    torch.compile, on the reference configuration, measured in this run; then ours again,
+    so that a drift of the machine's speed during the run shows."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("peer: torch/transformers not installed (pip install torch transformers); no ratio printed")
+        return
+    from lm import peer_torch
+
+    d = cfg.data
+    rates = {}
+    for mode, compiled in (("eager", False), ("torch.compile", True)):
+        try:
+            r = peer_torch.train_rate(cfg.model, d.batch_size, d.seq_len, compile=compiled,
+                                      grad_ckpt=cfg.model.remat != "none", steps=20, repeats=3)
+        except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for torch.compile
+            print(f"peer[{mode}]: failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            continue
+        rates[mode] = r["tokens_per_s"]
+        print(f"peer[{mode}]: Hugging Face LLaMA, same shape and batch: {r['tokens_per_s']:,.0f} tokens/s")
+    again = bench_train(cfg)["tokens_per_s"]
+    ours = (ours + again) / 2  # mean of the two measurements around the peer
+    print(f"train[reference] again: {again:,.0f} tokens/s")
+    for mode, rate in rates.items():
+        print(f"train_ratio_vs_{mode.replace('.', '_')}={ours / rate:.2f}")

@@ -67,6 +67,7 @@ def run_case(case: str, steps: int, repeats: int) -> dict:
 
     cfg = _config(case)
     _, _, attention, _, mean_doc = CASES[case]
+    batch, mean_doc = cfg.data.batch_size, min(mean_doc, cfg.data.seq_len // 4)
     peak, _ = perf.peak_flops_per_device()
     if attention == "torch":
         import torch

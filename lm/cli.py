@@ -235,6 +235,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from lm import plan
+
+    return plan.main(args.experiment, args.set, args.devices, args.hbm)
+
+
 def cmd_bench(args) -> int:
     from lm import bench
 
@@ -281,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     experiment_args(i)
     i.add_argument("--keys", action="store_true", help="list every config key and its value")
     i.set_defaults(fn=cmd_info)
+
+    pl = sub.add_parser("plan", help="compile the train step ahead of time for N devices: memory and FLOPs "
+                                     "per device, and whether it fits")
+    experiment_args(pl)
+    pl.add_argument("--devices", type=_number(int, 1, what="at least 1"), default=8,
+                    help="number of devices (fake CPU devices stand in for them; default 8)")
+    pl.add_argument("--hbm", type=_number(float, 0.0, low_open=True, what="more than 0"), default=80.0,
+                    help="memory per device in GiB (default 80: an H100)")
+    pl.set_defaults(fn=cmd_plan)
 
     from data_pipeline.cli import add_data_parser, add_tokenizer_parser
 
@@ -331,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(fn=cmd_import_hf)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode", "accel"],
+                   help="accel: the accelerator benchmark (python -m lm.bench_accel --help for its options)")
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)

@@ -259,6 +259,8 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
         if t is Any:
             return True, v
         if origin is Literal:
+            if v not in typing.get_args(t) and isinstance(text, str) and text in typing.get_args(t):
+                return True, text  # e.g. model.remat=none: the choice "none", not None
             return (v in typing.get_args(t)), v
         if origin in (typing.Union, types.UnionType):
             for arm in typing.get_args(t):

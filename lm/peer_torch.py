@@ -39,9 +39,9 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(hf_config(cfg, seq_len), attn_implementation="sdpa",
-                                                        torch_dtype=torch.float32).to(device)
-    if grad_ckpt:
-        model.gradient_checkpointing_enable()
+                                                        dtype=torch.float32).to(device)
+    if grad_ckpt:  # the newer name first (transformers >= 5.2x), the older one otherwise
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda")
     fwd = torch.compile(model) if compile else model

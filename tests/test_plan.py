@@ -1,0 +1,51 @@
+"""`lm plan`: the train step compiled ahead of time for N devices, and its accounting."""
+
+import dataclasses
+
+import pytest
+
+from lm import experiment, plan
+from lm.config import MeshConfig
+
+
+def tiny(**mesh):
+    cfg = experiment.load("pretrain_tiny")
+    model = dataclasses.replace(cfg.model, vocab_size=512, d_model=64, n_layers=2, d_ff=128, max_seq_len=64)
+    return dataclasses.replace(cfg, model=model, mesh=MeshConfig(**mesh),
+                               data=dataclasses.replace(cfg.data, batch_size=8, seq_len=64))
+
+
+def state_bytes(cfg):
+    from lm.model import param_count
+
+    return param_count(cfg.model) * 4 * 3  # float32 parameters + two Adam moments
+
+
+def test_fsdp_over_8_devices_holds_an_eighth_of_the_state_each():
+    cfg = tiny(data=1, fsdp=8, tensor=1)
+    r = plan.plan(cfg, 8, hbm_gib=80)
+    per_device = r["param_bytes"] + r["opt_bytes"]
+    assert per_device == pytest.approx(state_bytes(cfg) / 8, rel=0.10)
+    assert r["temp_bytes"] > 0 and r["fits"] and not r["advice"]
+    assert r["flops_xla"] > r["flops_analytic"] > 0  # XLA also counts recomputation (remat=full) and the optimiser
+    assert "fits" in plan.report(r)
+
+
+def test_data_parallel_replicates_the_state_and_a_config_that_cannot_fit_says_so():
+    cfg = tiny(data=8, fsdp=1, tensor=1)
+    r = plan.plan(cfg, 8, hbm_gib=0.001)
+    assert r["param_bytes"] + r["opt_bytes"] == pytest.approx(state_bytes(cfg), rel=0.01)
+    assert not r["fits"]
+    text = plan.report(r)
+    assert "DOES NOT FIT" in text and "shard them" in text
+
+
+def test_advice_when_activations_do_not_fit():
+    cfg = tiny(data=1, fsdp=8, tensor=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="none"))
+    r = plan.plan(cfg, 8, hbm_gib=80)
+    state = r["param_bytes"] + r["opt_bytes"] + r["batch_bytes"]
+    r2 = dict(r, hbm_bytes=state + r["temp_bytes"] // 3, fits=False)
+    advice = plan.advice(r2, cfg)
+    assert any("model.remat=full" in a for a in advice)
+    assert any("trainer.microbatches=4" in a for a in advice)  # a quarter of the temporaries fits a third
