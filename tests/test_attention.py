@@ -93,3 +93,14 @@ def test_without_document_mask_rows_attend_across_documents():
     np.testing.assert_allclose(open_, causal_only, atol=1e-6)
     np.testing.assert_allclose(masked[0, :8], causal_only[0, :8], atol=1e-6)
     assert not np.allclose(masked[0, 8:], causal_only[0, 8:])
+
+
+def test_fused_kernel_runs_per_shard_under_a_mesh():
+    from lm.config import MeshConfig
+    from lm.sharding import make_mesh, use_mesh
+
+    q, k, v, seg = inputs()
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    with use_mesh(mesh):  # batch over data, heads (4 query, 2 key/value) over tensor
+        out = jax.jit(lambda *a: attention.fused_attention(*a, "pallas"))(q, k, v, seg)
+    np.testing.assert_allclose(out, reference(q, k, v, seg), atol=2e-5)
