@@ -16,7 +16,8 @@ class SourceConfig:
 
     name: str
     # "chat": JSON Lines or a JSON array of conversations (SFT; see data_pipeline/conversations.py)
-    kind: Literal["default", "text", "jsonl", "json", "parquet", "arrayrecord", "tfds", "chat"] = "text"
+    # "preference": (prompt, chosen, rejected) pairs (reward models, DPO; data_pipeline/preferences.py)
+    kind: Literal["default", "text", "jsonl", "json", "parquet", "arrayrecord", "tfds", "chat", "preference"] = "text"
     paths: tuple[str, ...] = ()  # globs
     weight: float = 1.0  # share of training tokens (normalised over the sources)
     text_field: str = "text"  # jsonl/json/parquet/arrayrecord/tfds: the field with the text
@@ -26,7 +27,8 @@ class SourceConfig:
     # kind="chat": the record layout; "auto" detects it per record. alpaca: instruction/input/output;
     # messages: [{role, content}] (OpenAI style); sharegpt: conversations [{from, value}];
     # lima: conversations as a list of alternating user/assistant strings
-    chat_format: Literal["auto", "alpaca", "messages", "sharegpt", "lima"] = "auto"
+    # kind="preference": auto, hh (HH-RLHF transcripts), sharegpt (conversations + chosen/rejected), prompt (TRL)
+    chat_format: Literal["auto", "alpaca", "messages", "sharegpt", "lima", "hh", "prompt"] = "auto"
     system_prompt: str = ""  # kind="chat": a system message for conversations that have none ("": none)
     tfds_name: str = ""  # e.g. "wikipedia/20230601.en"
     tfds_split: str = "train"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np

@@ -123,6 +123,18 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """Reward models and DPO-family training on preference pairs (lm/preference.py)."""
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    beta: float = 0.1  # DPO/IPO/SimPO temperature; the implicit rewards are beta x log-ratios
+    label_smoothing: float = 0.0  # DPO/SimPO: the chance a label is flipped (conservative DPO), in [0, 0.5)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term
+    margin: float = 0.0  # reward model: a margin the chosen reward must beat the rejected one by
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     steps: int = 1000
     # Start from another run's parameters (a run directory: its newest checkpoint, or step
@@ -156,9 +168,14 @@ class Config:
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
     lora: LoraConfig = LoraConfig()
+    pref: PreferenceConfig = PreferenceConfig()
 
     def validate(self) -> "Config":
         self.model.validate()
+        if self.pref.beta <= 0:
+            raise ConfigError(f"pref.beta={self.pref.beta} must be positive")
+        if not 0 <= self.pref.label_smoothing < 0.5:
+            raise ConfigError(f"pref.label_smoothing={self.pref.label_smoothing} must be in [0, 0.5)")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
@@ -347,6 +364,7 @@ def from_dict(d: dict) -> Config:
         trainer=TrainerConfig(**d.get("trainer", {})),
         lora=LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()}),
         stage=d.get("stage", "pretrain"),
+        pref=PreferenceConfig(**d.get("pref", {})),
     )
 
 

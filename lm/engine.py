@@ -106,9 +106,12 @@ class Engine:
                 params = jax.jit(self._init_params, static_argnums=0, out_shardings=self.param_sharding)(seed)
             else:
                 params = jax.device_put(params, self.param_sharding)
+            frozen = {"base": params} if self.lora else {}
+            for name in self.objective.frozen:  # e.g. DPO's reference: the starting parameters, copied
+                frozen[name] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sharding)(params)
             init = jax.jit(self._init, static_argnums=0, out_shardings=self.state_sharding)
             state = init(seed, params)
-        return state, ({"base": params} if self.lora else {})
+        return state, frozen
 
     def _init_params(self, seed: int):
         return nnx.state(Transformer(self.cfg.model, nnx.Rngs(seed)), nnx.Param)

@@ -297,7 +297,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                 batch = global_batch({k: local[k] for k in engine.objective.batch_axes}, engine.batch_sharding)
                 wait = time.perf_counter() - t0
                 if "source_id" in local and "segment_ids" in local:
-                    np.add.at(source_tokens, local["source_id"], (local["segment_ids"] > 0).sum(axis=1))
+                    real = (local["segment_ids"] > 0).reshape(len(local["source_id"]), -1)  # rows, or pairs of rows
+                    np.add.at(source_tokens, local["source_id"], real.sum(axis=1))
                 state, metrics = step_fn(state, batch, frozen)
                 ctx.state, ctx.step, ctx.last, ctx.preempted = state, step + 1, step == steps - 1, preempt.signal
                 first = step == start
@@ -396,13 +397,11 @@ def _count(tree) -> int:
 
 def _frozen(engine: Engine, init_params: Callable | None) -> dict:
     """The frozen inputs of a resumed run, rebuilt from where it started."""
-    if engine.lora:
-        if init_params is None:
-            raise ValueError("a LoRA run needs its base model: set trainer.init_from to the run or Hugging Face "
-                             "folder it was started from")
-        params = jax.device_put(init_params(), engine.param_sharding)
-        return {"base": params}
-    return {}
+    if init_params is None:
+        raise ValueError(f"this run needs the model it started from ({', '.join(engine.frozen_names)}): set "
+                         "trainer.init_from to the run or Hugging Face folder it was started from")
+    params = jax.device_put(init_params(), engine.param_sharding)
+    return {name: params for name in engine.frozen_names}
 
 
 def write_config(cfg: Config, run_dir: str) -> None:

@@ -13,6 +13,8 @@ import importlib
 STAGES = {
     "pretrain": "lm.stages.pretrain",
     "sft": "lm.stages.sft",
+    "reward": "lm.stages.reward",
+    "dpo": "lm.stages.dpo",
 }
 
 

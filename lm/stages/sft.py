@@ -36,7 +36,7 @@ def tokenizer_path(cfg: Config, run_dir: str) -> str:
     path = cfg.data.tokenizer or (stored if os.path.exists(stored) else None)
     path = path or (cfg.trainer.init_from and source_tokenizer(cfg.trainer.init_from))
     if not path:
-        raise ConfigError("SFT needs a tokenizer with chat role tokens: set trainer.init_from to a run that has "
+        raise ConfigError(f"stage {cfg.stage!r} needs a tokenizer with chat role tokens: set trainer.init_from to a run that has "
                           "one (e.g. runs/pretrain_tiny) or data.tokenizer=PATH.model")
     return path
 
@@ -75,7 +75,8 @@ def open_data(cfg: Config, run_dir: str, log: Callable = print, tokenizer=None):
                     log=log)
 
 
-def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
+def store_tokenizer(cfg: Config, run_dir: str):
+    """The run's tokenizer (see tokenizer_path), copied into the run directory, opened."""
     from data_pipeline.tokenizer import Tokenizer
 
     tok_path = tokenizer_path(cfg, run_dir)
@@ -84,7 +85,11 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
         os.makedirs(run_dir, exist_ok=True)
         shutil.copyfile(tok_path, stored + ".tmp")
         os.replace(stored + ".tmp", stored)  # `lm chat RUN_DIR` finds it here
-    tok = Tokenizer(stored)
+    return Tokenizer(stored)
+
+
+def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
+    tok = store_tokenizer(cfg, run_dir)
     engine = make_engine(cfg, mesh, NextToken(cfg))
     data = open_data(cfg, run_dir, log, tok)
     loader = init_params_loader(cfg, engine, log)

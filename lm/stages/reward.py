@@ -1,0 +1,25 @@
+"""Reward model: a scalar head on the transformer, trained with the Bradley–Terry loss on
+preference pairs (lm/preference.py). Start it from a pretrained or SFT run
+(`trainer.init_from`) with `model.scalar_heads=("reward",)`; score texts with
+`lm reward RUN_DIR --pairs FILE` or `lm.reward.score`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lm.config import Config
+from lm.loop import Setup
+from lm.preference import RewardObjective
+from lm.stages import pairs
+
+
+def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
+    return pairs.setup(cfg, run_dir, log, mesh, RewardObjective(cfg), _finish)
+
+
+def _finish(init_params):
+    def finish(ctx, summary: dict) -> None:
+        pairs.before_after(ctx, summary, init_params, {"accuracy": "pairwise accuracy (chance 0.5)",
+                                                       "margin": "mean reward margin, chosen - rejected"})
+    return finish
