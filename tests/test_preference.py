@@ -1,7 +1,6 @@
 """Preference pairs, the reward-model and DPO-family losses, and the reward / DPO stages."""
 
 import dataclasses
-import gzip
 import json
 import math
 
@@ -148,11 +147,9 @@ def _engine_batch(cfg):
     from lm.engine import make_engine
     from lm.preference import PreferenceObjective, RewardObjective
     from lm.sharding import make_mesh
-    from lm.stages import pairs
 
     engine = make_engine(cfg, make_mesh(cfg.mesh), (RewardObjective if cfg.stage == "reward" else
                                                      PreferenceObjective)(cfg))
-    setup = pairs.setup  # noqa: F841 (the stage's data road, used below through PreferenceData)
     from data_pipeline.preferences import PreferenceData
     from data_pipeline.tokenizer import Tokenizer
 
