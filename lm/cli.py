@@ -235,6 +235,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_reward(args) -> int:
+    from lm import reward
+    from lm.run import load_run
+
+    loaded = load_run(args.run_dir, log=_log)
+    r = reward.score_pairs(loaded, args.pairs, args.format, args.limit, log=_log)
+    print(f"{r['pairs']} pairs ({r['bad_records']} bad records skipped): pairwise accuracy {r['accuracy']:.3f} "
+          f"(chance {r['chance']:.1f}), mean reward margin {r['margin']:+.3f}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from lm import plan
 
@@ -287,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     experiment_args(i)
     i.add_argument("--keys", action="store_true", help="list every config key and its value")
     i.set_defaults(fn=cmd_info)
+
+    rw = sub.add_parser("reward", help="a reward model's pairwise accuracy on a file of preference pairs")
+    rw.add_argument("run_dir")
+    rw.add_argument("--pairs", required=True, help="JSON Lines / JSON file of pairs (hh, sharegpt or prompt layout)")
+    rw.add_argument("--format", default="auto", choices=["auto", "hh", "sharegpt", "prompt"])
+    rw.add_argument("--limit", type=_number(int, 1, what="at least 1"), help="score the first N pairs")
+    rw.set_defaults(fn=cmd_reward)
 
     pl = sub.add_parser("plan", help="compile the train step ahead of time for N devices: memory and FLOPs "
                                      "per device, and whether it fits")

@@ -206,3 +206,9 @@ def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
     s = train(cfg, str(tmp_path / "run"), progress=False, **QUIET)
     assert s["base_heldout_accuracy"] == pytest.approx(0.5)  # a zero head ties every pair
     assert s["heldout_accuracy"] > 0.6 and s["heldout_margin"] > 0
+    # scoring from Python / `lm reward`: the run's reward model on fresh pairs of the same rule
+    from lm import reward
+    from lm.run import load_run
+
+    r = reward.score_pairs(load_run(str(tmp_path / "run"), **QUIET), pair_file(tmp_path / "new.jsonl", 64, seed=9))
+    assert r["pairs"] == 64 and r["accuracy"] > 0.6 and r["margin"] > 0

@@ -1,0 +1,84 @@
+"""Scoring with a trained reward model: `score` for texts in Python, `lm reward RUN_DIR
+--pairs FILE` for the pairwise accuracy on a preference file (any layout of
+data_pipeline/preferences.py).
+
+A reward is the scalar head "reward" read at the last token of the conversation rendered
+with the chat template (the prompt's turns, then the reply and its <|end|>), exactly as
+the reward stage trains it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.config import ConfigError
+
+
+def _rewards_fn(loaded):
+    """A jitted (inputs, positions, segment_ids) (N, T) -> rewards (N,)."""
+    model = loaded.model()
+    if "reward" not in loaded.cfg.model.scalar_heads:
+        raise ConfigError("this run has no reward head (model.scalar_heads lacks 'reward'): train one with a "
+                          "reward experiment (stage 'reward')")
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def rewards(params, inputs, positions, segment_ids):
+        m = nnx.merge(graphdef, params)
+        h = m.hidden(inputs, positions, segment_ids)
+        n, t = inputs.shape
+        last = jnp.maximum(segment_ids.sum(-1) - 1, 0)
+        return m.scalar(h.reshape(n, t, -1)[jnp.arange(n), last], "reward")
+
+    return lambda *a: rewards(params, *a)
+
+
+def score(loaded, conversations: Sequence[tuple[list[dict], str]], batch: int = 16) -> list[float]:
+    """Rewards of (prompt messages, reply) conversations under the run's reward model."""
+    from data_pipeline import chat
+
+    tok, t = loaded.tokenizer, loaded.cfg.data.seq_len
+    fn = _rewards_fn(loaded)
+    out = []
+    for i in range(0, len(conversations), batch):
+        part = conversations[i: i + batch]
+        inputs = np.zeros((batch, t), np.int32)
+        seg = np.zeros((batch, t), np.int32)
+        for r, (prompt, reply) in enumerate(part):
+            ids = chat.render(tok, list(prompt) + [{"role": "assistant", "content": reply}])[0][:t]
+            inputs[r, :len(ids)], seg[r, :len(ids)] = ids, 1
+        pos = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t))
+        out += [float(x) for x in np.asarray(fn(inputs, pos, seg))[:len(part)]]
+    return out
+
+
+def score_pairs(loaded, path: str, fmt: str = "auto", limit: int | None = None, log: Callable = print) -> dict:
+    """Pairwise accuracy (ties count half) and mean margin of the reward model on a file of pairs."""
+    from data_pipeline.config import SourceConfig
+    from data_pipeline.preferences import open_preference_source
+
+    src, _ = open_preference_source(SourceConfig(name="pairs", kind="preference", paths=(path,), chat_format=fmt,
+                                                 heldout_fraction=0.0))
+    pairs, bad = [], 0
+    for i in range(len(src)):
+        r = src[i]
+        if r.text is None:
+            bad += 1
+            continue
+        pairs.append(json.loads(r.text))
+        if limit and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise ConfigError(f"{path}: no usable preference pair ({bad} bad records)")
+    convs = [(p["prompt"], p[k]) for p in pairs for k in ("chosen", "rejected")]
+    r = np.asarray(score(loaded, convs)).reshape(-1, 2)
+    wins = np.where(r[:, 0] > r[:, 1], 1.0, np.where(r[:, 0] == r[:, 1], 0.5, 0.0))
+    return {"pairs": len(pairs), "bad_records": bad, "accuracy": float(wins.mean()),
+            "margin": float((r[:, 0] - r[:, 1]).mean()), "chance": 0.5}
