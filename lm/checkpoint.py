@@ -45,6 +45,8 @@ def merge_data_states(states: list[dict | None]) -> dict | None:
     states = [s for s in states if s]
     if not states:
         return None
+    if "shards" not in states[0]:  # a data state of one piece (e.g. RL rollouts): process 0's
+        return states[0]
     merged = {**states[0], "shards": {}}
     for s in states:
         merged["shards"].update(s["shards"])

@@ -135,6 +135,27 @@ class PreferenceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Reinforcement learning from rewards: GRPO (lm/rl.py, lm/stages/grpo.py)."""
+
+    task: str = "arith"  # prompts and answers: "arith" (synthetic additions), "gsm8k" (../shared/data/gsm8k)
+    reward: str = "exact"  # "exact" (the reply is the answer), "number" (its last number), "gsm8k_strict"
+    # ("#### N" format), "gsm8k_lenient" (last number), or "module:function" (completion, example) -> float
+    group_size: int = 8  # G samples per prompt
+    temperature: float = 1.0  # sampling temperature (the trainer's log-probabilities use the same)
+    max_new: int = 16  # most new tokens per sample
+    clip_eps: float = 0.2  # PPO clipping of the importance ratio: [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: float = 0.0  # 0: clip_eps (symmetric); DAPO uses a larger upper bound, e.g. 0.28
+    beta: float = 0.04  # KL penalty to the reference (the starting model); 0 never builds a reference
+    loss_norm: Literal["sequence", "token", "constant"] = "sequence"  # GRPO / DAPO / Dr. GRPO
+    scale_rewards: bool = True  # divide group advantages by the group's std (False: Dr. GRPO)
+    updates_per_rollout: int = 1  # optimiser steps on each rollout batch (mu)
+    eval_prompts: int = 200  # held-out prompts for pass@1 (greedy)
+    train_problems: int = 5000  # "arith": training problems generated (2 digits: 8,100 exist)
+    digits: int = 2  # "arith": digits of each operand
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     steps: int = 1000
     # Start from another run's parameters (a run directory: its newest checkpoint, or step
@@ -169,11 +190,17 @@ class Config:
     trainer: TrainerConfig = TrainerConfig()
     lora: LoraConfig = LoraConfig()
     pref: PreferenceConfig = PreferenceConfig()
+    rl: RLConfig = RLConfig()
 
     def validate(self) -> "Config":
         self.model.validate()
         if self.pref.beta <= 0:
             raise ConfigError(f"pref.beta={self.pref.beta} must be positive")
+        for key in ("group_size", "max_new", "updates_per_rollout", "eval_prompts", "digits"):
+            if getattr(self.rl, key) <= 0:
+                raise ConfigError(f"rl.{key}={getattr(self.rl, key)} must be positive")
+        if self.rl.temperature <= 0 or self.rl.clip_eps <= 0 or self.rl.beta < 0:
+            raise ConfigError("rl.temperature and rl.clip_eps must be positive and rl.beta not negative")
         if not 0 <= self.pref.label_smoothing < 0.5:
             raise ConfigError(f"pref.label_smoothing={self.pref.label_smoothing} must be in [0, 0.5)")
         if self.data.seq_len > self.model.max_seq_len:
@@ -365,6 +392,7 @@ def from_dict(d: dict) -> Config:
         lora=LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()}),
         stage=d.get("stage", "pretrain"),
         pref=PreferenceConfig(**d.get("pref", {})),
+        rl=RLConfig(**d.get("rl", {})),
     )
 
 

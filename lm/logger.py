@@ -90,3 +90,29 @@ def plot_loss(run_dir: str, out_name: str = "loss.png") -> str | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_metrics(run_dir: str, keys: dict[str, str], out_name: str, title: str = "") -> str | None:
+    """Each metric of `keys` (name -> label) against step, one panel each, as a PNG."""
+    rows = read_metrics(run_dir)
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.4), dpi=110, squeeze=False)
+    for ax, (k, pts) in zip(axes[0], series.items()):
+        ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", lw=1.3, ms=3)
+        ax.set_xlabel("step")
+        ax.set_title(keys[k], fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or os.path.basename(os.path.abspath(run_dir)), fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(run_dir, out_name)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

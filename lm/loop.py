@@ -263,6 +263,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     ctx = Context(cfg=cfg, run_dir=run_dir, engine=engine, data=data, state=state, frozen=frozen, log=log,
                   main=main, step=start)
     ctx.evaluate = lambda: evaluate(engine, eval_fn, ctx.state.params, ctx.frozen, data.heldout, data.heldout_bytes)
+    if hasattr(data, "attach"):  # data made from the current policy (RL rollouts) samples from ctx.state
+        data.attach(ctx)
 
     # -- hooks: evaluation, the stage's, checkpoints ---------------------------------------
     results = {"evals": {}}
@@ -310,6 +312,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                     continue
                 # A logging step: fetch the metrics (this waits for the device).
                 m = meter.read(metrics)
+                m.update(getattr(data, "metrics", dict)())  # e.g. the rollouts' rewards and lengths
                 if len(data.names) > 1 and source_tokens.sum():  # realised share of tokens per source
                     m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
                 if data.stats.total():

@@ -31,7 +31,8 @@ def filter_logits(logits: jax.Array, top_k: int, top_p) -> jax.Array:
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
     keep = before < top_p
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    # top_p = 1 keeps every token exactly (rounding in the cumulative sum must not drop any)
+    return jnp.where((logits < threshold) & (top_p < 1.0), -jnp.inf, logits)
 
 
 def _pick(logits, key, temperature, top_k: int, top_p):
@@ -55,26 +56,35 @@ def _generate(graphdef, params, tokens, lengths, key, temperature, top_p, stop_i
     b = tokens.shape[0]
     last, cache = _prefill(model, tokens, lengths, cache_len)
     out = jnp.zeros((b, max_new), jnp.int32)
+    logps = jnp.zeros((b, max_new), jnp.float32)
     done = jnp.zeros((b,), jnp.bool_)
     count = jnp.zeros((b,), jnp.int32)  # new tokens per sequence, stop token included
 
     def cond(carry):
-        i, _, _, _, done, _, _ = carry
+        i, _, _, _, _, done, _, _ = carry
         return (i < max_new) & ~jnp.all(done)
 
     def body(carry):
-        i, last, cache, out, done, count, key = carry
+        i, last, cache, out, logps, done, count, key = carry
         key, sub = jax.random.split(key)
         nxt = _pick(last, sub, temperature, top_k, top_p)
         out = out.at[:, i].set(jnp.where(done, 0, nxt))
+        logps = logps.at[:, i].set(jnp.where(done, 0.0, token_logps(last, nxt, temperature)))
         count = count + (~done).astype(jnp.int32)
         done = done | jnp.isin(nxt, stop_ids)
         logits, cache = model.decode(nxt[:, None], (lengths + i)[:, None], cache)
-        return i + 1, logits[:, 0], cache, out, done, count, key
+        return i + 1, logits[:, 0], cache, out, logps, done, count, key
 
-    carry = (jnp.int32(0), last, cache, out, done, count, key)
-    _, _, _, out, done, count, _ = jax.lax.while_loop(cond, body, carry)
-    return out, count
+    carry = (jnp.int32(0), last, cache, out, logps, done, count, key)
+    _, _, _, out, logps, done, count, _ = jax.lax.while_loop(cond, body, carry)
+    return out, count, logps
+
+
+def token_logps(logits, tokens, temperature):
+    """log p(token) under softmax(logits / temperature) (the raw logits when greedy), unfiltered:
+    the quantity an RL trainer recomputes for importance ratios."""
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    return jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(scaled, axis=-1)
 
 
 def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int, bucket: int = 1):
@@ -99,11 +109,22 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, m
     ending with the stop token (EOS or one of `stop_ids`) if one was produced."""
     tokens, lengths = _pack(prompts, max_new, max_len, bucket)
     stops = jnp.asarray(list(stop_ids) + ([eos_id] if eos_id >= 0 else []) or [-1], jnp.int32)
-    out, count = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
-                           jnp.float32(temperature), jnp.float32(top_p), stops, max_new=max_new, top_k=top_k,
-                           cache_len=tokens.shape[1] + max_new)
+    out, count, _ = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+                              jnp.float32(temperature), jnp.float32(top_p), stops, max_new=max_new, top_k=top_k,
+                              cache_len=tokens.shape[1] + max_new)
     out, count = np.asarray(out), np.asarray(count)
     return [out[i, : count[i]].tolist() for i in range(len(prompts))]
+
+
+def rollout(graphdef, params, tokens, lengths, key, *, max_new: int, temperature: float = 1.0,
+            stop_ids: Sequence[int] = ()):
+    """Sampling for RL, on device arrays from end to end (no host round trip):
+    left-aligned prompts `tokens` (B, W) of `lengths` (B,) -> (new tokens (B, max_new),
+    counts (B,), log-probabilities (B, max_new) of each sampled token under
+    softmax(logits / temperature)). No top-k/top-p: the sampling distribution is the policy's."""
+    stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    return _generate(graphdef, params, tokens, lengths, key, jnp.float32(temperature), jnp.float32(1.0), stops,
+                     max_new=max_new, top_k=0, cache_len=tokens.shape[1] + max_new)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cache_len"))

@@ -15,6 +15,7 @@ STAGES = {
     "sft": "lm.stages.sft",
     "reward": "lm.stages.reward",
     "dpo": "lm.stages.dpo",
+    "grpo": "lm.stages.grpo",
 }
 
 

@@ -53,6 +53,11 @@ def data_config(cfg: Config, run_dir: str):
         src = SourceConfig(name="stdlib_chat", kind="chat", paths=(embedded(),), chat_format="messages",
                            heldout_fraction=d.heldout_fraction)
         return dataclasses.replace(d, corpus="sources", sources=(src,))
+    task_paths = {p for s in d.sources for p in s.paths if p.startswith("<task:")}
+    if task_paths:  # the training problems of an RL task (data_pipeline/tasks.py) as chat records
+        d = dataclasses.replace(d, sources=tuple(
+            dataclasses.replace(s, paths=tuple(_task_file(cfg, run_dir, p) if p in task_paths else p for p in s.paths))
+            for s in d.sources))
     if any(default_chat.EMBEDDED in s.paths for s in d.sources):  # the embedded set as one source of a mixture
         d = dataclasses.replace(d, sources=tuple(
             dataclasses.replace(s, paths=tuple(embedded() if p == default_chat.EMBEDDED else p for p in s.paths))
@@ -61,6 +66,18 @@ def data_config(cfg: Config, run_dir: str):
         raise ConfigError(f"data.corpus={d.corpus!r}: SFT reads chat sources (data.corpus='sources' with "
                           "kind='chat' sources) or the embedded set (data.corpus='default')")
     return d
+
+
+def _task_file(cfg: Config, run_dir: str, path: str) -> str:
+    """"<task:arith>" -> a JSON Lines file of that task's training problems with their answers
+    (only the training split: the RL stage's held-out prompts stay unseen)."""
+    from data_pipeline import tasks
+    from lm.stages.grpo import problems
+
+    name = path[len("<task:"):-1]
+    train, _ = problems(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, task=name)))
+    return tasks.write_jsonl(os.path.join(run_dir, "data", f"task_{name}.jsonl"),
+                             tasks.sft_records(train, solution=True))
 
 
 def open_data(cfg: Config, run_dir: str, log: Callable = print, tokenizer=None):

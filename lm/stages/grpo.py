@@ -1,0 +1,216 @@
+"""GRPO: reinforcement learning with verifiable rewards, on rollouts of the policy itself.
+
+Each rollout: P = data.batch_size / rl.group_size prompts, G samples each, drawn by the
+project's compiled KV-cache sampler (`lm.sampling.rollout`) from the current parameters
+on the training devices, with the log-probability of every sampled token. Rewards come
+from a Python callable (lm/rewards.py), advantages from the group (lm/rl.py), and the
+batch feeds `rl.updates_per_rollout` optimiser steps. Held-out pass@1 (greedy) is
+measured every `trainer.eval_every` steps and at the end, and printed against the
+starting model's. The run resumes exactly after a kill: the prompt order and the
+sampling keys derive from the seed and the rollout count, and a rollout batch still in
+use is saved with the data state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.config import Config, ConfigError
+from lm.engine import make_engine
+from lm.init import init_params_loader
+from lm.loop import Hook, Setup
+from lm.rl import GRPOObjective, group_advantages
+from lm.stages.pretrain import run_meta
+from lm.stages.sft import store_tokenizer
+
+
+def problems(cfg: Config) -> tuple[list[dict], list[dict]]:
+    from data_pipeline import tasks
+
+    rl = cfg.rl
+    if rl.task == "arith":
+        return tasks.arith(cfg.data.seed, rl.train_problems, rl.eval_prompts, rl.digits)
+    if rl.task == "gsm8k":
+        train, test = tasks.gsm8k(os.environ.get("LM_DATA", "../shared/data"))
+        return train, test[: rl.eval_prompts]
+    raise ConfigError(f"rl.task={rl.task!r}: choose 'arith' or 'gsm8k'")
+
+
+class Sampler:
+    """Prompts as padded device arrays, and decoding of the sampled tokens."""
+
+    def __init__(self, tokenizer, items: list[dict], max_new: int):
+        from data_pipeline.chat import chat_token_ids, generation_prompt
+
+        self.tok, self.items = tokenizer, items
+        self.ids = [generation_prompt(tokenizer, p["messages"]) for p in items]
+        self.width = -(-max(len(p) for p in self.ids) // 8) * 8
+        self.stops = [chat_token_ids(tokenizer)["end"], tokenizer.eos_id]
+        self.max_new = max_new
+
+    def arrays(self, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.zeros((len(idx), self.width), np.int32)
+        for r, i in enumerate(idx):
+            tokens[r, : len(self.ids[i])] = self.ids[i]
+        return tokens, np.asarray([len(self.ids[i]) for i in idx], np.int32)
+
+    def text(self, out: np.ndarray, count: int) -> str:
+        ids = [t for t in out[:count].tolist() if t not in self.stops]
+        return self.tok.decode(ids)
+
+
+def sample(graphdef, params, sampler: Sampler, idx: list[int], key, temperature: float):
+    from lm.sampling import rollout
+
+    tokens, lengths = sampler.arrays(idx)
+    out, count, logps = rollout(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), key,
+                                max_new=sampler.max_new, temperature=temperature, stop_ids=sampler.stops)
+    return tokens, lengths, np.asarray(out), np.asarray(count), np.asarray(logps)
+
+
+def training_rows(tokens, lengths, out, count, logps, advantages, max_new: int) -> dict:
+    """Prompt + completion rows (B, W + max_new) with the loss on the completion tokens."""
+    b, w = tokens.shape
+    t = w + max_new
+    batch = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    batch["loss_mask"] = np.zeros((b, t), np.float32)
+    batch["old_logps"] = np.zeros((b, t), np.float32)
+    for r in range(b):
+        p, n = int(lengths[r]), int(count[r])
+        ids = np.concatenate([tokens[r, :p], out[r, :n]])
+        batch["inputs"][r, : p + n] = ids
+        batch["targets"][r, : p + n - 1] = ids[1:]
+        batch["segment_ids"][r, : p + n] = 1
+        batch["positions"][r, : p + n] = np.arange(p + n)
+        batch["loss_mask"][r, p - 1: p + n - 1] = 1.0  # targets that are sampled tokens
+        batch["old_logps"][r, p - 1: p + n - 1] = logps[r, :n]
+    batch["advantages"] = np.asarray(advantages, np.float32)
+    return batch
+
+
+class RolloutData:
+    """The data of a GRPO run: rollout batches sampled from the current policy (RunData's surface)."""
+
+    def __init__(self, cfg: Config, tokenizer, train: list[dict], graphdef, reward_fn: Callable, log: Callable):
+        rl = cfg.rl
+        if cfg.data.batch_size % rl.group_size:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of rl.group_size="
+                              f"{rl.group_size} (rows = prompts x samples per prompt)")
+        self.cfg, self.rl, self.reward_fn, self.graphdef, self.log = cfg, rl, reward_fn, graphdef, log
+        self.tokenizer = tokenizer
+        self.sampler = Sampler(tokenizer, train, rl.max_new)
+        self.names, self.weights = [rl.task], [1.0]
+        from data_pipeline.pipeline import DataStats
+
+        self.stats = DataStats(self.names)
+        self.heldout, self.heldout_bytes = {}, {}
+        self.prompts_per_rollout = cfg.data.batch_size // rl.group_size
+        self.rollouts, self.queue, self._metrics, self.ctx = 0, [], {}, None
+
+    def attach(self, ctx) -> None:
+        self.ctx = ctx
+
+    def _order(self, k: int) -> int:
+        """The k-th prompt drawn: a new permutation of the training prompts every epoch."""
+        n = len(self.sampler.ids)
+        epoch, i = divmod(k, n)
+        return int(np.random.default_rng([self.cfg.data.seed, epoch]).permutation(n)[i])
+
+    def next_train(self) -> dict:
+        if not self.queue:
+            self._rollout()
+        return self.queue.pop(0)
+
+    def _rollout(self) -> None:
+        rl, g = self.rl, self.rl.group_size
+        t0 = time.perf_counter()
+        start = self.rollouts * self.prompts_per_rollout
+        prompts = [self._order(start + j) for j in range(self.prompts_per_rollout)]
+        idx = [p for p in prompts for _ in range(g)]
+        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.trainer.seed + 17), self.rollouts)
+        tokens, lengths, out, count, logps = sample(self.graphdef, self.ctx.model_params, self.sampler, idx, key,
+                                                    rl.temperature)
+        t1 = time.perf_counter()
+        rewards = np.asarray([self.reward_fn(self.sampler.text(out[r], count[r]), self.sampler.items[i])
+                              for r, i in enumerate(idx)], np.float32)
+        adv = group_advantages(rewards, g, rl.scale_rewards)
+        batch = training_rows(tokens, lengths, out, count, logps, adv, rl.max_new)
+        self.queue = [batch] * rl.updates_per_rollout
+        groups = rewards.reshape(-1, g)
+        self._metrics = {"reward": float(rewards.mean()), "reward_std": float(groups.std(axis=1).mean()),
+                         "groups_all_same": float((groups.std(axis=1) == 0).mean()),
+                         "response_length": float(count.mean()), "advantage_abs": float(np.abs(adv).mean()),
+                         "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+        self.rollouts += 1
+
+    def metrics(self) -> dict:
+        return dict(self._metrics)
+
+    def get_state(self) -> dict:
+        return {"rollouts": self.rollouts, "metrics": self._metrics,
+                "queue": [{k: v.tolist() for k, v in b.items()} for b in self.queue]}
+
+    def set_state(self, state: dict) -> None:
+        self.rollouts = int(state["rollouts"])
+        self._metrics = dict(state.get("metrics", {}))
+        self.queue = [{k: np.asarray(v, np.float32 if k in ("loss_mask", "old_logps", "advantages") else np.int32)
+                       for k, v in b.items()} for b in state.get("queue", [])]
+
+
+def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: int = 100) -> float:
+    """Mean reward of greedy replies to every prompt of `sampler` (pass@1 for 0/1 rewards)."""
+    total = 0.0
+    n = len(sampler.items)
+    for lo in range(0, n, batch):
+        idx = list(range(lo, min(n, lo + batch)))
+        idx += [idx[-1]] * (batch - len(idx))  # one compiled shape
+        _, _, out, count, _ = sample(graphdef, params, sampler, idx, jax.random.PRNGKey(0), 0.0)
+        total += sum(reward_fn(sampler.text(out[r], count[r]), sampler.items[i])
+                     for r, i in enumerate(idx[: min(batch, n - lo)]))
+    return total / n
+
+
+def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
+    from lm import rewards
+
+    tok = store_tokenizer(cfg, run_dir)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size="
+                          f"{cfg.model.vocab_size}; take the model config from the base run")
+    engine = make_engine(cfg, mesh, GRPOObjective(cfg))
+    reward_fn = rewards.get(cfg.rl.reward)
+    train, heldout = problems(cfg)
+    data = RolloutData(cfg, tok, train, engine.graphdef, reward_fn, log)
+    held = Sampler(tok, heldout, cfg.rl.max_new)
+    loader = init_params_loader(cfg, engine, log)
+    if loader is None:
+        raise ConfigError("GRPO improves a model that can already answer sometimes: set trainer.init_from "
+                          "(an SFT run)")
+
+    def evaluation(ctx, m):
+        m["pass@1"] = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn)
+
+    def finish(ctx, summary: dict) -> None:
+        from lm.logger import plot_metrics
+
+        end = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn)
+        start = pass_at_1(engine.graphdef, jax.device_put(loader(), engine.param_sharding), held, reward_fn)
+        summary.update(heldout_pass_at_1=end, base_heldout_pass_at_1=start)
+        log(f"held-out pass@1 on {len(held.items)} {cfg.rl.task} prompts (greedy): {start:.1%} before -> "
+            f"{end:.1%} after")
+        path = plot_metrics(ctx.run_dir, {"reward": "mean reward (rollouts)", "pass@1": "held-out pass@1",
+                                          "kl": "KL to the reference", "response_length": "response length",
+                                          "entropy": "entropy"}, "rl.png")
+        if path:
+            log(f"curves: {path}")
+
+    hooks = [Hook(evaluation, cfg.trainer.eval_every, False, "pass@1")] if cfg.trainer.eval_every else []
+    return Setup(engine=engine, data=data, meta=run_meta(cfg, tok), init_params=loader, hooks=hooks, finish=finish)
+
+
