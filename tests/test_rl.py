@@ -131,3 +131,66 @@ def test_grpo_trains_end_to_end(tmp_path):
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows if "loss" in r)
     assert "pass@1" in rows[1]
+
+
+GRPO_EXPERIMENT = """
+import dataclasses, sys
+sys.path.insert(0, {tests!r})
+from lm import experiment
+from lm.config import Config, RLConfig
+
+
+def config():
+    b = experiment.load({exp!r})
+    return Config(name="grpo", stage="grpo", model=b.model,
+                  rl=RLConfig(task="arith", group_size=4, max_new=6, eval_prompts=8, train_problems=100,
+                              updates_per_rollout=2),
+                  optim=dataclasses.replace(b.optim, lr=1e-3, warmup_steps=1),
+                  data=dataclasses.replace(b.data, batch_size=8, seq_len=32),
+                  trainer=dataclasses.replace(b.trainer, steps=9, log_every=1, eval_every=0, checkpoint_every=3,
+                                              init_from={run!r}, num_samples=0))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path):
+    """Rollouts resume exactly: the sampling keys derive from the rollout count, and a rollout
+    batch still in use (updates_per_rollout=2) is saved with the data state."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import ROOT, cpu_env, train_cmd, write_experiment
+    from lm import experiment
+    from lm.train import train
+    from test_sft import BASE
+
+    base_exp = write_experiment(tmp_path, BASE, "base")
+    train(experiment.load(base_exp), str(tmp_path / "base"), progress=False, **QUIET)
+    exp = tmp_path / "grpo_exp.py"
+    exp.write_text(GRPO_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)), exp=base_exp,
+                                          run=str(tmp_path / "base")))
+
+    def steps(run):
+        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+        return [(r["step"], r["loss"], r["reward"], r["response_length"]) for r in rows if "loss" in r]
+
+    ref = tmp_path / "ref"
+    p = subprocess.run(train_cmd(str(exp), ref), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    t0, path = time.time(), run / "metrics.jsonl"
+    while time.time() - t0 < 400 and proc.poll() is None:
+        if path.exists() and sum(1 for _ in open(path)) >= 5:  # past the checkpoint of step 3, mid rollout batch
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = subprocess.run(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from the checkpoint of step" in p.stdout + p.stderr
+    assert steps(run) == steps(ref) and len(steps(ref)) == 9
