@@ -25,6 +25,6 @@ def config() -> Config:
         data=DataConfig(corpus="sources", seq_len=64, batch_size=32, shuffle_rows=64, sources=(
             SourceConfig(name="arith", kind="chat", paths=("<task:arith>",), chat_format="messages",
                          heldout_fraction=0.02),)),
-        trainer=TrainerConfig(steps=200, log_every=10, eval_every=100, eval_batches=4, checkpoint_every=100,
+        trainer=TrainerConfig(steps=400, log_every=10, eval_every=100, eval_batches=4, checkpoint_every=100,
                               init_from="runs/pretrain_tiny", num_samples=0),
     )

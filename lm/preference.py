@@ -13,7 +13,10 @@ Losses per pair (mean over the batch), with x = (logp_c - ref_c) - (logp_r - ref
 - reward model: -log σ(r_c - r_r - margin), r read by the scalar head "reward" at the
   last token of each sequence.
 The implicit rewards logged for DPO/IPO are β(logp - ref); for SimPO/ORPO β·logp/n.
-These follow TRL's definitions (tests/test_preference.py checks them against TRL).
+DPO, IPO, SimPO and the reward loss equal TRL's (DPOTrainer, CPOTrainer, RewardTrainer) to
+1e-6 on the same model and pairs (tests/test_preference_parity.py). ORPO's odds-ratio term
+equals TRL's; its NLL covers the chosen reply's tokens, as in the ORPO paper, where TRL's
+ORPOTrainer also counts the prompt's tokens.
 """
 
 from __future__ import annotations
