@@ -23,8 +23,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
-        # Hugging Face parity tests (optional): a CPU build of torch and transformers
-        "hf": ["torch>=2.4", "transformers>=4.45"],
+        # Hugging Face parity tests (optional): a CPU build of torch and transformers; sentencepiece
+        # and protobuf let AutoTokenizer also read the exported tokenizer.model (slow tokenizers)
+        "hf": ["torch>=2.4", "transformers>=4.45", "sentencepiece>=0.2", "protobuf>=3.20"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
     },

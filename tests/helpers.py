@@ -40,3 +40,13 @@ def train_cmd(experiment: str, run_dir, sets=(), extra=()) -> list[str]:
     for s in sets:
         cmd += ["--set", s]
     return cmd + list(extra)
+
+
+def corpus_tokenizer(directory, vocab_size: int = 1024, n_docs: int = 300):
+    """The project's real tokenizer (SentencePiece BPE, byte fallback, chat tokens), trained on
+    the first `n_docs` documents of the embedded default corpus (about a second)."""
+    from data_pipeline import default_corpus
+    from data_pipeline.tokenizer import train_tokenizer
+
+    docs = [d.text() for d in default_corpus.documents()[:n_docs]]
+    return train_tokenizer(docs, vocab_size, str(directory / "sp"))
