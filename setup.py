@@ -20,6 +20,7 @@ setup(
         "tqdm>=4.66",  # progress bars
         "matplotlib>=3.8",  # loss-curve PNGs
         "tensorboardX>=2.6",  # TensorBoard scalars without TensorFlow
+        "sacrebleu>=2.3,<3",  # BLEU and chrF as the field computes them (lm eval translation tasks)
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -231,6 +231,9 @@ def cmd_eval(args) -> int:
         print(f"lm: error: {e}", file=sys.stderr)
         return 2
     print(format_table(results))
+    for task, r in results.items():  # sacreBLEU says how its numbers were computed
+        for metric, sig in (r.get("signature") or {}).items() if isinstance(r, dict) else ():
+            print(f"{task} {metric}: sacreBLEU signature {sig}")
     print(f"results: {os.path.join(args.run_dir, 'eval.json')}")
     return 0
 

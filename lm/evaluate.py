@@ -323,9 +323,10 @@ def score_gsm8k(outputs: Sequence[str], references: Sequence[str]) -> dict:
 
 
 def score_translation(outputs: Sequence[str], references: Sequence[str]) -> dict:
-    from lm.metrics_text import corpus_bleu, corpus_chrf
+    """sacreBLEU's corpus BLEU and chrF, with their signatures."""
+    from lm.metrics_text import translation_scores
 
-    return {"bleu": corpus_bleu(outputs, references), "chrf": corpus_chrf(outputs, references), "n": len(outputs)}
+    return {**translation_scores(outputs, references), "n": len(outputs)}
 
 
 def generate_texts(graphdef, params, tokenizer, prompts: Sequence[str], max_new: int, max_len: int,
