@@ -267,9 +267,14 @@ def score_lambada(logits_fn, params, tokenizer, items: Sequence[dict], max_len: 
     pairs = [(it["contexts"][0], it["continuations"][0]) for it in items]
     scores = loglikelihood_texts(logits_fn, params, tokenizer, pairs, max_len, batch_size, progress, "lambada",
                                  batch_sharding)
-    n = max(len(items), 1)
+    return lambada_metrics(scores)
+
+
+def lambada_metrics(scores: Sequence[tuple[float, bool]]) -> dict:
+    """acc and perplexity from the (log-likelihood, greedy) of each item's last word."""
+    n = max(len(scores), 1)
     return {"acc": sum(g for _, g in scores) / n, "perplexity": math.exp(-sum(ll for ll, _ in scores) / n),
-            "chance": 0.0, "n": len(items)}
+            "chance": 0.0, "n": len(scores)}
 
 
 # ---------------------------------------------------------------------------------------

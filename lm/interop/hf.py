@@ -491,7 +491,7 @@ def import_run(hf_dir: str, run_dir: str, log=print, force: bool = False) -> str
     if os.path.exists(tok_src):
         shutil.copyfile(tok_src, tok)
     cfg = Config(name=os.path.basename(os.path.abspath(run_dir)), model=mcfg,
-                 mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+                 mesh=MeshConfig(),  # all devices on the data axis: any machine evaluates or trains it
                  data=DataConfig(seq_len=min(mcfg.max_seq_len, 256), tokenizer=tok if os.path.exists(tok) else None))
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     state, _ = trainer.init_state(0)  # fresh optimiser state; parameters replaced below
