@@ -423,6 +423,45 @@ def score_task(task: str, logits_fn: Callable, params, tokenizer, max_len: int, 
             "version": TASK_VERSIONS[task]}
 
 
+def task_evaluator(cfg, engine, tokenizer, log: Callable = print) -> Callable | None:
+    """`trainer.eval_tasks` as a function of the model's parameters -> {"task/hellaswag/acc": ...}
+    (None without tasks). The items are read once, here: a missing task folder fails before
+    training starts."""
+    from lm.config import ConfigError
+
+    tasks, n = cfg.trainer.eval_tasks, cfg.trainer.eval_task_items
+    if not tasks:
+        return None
+    if tokenizer is None:
+        raise ConfigError("trainer.eval_tasks needs a tokenizer (text tasks); this run's data has none "
+                          "(data.corpus='synthetic'?)")
+    data_dir = cfg.trainer.eval_data_dir or DEFAULT_DATA
+    try:
+        items = {t: load_task(t, data_dir)[:n] for t in tasks}
+    except FileNotFoundError as e:
+        raise ConfigError(f"trainer.eval_tasks: task files not found ({e}); set trainer.eval_data_dir (or LM_DATA) "
+                          "to the folder holding hellaswag/, arc/, ...") from None
+    logits_fn = partial(model_logits, engine.graphdef)
+    sharding = engine.batch_sharding["inputs"]
+    ways = sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"]
+    batch_size = -(-16 // ways) * ways
+    max_len = cfg.model.max_seq_len
+    log(f"each evaluation also scores {', '.join(f'{t} ({len(v)} items)' for t, v in items.items())}")
+
+    def run(params) -> dict:
+        out = {}
+        for task, its in items.items():
+            if task == "lambada":
+                r = score_lambada(logits_fn, params, tokenizer, its, max_len, batch_size, batch_sharding=sharding)
+            else:
+                r = score_multiple_choice(logits_fn, params, tokenizer, its, max_len, batch_size,
+                                          batch_sharding=sharding)
+            out.update({f"task/{task}/{k}": float(r[k]) for k in TASK_METRICS[task]})
+        return out
+
+    return run
+
+
 def model_logits(graphdef, params, tokens):
     from flax import nnx
 

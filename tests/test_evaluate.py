@@ -289,3 +289,37 @@ def test_tasks_from_files_with_the_real_tokenizer(sp_tok, tmp_path):
     assert results["lambada"]["perplexity"] > 1.0
     table = format_table(results)
     assert "| hellaswag | acc_norm |" in table and "| 0.2500 | 6 |" in table
+
+
+def test_trainer_eval_tasks_are_logged_with_the_evaluation(tmp_path):
+    """trainer.eval_tasks: a small downstream eval beside the held-out loss in metrics.jsonl."""
+    import json
+
+    from data_pipeline.tokenizer import train_tokenizer
+    from lm.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
+    from lm.train import train
+
+    words = "the cat river bread lamp garden opens eats paints carries".split()
+    texts = [" ".join(words[(i * 7 + j * 3) % 10] for j in range(20)) for i in range(200)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = train_tokenizer(texts, 300, str(tmp_path / "sp"))
+    data = write_task_files(tmp_path, n=4)
+    cfg = Config(model=ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
+                                   max_seq_len=64),
+                 optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                 data=DataConfig(corpus="sources", seq_len=32, batch_size=8, tokenizer=tok.path,
+                                 sources=(SourceConfig(name="a", kind="jsonl", paths=(str(tmp_path / "a.jsonl"),)),)),
+                 trainer=TrainerConfig(steps=1, log_every=1, eval_every=1, eval_batches=1, num_samples=0,
+                                       eval_tasks=("piqa", "winogrande"), eval_task_items=3, eval_data_dir=data))
+    train(cfg, str(tmp_path / "run"), log=lambda *_: None, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert len(evals) == 1
+    for r in evals:
+        assert {"task/piqa/acc", "task/piqa/acc_norm", "task/winogrande/acc"} <= set(r)
+        assert r["task/piqa/acc"] in (0.0, 1 / 3, 2 / 3, 1.0) and "task/winogrande/acc_norm" not in r
+    with pytest.raises(ConfigError, match="unknown task.*hellaswagg"):
+        Config(trainer=TrainerConfig(eval_tasks=("hellaswagg",))).validate()
+    from lm.config import from_dict, to_dict
+
+    assert from_dict(to_dict(cfg)).trainer.eval_tasks == ("piqa", "winogrande")  # JSON lists come back as tuples
