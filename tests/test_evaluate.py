@@ -323,3 +323,33 @@ def test_trainer_eval_tasks_are_logged_with_the_evaluation(tmp_path):
     from lm.config import from_dict, to_dict
 
     assert from_dict(to_dict(cfg)).trainer.eval_tasks == ("piqa", "winogrande")  # JSON lists come back as tuples
+
+
+def test_lm_eval_cli_writes_versions_counts_and_chance(sp_tok, tmp_path, capsys):
+    """`lm eval RUN --tasks ... --data-dir ...` on a run directory (imported from a Hugging
+    Face export): a table with a chance column, eval.json with item counts and versions."""
+    import json
+
+    from flax import nnx
+
+    from lm.cli import main
+    from lm.config import ModelConfig
+    from lm.evaluate import TASK_VERSIONS
+    from lm.interop.hf import export_llama, import_run
+    from lm.model import Transformer
+
+    cfg = ModelConfig(vocab_size=sp_tok.vocab_size, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_seq_len=128)
+    export_llama(cfg, nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param), str(tmp_path / "hf"),
+                 tokenizer_model=sp_tok.path)
+    run = str(tmp_path / "run")
+    import_run(str(tmp_path / "hf"), run, log=lambda *_: None)
+    data = write_task_files(tmp_path, n=5)
+    assert main(["eval", run, "--tasks", "piqa,lambada", "--data-dir", data, "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| task | metric | value | chance | n |" in out and "| piqa | acc_norm |" in out and "| 0.5000 | 5 |" in out
+    saved = json.load(open(tmp_path / "run" / "eval.json"))
+    assert saved["piqa"]["n"] == 5 and saved["piqa"]["version"] == TASK_VERSIONS["piqa"] == 2
+    assert saved["piqa"]["chance"] == 0.5 and saved["piqa"]["step"] == 0
+    assert set(saved["lambada"]) == {"acc", "perplexity", "chance", "n", "version", "step"}
+    assert main(["eval", run, "--tasks", "piqa,nope", "--data-dir", data]) == 2
