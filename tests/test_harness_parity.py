@@ -186,6 +186,8 @@ def test_rolling_loglikelihood_matches_the_harness(world):
     from lm_eval.api.instance import Instance
 
     text = " ".join(it["contexts"][0] for it in world["items"]["lambada"][:6])
+    while len(world["tok"].encode(text)) <= 2 * 256:  # made-up items are short
+        text = text + "\n" + text
     texts = [text, "short text", "\n\nclass A:\n    pass\n"]
     assert len(world["tok"].encode(text)) > 2 * 256
     reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]

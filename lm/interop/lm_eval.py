@@ -126,7 +126,7 @@ class JaxLM(TemplateLM):
             if max_new >= self.max_length:
                 raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in a {self.max_length}-token "
                                  "context")
-            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+            temperature = float(kw.get("temperature", 1.0)) if kw.get("do_sample", False) else 0.0
             idx = sorted(idx, key=lambda i: -len(requests[i].args[0]))  # similar lengths share a batch
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start: start + self.batch_size]
