@@ -20,11 +20,15 @@ setup(
         "tqdm>=4.66",  # progress bars
         "matplotlib>=3.8",  # loss-curve PNGs
         "tensorboardX>=2.6",  # TensorBoard scalars without TensorFlow
+        "sacrebleu>=2.3,<3",  # BLEU and chrF as the field computes them (lm eval translation tasks)
     ],
     extras_require={
         "test": ["pytest>=8"],
-        # Hugging Face parity tests (optional): a CPU build of torch and transformers
-        "hf": ["torch>=2.4", "transformers>=4.45"],
+        # Hugging Face parity tests (optional): a CPU build of torch and transformers; sentencepiece
+        # and protobuf let AutoTokenizer also read the exported tokenizer.model (slow tokenizers)
+        "hf": ["torch>=2.4", "transformers>=4.45", "sentencepiece>=0.2", "protobuf>=3.20"],
+        # lm-evaluation-harness: lm eval --harness, the lm-jax adapter and the harness-parity tests
+        "harness": ["lm-eval>=0.4.8", "torch>=2.4", "transformers>=4.45"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
     },

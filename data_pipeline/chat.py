@@ -16,15 +16,14 @@ SFT trains on the answer: the loss mask is 1 on each assistant content token and
 `<|end|>` that closes it (so the model learns to stop), 0 elsewhere (BOS, role tokens, the
 system prompt and user turns).
 
-Hugging Face: `CHAT_TEMPLATE` writes `bos_token`, then per message the role token, a space and
-the content (nothing when the content is empty), then `<|end|>`. The exported tokenizer
-(LlamaTokenizer, legacy=False) splits the text at the special tokens and gives no dummy prefix
-to a chunk that does not start the string, so the chunk " Hi" after `<|user|>` encodes as
-"▁Hi": the literal space plays the role of SentencePiece's dummy prefix, and
-`apply_chat_template` gives exactly the ids of `render`. Parity needs contents that do not
-contain the special tokens' text ("<s>", "<|user|>", ...) literally: HF would read those as the
-special tokens, while `render` encodes them as plain text (which is what training should see).
-Checked with transformers 5.24 and 4.46/4.57 (slow and fast tokenizers). HF `generate` stops at
+Hugging Face: `CHAT_TEMPLATE` writes `bos_token`, then per message the role token and the
+content, then `<|end|>`. The exported tokenizer (lm/interop/hf.py `tokenizer_json`) splits the text
+at the special tokens and gives each chunk between them SentencePiece's dummy prefix, so a content
+encodes exactly as `Tokenizer.encode` encodes it alone, and `apply_chat_template` gives the ids of
+`render` (a content that starts with spaces or a line break included). Parity needs contents
+that do not contain the special tokens' text ("<s>", "<|user|>", ...) literally: HF would read
+those as the special tokens, while `render` encodes them as plain text (which is what training
+should see). Checked with transformers 5.24 and 4.57. HF `generate` stops at
 the config's eos (`</s>`): pass `eos_token_id=<|end|>'s id` to stop a chat answer.
 """
 
@@ -115,7 +114,7 @@ def generation_prompt(tokenizer, messages) -> list[int]:
 
 
 # The same layout for transformers' `apply_chat_template` (rendered with trim_blocks and
-# lstrip_blocks; the ' ' before a content stands for SentencePiece's dummy prefix, see above).
+# lstrip_blocks; the tokenizer gives each content its dummy prefix, see above).
 # It checks the roles as validate_messages does.
 CHAT_TEMPLATE = (
     "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
@@ -138,10 +137,10 @@ CHAT_TEMPLATE = (
     # block, so transformers' return_assistant_tokens_mask (and TRL's assistant-only loss)
     # find exactly our loss mask. The markers add no text.
     "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
-    "{%- if message['content'] -%}{{- ' ' ~ message['content'] -}}{%- endif -%}"
+    "{{- message['content'] -}}"
     "{{- '<|end|>' -}}"
     "{%- endgeneration -%}{%- else -%}"
-    "{%- if message['content'] -%}{{- ' ' ~ message['content'] -}}{%- endif -%}"
+    "{{- message['content'] -}}"
     "{{- '<|end|>' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"

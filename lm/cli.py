@@ -219,18 +219,33 @@ def _chat_base(run, args) -> int:
 def cmd_eval(args) -> int:
     from lm.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table
 
-    tasks = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = {}
+    if args.harness:  # lm-evaluation-harness's own tasks, through the lm-jax adapter
+        try:
+            from lm.interop.lm_eval import evaluate_harness
+        except ImportError as e:
+            print(f"lm: error: --harness needs lm-evaluation-harness ({e}); pip install lm-eval", file=sys.stderr)
+            return 2
+        names = [t.strip() for t in args.harness.split(",") if t.strip()]
+        results.update(evaluate_harness(args.run_dir, names, args.limit, args.batch_size, log=_log))
+    tasks = [] if args.harness and args.tasks is None else TASKS if args.tasks in (None, "all") else [
+        t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        print(f"lm: error: unknown task(s) {unknown}; available: {', '.join(TASKS)}", file=sys.stderr)
+        print(f"lm: error: unknown task(s) {unknown}; available: {', '.join(TASKS)} (lm-evaluation-harness "
+              "tasks go in --harness)", file=sys.stderr)
         return 2
-    try:
-        results = evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit, args.batch_size,
-                               log=_log)
-    except FileNotFoundError as e:
-        print(f"lm: error: {e}", file=sys.stderr)
-        return 2
+    if tasks:
+        try:
+            results.update(evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit,
+                                        args.batch_size, log=_log))
+        except FileNotFoundError as e:
+            print(f"lm: error: {e}", file=sys.stderr)
+            return 2
     print(format_table(results))
+    for task, r in results.items():  # sacreBLEU says how its numbers were computed
+        for metric, sig in (r.get("signature") or {}).items() if isinstance(r, dict) else ():
+            print(f"{task} {metric}: sacreBLEU signature {sig}")
     print(f"results: {os.path.join(args.run_dir, 'eval.json')}")
     return 0
 
@@ -344,8 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     ch.set_defaults(fn=cmd_chat)
     ev = sub.add_parser("eval", help="evaluate a run: held-out loss and downstream tasks")
     ev.add_argument("run_dir")
-    ev.add_argument("--tasks", default="all", help="comma-separated: heldout,hellaswag,arc_easy,arc_challenge,"
-                                                   "piqa,winogrande,lambada (default all)")
+    ev.add_argument("--tasks", help="comma-separated: heldout,hellaswag,arc_easy,arc_challenge,piqa,winogrande,"
+                                    "lambada,gsm8k,wmt22_en_de,wmt22_de_en,multi30k_en_de (default all, or none "
+                                    "with --harness)")
+    ev.add_argument("--harness", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (e.g. "
+                                                       "hellaswag,arc_easy), run through the harness on this run "
+                                                       "(needs lm-eval and its task data)")
     ev.add_argument("--data-dir", help="folder with the task files (default: LM_DATA, else the optional "
                                        "shared/data folder beside the repository)")
     ev.add_argument("--limit", type=_number(int, 1, what="at least 1"), help="items per task (default all)")

@@ -177,6 +177,12 @@ class TrainerConfig:
     checkpoint_minutes: float = 0.0  # and/or every M minutes of training (0: off)
     checkpoint_keep: int = 3  # keep the last K checkpoints (plus the best by held-out loss)
     max_bad_steps: int = 5  # stop after this many consecutive NaN/Inf steps (each one is skipped)
+    # Downstream tasks scored at each evaluation and logged as task/<name>/<metric> (lm-
+    # evaluation-harness conventions, lm/evaluate.py), e.g. ("hellaswag",): the first
+    # `eval_task_items` items of each, read from eval_data_dir (default: LM_DATA or ../shared/data).
+    eval_tasks: tuple[str, ...] = ()
+    eval_task_items: int = 200
+    eval_data_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +224,15 @@ class Config:
         for key in ("steps", "log_every", "microbatches", "loss_chunks", "max_bad_steps"):
             if getattr(self.trainer, key) <= 0:
                 raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must be positive")
-        for key in ("eval_every", "eval_batches", "checkpoint_every", "num_samples", "sample_tokens"):
+        if self.trainer.eval_tasks:
+            from lm.evaluate import TASK_METRICS
+
+            unknown = [t for t in self.trainer.eval_tasks if t not in TASK_METRICS]
+            if unknown:
+                raise ConfigError(f"trainer.eval_tasks: unknown task(s) {unknown}; available: "
+                                  f"{', '.join(TASK_METRICS)}")
+        for key in ("eval_every", "eval_batches", "checkpoint_every", "num_samples", "sample_tokens",
+                    "eval_task_items"):
             if getattr(self.trainer, key) < 0:
                 raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must not be negative (0: off)")
         for key in ("data", "fsdp", "tensor"):
@@ -388,7 +402,7 @@ def from_dict(d: dict) -> Config:
         mesh=MeshConfig(**d.get("mesh", {})),
         optim=OptimConfig(**d.get("optim", {})),
         data=_data_from_dict(d.get("data", {})),
-        trainer=TrainerConfig(**d.get("trainer", {})),
+        trainer=TrainerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("trainer", {}).items()}),
         lora=LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()}),
         stage=d.get("stage", "pretrain"),
         pref=PreferenceConfig(**d.get("pref", {})),

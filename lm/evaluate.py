@@ -1,22 +1,36 @@
 """Evaluation: held-out loss, multiple-choice tasks by log-likelihood, LAMBADA.
 
-Every task reduces to log-likelihood requests (context tokens, continuation tokens),
-scored in batches by one jit-compiled function: the sum of the continuation's
-log-probabilities and whether it is the greedy continuation. Multiple-choice accuracy
-picks the choice with the highest log-likelihood ("acc") or the highest per byte of the
-choice's text ("acc_norm"); LAMBADA counts a hit when the last word is the greedy
-continuation.
+Every task reduces to log-likelihood requests (context, continuation), tokenized and
+scored as lm-evaluation-harness does, so our numbers mean what the harness's mean (the
+harness-parity tests check it request by request against its Hugging Face backend):
+- `encode_pair`: trailing whitespace of the context moves to the continuation; the
+  continuation's tokens are those of BOS + encode(context + continuation) after the
+  tokens of BOS + encode(context). (Encoding the two texts apart would score another
+  text: SentencePiece gives every encoded string a dummy-prefix "▁", so " ending" alone
+  starts with "▁▁".)
+- Requests are scored in batches by one jit-compiled function: the sum of the
+  continuation's log-probabilities and whether every token is the greedy one.
+- Multiple choice: "acc" picks the choice with the highest log-likelihood, "acc_norm"
+  the highest log-likelihood per character of the choice's text (the harness's
+  doc_to_choice, without the " " before it); ties go to the first. Winogrande puts the
+  choice in the context and scores the shared rest of the sentence (acc only). LAMBADA:
+  "acc" when the last word is the greedy continuation, "perplexity" = exp(-mean
+  log-likelihood of the last word) over the items.
+- `loglikelihood_rolling`: the log-likelihood of a whole text in windows of the context
+  length, each token predicted once, the first from BOS (the harness's rolling windows).
 
 Task files are read by path from a data folder (default: the optional ../shared/data
 beside the repository, or LM_DATA, or --data-dir; a missing folder is a clear error) in
 the formats its README documents: HellaSwag (bzip2 text, 6 lines per item), ARC-Easy and
 -Challenge, PIQA (JSON Lines: query, choices, gold), Winogrande (context_options,
 continuation, gold), LAMBADA (context, continuation), GSM8K (question, answer with
-"#### N"), WMT22 general test and Multi30k (aligned source/reference lines).
+"#### N"), WMT22 general test and Multi30k (aligned source/reference lines). Prompts are
+the harness's: "Question: ...\\nAnswer:" for ARC and PIQA, the activity label and context
+for HellaSwag.
 
 Generation tasks decode greedily with the KV-cache sampler, in batches: GSM8K (3-shot
 from its train split) is scored by exact match of the final number; translation
-(zero-shot "English: ... German:" prompts) by corpus BLEU and chrF.
+(zero-shot "English: ... German:" prompts) by sacrebleu's corpus BLEU and chrF.
 """
 
 from __future__ import annotations
@@ -38,6 +52,10 @@ DEFAULT_DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__),
 MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
 GEN_TASKS = ("gsm8k", "wmt22_en_de", "wmt22_de_en", "multi30k_en_de")
 TASKS = ("heldout",) + MC_TASKS + ("lambada",) + GEN_TASKS
+# The metrics the harness reports for each task, and the version of our task definitions
+# (prompts and scoring; 2 = harness conventions), written to eval.json beside the figures.
+TASK_METRICS = {**{t: ("acc", "acc_norm") for t in MC_TASKS}, "winogrande": ("acc",), "lambada": ("acc", "perplexity")}
+TASK_VERSIONS = {t: 2 for t in MC_TASKS + ("lambada",)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,12 +75,12 @@ def _score(logits_fn, params, tokens, targets, mask):
 def loglikelihoods(logits_fn: Callable, params, requests: Sequence[tuple[list[int], list[int]]], max_len: int,
                    batch_size: int = 16, progress: bool = False, desc: str = "",
                    batch_sharding=None) -> list[tuple[float, bool]]:
-    """(sum log p(continuation | context), continuation is greedy) for each request.
+    """(sum log p(continuation | context), continuation is greedy) for each token request.
 
     `logits_fn(params, tokens (B, T)) -> (B, T, V)` is compiled once per shape (it is a
     static argument: pass the same function object). Contexts are cut from the left to
-    fit `max_len`. With `batch_sharding` (a NamedSharding over the batch axis) the rows
-    of each batch are spread over the devices.
+    fit `max_len` (as the harness does). With `batch_sharding` (a NamedSharding over the
+    batch axis) the rows of each batch are spread over the devices.
     """
     out: list[tuple[float, bool]] = [None] * len(requests)  # type: ignore[list-item]
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
@@ -78,6 +96,9 @@ def loglikelihoods(logits_fn: Callable, params, requests: Sequence[tuple[list[in
             ctx, cont = requests[i]
             if not cont:
                 raise ValueError(f"request {i} has an empty continuation")
+            if len(cont) > max_len:
+                raise ValueError(f"request {i}: its continuation ({len(cont)} tokens) is longer than the context "
+                                 f"({max_len})")
             seq = (list(ctx) + list(cont))[-(max_len + 1):]
             seqs.append((seq, len(cont)))
         width = max(len(s) - 1 for s, _ in seqs)
@@ -102,8 +123,67 @@ def loglikelihoods(logits_fn: Callable, params, requests: Sequence[tuple[list[in
     return out
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of a text request, as lm-evaluation-harness makes them.
+
+    Trailing whitespace of the context moves to the front of the continuation; the
+    continuation's ids are those of BOS + encode(context + continuation) that follow the
+    len(BOS + encode(context)) first ones. An empty context is BOS alone."""
+    if not context:
+        cont = tokenizer.encode(continuation)
+        return ([tokenizer.bos_id], cont) if not cont or cont[0] != tokenizer.bos_id else (cont[:1], cont[1:])
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        context, continuation = context[:-n_space], context[-n_space:] + continuation
+    whole = tokenizer.encode(context + continuation, bos=True)
+    ctx = tokenizer.encode(context, bos=True)
+    return ctx, whole[len(ctx):]
+
+
+def loglikelihood_texts(logits_fn: Callable, params, tokenizer, pairs: Sequence[tuple[str, str]], max_len: int,
+                        batch_size: int = 16, progress: bool = False, desc: str = "",
+                        batch_sharding=None) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy) of each (context, continuation) text pair (`encode_pair`)."""
+    requests = [encode_pair(tokenizer, ctx, cont) for ctx, cont in pairs]
+    return loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, desc, batch_sharding)
+
+
+def rolling_requests(tokens: Sequence[int], prefix_id: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Token requests that predict every token of `tokens` once, each window with as much
+    context as fits `max_len`: the first predicts up to `max_len` tokens from `prefix_id`,
+    each next one the following up to `max_len` tokens after the `max_len + 1 - n` before
+    them (the harness's rolling windows with context_len=1, made disjoint)."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    n = min(max_len, len(tokens))
+    out = [([prefix_id], tokens[:n])]
+    done = n
+    while done < len(tokens):
+        end = min(len(tokens), done + max_len)
+        out.append((tokens[end - max_len - 1: done], tokens[done:end]))
+        done = end
+    return out
+
+
+def loglikelihood_rolling(logits_fn: Callable, params, tokenizer, texts: Sequence[str], max_len: int,
+                          batch_size: int = 16, progress: bool = False, batch_sharding=None) -> list[float]:
+    """log p(text) of each text (no BOS in the text; its first token is predicted from BOS)."""
+    requests, owner = [], []
+    for i, text in enumerate(texts):
+        windows = rolling_requests(tokenizer.encode(text), tokenizer.bos_id, max_len)
+        requests += windows
+        owner += [i] * len(windows)
+    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, "rolling", batch_sharding)
+    out = [0.0] * len(texts)
+    for i, (ll, _) in zip(owner, scores):
+        out[i] += ll
+    return out
+
+
 # ---------------------------------------------------------------------------------------
-# Tasks: each item is (contexts, continuations, gold) with one context or one continuation
+# Tasks: each item is {"contexts", "continuations", "choices", "gold"} with one context or
+# one continuation; "choices" are the texts whose lengths normalise acc_norm.
 
 
 def _jsonl(path: str) -> Iterable[dict]:
@@ -114,55 +194,87 @@ def _jsonl(path: str) -> Iterable[dict]:
 
 
 def load_task(name: str, data_dir: str = DEFAULT_DATA) -> list[dict]:
-    """Items {"contexts": [...], "continuations": [...], "gold": int} (or LAMBADA pairs)."""
+    """Items {"contexts": [...], "continuations": [...], "choices": [...], "gold": int}."""
     d = os.path.normpath(data_dir)
     if name == "hellaswag":
         with bz2.open(os.path.join(d, "hellaswag", "hellaswag_val_full.txt.bz2"), "rt", encoding="utf-8") as f:
             lines = f.read().splitlines()
         return [{"contexts": [lines[i]], "continuations": [" " + e for e in lines[i + 2: i + 6]],
-                 "gold": int(lines[i + 1])} for i in range(0, len(lines) - 5, 6)]
+                 "choices": lines[i + 2: i + 6], "gold": int(lines[i + 1])} for i in range(0, len(lines) - 5, 6)]
     if name in ("arc_easy", "arc_challenge", "piqa"):
         folder = "arc" if name.startswith("arc") else "piqa"
         return [{"contexts": [r["query"].rstrip() + "\nAnswer:"], "continuations": [" " + c for c in r["choices"]],
-                 "gold": int(r["gold"])} for r in _jsonl(os.path.join(d, folder, f"{name}.jsonl"))]
+                 "choices": list(r["choices"]), "gold": int(r["gold"])}
+                for r in _jsonl(os.path.join(d, folder, f"{name}.jsonl"))]
     if name == "winogrande":  # the choice is in the context; the shared continuation is scored
         return [{"contexts": r["context_options"], "continuations": [" " + r["continuation"]],
-                 "gold": int(r["gold"])} for r in _jsonl(os.path.join(d, "winogrande", "winogrande.jsonl"))]
+                 "choices": list(r["context_options"]), "gold": int(r["gold"])}
+                for r in _jsonl(os.path.join(d, "winogrande", "winogrande.jsonl"))]
     if name == "lambada":
-        return [{"contexts": [r["context"]], "continuations": [" " + r["continuation"]], "gold": 0}
+        return [{"contexts": [r["context"]], "continuations": [" " + r["continuation"]],
+                 "choices": [r["continuation"]], "gold": 0}
                 for r in _jsonl(os.path.join(d, "lambada_openai", "lambada_openai.jsonl"))]
     raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
 
 
-def score_multiple_choice(logits_fn, params, tokenizer, items: Sequence[dict], max_len: int, batch_size: int = 16,
-                          progress: bool = False, desc: str = "", batch_sharding=None) -> dict:
-    """acc (highest log-likelihood) and acc_norm (highest log-likelihood per byte)."""
-    requests, spans = [], []
+def multiple_choice_requests(items: Sequence[dict]) -> list[tuple[str, str]]:
+    """The (context, continuation) texts of the items, item after item, one per choice."""
+    pairs = []
     for item in items:
         ctxs, conts = item["contexts"], item["continuations"]
-        pairs = [(c, conts[0]) for c in ctxs] if len(ctxs) > 1 else [(ctxs[0], c) for c in conts]
-        spans.append((len(requests), len(pairs), [len(c.encode()) for _, c in pairs]))
-        for ctx, cont in pairs:
-            requests.append((tokenizer.encode(ctx, bos=True), tokenizer.encode(cont)))
-    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, desc, batch_sharding)
+        pairs += [(c, conts[0]) for c in ctxs] if len(ctxs) > 1 else [(ctxs[0], c) for c in conts]
+    return pairs
+
+
+def _choices(item: dict) -> list[str]:
+    if "choices" in item:
+        return item["choices"]
+    texts = item["contexts"] if len(item["contexts"]) > 1 else item["continuations"]
+    return [t[1:] if t.startswith(" ") else t for t in texts]
+
+
+def multiple_choice_metrics(items: Sequence[dict], lls: Sequence[float]) -> dict:
+    """acc, acc_norm (per character of the choice) and the chance level, from the
+    log-likelihoods of `multiple_choice_requests(items)`, in that order."""
     hits = hits_norm = 0
-    for item, (start, n, nbytes) in zip(items, spans):
-        ll = [scores[start + k][0] for k in range(n)]
+    chance = 0.0
+    k = 0
+    for item in items:
+        choices = _choices(item)
+        ll = np.asarray(lls[k: k + len(choices)], np.float64)
+        k += len(choices)
         hits += int(np.argmax(ll) == item["gold"])
-        hits_norm += int(np.argmax([v / max(b, 1) for v, b in zip(ll, nbytes)]) == item["gold"])
+        hits_norm += int(np.argmax(ll / np.asarray([float(len(c)) for c in choices])) == item["gold"])
+        chance += 1.0 / len(choices)
+    if k != len(lls):
+        raise ValueError(f"{len(lls)} log-likelihoods for items with {k} choices")
     n = max(len(items), 1)
-    return {"acc": hits / n, "acc_norm": hits_norm / n, "n": len(items)}
+    return {"acc": hits / n, "acc_norm": hits_norm / n, "chance": chance / n, "n": len(items)}
+
+
+def score_multiple_choice(logits_fn, params, tokenizer, items: Sequence[dict], max_len: int, batch_size: int = 16,
+                          progress: bool = False, desc: str = "", batch_sharding=None) -> dict:
+    """acc (highest log-likelihood) and acc_norm (highest log-likelihood per character)."""
+    scores = loglikelihood_texts(logits_fn, params, tokenizer, multiple_choice_requests(items), max_len, batch_size,
+                                 progress, desc, batch_sharding)
+    return multiple_choice_metrics(items, [ll for ll, _ in scores])
 
 
 def score_lambada(logits_fn, params, tokenizer, items: Sequence[dict], max_len: int, batch_size: int = 16,
                   progress: bool = False, batch_sharding=None) -> dict:
-    """Accuracy (last word is the greedy continuation) and perplexity of the last word."""
-    requests = [(tokenizer.encode(it["contexts"][0], bos=True), tokenizer.encode(it["continuations"][0]))
-                for it in items]
-    scores = loglikelihoods(logits_fn, params, requests, max_len, batch_size, progress, "lambada", batch_sharding)
-    n_tok = sum(len(c) for _, c in requests)
-    return {"acc": sum(g for _, g in scores) / max(len(items), 1),
-            "ppl": math.exp(-sum(ll for ll, _ in scores) / max(n_tok, 1)), "n": len(items)}
+    """Accuracy (the last word is the greedy continuation) and perplexity of the last word
+    (exp of minus the mean log-likelihood per item, as the harness aggregates it)."""
+    pairs = [(it["contexts"][0], it["continuations"][0]) for it in items]
+    scores = loglikelihood_texts(logits_fn, params, tokenizer, pairs, max_len, batch_size, progress, "lambada",
+                                 batch_sharding)
+    return lambada_metrics(scores)
+
+
+def lambada_metrics(scores: Sequence[tuple[float, bool]]) -> dict:
+    """acc and perplexity from the (log-likelihood, greedy) of each item's last word."""
+    n = max(len(scores), 1)
+    return {"acc": sum(g for _, g in scores) / n, "perplexity": math.exp(-sum(ll for ll, _ in scores) / n),
+            "chance": 0.0, "n": len(scores)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,9 +328,10 @@ def score_gsm8k(outputs: Sequence[str], references: Sequence[str]) -> dict:
 
 
 def score_translation(outputs: Sequence[str], references: Sequence[str]) -> dict:
-    from lm.metrics_text import corpus_bleu, corpus_chrf
+    """sacreBLEU's corpus BLEU and chrF, with their signatures."""
+    from lm.metrics_text import translation_scores
 
-    return {"bleu": corpus_bleu(outputs, references), "chrf": corpus_chrf(outputs, references), "n": len(outputs)}
+    return {**translation_scores(outputs, references), "n": len(outputs)}
 
 
 def generate_texts(graphdef, params, tokenizer, prompts: Sequence[str], max_new: int, max_len: int,
@@ -284,13 +397,8 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
             results[task] = score_gsm8k(outs, refs) if gsm else score_translation(outs, refs)
             results[task]["examples"] = [{"output": o, "reference": r} for o, r in list(zip(outs, refs))[:3]]
             continue
-        items = load_task(task, data_dir)[:limit] if limit else load_task(task, data_dir)
-        if task == "lambada":
-            results[task] = score_lambada(logits_fn, run.params, run.tokenizer, items, max_len, batch_size,
-                                          progress, sharding)
-        else:
-            results[task] = score_multiple_choice(logits_fn, run.params, run.tokenizer, items, max_len,
-                                                  batch_size, progress, task, sharding)
+        results[task] = score_task(task, logits_fn, run.params, run.tokenizer, max_len, data_dir, limit, batch_size,
+                                   progress, sharding)
     for task in tasks:  # each task's figures say which checkpoint they are of
         results[task]["step"] = run.step
     # Earlier results of other tasks are kept (merged per task); strict JSON.
@@ -298,6 +406,60 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
 
     merge_json(os.path.join(run_dir, "eval.json"), results)
     return results
+
+
+def score_task(task: str, logits_fn: Callable, params, tokenizer, max_len: int, data_dir: str = DEFAULT_DATA,
+               limit: int | None = None, batch_size: int = 16, progress: bool = False, batch_sharding=None) -> dict:
+    """A log-likelihood task's harness metrics (TASK_METRICS), its chance level, item count and
+    the version of its definition."""
+    items = load_task(task, data_dir)
+    items = items[:limit] if limit else items
+    if task == "lambada":
+        r = score_lambada(logits_fn, params, tokenizer, items, max_len, batch_size, progress, batch_sharding)
+    else:
+        r = score_multiple_choice(logits_fn, params, tokenizer, items, max_len, batch_size, progress, task,
+                                  batch_sharding)
+    return {**{k: r[k] for k in TASK_METRICS[task]}, "chance": r["chance"], "n": r["n"],
+            "version": TASK_VERSIONS[task]}
+
+
+def task_evaluator(cfg, engine, tokenizer, log: Callable = print) -> Callable | None:
+    """`trainer.eval_tasks` as a function of the model's parameters -> {"task/hellaswag/acc": ...}
+    (None without tasks). The items are read once, here: a missing task folder fails before
+    training starts."""
+    from lm.config import ConfigError
+
+    tasks, n = cfg.trainer.eval_tasks, cfg.trainer.eval_task_items
+    if not tasks:
+        return None
+    if tokenizer is None:
+        raise ConfigError("trainer.eval_tasks needs a tokenizer (text tasks); this run's data has none "
+                          "(data.corpus='synthetic'?)")
+    data_dir = cfg.trainer.eval_data_dir or DEFAULT_DATA
+    try:
+        items = {t: load_task(t, data_dir)[:n] for t in tasks}
+    except FileNotFoundError as e:
+        raise ConfigError(f"trainer.eval_tasks: task files not found ({e}); set trainer.eval_data_dir (or LM_DATA) "
+                          "to the folder holding hellaswag/, arc/, ...") from None
+    logits_fn = partial(model_logits, engine.graphdef)
+    sharding = engine.batch_sharding["inputs"]
+    ways = sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"]
+    batch_size = -(-16 // ways) * ways
+    max_len = cfg.model.max_seq_len
+    log(f"each evaluation also scores {', '.join(f'{t} ({len(v)} items)' for t, v in items.items())}")
+
+    def run(params) -> dict:
+        out = {}
+        for task, its in items.items():
+            if task == "lambada":
+                r = score_lambada(logits_fn, params, tokenizer, its, max_len, batch_size, batch_sharding=sharding)
+            else:
+                r = score_multiple_choice(logits_fn, params, tokenizer, its, max_len, batch_size,
+                                          batch_sharding=sharding)
+            out.update({f"task/{task}/{k}": float(r[k]) for k in TASK_METRICS[task]})
+        return out
+
+    return run
 
 
 def model_logits(graphdef, params, tokens):
@@ -328,11 +490,14 @@ def _heldout(run, run_dir: str, log) -> dict:
 
 
 def format_table(results: dict) -> str:
-    rows = ["| task | metric | value |", "|---|---|---|"]
+    """A Markdown table: each task's metrics, beside the chance level where there is one."""
+    rows = ["| task | metric | value | chance | n |", "|---|---|---|---|---|"]
     for task, r in results.items():
         if not isinstance(r, dict):
             continue
+        chance = r.get("chance")
         for k, v in r.items():
-            if isinstance(v, (int, float)) and k != "n":
-                rows.append(f"| {task} | {k} | {v:.4f} |")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "chance", "step", "version"):
+                c = f"{chance:.4f}" if chance is not None and k.startswith("acc") else ""
+                rows.append(f"| {task} | {k} | {v:.4f} | {c} | {r.get('n', '')} |")
     return "\n".join(rows)

@@ -268,10 +268,15 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
 
     # -- hooks: evaluation, the stage's, checkpoints ---------------------------------------
     results = {"evals": {}}
+    from lm.evaluate import task_evaluator
+
+    tasks = task_evaluator(cfg, engine, getattr(data, "tokenizer", None), log)  # trainer.eval_tasks, or None
 
     def evaluation(ctx, m):
         results["evals"] = ctx.evaluate()
         m.update(results["evals"])
+        if tasks is not None:  # downstream tasks, logged beside the held-out loss
+            m.update(tasks(ctx.model_params))
 
     hooks = [Hook(evaluation, t_cfg.eval_every, True, "evaluation"), *setup.hooks,
              _Checkpoints(ckpt, cfg, data, meta)]

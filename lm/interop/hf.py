@@ -154,7 +154,8 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
 
 
 def _export_tokenizer(model_path: str, out_dir: str) -> None:
-    """tokenizer.model + tokenizer_config.json that `AutoTokenizer` loads with our ids.
+    """tokenizer.json (+ tokenizer.model, tokenizer_config.json) that `AutoTokenizer` loads
+    with exactly our ids: see `tokenizer_json` for how SentencePiece is reproduced.
 
     When the model has the chat role tokens (data_pipeline.chat), they are exported as special
     added tokens (so HF keeps each one a single id when it meets its text) together with the chat
@@ -163,14 +164,15 @@ def _export_tokenizer(model_path: str, out_dir: str) -> None:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=model_path)
-    shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))
+    shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))  # for SentencePiece users and import-hf
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as fh:
+        json.dump(tokenizer_json(model_path), fh, ensure_ascii=False)
     special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
                "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
-    # legacy=False + add_prefix_space=True: a "▁" before the text, none after special tokens (as
-    # SentencePiece encoding the text alone); with add_prefix_space=None transformers 4 adds none at all
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-              "legacy": False, "add_prefix_space": True, "clean_up_tokenization_spaces": False,
-              "sp_model_kwargs": {}, "model_max_length": 1_000_000, **special}
+    # The generic fast tokenizer reads tokenizer.json as written (transformers 4 and 5); a named
+    # class (LlamaTokenizer) would rebuild the normaliser with its own prefix-space rules.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": 1_000_000, **special}
     chat = _chat_tokens(sp)
     if chat:
         from data_pipeline.chat import CHAT_TEMPLATE
@@ -184,6 +186,122 @@ def _export_tokenizer(model_path: str, out_dir: str) -> None:
         json.dump(config, fh, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as fh:
         json.dump(special, fh, indent=2)
+
+
+# SentencePiece piece types (sentencepiece_model.proto)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def sentencepiece_pieces(model_path: str) -> list[tuple[str, float, int]]:
+    """(piece, score, type) of every id of a SentencePiece model, read from its protobuf.
+
+    The Python API does not tell user-defined symbols from learned pieces, and the generated
+    protobuf module needs the protobuf package: the few fields needed are decoded here
+    (ModelProto field 1 = repeated SentencePiece {1: piece, 2: score, 3: type})."""
+
+    def varint(buf, i):
+        out = shift = 0
+        while True:
+            b = buf[i]
+            out |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return out, i
+
+    def fields(buf):  # (field number, wire type, value) of one message
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            num, wire = key >> 3, key & 7
+            if wire == 0:
+                val, i = varint(buf, i)
+            elif wire == 1:
+                val, i = buf[i: i + 8], i + 8
+            elif wire == 2:
+                n, i = varint(buf, i)
+                val, i = buf[i: i + n], i + n
+            elif wire == 5:
+                val, i = buf[i: i + 4], i + 4
+            else:
+                raise ValueError(f"{model_path}: not a SentencePiece model (protobuf wire type {wire})")
+            yield num, wire, val
+
+    with open(model_path, "rb") as f:
+        raw = f.read()
+    pieces = []
+    for num, wire, val in fields(raw):
+        if num == 1 and wire == 2:
+            piece, score, kind = "", 0.0, _NORMAL
+            for n, w, v in fields(val):
+                if n == 1:
+                    piece = bytes(v).decode("utf-8")
+                elif n == 2 and w == 5:
+                    score = struct.unpack("<f", v)[0]
+                elif n == 3:
+                    kind = v
+            pieces.append((piece, score, kind))
+    return pieces
+
+
+def tokenizer_json(model_path: str) -> dict:
+    """A `tokenizers` BPE that gives the ids of our SentencePiece model for every text.
+
+    What it takes (checked on 150k lines of code, prose, German and unicode text in
+    tests/test_hf_tokenizer.py):
+    - normaliser Prepend("▁") then Replace(" " -> "▁"), and no pre-tokeniser: SentencePiece's
+      dummy prefix goes before every text, also one that already starts with a space (HF's
+      Metaspace pre-tokeniser, which LlamaTokenizer uses, adds none there: " is using" lost a
+      space), and before each chunk between special tokens (SentencePiece encodes chat contents
+      one by one);
+    - a merge (a, b) for every learned piece a+b made of two learned pieces, ranked by the
+      piece's score: SentencePiece BPE merges the adjacent pair whose union has the best score;
+    - byte fallback for characters outside the vocabulary, as SentencePiece's <0xNN> pieces;
+    - user-defined symbols ("\\n") stay plain vocabulary entries (no learned piece contains
+      them, so they never merge); as added tokens they would split the text and lose the
+      dummy prefix: "\\n\\nclass" would differ;
+    - control and unknown pieces are special added tokens: HF reads their literal text ("<s>",
+      "<|user|>") as the token, SentencePiece as plain characters; pass
+      `split_special_tokens=True` to encode such text as SentencePiece does.
+    Decoding strips the one leading space the dummy prefix gives, as SentencePiece does.
+    """
+    pieces = sentencepiece_pieces(model_path)
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    learned = {p for p, _, kind in pieces if kind == _NORMAL}
+    merges = []
+    for i, (p, score, kind) in enumerate(pieces):
+        if kind != _NORMAL:
+            continue
+        for k in range(1, len(p)):
+            if p[:k] in learned and p[k:] in learned:
+                merges.append((-score, i, vocab[p[:k]], p[:k], p[k:]))
+    merges.sort()
+    kinds = {kind: i for i, (_, _, kind) in reversed(list(enumerate(pieces)))}
+    unk = pieces[kinds[_UNKNOWN]][0] if _UNKNOWN in kinds else None
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    bos = sp.id_to_piece(sp.bos_id())
+    added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, (p, _, kind) in enumerate(pieces) if kind in (_CONTROL, _UNKNOWN)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": {  # BOS first, as Tokenizer.encode(text, bos=True)
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [sp.bos_id()], "tokens": [bos]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": [[a, b] for *_, a, b in merges]},
+    }
 
 
 def _chat_tokens(sp) -> dict[int, str]:
@@ -373,7 +491,7 @@ def import_run(hf_dir: str, run_dir: str, log=print, force: bool = False) -> str
     if os.path.exists(tok_src):
         shutil.copyfile(tok_src, tok)
     cfg = Config(name=os.path.basename(os.path.abspath(run_dir)), model=mcfg,
-                 mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+                 mesh=MeshConfig(),  # all devices on the data axis: any machine evaluates or trains it
                  data=DataConfig(seq_len=min(mcfg.max_seq_len, 256), tokenizer=tok if os.path.exists(tok) else None))
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     state, _ = trainer.init_state(0)  # fresh optimiser state; parameters replaced below
