@@ -45,6 +45,8 @@ def cmd_train(args) -> int:
         ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
         _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
              f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
+    elif "heldout_pass_at_1" in summary:
+        _log(f"done: held-out pass@1 {summary['base_heldout_pass_at_1']:.1%} -> {summary['heldout_pass_at_1']:.1%}")
     elif "base_heldout_loss" in summary:
         _log(f"done: held-out loss {summary['heldout_loss']:.3f} (the base model: {summary['base_heldout_loss']:.3f})")
     else:
