@@ -2,9 +2,11 @@
 
 Prompts and answers are the embedded standard-library Q&A set (`default_chat.py`): the
 first question of each conversation and its answer. The chosen reply is the answer; the
-rejected reply is the same words in a shuffled order. A reward model should rank them
-almost perfectly (the rule is fluency, which a pretrained model already represents),
-and DPO should move a model's likelihood towards the fluent reply.
+rejected reply is either the same words in a shuffled order ("shuffled": a reward model
+should rank these almost perfectly, the rule being fluency, which a pretrained model
+already represents) or the answer to another question of the set ("mismatched": a
+fluent reply that does not answer, which an SFT model only partly ranks below the right
+one; the default for DPO).
 """
 
 from __future__ import annotations
@@ -16,32 +18,42 @@ import random
 from data_pipeline.default_chat import conversations
 
 EMBEDDED = "<embedded:stdlib_preferences>"
+KINDS = ("shuffled", "mismatched")
 
 
-def pairs(seed: int = 0) -> list[dict]:
-    out = []
+def pairs(seed: int = 0, kind: str = "shuffled") -> list[dict]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    firsts = []
     for conv in conversations(seed):
         msgs = conv["messages"]
         k = next(i for i, m in enumerate(msgs) if m["role"] == "user")
-        answer = msgs[k + 1]["content"]
-        words = answer.split()
-        if len(words) < 4:
-            continue
-        rng = random.Random(f"{seed}:{conv['id']}")
-        shuffled = words[:]
-        while shuffled == words:
-            rng.shuffle(shuffled)
-        out.append({"prompt": msgs[: k + 1], "chosen": answer, "rejected": " ".join(shuffled), "id": conv["id"]})
+        if len(msgs[k + 1]["content"].split()) >= 4:
+            firsts.append((conv["id"], msgs[: k + 1], msgs[k + 1]["content"]))
+    out = []
+    for cid, prompt, answer in firsts:
+        rng = random.Random(f"{seed}:{kind}:{cid}")
+        if kind == "shuffled":
+            words = answer.split()
+            rejected = words[:]
+            while rejected == words:
+                rng.shuffle(rejected)
+            rejected = " ".join(rejected)
+        else:
+            rejected = answer
+            while rejected == answer:
+                rejected = firsts[rng.randrange(len(firsts))][2]
+        out.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "id": cid})
     return out
 
 
-def write_jsonl(path: str, seed: int = 0) -> str:
+def write_jsonl(path: str, seed: int = 0, kind: str = "shuffled") -> str:
     """Write the set to `path` (atomically, once); returns the path."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for rec in pairs(seed):
+        for rec in pairs(seed, kind):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
     return path

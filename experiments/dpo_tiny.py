@@ -1,10 +1,10 @@
 """DPO on the fine-tuned `tiny` model, on a CPU in a few minutes.
 
 Starts from runs/sft_tiny (`make sft`), which is also the frozen reference, and trains on
-the embedded preference set (stdlib answers preferred to the same words shuffled; no
-download). Expected: the held-out preference accuracy, P(log p(chosen) > log p(rejected)),
-and the mean log-likelihood margin of chosen over rejected rise from the SFT model's
-(both printed before and after). `--set pref.loss=ipo|simpo|orpo` trains the variants.
+the embedded preference set (data_pipeline/default_preferences.py, "mismatched": a stdlib
+answer preferred to the answer of another question; no download). Expected: the held-out
+preference accuracy, P(log p(chosen) > log p(rejected)), and the mean log-likelihood
+margin of chosen over rejected rise from the SFT model's (both printed before and after). `--set pref.loss=ipo|simpo|orpo` trains the variants.
 """
 
 import dataclasses

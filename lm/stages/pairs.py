@@ -20,8 +20,9 @@ def data_config(cfg: Config, run_dir: str):
     from data_pipeline.config import SourceConfig
 
     d = cfg.data
+    kind = "shuffled" if cfg.stage == "reward" else "mismatched"  # see default_preferences
     embedded = lambda: default_preferences.write_jsonl(  # noqa: E731
-        os.path.join(run_dir, "data", "stdlib_preferences.jsonl"), d.seed)
+        os.path.join(run_dir, "data", f"stdlib_preferences_{kind}.jsonl"), d.seed, kind)
     if d.corpus == "default":
         src = SourceConfig(name="stdlib_preferences", kind="preference", paths=(embedded(),), chat_format="prompt",
                            heldout_fraction=d.heldout_fraction)
