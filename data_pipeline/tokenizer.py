@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from data_pipeline.errors import NotFound
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 NEWLINE = "\n"
@@ -111,7 +113,7 @@ class Tokenizer:
 
     def __init__(self, path: str):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
+            raise NotFound(f"tokenizer model {path!r} does not exist")
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=path)
 

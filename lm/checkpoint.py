@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipeline.errors import NotFound
 from data_pipeline.tokenizer import file_sha256
 
 
@@ -248,16 +249,16 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
     as `abstract_params` says: the optimiser moments are never read."""
     directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
     if not os.path.isdir(directory):  # (and create nothing there)
-        raise FileNotFoundError(f"{run_dir} has no checkpoint (no checkpoints/ folder); train it first")
+        raise NotFound(f"{run_dir} has no checkpoint (no checkpoints/ folder); train it first")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
     try:
         steps = sorted(manager.all_steps(), reverse=True)
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step} (it has {sorted(steps)})")
+                raise NotFound(f"{run_dir} has no checkpoint of step {step} (it has {sorted(steps)})")
             steps = [step]
         if not steps:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint")
+            raise NotFound(f"{run_dir} has no checkpoint")
         target = {"params": abstract_params}
         for s in steps:
             try:
@@ -275,6 +276,6 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
                     raise
                 log(f"WARNING: checkpoint {os.path.join(run_dir, 'checkpoints', str(s))} cannot be restored "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an earlier one")
-        raise FileNotFoundError(f"{run_dir} has no readable checkpoint")
+        raise NotFound(f"{run_dir} has no readable checkpoint")
     finally:
         manager.close()

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from data_pipeline.errors import UserError
+
 
 def _log(msg: str) -> None:
     try:
@@ -104,9 +106,8 @@ def cmd_sample(args) -> int:
         from lm.chat import Chat, is_chat_model
 
         if not is_chat_model(run):
-            print(f"lm: error: {args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
-                  "use --prompt to continue text, or fine-tune it (make sft)", file=sys.stderr)
-            return 2
+            raise UserError(f"{args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
+                            "use --prompt to continue text, or fine-tune it (make sft)")
         chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -222,14 +223,9 @@ def cmd_eval(args) -> int:
     tasks = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        print(f"lm: error: unknown task(s) {unknown}; available: {', '.join(TASKS)}", file=sys.stderr)
-        return 2
-    try:
-        results = evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit, args.batch_size,
-                               log=_log)
-    except FileNotFoundError as e:
-        print(f"lm: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)}")
+    results = evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit, args.batch_size,
+                           log=_log)
     print(format_table(results))
     print(f"results: {os.path.join(args.run_dir, 'eval.json')}")
     return 0
@@ -335,13 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
-    from data_pipeline.chat import ChatFormatError
-    from data_pipeline.sources import DataError
-    from lm.config import ConfigError
-
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ChatFormatError, FileNotFoundError) as e:
+    except UserError as e:  # the one place user errors end: one line, exit code 2
         print(f"lm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training started (during it, the loop saves and exits)

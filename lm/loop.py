@@ -26,7 +26,7 @@ import numpy as np
 
 from lm import perf
 from lm.checkpoint import Checkpointer
-from lm.config import Config, to_dict
+from lm.config import Config, ConfigError, to_dict
 from lm.engine import Engine
 from lm.logger import MetricsLogger, plot_loss, read_metrics
 from lm.model import flops_per_token, param_count
@@ -237,7 +237,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     if restored is not None:
         state, data_state, saved_meta, start = restored
         if saved_meta.get("tokenizer_sha256") != meta.get("tokenizer_sha256"):
-            raise ValueError(f"the checkpoint at step {start} was trained with another tokenizer than "
+            raise ConfigError(f"the checkpoint at step {start} was trained with another tokenizer than "
                              f"{run_dir}/tokenizer.model (vocabulary {saved_meta.get('vocab_size')}); "
                              "restore the run's tokenizer, or start afresh with --fresh")
         meta["init_from"] = saved_meta.get("init_from")  # the run's own origin, not today's config
@@ -398,7 +398,7 @@ def _frozen(engine: Engine, init_params: Callable | None) -> dict:
     """The frozen inputs of a resumed run, rebuilt from where it started."""
     if engine.lora:
         if init_params is None:
-            raise ValueError("a LoRA run needs its base model: set trainer.init_from to the run or Hugging Face "
+            raise ConfigError("a LoRA run needs its base model: set trainer.init_from to the run or Hugging Face "
                              "folder it was started from")
         params = jax.device_put(init_params(), engine.param_sharding)
         return {"base": params}
