@@ -332,8 +332,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                     # one a resume takes really is good.
                     ckpt.wait()
                     suspect = ckpt.set_aside([s for s in ckpt.steps() if s >= ctx.step - bad_streak], "suspect")
-                    stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss or gradient (each was "
-                               f"skipped); stopping at step {ctx.step}."
+                    stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss, gradient or updated state "
+                               f"(each was skipped); stopping at step {ctx.step}."
                                + (f" Checkpoints {suspect} led to them and were set aside." if suspect else "")
                                + f" The last good checkpoint is kept: {ckpt.steps()}; lower optim.lr or raise "
                                "optim.clip_norm and resume")

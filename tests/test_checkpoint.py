@@ -147,16 +147,57 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path):
     logs = []
     summary = train(cfg, str(tmp_path), log=logs.append, progress=False)
     assert summary["stopped"] and "3 consecutive steps" in summary["stopped"]
-    assert summary["skipped_steps"] == 3 and summary["steps"] < 30
+    # lr=1e30 makes every update absurd (parameters ~1e30): the step refuses each one, from
+    # the first, so the run stops after three and nothing was checkpointed
+    assert summary["skipped_steps"] == 3 and summary["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert rows[-1]["skipped"] == 1 and rows[-1]["skipped_steps"] == 3
-    # the bad steps were not checkpointed, and the state that led to them was set aside (kept),
+    assert [r["skipped"] for r in rows] == [1, 1, 1] and rows[-1]["skipped_steps"] == 3
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def _saved_params(step_dir) -> list[np.ndarray]:
+    """The parameter arrays of a checkpoint folder (a step, or one set aside)."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"))
+    return [np.asarray(x) for x in jax.tree.leaves(tree["params"])]
+
+
+def test_a_huge_learning_rate_never_saves_absurd_parameters_and_the_last_good_checkpoint_resumes(tmp_path):
+    """lr=1e30 once wrote parameters of magnitude 1e28-1e30 into a checkpoint that looked good
+    (finite): the step now refuses such an update, so no checkpoint (kept or set aside) holds
+    one, and the run resumes from its last good checkpoint with a sane learning rate."""
+    import dataclasses
+
+    from lm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+    from lm.train import train
+
+    good = Config(name="huge_lr",
+                  model=ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
+                                    max_seq_len=16),
+                  optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", clip_norm=0.0),
+                  data=DataConfig(corpus="synthetic", seq_len=16, batch_size=8),
+                  trainer=TrainerConfig(steps=4, log_every=1, checkpoint_every=1, max_bad_steps=3, eval_batches=1,
+                                        num_samples=0))
+    quiet = dict(log=lambda *_: None, progress=False)
+    train(good, str(tmp_path), **quiet)
+    longer = dataclasses.replace(good.trainer, steps=12)
+    huge = dataclasses.replace(good, optim=dataclasses.replace(good.optim, lr=1e30), trainer=longer)
+    summary = train(huge, str(tmp_path), **quiet)
+    assert summary["stopped"] and "3 consecutive steps" in summary["stopped"]
+    folders = [n for n in os.listdir(tmp_path / "checkpoints") if n.isdigit() or n.startswith(".suspect-")]
+    assert not [n for n in folders if n.isdigit() and int(n) > 4], folders  # the bad steps were not saved
+    # the state saved just before the first bad step is set aside (kept) in case it caused them,
     # so that a resume starts from a state that is really good
-    names = os.listdir(tmp_path / "checkpoints")
-    first_bad = summary["steps"] - 2
-    assert any(n.startswith(f".suspect-{first_bad - 1}-") for n in names), names
-    assert all(int(n) < first_bad - 1 for n in names if n.isdigit())
-    assert "set aside" in summary["stopped"]
+    assert [n for n in folders if n.startswith(".suspect-4-")] and "set aside" in summary["stopped"], folders
+    for name in folders:  # kept or set aside: every saved state is finite and sane
+        largest = max(float(np.abs(x).max()) for x in _saved_params(tmp_path / "checkpoints" / name))
+        assert largest < 100, (name, largest)
+    logs = []
+    summary = train(dataclasses.replace(good, trainer=longer), str(tmp_path), log=logs.append, progress=False)
+    last_good = max(int(n) for n in folders if n.isdigit())
+    assert f"resumed from the checkpoint of step {last_good}" in "\n".join(map(str, logs))
+    assert summary["stopped"] is None and summary["steps"] == 12 and np.isfinite(summary["final_train_loss"])
 
 
 @pytest.mark.slow  # run by .ci/run after make test
