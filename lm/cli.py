@@ -33,6 +33,30 @@ def _distributed(args) -> None:
 
 
 def cmd_train(args) -> int:
+    from lm import interrupt
+
+    # SIGTERM/SIGINT end the run promptly in every phase (lm/interrupt.py). A run stopped by
+    # one leaves with os._exit: threads of a data source that hangs must not keep the
+    # process alive, nor native threads crash it on the way out.
+    with interrupt.handling(watchdog=True) as signals:
+        try:
+            code = _train(args)
+        except interrupt.Interrupted as e:  # nothing new to save
+            _exit_now(interrupt.message(e.signum, e.phase), e.exit_code)
+        if signals.received:
+            _exit_now(None, code)
+    return code
+
+
+def _exit_now(line: str | None, code: int) -> None:
+    sys.stdout.flush()
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _train(args) -> int:
     from lm import experiment
     from lm.train import train
 
@@ -41,7 +65,7 @@ def cmd_train(args) -> int:
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
     _log(f"run directory: {run_dir}")
     summary = train(cfg, run_dir, log=_log, progress=not args.no_progress, resume=not args.fresh)
-    if summary.get("stopped"):  # preempted (clean exit) or diverged (error)
+    if summary.get("stopped"):  # preempted (saved: a clean exit) or diverged (error)
         return 0 if "received" in summary["stopped"] else 1
     if "heldout_unigram_entropy" in summary:
         ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
@@ -336,6 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # the one place user errors end: one line, exit code 2
         print(f"lm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C before training started (during it, the loop saves and exits)
+    except KeyboardInterrupt:  # Ctrl-C in the other commands (lm train: see cmd_train)
         print("lm: interrupted", file=sys.stderr)
         return 130

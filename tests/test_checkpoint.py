@@ -74,12 +74,17 @@ def _wait_for_lines(run_dir, n, proc, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def reference(experiment, tmp_path_factory):
+def reference_run(experiment, tmp_path_factory):
     run = tmp_path_factory.mktemp("ref")
     _run(experiment, run)
     steps, losses = _losses(run)
     assert steps == list(range(1, 17))
-    return losses
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return _losses(reference_run)[1]
 
 
 def test_sigkill_at_three_points_then_resume_gives_bit_identical_losses(experiment, reference, tmp_path):
@@ -112,6 +117,155 @@ def test_sigterm_saves_and_the_run_resumes(experiment, reference, tmp_path):
     out = _run(experiment, run)
     assert f"resumed from the checkpoint of step {stopped_at}" in out
     assert _losses(run)[1] == reference
+
+
+class _Watched:
+    """A `lm train` child whose output lines are collected (with their times) as they come."""
+
+    def __init__(self, cmd, env=None):
+        import threading
+
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line))
+
+    @property
+    def out(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        t0 = time.time()
+        while text not in self.out:
+            assert self.proc.poll() is None and time.time() - t0 < timeout, f"no {text!r} in:\n{self.out[-3000:]}"
+            time.sleep(0.02)
+
+    def stop(self, sig, timeout: float = 30) -> float:
+        """Send `sig`; the seconds until the process ended."""
+        t0 = time.time()
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=timeout)
+        self._reader.join(5)
+        return time.time() - t0
+
+
+def _one_line_stop(out: str, name: str, phase: str) -> None:
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"lm: stopped by {name} while {phase}") and "run the same command again" in last, out
+
+
+def _reader_of(fifo: str) -> int | None:
+    """A write end of `fifo` once a process has opened it for reading (else None)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody reads it yet
+        return None
+
+
+def test_sigint_while_preparing_the_data_ends_at_once_in_one_line(experiment, tmp_path):
+    """Start-up stuck in a read (the tokenizer on a file system that hangs: a FIFO nobody
+    writes): Ctrl-C ends it within seconds, one line, exit 130, no traceback or crash."""
+    fifo = str(tmp_path / "tokenizer.model")
+    os.mkfifo(fifo)
+    p = _Watched(_cmd(experiment, tmp_path / "run", f"data.tokenizer={fifo}"))
+    t0, writer = time.time(), None
+    while writer is None:  # the run is now blocked reading the tokenizer
+        assert p.proc.poll() is None and time.time() - t0 < 120, p.out
+        writer = _reader_of(fifo)
+        time.sleep(0.05)
+    try:
+        elapsed = p.stop(signal.SIGINT)
+    finally:
+        os.close(writer)
+    assert p.proc.returncode == 130, p.out
+    _one_line_stop(p.out, "SIGINT", "preparing the data and tokenizer")
+    assert elapsed < 15, f"{elapsed:.0f}s"
+
+
+def test_sigterm_while_compiling_ends_at_once_in_one_line(tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY)
+    p = _Watched(train_cmd(str(tmp_path / "tiny.py"), tmp_path / "run"))
+    p.wait_for("compiling the train step")
+    elapsed = p.stop(signal.SIGTERM)
+    assert p.proc.returncode == 143, p.out
+    _one_line_stop(p.out, "SIGTERM", "compiling the train step")
+    assert "compiled the train step" not in p.out and elapsed < 15, (elapsed, p.out)
+    assert not os.listdir(tmp_path / "run" / "checkpoints")  # nothing was trained: nothing saved
+
+
+# Enough rows per run that grain's read-ahead (hundreds of documents) runs dry mid-run.
+STALL_SETS = ("trainer.steps=40", "data.batch_size=64")
+
+
+@pytest.fixture(scope="module")
+def stalled(experiment, tmp_path_factory):
+    """A run whose data source stops answering mid-run (its files become FIFOs nobody writes,
+    as on a hung file system), then SIGTERM: (experiment copy, run dir, output, seconds to
+    exit, exit code). The source files are real again afterwards."""
+    d = tmp_path_factory.mktemp("stalled")
+    for name in ("a.jsonl", "b.txt", "sp.model", "resilience.py"):
+        shutil.copy(os.path.join(os.path.dirname(experiment), name), d / name)
+    exp = d / "resilience.py"
+    exp.write_text(exp.read_text().replace(os.path.dirname(experiment), str(d)))
+    run = d / "run"
+    p = _Watched(_cmd(str(exp), run, *STALL_SETS))
+    p.wait_for("compiling the train step")  # start-up has read what it needs
+    sources = [str(d / "a.jsonl"), str(d / "b.txt")]
+    for path in sources:  # from now on, every read of a document blocks
+        os.rename(path, path + ".real")
+        os.mkfifo(path)
+    writers = []
+    try:
+        t0 = time.time()
+        while not writers:  # a reader is stuck on a FIFO (held open, it stays stuck in read())
+            assert p.proc.poll() is None and time.time() - t0 < 120, p.out
+            writers = [w for w in map(_reader_of, sources) if w is not None]
+            time.sleep(0.05)
+        logged, t0 = -1, time.time()
+        while True:  # the steps stop: the read-ahead is used up and the loop waits for data
+            n = len(open(run / "metrics.jsonl").readlines()) if os.path.exists(run / "metrics.jsonl") else 0
+            if n == logged and time.time() - t0 > 2:
+                break
+            if n != logged:
+                logged, t0 = n, time.time()
+            assert p.proc.poll() is None, p.out
+            time.sleep(0.1)
+        elapsed = p.stop(signal.SIGTERM)
+    finally:
+        for w in writers:
+            os.close(w)
+        for path in sources:
+            os.replace(path + ".real", path)
+    return exp, run, p.out, elapsed, p.proc.returncode
+
+
+def test_sigterm_while_waiting_for_data_ends_at_once_and_saves_the_last_step(stalled):
+    exp, run, out, elapsed, code = stalled
+    assert code == 0 and elapsed < 15, (elapsed, out[-3000:])
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    line = [line for line in out.splitlines() if "received SIGTERM while waiting for data" in line]
+    assert line and "saved the checkpoint of step" in line[0], out
+    stopped_at = int(line[0].split("checkpoint of step ")[1].split()[0])
+    assert 0 < stopped_at < 40 and str(stopped_at) in os.listdir(run / "checkpoints")
+    assert _losses(run)[0][-1] == stopped_at
+
+
+@pytest.mark.slow  # run by .ci/run after make test
+def test_a_run_stopped_while_waiting_for_data_resumes_exactly(stalled, tmp_path):
+    """The checkpoint saved in a data wait holds the data position after the last step's batch:
+    the resumed run's losses equal an uninterrupted run's, bit for bit."""
+    exp, run, out, _, _ = stalled
+    stopped_at = _losses(run)[0][-1]
+    resumed = _run(str(exp), run, *STALL_SETS)
+    assert f"resumed from the checkpoint of step {stopped_at}" in resumed
+    _run(str(exp), tmp_path / "reference", *STALL_SETS)
+    assert _losses(run) == _losses(tmp_path / "reference")
 
 
 @pytest.mark.slow  # run by .ci/run after make test
