@@ -102,6 +102,40 @@ def test_sigkill_at_three_points_then_resume_gives_bit_identical_losses(experime
     assert losses == reference  # bit-identical, not "close"
 
 
+def _kill_during_a_save(experiment, run, after_step: int) -> bool:
+    """Start the run; SIGKILL it as soon as a save of a step after `after_step` is being
+    written (its temporary folder exists). Whether the folder was still there (the kill
+    really cut a save in two)."""
+    p = subprocess.Popen(_cmd(experiment, run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    folder = run / "checkpoints"
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        assert p.poll() is None, "the run ended before a save after step %d" % after_step
+        names = os.listdir(folder) if folder.is_dir() else []
+        partial = [n for n in names if "orbax-checkpoint-tmp" in n and int(n.split(".")[0]) > after_step]
+        if partial:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return (folder / partial[0]).exists()
+        time.sleep(0.001)
+    raise AssertionError("no save started")
+
+
+@pytest.mark.slow  # run by .ci/run after make test
+def test_sigkill_in_the_middle_of_saves_then_resume_gives_identical_losses_and_parameters(experiment, reference_run,
+                                                                                           tmp_path):
+    run = tmp_path / "run"
+    cut = [_kill_during_a_save(experiment, run, after) for after in (2, 8, 12)]
+    assert any(cut), "no kill landed inside a save"  # (a save of this small model takes little time)
+    out = _run(experiment, run)
+    assert "resumed from the checkpoint of step" in out
+    assert _losses(run) == _losses(reference_run)  # every step once, bit-identical
+    for a, b in zip(_saved_params(run / "checkpoints" / "16"), _saved_params(reference_run / "checkpoints" / "16")):
+        np.testing.assert_array_equal(a, b)
+    assert not [n for n in os.listdir(run / "checkpoints") if "orbax-checkpoint-tmp" in n]
+
+
 @pytest.mark.slow  # run by .ci/run after make test
 def test_sigterm_saves_and_the_run_resumes(experiment, reference, tmp_path):
     run = tmp_path / "run"
