@@ -225,13 +225,13 @@ _current: Interrupts | None = None
 
 
 @contextlib.contextmanager
-def handling(watchdog: bool = False) -> Iterator[Interrupts]:
+def handling(watchdog: bool = False, grace: float = 5.0) -> Iterator[Interrupts]:
     """The signal handling in force, installed here if none is (and this is the main thread)."""
     global _current
     if _current is not None:
         yield _current
         return
-    interrupts = Interrupts(watchdog=watchdog)
+    interrupts = Interrupts(watchdog=watchdog, grace=grace)
     if threading.current_thread() is not threading.main_thread():
         yield interrupts  # (signals are only delivered to the main thread: nothing to install)
         return
