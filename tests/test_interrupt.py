@@ -23,7 +23,8 @@ def test_the_watchdog_ends_a_process_whose_main_thread_is_stuck_in_native_code(t
     mark = tmp_path / "put_back"
     p = _child(
         "with interrupt.handling(watchdog=True, grace=1.0) as signals:\n"
-        f"    with signals.during('a long native call'), signals.on_forced_exit(lambda: open({str(mark)!r}, 'w').close()):\n"
+        f"    put_back = lambda: open({str(mark)!r}, 'w').close()\n"
+        "    with signals.during('a long native call'), signals.on_forced_exit(put_back):\n"
         "        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # delivered to another thread\n"
         "        print('ready', flush=True)\n"
         "        time.sleep(60)\n")
