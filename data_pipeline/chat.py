@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from data_pipeline.errors import UserError
 from data_pipeline.tokenizer import CHAT_TOKENS
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
@@ -39,7 +40,7 @@ ROLES = ("system", "user", "assistant")
 _KEYS = ("system", "user", "assistant", "end")  # the keys of chat_token_ids, in CHAT_TOKENS order
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError, ValueError):
     """A conversation that does not follow the chat format, or a tokenizer without chat tokens."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from data_pipeline.errors import UserError
 from data_pipeline.sources import SourceConfig, open_source
 
 _KINDS = ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".jsonl.bz2", "jsonl"), (".json", "json"),
@@ -83,7 +84,7 @@ def _sources(args) -> list[tuple[object, float]]:
         configs = source_configs(args.load_experiment(args.experiment, []).data)
     else:
         if not args.source:
-            raise SystemExit("lm tokenizer train: give --source PATH (repeatable) or --experiment NAME")
+            raise UserError("lm tokenizer train: give --source PATH (repeatable) or --experiment NAME")
         configs = []
         for k, spec in enumerate(args.source):
             name, _, pattern = spec.partition("=") if "=" in spec else (f"s{k}", "", spec)

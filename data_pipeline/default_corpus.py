@@ -21,6 +21,8 @@ import sysconfig
 import threading
 from functools import lru_cache
 
+from data_pipeline.errors import UserError
+
 _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idle_test", "__pycache__",
               "lib2to3", "ensurepip", "turtledemo", "pydoc_data", "idlelib", "tkinter"}
 
@@ -85,7 +87,7 @@ def documents() -> tuple[Document, ...]:
     for topic in sorted(_pydoc_topics()):
         docs.append(Document(f"doc:topic:{topic}", "prose", None))
     if not docs:
-        raise RuntimeError(f"no standard-library sources found under {root}; "
+        raise UserError(f"no standard-library sources found under {root}; "
                            "is this a minimal Python without its .py files?")
     return tuple(sorted(docs, key=lambda d: d.key))
 

@@ -25,9 +25,10 @@ import os
 from typing import Any, NamedTuple, Sequence
 
 from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data configuration or input; the message names the input and the fix."""
 
 

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from data_pipeline.errors import NotFound
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 NEWLINE = "\n"
@@ -54,9 +56,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
         raise DataError(f"vocab_size={vocab_size} is too small: byte fallback and the special tokens take "
                         f"{smallest} pieces; use at least a few hundred more")
     model = io.BytesIO()
+    stopped: list[BaseException] = []
     try:
-        _train(texts, vocab_size, model_type, num_threads, model)
+        _train(_stoppable(texts, stopped), vocab_size, model_type, num_threads, model)
     except RuntimeError as e:
+        if stopped:  # an interruption (Ctrl-C, SIGTERM) while reading the texts: SentencePiece lost its type
+            raise stopped[0] from None
         first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         if "Vocabulary size too high" in str(e):
             raise DataError(f"the training text is too small for vocab_size={vocab_size} ({first}); "
@@ -73,6 +78,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
         f.write(model.getvalue())
     os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer
     return Tokenizer(path)
+
+
+def _stoppable(texts: Iterable[str], stopped: list) -> Iterator[str]:
+    """`texts`, recording an interruption raised while reading them (SentencePiece turns any
+    exception of its sentence iterator into a RuntimeError)."""
+    try:
+        yield from texts
+    except Exception:
+        raise
+    except BaseException as e:
+        stopped.append(e)
+        raise
 
 
 def _train(texts, vocab_size, model_type, num_threads, model) -> None:
@@ -111,7 +128,7 @@ class Tokenizer:
 
     def __init__(self, path: str):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
+            raise NotFound(f"tokenizer model {path!r} does not exist")
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=path)
 

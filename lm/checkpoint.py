@@ -13,6 +13,7 @@ training goes on; earlier checkpoints are untouched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipeline.errors import NotFound
 from data_pipeline.tokenizer import file_sha256
 
 
@@ -53,6 +55,17 @@ def merge_data_states(states: list[dict | None]) -> dict | None:
     return merged
 
 
+class _QuietOrbax(logging.Filter):
+    """Orbax logs each failure of a background save several times over, with tracebacks, from
+    each of its threads; the Checkpointer reports every failed save itself, once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_QUIET = _QuietOrbax()
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int = 3, log: Callable = print):
         self.dir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
@@ -63,8 +76,13 @@ class Checkpointer:
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m["eval_loss"], n=1,
                                           keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                               enable_async_checkpointing=True)
+        # The step's folder is created before save() returns, so that an unwritable directory
+        # fails there, at once: created in the background, its failure left Orbax's other
+        # threads waiting minutes for it (after the run had ended) and printing tracebacks.
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=True, enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        logging.getLogger("absl").addFilter(_QUIET)  # (a set: added once)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
         self.failed_saves = 0
         self._pending = None  # the step whose save is being written in the background
@@ -156,6 +174,8 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+        if self.failed_saves:  # threads of a failed save may have outlived its first error
+            self._clean_partial()
 
 
 def _short(e: BaseException) -> str:
@@ -231,16 +251,16 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
     as `abstract_params` says: the optimiser moments are never read."""
     directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
     if not os.path.isdir(directory):  # (and create nothing there)
-        raise FileNotFoundError(f"{run_dir} has no checkpoint (no checkpoints/ folder); train it first")
+        raise NotFound(f"{run_dir} has no checkpoint (no checkpoints/ folder); train it first")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
     try:
         steps = sorted(manager.all_steps(), reverse=True)
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step} (it has {sorted(steps)})")
+                raise NotFound(f"{run_dir} has no checkpoint of step {step} (it has {sorted(steps)})")
             steps = [step]
         if not steps:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint")
+            raise NotFound(f"{run_dir} has no checkpoint")
         target = {"params": abstract_params}
         for s in steps:
             try:
@@ -258,6 +278,6 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None,
                     raise
                 log(f"WARNING: checkpoint {os.path.join(run_dir, 'checkpoints', str(s))} cannot be restored "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an earlier one")
-        raise FileNotFoundError(f"{run_dir} has no readable checkpoint")
+        raise NotFound(f"{run_dir} has no readable checkpoint")
     finally:
         manager.close()

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from data_pipeline.errors import UserError
+
 
 def _log(msg: str) -> None:
     try:
@@ -31,6 +33,30 @@ def _distributed(args) -> None:
 
 
 def cmd_train(args) -> int:
+    from lm import interrupt
+
+    # SIGTERM/SIGINT end the run promptly in every phase (lm/interrupt.py). A run stopped by
+    # one leaves with os._exit: threads of a data source that hangs must not keep the
+    # process alive, nor native threads crash it on the way out.
+    with interrupt.handling(watchdog=True) as signals:
+        try:
+            code = _train(args)
+        except interrupt.Interrupted as e:  # nothing new to save
+            _exit_now(interrupt.message(e.signum, e.phase), e.exit_code)
+        if signals.received:
+            _exit_now(None, code)
+    return code
+
+
+def _exit_now(line: str | None, code: int) -> None:
+    sys.stdout.flush()
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _train(args) -> int:
     from lm import experiment
     from lm.train import train
 
@@ -39,7 +65,7 @@ def cmd_train(args) -> int:
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
     _log(f"run directory: {run_dir}")
     summary = train(cfg, run_dir, log=_log, progress=not args.no_progress, resume=not args.fresh)
-    if summary.get("stopped"):  # preempted (clean exit) or diverged (error)
+    if summary.get("stopped"):  # preempted (saved: a clean exit) or diverged (error)
         return 0 if "received" in summary["stopped"] else 1
     if "heldout_unigram_entropy" in summary:
         ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
@@ -106,9 +132,8 @@ def cmd_sample(args) -> int:
         from lm.chat import Chat, is_chat_model
 
         if not is_chat_model(run):
-            print(f"lm: error: {args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
-                  "use --prompt to continue text, or fine-tune it (make sft)", file=sys.stderr)
-            return 2
+            raise UserError(f"{args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
+                            "use --prompt to continue text, or fine-tune it (make sft)")
         chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -226,24 +251,18 @@ def cmd_eval(args) -> int:
         try:
             from lm.interop.lm_eval import evaluate_harness
         except ImportError as e:
-            print(f"lm: error: --harness needs lm-evaluation-harness ({e}); pip install lm-eval", file=sys.stderr)
-            return 2
+            raise UserError(f"--harness needs lm-evaluation-harness ({e}); pip install lm-eval") from None
         names = [t.strip() for t in args.harness.split(",") if t.strip()]
         results.update(evaluate_harness(args.run_dir, names, args.limit, args.batch_size, log=_log))
     tasks = [] if args.harness and args.tasks is None else TASKS if args.tasks in (None, "all") else [
         t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        print(f"lm: error: unknown task(s) {unknown}; available: {', '.join(TASKS)} (lm-evaluation-harness "
-              "tasks go in --harness)", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)} (lm-evaluation-harness "
+                        "tasks go in --harness)")
     if tasks:
-        try:
-            results.update(evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit,
-                                        args.batch_size, log=_log))
-        except FileNotFoundError as e:
-            print(f"lm: error: {e}", file=sys.stderr)
-            return 2
+        results.update(evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit,
+                                    args.batch_size, log=_log))
     print(format_table(results))
     for task, r in results.items():  # sacreBLEU says how its numbers were computed
         for metric, sig in (r.get("signature") or {}).items() if isinstance(r, dict) else ():
@@ -390,15 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
-    from data_pipeline.chat import ChatFormatError
-    from data_pipeline.sources import DataError
-    from lm.config import ConfigError
-
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ChatFormatError, FileNotFoundError) as e:
+    except UserError as e:  # the one place user errors end: one line, exit code 2
         print(f"lm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C before training started (during it, the loop saves and exits)
+    except KeyboardInterrupt:  # Ctrl-C in the other commands (lm train: see cmd_train)
         print("lm: interrupted", file=sys.stderr)
         return 130

@@ -16,9 +16,10 @@ import typing
 from typing import Any, Literal
 
 from data_pipeline.config import DataConfig, SourceConfig  # noqa: F401  (data configs live with the data)
+from data_pipeline.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad experiment configuration or override; the message says how to fix it."""
 
 

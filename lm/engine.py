@@ -10,8 +10,9 @@ Everything else is here, once:
 - *Frozen* inputs (a LoRA run's base weights, a DPO reference model) are a second pytree
   the step reads but never updates, donates or differentiates.
 - `train_step` accumulates gradients over micro-batches (weighted by each micro-batch's
-  loss weight, so the result equals one big batch), skips non-finite updates, and is
-  compiled once with `jax.jit`, explicit in/out shardings and the state donated.
+  loss weight, so the result equals one big batch), skips non-finite updates (a NaN/Inf
+  loss or gradient, or an updated state that is not finite), and is compiled once with
+  `jax.jit`, explicit in/out shardings and the state donated.
 """
 
 from __future__ import annotations
@@ -166,16 +167,16 @@ class Engine:
     def train_step(self, state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
         loss, aux, grads = self._grads(state.params, batch, frozen)
         grad_norm = optax.global_norm(grads)
-        # A NaN/Inf loss or gradient: skip the update (keep the last good parameters and
-        # optimiser state), count it; the host stops the run after too many in a row.
-        # A cond rather than a select: the normal path costs nothing extra.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def update(_):
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
-
-        params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+        updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A NaN/Inf loss or gradient, or an updated state that is not finite (optimiser
+        # moments poisoned with NaN or 3e38, or lr=1e30 writing 1e30 into the parameters):
+        # skip the update, keeping the last good parameters and optimiser state, and count
+        # it; the host stops the run after too many in a row. The state is checked with one
+        # fused reduction, its sum of squares: NaN/Inf if any value is, or if any |x| > 1.8e19.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(_sum_squares((new_params, new_opt_state)))
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (new_params, new_opt_state), (state.params, state.opt_state))
         bad = 1 - finite.astype(jnp.int32)
         metrics = {k: v for k, v in aux.items() if k != "weight"}
         metrics.setdefault("loss", loss)
@@ -212,6 +213,14 @@ class Engine:
         step = jax.jit(self.eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding,
                                                      self.frozen_sharding), out_shardings=repl)
         return _with_mesh(step, self.mesh, default_frozen=len(self.frozen_names) == 0)
+
+
+def _sum_squares(tree) -> jax.Array:
+    """Σx² over the floating-point arrays of `tree`, in float32: finite only if every value is
+    finite and no |x| exceeds ~1.8e19 (whose square overflows; no trained network holds such
+    values)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0.0))
 
 
 def _with_shardings(shapes, shardings):

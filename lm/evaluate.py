@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.errors import NotFound
+
 DEFAULT_DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
@@ -371,14 +373,14 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
     from lm.run import load_run
 
     if any(t != "heldout" for t in tasks) and not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"task files not found: {os.path.normpath(data_dir)} does not exist; pass "
+        raise NotFound(f"task files not found: {os.path.normpath(data_dir)} does not exist; pass "
                                 "--data-dir DIR (or set LM_DATA) to the folder holding hellaswag/, arc/, ...")
     run = load_run(run_dir, single_device=False, log=log)  # parameters laid out by the run's mesh rules
     sharding = run.trainer.batch_sharding["inputs"]
     data_ways = sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"]
     batch_size = -(-batch_size // data_ways) * data_ways  # every device gets whole rows
     if run.tokenizer is None and any(t != "heldout" for t in tasks):
-        raise FileNotFoundError(f"{run_dir} has no tokenizer.model: task evaluation needs one")
+        raise NotFound(f"{run_dir} has no tokenizer.model: task evaluation needs one")
     logits_fn = partial(model_logits, run.graphdef)
     max_len = run.cfg.model.max_seq_len
     results: dict = {"run": run_dir, "step": run.step}

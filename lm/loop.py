@@ -4,8 +4,8 @@ A stage (`lm/stages/*.py`) hands the loop a `Setup`: the engine (objective, opti
 shardings), its data, where the parameters start, and extra hooks. The loop owns what
 every stage needs and must get right once: resuming the run exactly (state, data
 iterator, metrics), starting from another run's parameters (`trainer.init_from`),
-preemption (SIGTERM/SIGINT save and exit), NaN/Inf steps, the progress bar, metrics in
-JSON Lines and TensorBoard, periodic evaluation and checkpoints.
+preemption (SIGTERM/SIGINT in any phase: see `lm/interrupt.py`), NaN/Inf steps, the
+progress bar, metrics in JSON Lines and TensorBoard, periodic evaluation and checkpoints.
 
 The step is asynchronous: the host fetches metrics (and so waits for the device) only on
 logging steps, so the next batch is prepared while the device computes.
@@ -13,20 +13,19 @@ logging steps, so the next batch is prepared while the device computes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from lm import perf
+from lm import interrupt, perf
 from lm.checkpoint import Checkpointer
-from lm.config import Config, to_dict
+from lm.config import Config, ConfigError, to_dict
 from lm.engine import Engine
 from lm.logger import MetricsLogger, plot_loss, read_metrics
 from lm.model import flops_per_token, param_count
@@ -114,29 +113,6 @@ def evaluate(engine: Engine, eval_fn, params, frozen: dict, heldout: dict[str, l
     return out
 
 
-class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits cleanly."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def _truncate_metrics(run_dir: str, step: int) -> None:
     """Drop metric lines logged after `step` (they are recomputed after a resume)."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -157,20 +133,29 @@ class _Checkpoints(Hook):
         self.ckpt, self.data, self.meta = ckpt, data, meta
         self.minutes = cfg.trainer.checkpoint_minutes
         self.last_time = time.time()
+        self.saved_step: int | None = None  # the newest step whose save started
 
     def due(self, ctx) -> bool:
         late = self.minutes and time.time() - self.last_time > 60 * self.minutes
         return super().due(ctx) or bool(late) or ctx.preempted is not None
 
-    def save(self, ctx, m: dict) -> None:
+    def save(self, ctx, m: dict, data_state: Any = "now") -> None:
+        """Save the state of step `ctx.step`, with the data position after its batch (read
+        now unless given: a data wait interrupted after it may have moved the iterator)."""
         if int(ctx.state.bad_streak) == 0:
-            try:
-                data_state = self.data.get_state()
-            except Exception:  # noqa: BLE001 -- a source without resumable state: save the rest
-                data_state = None
-            self.ckpt.save(ctx.step, ctx.state, data_state, self.meta,
-                           {"eval_loss": m["eval_loss"]} if "eval_loss" in m else None)
+            if data_state == "now":
+                data_state = _data_state(self.data)
+            if self.ckpt.save(ctx.step, ctx.state, data_state, self.meta,
+                              {"eval_loss": m["eval_loss"]} if "eval_loss" in m else None):
+                self.saved_step = ctx.step
             self.last_time = time.time()
+
+
+def _data_state(data) -> dict | None:
+    try:
+        return copy.deepcopy(data.get_state())
+    except Exception:  # noqa: BLE001 -- a source without resumable state: save the rest
+        return None
 
 
 class _Meter:
@@ -181,12 +166,10 @@ class _Meter:
         self.tokens_per_step, self.fpt, self.peak = tokens_per_step, fpt, peak
         self.loss_sum, self.steps, self.wait, self.t_last, self.compile_s = None, 0, 0.0, None, 0.0
 
-    def add(self, metrics: dict, wait: float, first: bool, t0: float, log: Callable) -> None:
+    def add(self, metrics: dict, wait: float, first: bool) -> None:
         self.loss_sum = metrics["loss"] if self.loss_sum is None or self.steps == 0 else self.loss_sum + metrics["loss"]
-        if first:  # the first step compiles; throughput is timed from its end
+        if first:  # throughput is timed from the end of the first step (its buffers are new)
             jax.block_until_ready(metrics)
-            self.compile_s = time.perf_counter() - t0
-            log(f"compiled the train step in {self.compile_s:.1f}s")
             self.t_last = time.perf_counter()
         else:
             self.wait += wait
@@ -233,11 +216,12 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     ckpt = Checkpointer(run_dir, keep=t_cfg.checkpoint_keep, log=log)
     meta = dict(setup.meta)
     start = 0
-    restored = ckpt.restore_latest(engine.abstract_state()) if resume and ckpt.steps() else None
+    with interrupt.during("restoring the latest checkpoint"):
+        restored = ckpt.restore_latest(engine.abstract_state()) if resume and ckpt.steps() else None
     if restored is not None:
         state, data_state, saved_meta, start = restored
         if saved_meta.get("tokenizer_sha256") != meta.get("tokenizer_sha256"):
-            raise ValueError(f"the checkpoint at step {start} was trained with another tokenizer than "
+            raise ConfigError(f"the checkpoint at step {start} was trained with another tokenizer than "
                              f"{run_dir}/tokenizer.model (vocabulary {saved_meta.get('vocab_size')}); "
                              "restore the run's tokenizer, or start afresh with --fresh")
         meta["init_from"] = saved_meta.get("init_from")  # the run's own origin, not today's config
@@ -255,7 +239,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
             raise RunDirError(f"{run_dir} holds a finished run whose checkpoints are gone; nothing was changed: "
                               "use --fresh to start over or another --run-dir")
         params = setup.init_params() if setup.init_params else None
-        state, frozen = engine.init_state(t_cfg.seed, params)
+        with interrupt.during("initialising the model"):
+            state, frozen = engine.init_state(t_cfg.seed, params)
         if main:  # a killed earlier attempt may have logged steps before its first checkpoint
             _truncate_metrics(run_dir, 0)
     step_fn = engine.compile_train_step()
@@ -296,74 +281,97 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
         results["evals"] = ctx.evaluate()
 
     # -- the loop ----------------------------------------------------------------------------
-    with _Preemption() as preempt:
+    # A signal stops the run at once during start-up, compilation and data waits (nothing
+    # new to save, or the last step's state, saved below); during a step and its hooks it
+    # is noted, and the step finishes and saves first (lm/interrupt.py).
+    with interrupt.handling() as signals:
+        saver = hooks[-1]
+        data_state = None
         try:
             for step in range(start, steps):
                 t0 = time.perf_counter()
-                local = data.next_train()
+                if step > start:  # where the data stands after the last step's batch (a small dict)
+                    data_state = _data_state(data) if saver.saved_step != step else None
+                with signals.during("waiting for data"):  # (a signal noted in the last step acts here)
+                    local = data.next_train()
                 batch = global_batch({k: local[k] for k in engine.objective.batch_axes}, engine.batch_sharding)
                 wait = time.perf_counter() - t0
                 if "source_id" in local and "segment_ids" in local:
                     real = (local["segment_ids"] > 0).reshape(len(local["source_id"]), -1)  # rows, or pairs of rows
                     np.add.at(source_tokens, local["source_id"], real.sum(axis=1))
-                state, metrics = step_fn(state, batch, frozen)
-                ctx.state, ctx.step, ctx.last, ctx.preempted = state, step + 1, step == steps - 1, preempt.signal
                 first = step == start
-                meter.add(metrics, wait, first, t0, log)
-                if bar is not None:
-                    bar.update(1)
-                due = [h for h in hooks if h.due(ctx)]
-                if not (first or ctx.step % t_cfg.log_every == 0 or due):
-                    continue
-                # A logging step: fetch the metrics (this waits for the device).
-                m = meter.read(metrics)
-                m.update(getattr(data, "metrics", dict)())  # e.g. the rollouts' rewards and lengths
-                if len(data.names) > 1 and source_tokens.sum():  # realised share of tokens per source
-                    m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
-                if data.stats.total():
-                    m["bad_records"] = data.stats.total()
-                    if data.stats.total() >= 2 * reported:  # reported at 1, 2, 4, 8, ... (and at the end)
-                        log(data.stats.report())
-                        reported = data.stats.total()
-                m.update({f"{k}/{n}": v for k, per in getattr(data.stats, "counters", lambda: {})().items()
-                          for n, v in per.items() if v})
-                bad_streak, skipped = int(state.bad_streak), int(state.skipped)
-                if skipped:
-                    m["skipped_steps"] = skipped
-                if np.isfinite(m["loss"]):
-                    if loss_ema is not None and m["loss"] > loss_ema + max(0.5, 0.25 * loss_ema):
-                        log(f"loss spike at step {ctx.step}: {m['loss']:.3f} (recent mean {loss_ema:.3f})")
-                    loss_ema = m["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * m["loss"]
-                if bad_streak >= t_cfg.max_bad_steps:
+                if first:  # compile ahead of the first step, which then runs like every other
+                    log("compiling the train step")
+                    with signals.during("compiling the train step"):
+                        tc = time.perf_counter()
+                        step_fn = step_fn.lower(state, batch, frozen).compile()
+                        meter.compile_s = time.perf_counter() - tc
+                    log(f"compiled the train step in {meter.compile_s:.1f}s")
+                with signals.finishing():
+                    state, metrics = step_fn(state, batch, frozen)
+                    ctx.state, ctx.step, ctx.last, ctx.preempted = state, step + 1, step == steps - 1, signals.name
+                    meter.add(metrics, wait, first)
+                    if bar is not None:
+                        bar.update(1)
+                    due = [h for h in hooks if h.due(ctx)]
+                    if not (first or ctx.step % t_cfg.log_every == 0 or due):
+                        continue
+                    # A logging step: fetch the metrics (this waits for the device).
+                    m = meter.read(metrics)
+                    m.update(getattr(data, "metrics", dict)())  # e.g. the rollouts' rewards and lengths
+                    if len(data.names) > 1 and source_tokens.sum():  # realised share of tokens per source
+                        m.update({f"share/{n}": v for n, v in zip(data.names, source_tokens / source_tokens.sum())})
+                    if data.stats.total():
+                        m["bad_records"] = data.stats.total()
+                        if data.stats.total() >= 2 * reported:  # reported at 1, 2, 4, 8, ... (and at the end)
+                            log(data.stats.report())
+                            reported = data.stats.total()
+                    m.update({f"{k}/{n}": v for k, per in getattr(data.stats, "counters", lambda: {})().items()
+                              for n, v in per.items() if v})
+                    bad_streak, skipped = int(state.bad_streak), int(state.skipped)
+                    if skipped:
+                        m["skipped_steps"] = skipped
+                    if np.isfinite(m["loss"]):
+                        if loss_ema is not None and m["loss"] > loss_ema + max(0.5, 0.25 * loss_ema):
+                            log(f"loss spike at step {ctx.step}: {m['loss']:.3f} (recent mean {loss_ema:.3f})")
+                        loss_ema = m["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * m["loss"]
+                    if bad_streak >= t_cfg.max_bad_steps:
+                        logger.log(ctx.step, m)
+                        # The state saved just before the first bad step is what made it bad (its
+                        # values may be finite yet huge): set such checkpoints aside, so that the
+                        # one a resume takes really is good.
+                        ckpt.wait()
+                        suspect = ckpt.set_aside([s for s in ckpt.steps() if s >= ctx.step - bad_streak], "suspect")
+                        stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss, gradient or updated state "
+                                   f"(each was skipped); stopping at step {ctx.step}."
+                                   + (f" Checkpoints {suspect} led to them and were set aside." if suspect else "")
+                                   + f" The last good checkpoint is kept: {ckpt.steps()}; lower optim.lr or raise "
+                                   "optim.clip_norm and resume")
+                        break
+                    for hook in due:
+                        hook.fn(ctx, m)
                     logger.log(ctx.step, m)
-                    # The state saved just before the first bad step is what made it bad (its
-                    # values may be finite yet huge): set such checkpoints aside, so that the
-                    # one a resume takes really is good.
-                    ckpt.wait()
-                    suspect = ckpt.set_aside([s for s in ckpt.steps() if s >= ctx.step - bad_streak], "suspect")
-                    stopped = (f"{bad_streak} consecutive steps had a NaN/Inf loss or gradient (each was "
-                               f"skipped); stopping at step {ctx.step}."
-                               + (f" Checkpoints {suspect} led to them and were set aside." if suspect else "")
-                               + f" The last good checkpoint is kept: {ckpt.steps()}; lower optim.lr or raise "
-                               "optim.clip_norm and resume")
-                    break
-                for hook in due:
-                    hook.fn(ctx, m)
-                logger.log(ctx.step, m)
-                last_metrics = {**last_metrics, **m}
-                if bar is not None and "tokens_per_s" in m:
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", mfu=f"{m['mfu']:.1%}")
-                meter.restart()
-                if ctx.preempted and not ctx.last:  # (the signal as the hooks saw it: they saved)
-                    ckpt.wait()
-                    stopped = (f"received {ctx.preempted}: saved the checkpoint of step {ctx.step} in "
-                               f"{ckpt.dir}; run the same command again to resume")
-                    break
+                    last_metrics = {**last_metrics, **m}
+                    if bar is not None and "tokens_per_s" in m:
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}",
+                                        mfu=f"{m['mfu']:.1%}")
+                    meter.restart()
+                    if ctx.preempted and not ctx.last:  # (the signal as the hooks saw it: they saved)
+                        ckpt.wait()
+                        stopped = (f"received {ctx.preempted}: saved the checkpoint of step {ctx.step} in "
+                                   f"{ckpt.dir}; run the same command again to resume")
+                        break
+        except interrupt.Interrupted as e:
+            if e.urgent or ctx.step == start:  # a second Ctrl-C, or no step done: nothing new to save
+                raise
+            with signals.finishing():
+                stopped = _stop_between_steps(e, ctx, saver, data_state, ckpt)
         finally:
             if bar is not None:
                 bar.close()
-            logger.close()
-            ckpt.close()
+            with signals.finishing():  # (a save still being written is waited for)
+                logger.close()
+                ckpt.close()
 
     # -- the summary -------------------------------------------------------------------------
     evals = results["evals"]
@@ -385,6 +393,13 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     if len(data.names) > 1 and source_tokens.sum():
         summary["token_share"] = dict(zip(data.names, (source_tokens / source_tokens.sum()).tolist()))
         summary["weights"] = dict(zip(data.names, (np.asarray(data.weights) / sum(data.weights)).tolist()))
+    with interrupt.during("finishing the run (evaluation, samples, summary; the final checkpoint is saved)"):
+        _finish(ctx, setup, summary, run_dir, main, log)
+    return summary
+
+
+def _finish(ctx: Context, setup: Setup, summary: dict, run_dir: str, main: bool, log: Callable) -> None:
+    """After the last step: the stage's report and samples, the loss plot, summary.json."""
     if setup.finish is not None:
         setup.finish(ctx, summary)
     if main:
@@ -396,7 +411,22 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
             merge_json(os.path.join(run_dir, "summary.json"), summary)
         except OSError as e:
             log(f"WARNING: could not write the loss plot or summary.json ({e}); the checkpoints are complete")
-    return summary
+
+
+def _stop_between_steps(e: "interrupt.Interrupted", ctx: Context, saver: _Checkpoints, data_state,
+                        ckpt: Checkpointer) -> str:
+    """A signal while waiting for the next batch: save the last step's state if it is not
+    saved yet (with the data position after its batch), and say so."""
+    ckpt.wait()
+    where = f"received {e.name} while {e.phase}"
+    if saver.saved_step != ctx.step and int(ctx.state.bad_streak) == 0 and jax.process_count() == 1:
+        # (several processes would each stop at their own step: they keep the last periodic save)
+        saver.save(ctx, {}, data_state=data_state)
+        ckpt.wait()
+    if saver.saved_step == ctx.step and ctx.step in ckpt.steps():
+        return f"{where}: saved the checkpoint of step {ctx.step} in {ckpt.dir}; run the same command again to resume"
+    return (f"{where} after step {ctx.step}, which is not saved: the run resumes from its checkpoints "
+            f"{ckpt.steps()}; run the same command again to continue")
 
 
 def _count(tree) -> int:
@@ -406,8 +436,8 @@ def _count(tree) -> int:
 def _frozen(engine: Engine, init_params: Callable | None) -> dict:
     """The frozen inputs of a resumed run, rebuilt from where it started."""
     if init_params is None:
-        raise ValueError(f"this run needs the model it started from ({', '.join(engine.frozen_names)}): set "
-                         "trainer.init_from to the run or Hugging Face folder it was started from")
+        raise ConfigError(f"this run needs the model it started from ({', '.join(engine.frozen_names)}): set "
+                          "trainer.init_from to the run or Hugging Face folder it was started from")
     params = jax.device_put(init_params(), engine.param_sharding)
     return {name: params for name in engine.frozen_names}
 

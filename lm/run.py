@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import jax
 
+from data_pipeline.errors import NotFound
 from lm.config import Config, MeshConfig, from_dict
 
 
@@ -39,7 +40,7 @@ def load_run(run_dir: str, single_device: bool = True, log: Callable = print, st
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); train one with `lm train`")
+        raise NotFound(f"{run_dir} is not a run directory (no config.json); train one with `lm train`")
     with open(path) as f:
         cfg = from_dict(json.load(f))
     devices = jax.devices()[:1] if single_device else jax.devices()

@@ -144,25 +144,37 @@ def fresh_start(run_dir: str, prepare: Callable[[], Any]) -> Any:
     run moved aside; delete the old run only if it succeeds, else restore it untouched."""
     if not os.path.isdir(run_dir) or not any(n != ".lock" for n in os.listdir(run_dir)):
         return prepare()
+    from lm import interrupt
+
     aside = os.path.join(run_dir, f".replaced-{os.getpid()}")
     os.makedirs(aside, exist_ok=True)
     moved = [n for n in os.listdir(run_dir) if n not in (".lock", os.path.basename(aside))]
-    for n in moved:
-        os.replace(os.path.join(run_dir, n), os.path.join(aside, n))
-    try:
-        out = prepare()
-    except BaseException:
+
+    def put_back():
         for n in os.listdir(run_dir):  # what prepare() wrote: gone
             target = os.path.join(run_dir, n)
-            if n in (".lock", os.path.basename(aside)):
+            if n in (".lock", os.path.basename(aside)) or n in moved and not os.path.exists(os.path.join(aside, n)):
                 continue
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
             else:
                 os.remove(target)
         for n in moved:
-            os.replace(os.path.join(aside, n), os.path.join(run_dir, n))
+            if os.path.exists(os.path.join(aside, n)):
+                os.replace(os.path.join(aside, n), os.path.join(run_dir, n))
         shutil.rmtree(aside, ignore_errors=True)
+
+    # A signal during the moves waits for them; one that must end the process while
+    # prepare() is stuck (see lm/interrupt.py) puts the old run back first.
+    with interrupt.deferred():
+        for n in moved:
+            os.replace(os.path.join(run_dir, n), os.path.join(aside, n))
+    try:
+        with interrupt.on_forced_exit(put_back):
+            out = prepare()
+    except BaseException:
+        with interrupt.deferred():
+            put_back()
         raise
     shutil.rmtree(aside, ignore_errors=True)
     return out

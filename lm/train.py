@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from lm import interrupt
 from lm.config import Config
 from lm.loop import evaluate, run, write_config  # noqa: F401  (evaluate: re-exported)
 from lm.rundir import RunDirError, RunLock, check_continuable, fresh_start
@@ -39,7 +40,8 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
         mesh = make_mesh(cfg.mesh)
 
         def prepare():
-            return stages.get(cfg.stage).setup(cfg, run_dir, mesh, log)
+            with interrupt.during("preparing the data and tokenizer"):
+                return stages.get(cfg.stage).setup(cfg, run_dir, mesh, log)
 
         setup = fresh_start(run_dir, prepare) if not resume and main else prepare()
         write_config(cfg, run_dir)

@@ -134,3 +134,50 @@ def test_tokenizer_training_failures_are_one_line_errors(tmp_path, content, voca
                      "--out", str(tmp_path / "tok")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lm: error:") and "\n" not in err
+
+
+def test_user_errors_are_one_type_caught_in_one_place(monkeypatch, capsys):
+    """Every error a user can fix is a `UserError`, whichever module raises it; the CLI turns
+    it into one line and exit code 2 in one place, and keeps the traceback of anything else."""
+    import ast
+    import glob
+
+    import lm.cli
+    from data_pipeline.chat import ChatFormatError
+    from data_pipeline.errors import NotFound, UserError
+    from data_pipeline.sources import DataError
+    from lm.interop.hf import HFFormatError
+    from lm.rundir import RunDirError
+
+    for cls in (ConfigError, DataError, ChatFormatError, NotFound, RunDirError, HFFormatError):
+        assert issubclass(cls, UserError), cls
+    assert issubclass(NotFound, FileNotFoundError) and issubclass(DataError, ValueError)
+
+    def missing(args):
+        raise NotFound("the thing is missing; make it first")
+
+    monkeypatch.setattr(lm.cli, "cmd_info", missing)
+    assert cli_main(["info", "pretrain_tiny"]) == 2
+    assert capsys.readouterr().err == "lm: error: the thing is missing; make it first\n"
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(lm.cli, "cmd_info", bug)
+    with pytest.raises(KeyError):  # not a user error: the traceback stays
+        cli_main(["info", "pretrain_tiny"])
+    assert cli_main(["tokenizer", "train", "--vocab-size", "300"]) == 2  # no --source
+    assert "give --source" in capsys.readouterr().err
+
+    # one place: "lm: error:" is printed by a single handler, the one for UserError
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "lm", "cli.py")).read())
+    printing = [h for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and "lm: error" in ast.unparse(h)]
+    assert [ast.unparse(h.type) for h in printing] == ["UserError"]
+    assert ast.unparse(tree).count("lm: error") == 1
+    # and data_pipeline, which defines it, never imports lm
+    for path in glob.glob(os.path.join(root, "data_pipeline", "*.py")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not [n for n in names if n == "lm" or n.startswith("lm.")], (path, names)

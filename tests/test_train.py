@@ -54,6 +54,31 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_an_update_that_would_poison_the_state_is_skipped():
+    """The step checks the *updated* state, not only the loss and gradients: optimiser
+    moments holding NaN or 3e38 must not reach the parameters (nor be kept as moments)."""
+    cfg = Config(model=dataclasses.replace(MODEL, n_layers=1), mesh=ONE,
+                 optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+                 data=DataConfig(corpus="synthetic", seq_len=32, batch_size=8), trainer=TrainerConfig(steps=3))
+    tr = make_trainer(cfg, make_mesh(ONE, jax.devices()[:1]))
+    step = tr.compile_train_step()
+    batches = [global_batch(b, tr.batch_sharding) for b, _ in zip(synthetic_batches(128, 32, 8, seed=1), range(2))]
+    state, _ = step(tr.init_state(0)[0], batches[0])  # a good step first
+    good = jax.device_get(state)
+    # one value of one of Adam's moments: NaN in the second, 3e38 in the first
+    for moment, value in (("nu", np.nan), ("mu", 3e38)):
+        state = jax.tree.map(np.copy, good)
+        for path, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+            if any(getattr(k, "name", None) == moment for k in path) and "wq" in jax.tree_util.keystr(path):
+                x.reshape(-1)[0] = value
+        state = jax.device_put(state, tr.state_sharding)
+        state, metrics = step(state, batches[1])
+        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))  # only the update
+        assert int(metrics["skipped"]) == 1 and int(state.skipped) == 1 and int(state.bad_streak) == 1, moment
+        for a, b in zip(jax.tree.leaves(good.params), jax.tree.leaves(jax.device_get(state.params))):
+            np.testing.assert_array_equal(a, b)  # the old parameters, kept
+
+
 def test_schedules():
     cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
     cos = schedule(cfg, 100)

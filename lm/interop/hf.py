@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.errors import NotFound
 from lm.config import ConfigError, ModelConfig
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I64": np.int64, "I32": np.int32}
@@ -104,7 +105,7 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
                  bos_id: int = 2, eos_id: int = 3, pad_id: int = 0) -> str:
     """Write a Hugging Face LLaMA checkpoint of `params` (a pure dict or nnx.State)."""
     if cfg.qk_norm:
-        raise ValueError("LLaMA has no qk-norm: a model trained with model.qk_norm=true cannot be exported as LLaMA")
+        raise ConfigError("LLaMA has no qk-norm: a model trained with model.qk_norm=true cannot be exported as LLaMA")
     p = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
     p = _to_numpy(p)
     d, n, k, h, f, v, layers = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff,
@@ -367,7 +368,7 @@ def _import_llama(hf_dir: str) -> tuple[ModelConfig, dict]:
     t = {}
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"{hf_dir}: no .safetensors files (PyTorch .bin checkpoints are not read)")
+        raise NotFound(f"{hf_dir}: no .safetensors files (PyTorch .bin checkpoints are not read)")
     for name in files:
         t.update(load_safetensors(os.path.join(hf_dir, name)))
 
