@@ -54,7 +54,7 @@ def _conversations(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_run(tmp_path_factory):
     """A briefly pretrained base run (with a tokenizer that has the chat role tokens) and chat data."""
     from lm import experiment
