@@ -409,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
+    code = _run(args)
+    if argv is None and args.command == "train":  # this process is `lm train`
+        _leave_without_stragglers(code)
+    return code
+
+
+def _run(args) -> int:
     try:
         return args.fn(args)
     except UserError as e:  # the one place user errors end: one line, exit code 2
@@ -417,3 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C in the other commands (lm train: see cmd_train)
         print("lm: interrupted", file=sys.stderr)
         return 130
+
+
+def _leave_without_stragglers(code: int, wait_s: float = 10.0) -> None:
+    """Python waits at exit for every non-daemon thread: one of a data source's reader
+    threads stuck in a read that hangs (the run ended with an error) would keep `lm train`
+    alive for ever. Give them `wait_s` seconds, then leave without them."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + wait_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        _exit_now(None, code)

@@ -124,6 +124,9 @@ def _truncate_metrics(run_dir: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+_READ_NOW = object()  # (a data state to read when saving)
+
+
 class _Checkpoints(Hook):
     """Save every `trainer.checkpoint_every` steps and/or `checkpoint_minutes`, after the last
     step and on preemption; never a state whose last step was skipped as non-finite."""
@@ -139,11 +142,11 @@ class _Checkpoints(Hook):
         late = self.minutes and time.time() - self.last_time > 60 * self.minutes
         return super().due(ctx) or bool(late) or ctx.preempted is not None
 
-    def save(self, ctx, m: dict, data_state: Any = "now") -> None:
+    def save(self, ctx, m: dict, data_state: Any = _READ_NOW) -> None:
         """Save the state of step `ctx.step`, with the data position after its batch (read
         now unless given: a data wait interrupted after it may have moved the iterator)."""
         if int(ctx.state.bad_streak) == 0:
-            if data_state == "now":
+            if data_state is _READ_NOW:
                 data_state = _data_state(self.data)
             if self.ckpt.save(ctx.step, ctx.state, data_state, self.meta,
                               {"eval_loss": m["eval_loss"]} if "eval_loss" in m else None):
@@ -222,8 +225,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
         state, data_state, saved_meta, start = restored
         if saved_meta.get("tokenizer_sha256") != meta.get("tokenizer_sha256"):
             raise ConfigError(f"the checkpoint at step {start} was trained with another tokenizer than "
-                             f"{run_dir}/tokenizer.model (vocabulary {saved_meta.get('vocab_size')}); "
-                             "restore the run's tokenizer, or start afresh with --fresh")
+                              f"{run_dir}/tokenizer.model (vocabulary {saved_meta.get('vocab_size')}); "
+                              "restore the run's tokenizer, or start afresh with --fresh")
         meta["init_from"] = saved_meta.get("init_from")  # the run's own origin, not today's config
         frozen = _frozen(engine, setup.init_params) if engine.frozen_names else {}
         if data_state:

@@ -239,9 +239,9 @@ STALL_SETS = ("trainer.steps=40", "data.batch_size=64")
 
 @pytest.fixture(scope="module")
 def stalled(experiment, tmp_path_factory):
-    """A run whose data source stops answering mid-run (its files become FIFOs nobody writes,
-    as on a hung file system), then SIGTERM: (experiment copy, run dir, output, seconds to
-    exit, exit code). The source files are real again afterwards."""
+    """A run whose data source stops answering mid-run (its files become FIFOs nobody writes:
+    opening one blocks, as a read on a hung file system does), then SIGTERM: (experiment
+    copy, run dir, output, seconds to exit, exit code). The files are real again after."""
     d = tmp_path_factory.mktemp("stalled")
     for name in ("a.jsonl", "b.txt", "sp.model", "resilience.py"):
         shutil.copy(os.path.join(os.path.dirname(experiment), name), d / name)
@@ -249,33 +249,30 @@ def stalled(experiment, tmp_path_factory):
     exp.write_text(exp.read_text().replace(os.path.dirname(experiment), str(d)))
     run = d / "run"
     p = _Watched(_cmd(str(exp), run, *STALL_SETS))
-    p.wait_for("compiling the train step")  # start-up has read what it needs
     sources = [str(d / "a.jsonl"), str(d / "b.txt")]
-    for path in sources:  # from now on, every read of a document blocks
-        os.rename(path, path + ".real")
-        os.mkfifo(path)
-    writers = []
     try:
-        t0 = time.time()
-        while not writers:  # a reader is stuck on a FIFO (held open, it stays stuck in read())
-            assert p.proc.poll() is None and time.time() - t0 < 120, p.out
-            writers = [w for w in map(_reader_of, sources) if w is not None]
-            time.sleep(0.05)
+        p.wait_for("compiling the train step")  # start-up has read what it needs
+        for path in sources:  # from now on, every read of a document blocks
+            os.rename(path, path + ".real")
+            os.mkfifo(path)
+        _wait_for_lines(run, 1, p.proc)
         logged, t0 = -1, time.time()
         while True:  # the steps stop: the read-ahead is used up and the loop waits for data
-            n = len(open(run / "metrics.jsonl").readlines()) if os.path.exists(run / "metrics.jsonl") else 0
-            if n == logged and time.time() - t0 > 2:
+            n = len(open(run / "metrics.jsonl").readlines())
+            if n == logged and time.time() - t0 > 3:
                 break
             if n != logged:
                 logged, t0 = n, time.time()
             assert p.proc.poll() is None, p.out
             time.sleep(0.1)
+        assert 0 < logged < 40, p.out
         elapsed = p.stop(signal.SIGTERM)
     finally:
-        for w in writers:
-            os.close(w)
+        if p.proc.poll() is None:
+            p.proc.kill()
         for path in sources:
-            os.replace(path + ".real", path)
+            if os.path.exists(path + ".real"):
+                os.replace(path + ".real", path)
     return exp, run, p.out, elapsed, p.proc.returncode
 
 
