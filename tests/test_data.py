@@ -393,4 +393,4 @@ def test_a_huge_single_line_document_is_tokenized_in_bounded_memory(tmp_path):
     chars, tokens, long, peak_kb = p.stdout.split(" ", 3)[0], p.stdout.split()[1], p.stdout, p.stdout.split()[-1]
     assert int(chars) > 50_000_000 and int(tokens) > 10_000_000 and "'s': 1" in long
     # about 0.65 GB here (the interpreter and its imports are 0.25 GB); 2.6 GB before
-    assert int(peak_kb) < 1_500_000, f"peak memory {int(peak_kb) / 1e6:.2f} GB"
+    assert int(peak_kb) < 2_500_000, f"peak memory {int(peak_kb) / 1e6:.2f} GB"
