@@ -87,6 +87,7 @@ def reference(reference_run):
     return _losses(reference_run)[1]
 
 
+@pytest.mark.slow  # make test-all / CI's slow phase
 def test_sigkill_at_three_points_then_resume_gives_bit_identical_losses(experiment, reference, tmp_path):
     run = tmp_path / "run"
     for kill_after in (3, 7, 12):
@@ -276,6 +277,7 @@ def stalled(experiment, tmp_path_factory):
     return exp, run, p.out, elapsed, p.proc.returncode
 
 
+@pytest.mark.slow  # make test-all / CI's slow phase
 def test_sigterm_while_waiting_for_data_ends_at_once_and_saves_the_last_step(stalled):
     exp, run, out, elapsed, code = stalled
     assert code == 0 and elapsed < 15, (elapsed, out[-3000:])
@@ -348,6 +350,7 @@ def _saved_params(step_dir) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(tree["params"])]
 
 
+@pytest.mark.slow  # make test-all / CI's slow phase
 def test_a_huge_learning_rate_never_saves_absurd_parameters_and_the_last_good_checkpoint_resumes(tmp_path):
     """lr=1e30 once wrote parameters of magnitude 1e28-1e30 into a checkpoint that looked good
     (finite): the step now refuses such an update, so no checkpoint (kept or set aside) holds

@@ -197,6 +197,7 @@ def test_dpo_family_trains_and_raises_the_preference(base_run, tmp_path, loss_na
     assert s["heldout_logp_margin"] > s["base_heldout_logp_margin"]
 
 
+@pytest.mark.slow  # make test-all / CI's slow phase
 def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
     from lm.train import train
 
