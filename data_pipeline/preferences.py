@@ -136,7 +136,7 @@ def render_pair(tokenizer: Tokenizer, pair: dict, seq_len: int) -> tuple[dict, b
     """A pair -> (example of two rows of `seq_len`, truncated?). ValueError if it cannot fit."""
     prompt = chat.generation_prompt(tokenizer, pair["prompt"])
     if len(prompt) > seq_len - 2:
-        raise ValueError(f"the prompt alone has {len(prompt)} tokens, too long for rows of {seq_len}")
+        raise ValueError(f"the prompt alone is too long for rows of {seq_len} tokens")  # no count: reasons group
     rows, cut = [], False
     for reply in (pair["chosen"], pair["rejected"]):
         ids, mask = chat.render(tokenizer, pair["prompt"] + [{"role": "assistant", "content": reply}])

@@ -97,7 +97,7 @@ def test_rendered_pair_masks_the_last_reply_only(base_run):  # noqa: F811
         assert supervised[-1] == chat_token_ids(tok)["end"]
     ex, cut = P.render_pair(tok, pair, len(prompt) + 3)
     assert cut and ex["loss_mask"][0].sum() == 3  # the row ends 3 tokens into the reply
-    with pytest.raises(ValueError, match="prompt alone"):
+    with pytest.raises(ValueError, match="prompt alone is too long"):
         P.render_pair(tok, pair, len(prompt) + 1)
 
 
