@@ -26,6 +26,6 @@ def config() -> Config:
         optim=OptimConfig(lr=1e-4, warmup_steps=10, schedule="cosine", weight_decay=0.0),
         data=DataConfig(corpus="sources", seq_len=256, batch_size=16, sources=(
             SourceConfig(name="hh", kind="preference", paths=(HH,), chat_format="hh", heldout_fraction=0.1),)),
-        trainer=TrainerConfig(steps=200, log_every=10, eval_every=100, eval_batches=14, checkpoint_every=100,
+        trainer=TrainerConfig(steps=120, log_every=10, eval_every=60, eval_batches=14, checkpoint_every=60,
                               init_from="runs/sft_tiny", num_samples=0),
     )
