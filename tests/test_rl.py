@@ -185,7 +185,8 @@ def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path):
                             stderr=subprocess.DEVNULL)
     t0, path = time.time(), run / "metrics.jsonl"
     while time.time() - t0 < 400 and proc.poll() is None:
-        if path.exists() and sum(1 for _ in open(path)) >= 5:  # past the checkpoint of step 3, mid rollout batch
+        # the checkpoint of step 3 is written (its rollout batch has one more update to give)
+        if (run / "checkpoints" / "3").is_dir() and path.exists() and sum(1 for _ in open(path)) >= 4:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
