@@ -147,7 +147,6 @@ def fresh_start(run_dir: str, prepare: Callable[[], Any]) -> Any:
     from lm import interrupt
 
     aside = os.path.join(run_dir, f".replaced-{os.getpid()}")
-    os.makedirs(aside, exist_ok=True)
     moved = [n for n in os.listdir(run_dir) if n not in (".lock", os.path.basename(aside))]
 
     def put_back():
@@ -166,10 +165,11 @@ def fresh_start(run_dir: str, prepare: Callable[[], Any]) -> Any:
 
     # A signal during the moves waits for them; one that must end the process while
     # prepare() is stuck (see lm/interrupt.py) puts the old run back first.
-    with interrupt.deferred():
-        for n in moved:
-            os.replace(os.path.join(run_dir, n), os.path.join(aside, n))
     try:
+        with interrupt.deferred():
+            os.makedirs(aside, exist_ok=True)
+            for n in moved:
+                os.replace(os.path.join(run_dir, n), os.path.join(aside, n))
         with interrupt.on_forced_exit(put_back):
             out = prepare()
     except BaseException:

@@ -277,7 +277,7 @@ def stalled(experiment, tmp_path_factory):
     return exp, run, p.out, elapsed, p.proc.returncode
 
 
-@pytest.mark.slow  # make test-all / CI's slow phase
+@pytest.mark.slow  # ~20 s (a run that must use up grain's read-ahead); run by .ci/run after make test
 def test_sigterm_while_waiting_for_data_ends_at_once_and_saves_the_last_step(stalled):
     exp, run, out, elapsed, code = stalled
     assert code == 0 and elapsed < 15, (elapsed, out[-3000:])
