@@ -64,7 +64,7 @@ def _samples(out, task):
              **{m: s[m] for m in ("acc", "acc_norm", "perplexity") if m in s}} for s in rows]
 
 
-@pytest.fixture(scope="module", params=[pytest.param(12, id="12-items"),
+@pytest.fixture(scope="module", params=[pytest.param(12, id="12-items", marks=pytest.mark.slow),
                                         pytest.param(N_ITEMS, id=f"{N_ITEMS}-items", marks=pytest.mark.slow)])
 def world(request, tmp_path_factory):
     import jax
