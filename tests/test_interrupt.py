@@ -29,6 +29,9 @@ def test_the_watchdog_ends_a_process_whose_main_thread_is_stuck_in_native_code(t
         "        print('ready', flush=True)\n"
         "        time.sleep(60)\n")
     assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # into time.sleep: a signal now finds no Python code running in the main thread
+    while open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "S":
+        time.sleep(0.05)
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=30)
