@@ -133,6 +133,10 @@ class PreferenceConfig:
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term
     margin: float = 0.0  # reward model: a margin the chosen reward must beat the rejected one by
+    # DPO/IPO: the reference's log-probabilities computed "online" in every step (a frozen copy of
+    # the weights, or the LoRA base), or "precomputed" once before training over every training and
+    # held-out pair and kept in the run directory (reference_logps.npz): no second copy in memory
+    reference: Literal["online", "precomputed"] = "online"
 
 
 @dataclasses.dataclass(frozen=True)
