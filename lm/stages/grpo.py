@@ -163,9 +163,9 @@ class RolloutData:
                      for order in [rng.permutation(len(idx)) if rl.minibatches > 1 else np.arange(len(idx))]
                      for i in range(0, len(idx), b)]
         groups = rewards.reshape(-1, g)
-        self._metrics = {"reward": float(rewards.mean()), "reward_std": float(groups.std(axis=1).mean()),
-                         "groups_all_same": float((groups.std(axis=1) == 0).mean()),
-                         "response_length": float(count.mean()), **extra,
+        spread = {"reward_std": float(groups.std(axis=1).mean()),
+                  "groups_all_same": float((groups.std(axis=1) == 0).mean())} if g > 1 else {}
+        self._metrics = {"reward": float(rewards.mean()), **spread, "response_length": float(count.mean()), **extra,
                          "rollout_s": t1 - t0, "reward_s": t2 - t1, "score_s": time.perf_counter() - t2}
         self.rollouts += 1
 
