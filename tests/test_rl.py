@@ -153,9 +153,11 @@ def config():
 
 
 @pytest.mark.slow
-def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path):
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path, stage):
     """Rollouts resume exactly: the sampling keys derive from the rollout count, and a rollout
-    batch still in use (updates_per_rollout=2) is saved with the data state."""
+    batch still in use (updates_per_rollout=2) is saved with the data state (with PPO: in
+    minibatches, and the adaptive KL coefficient too)."""
     import json
     import os
     import signal
@@ -170,12 +172,15 @@ def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path):
     base_exp = write_experiment(tmp_path, BASE, "base")
     train(experiment.load(base_exp), str(tmp_path / "base"), progress=False, **QUIET)
     exp = tmp_path / "grpo_exp.py"
-    exp.write_text(GRPO_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)), exp=base_exp,
-                                          run=str(tmp_path / "base")))
+    template = GRPO_EXPERIMENT if stage == "grpo" else PPO_EXPERIMENT.replace("{steps}", "9").replace(
+        "{eval_every}", "0")
+    exp.write_text(template.format(tests=os.path.dirname(os.path.abspath(__file__)), exp=base_exp,
+                                   run=str(tmp_path / "base")))
 
     def steps(run):
         rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-        return [(r["step"], r["loss"], r["reward"], r["response_length"]) for r in rows if "loss" in r]
+        return [(r["step"], r["loss"], r["reward"], r["response_length"], r.get("kl_coef")) for r in rows
+                if "loss" in r]
 
     ref = tmp_path / "ref"
     p = subprocess.run(train_cmd(str(exp), ref), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
