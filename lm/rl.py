@@ -79,6 +79,16 @@ def normalise(per_token, mask, how: str, max_new: int):
     return (per_token * mask).sum() / (rows * max_new), rows
 
 
+def policy_stats(logits, logp, old_logp, clipped, mask, temperature: float) -> dict:
+    """Means over the completion tokens: clip fraction, entropy at the sampling temperature,
+    importance ratio."""
+    n = jnp.maximum(mask.sum(), 1.0)
+    scaled = logits / temperature
+    entropy = -(jax.nn.softmax(scaled, axis=-1) * jax.nn.log_softmax(scaled, axis=-1)).sum(-1)
+    return {"clip_fraction": (clipped * mask).sum() / n, "entropy": (entropy * mask).sum() / n,
+            "ratio": (jnp.exp(logp - old_logp) * mask).sum() / n}
+
+
 class GRPOObjective:
     name = "grpo"
     batch_axes = {**{k: TOKENS for k in KEYS}, "advantages": ("batch",)}
@@ -107,11 +117,8 @@ class GRPOObjective:
             per = pg + rl.beta * kl
             aux["kl"] = (kl * mask).sum() / n
         loss, weight = normalise(per, mask, rl.loss_norm, rl.max_new)
-        scaled = logits / rl.temperature
-        probs = jax.nn.softmax(scaled, axis=-1)
-        entropy = -(probs * jax.nn.log_softmax(scaled, axis=-1)).sum(-1)
-        aux.update(loss=loss, clip_fraction=(clipped * mask).sum() / n, entropy=(entropy * mask).sum() / n,
-                   ratio=(jnp.exp(logp - batch["old_logps"]) * mask).sum() / n, weight=weight)
+        aux.update(loss=loss, weight=weight, **policy_stats(logits, logp, batch["old_logps"], clipped, mask,
+                                                            rl.temperature))
         return loss, aux
 
 
@@ -201,11 +208,7 @@ class PPOObjective:
             per = per + rl.beta * kl
             aux["kl_loss"] = (kl * mask).sum() / n
         loss, weight = normalise(per, mask, rl.loss_norm, rl.max_new)
-        scaled = logits / rl.temperature
-        probs = jax.nn.softmax(scaled, axis=-1)
-        entropy = -(probs * jax.nn.log_softmax(scaled, axis=-1)).sum(-1)
         aux.update(loss=loss, pg_loss=(pg * mask).sum() / n, value_loss=(vf * mask).sum() / n,
-                   clip_fraction=(clipped * mask).sum() / n, value_clip_fraction=(value_clipped * mask).sum() / n,
-                   entropy=(entropy * mask).sum() / n, ratio=(jnp.exp(logp - batch["old_logps"]) * mask).sum() / n,
-                   weight=weight)
+                   value_clip_fraction=(value_clipped * mask).sum() / n, weight=weight,
+                   **policy_stats(logits, logp, batch["old_logps"], clipped, mask, rl.temperature))
         return loss, aux
