@@ -332,3 +332,24 @@ def test_ppo_trains_with_minibatches_and_an_adaptive_kl(base_run, tmp_path):  # 
 
 
 from test_sft import base_run  # noqa: E402, F401 (a fixture: a briefly pretrained run with chat tokens)
+
+
+@pytest.mark.slow
+def test_ppo_with_a_reward_model_run(base_run, tmp_path):  # noqa: F811
+    """rl.reward = "run:DIR": the reward model scores each reply (batched), and the held-out
+    metric is its mean score of greedy replies."""
+    import os
+
+    from lm import experiment
+    from lm.train import train
+    from test_preference import pair_file, pref_config
+
+    rcfg = pref_config(base_run, "reward", pair_file(tmp_path / "p.jsonl", 60))
+    train(rcfg, str(tmp_path / "rm"), progress=False, **QUIET)
+    exp = tmp_path / "ppo_exp.py"
+    exp.write_text(PPO_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                         exp=str(base_run["dir"] / "base.py"), run=base_run["run"], steps=2,
+                                         eval_every=0).replace('task="arith",', f'task="arith", reward="run:{tmp_path / "rm"}",'))
+    s = train(experiment.load(str(exp)), str(tmp_path / "ppo"), progress=False, **QUIET)
+    assert np.isfinite(s["heldout_reward"]) and np.isfinite(s["base_heldout_reward"])
+    assert "heldout_pass_at_1" not in s

@@ -141,8 +141,9 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
         end = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn)
         start = pass_at_1(engine.graphdef, jax.device_put(loader(), engine.param_sharding), held, reward_fn)
         summary.update({f"heldout_{key}": end, f"base_heldout_{key}": start})
-        log(f"held-out {metric} on {len(held.items)} {rl.task} prompts (greedy): {start:.1%} before -> "
-            f"{end:.1%} after")
+        fmt = "{:.1%}" if key == "pass_at_1" else "{:.3f}"
+        log(f"held-out {metric} on {len(held.items)} {rl.task} prompts (greedy): {fmt.format(start)} before -> "
+            f"{fmt.format(end)} after")
         path = plot_metrics(ctx.run_dir, {"reward": "mean reward (rollouts)", metric: f"held-out {metric}",
                                           "kl": "KL to the reference (per sequence)", "value_loss": "value loss",
                                           "entropy": "entropy"}, "rl.png")
