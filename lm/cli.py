@@ -111,7 +111,7 @@ def cmd_info(args) -> int:
 def cmd_compare(args) -> int:
     from lm.compare import compare
 
-    text, png = compare(args.run_dirs, args.out, args.metric)
+    text, png = compare(args.run_dirs, args.out, args.metric, args.clock)
     print(text)
     print(f"plot: {png}")
     return 0
@@ -417,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     cp.add_argument("--out", default="compare.png", help="the PNG to write (default compare.png)")
     cp.add_argument("--metric", default="eval_loss", help="the held-out metric to plot (default eval_loss)")
+    cp.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="time axis: wall-clock, or the process's CPU time (for runs on a shared, busy machine)")
     cp.set_defaults(fn=cmd_compare)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")

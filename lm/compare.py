@@ -6,7 +6,8 @@ Each run directory gives its metrics (metrics.jsonl: `eval_loss` at each evaluat
 compilation and evaluation) and its config (config.json: tokens per step). A resumed run's
 clock restarts with each process: the segments are joined end to end. The table gives,
 per run, the last evaluation, the time it took, and the held-out loss each run had reached
-by the time the fastest run finished (the comparison at equal wall-clock).
+by the time the fastest run finished (the comparison at equal wall-clock; `--clock cpu`
+compares at equal CPU time instead, for runs that shared a busy machine unevenly).
 """
 
 from __future__ import annotations
@@ -54,16 +55,20 @@ class Curve:
             raise UserError(f"{run_dir} has no {metric!r} in its metrics: it was never evaluated "
                             "(set trainer.eval_every, or let it finish)")
 
-    def at_wall(self, seconds: float) -> float:
-        """The last evaluation's loss at or before `seconds` of wall-clock (nan: none yet)."""
-        done = [loss for w, loss in zip(self.wall, self.loss) if w <= seconds + 1e-6]
+    def time(self, clock: str = "wall") -> list[float]:
+        return self.cpu if clock == "cpu" else self.wall
+
+    def at(self, seconds: float, clock: str = "wall") -> float:
+        """The last evaluation's loss at or before `seconds` of `clock` (nan: none yet)."""
+        done = [loss for w, loss in zip(self.time(clock), self.loss) if w <= seconds + 1e-6]
         return done[-1] if done else float("nan")
 
 
-def table(curves: Sequence[Curve]) -> str:
+def table(curves: Sequence[Curve], clock: str = "wall") -> str:
     """One line per run: last step, tokens, wall/CPU seconds, held-out loss (and nats per
-    byte where bits per byte are known), and the loss at the fastest run's wall-clock."""
-    walls = [c.wall[-1] for c in curves if math.isfinite(c.wall[-1])]
+    byte where bits per byte are known), and the loss at the fastest run's time (`clock`:
+    "wall", or "cpu" where other work shared the machine unevenly)."""
+    walls = [c.time(clock)[-1] for c in curves if math.isfinite(c.time(clock)[-1])]
     equal = min(walls) if walls else float("nan")
     width = max(len(c.name) for c in curves)
     head = (f"{'run':<{width}}  {'step':>6}  {'tokens':>10}  {'wall s':>7}  {'cpu s':>7}  {'held-out':>8}  "
@@ -72,11 +77,11 @@ def table(curves: Sequence[Curve]) -> str:
     for c in curves:
         npb = c.bpb[-1] * math.log(2)
         lines.append(f"{c.name:<{width}}  {c.steps[-1]:>6}  {c.tokens[-1]:>10,}  {c.wall[-1]:>7.0f}  {c.cpu[-1]:>7.0f}  "
-                     f"{c.loss[-1]:>8.4f}  {npb:>6.3f}  {c.at_wall(equal):>8.4f}")
+                     f"{c.loss[-1]:>8.4f}  {npb:>6.3f}  {c.at(equal, clock):>8.4f}")
     return "\n".join(lines)
 
 
-def plot(curves: Sequence[Curve], out: str, metric: str = "eval_loss") -> str:
+def plot(curves: Sequence[Curve], out: str, metric: str = "eval_loss", clock: str = "wall") -> str:
     """Held-out loss against steps, tokens and wall-clock seconds: three panels, one PNG."""
     import matplotlib
 
@@ -85,9 +90,9 @@ def plot(curves: Sequence[Curve], out: str, metric: str = "eval_loss") -> str:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110, sharey=True)
     for c in curves:
-        for ax, xs in zip(axes, (c.steps, c.tokens, c.wall)):
+        for ax, xs in zip(axes, (c.steps, c.tokens, c.time(clock))):
             ax.plot(xs, c.loss, "o-" if len(xs) < 30 else "-", ms=3, lw=1.4, label=c.name)
-    for ax, label in zip(axes, ("step", "training tokens", "wall-clock seconds (all included)")):
+    for ax, label in zip(axes, ("step", "training tokens", f"{clock} seconds (all included)")):
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"held-out {metric.removeprefix('eval_')}")
@@ -99,9 +104,12 @@ def plot(curves: Sequence[Curve], out: str, metric: str = "eval_loss") -> str:
     return out
 
 
-def compare(run_dirs: Sequence[str], out: str = "compare.png", metric: str = "eval_loss") -> tuple[str, str]:
+def compare(run_dirs: Sequence[str], out: str = "compare.png", metric: str = "eval_loss",
+            clock: str = "wall") -> tuple[str, str]:
     """(the table, the PNG's path) of `run_dirs`."""
     if not run_dirs:
         raise UserError("lm compare needs at least one run directory")
+    if clock not in ("wall", "cpu"):
+        raise UserError(f"--clock {clock!r}: choose wall or cpu")
     curves = [Curve(d, metric) for d in run_dirs]
-    return table(curves), plot(curves, out, metric)
+    return table(curves, clock), plot(curves, out, metric, clock)

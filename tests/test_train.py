@@ -182,6 +182,10 @@ def test_lm_compare_plots_and_tabulates_runs_at_equal_steps_tokens_and_time(tmp_
     assert fast[1:4] == ["20", "640", "10"] and float(fast[5]) == 2.5 and float(fast[6]) == pytest.approx(0.693, abs=1e-3)
     assert slow[1:4] == ["30", "1,920", "17"] and float(slow[5]) == 2.2
     assert "@10s" in text and float(slow[-1]) == 2.8 and float(fast[-1]) == 2.5  # at the fast run's 10 s
+    # by CPU time the resumed run is the faster (8 + 9 s): the other has no evaluation by then
+    assert main(["compare", a, b, "--clock", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "@17s" in text and [line.split()[-1] for line in text.splitlines()[2:4]] == ["nan", "2.2000"]
     assert main(["compare", a, str(tmp_path / "missing")]) == 2
     assert "no run directory" in capsys.readouterr().err
     empty = fake_run("empty", [{"step": 10, "loss": 3.0}])
