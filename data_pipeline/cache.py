@@ -170,6 +170,12 @@ class TokenCache(DocumentSource):
     def __len__(self):
         return self.meta["num_docs"]
 
+    size_unit = "tokens"
+
+    def sizes(self):
+        """Tokens per document (exact: the offsets)."""
+        return np.concatenate([np.diff(o) for o in self._offsets])[: len(self)].astype(np.int64)
+
     def key(self, i):
         return f"{self.dir}#{i}"
 

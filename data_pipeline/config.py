@@ -24,6 +24,9 @@ class SourceConfig:
     doc_per: Literal["file", "block", "line"] = "file"  # text files: a document per ...
     validation_paths: tuple[str, ...] = ()  # explicit validation split (else heldout_fraction)
     heldout_fraction: float = 0.01  # documents held out by a hash of their location
+    # "hash": documents held out by a hash of their location; "tail" (text files): the last
+    # heldout_fraction of every file's bytes (nanoGPT's split: later plays of Shakespeare)
+    heldout_split: Literal["hash", "tail"] = "hash"
     # kind="chat": the record layout; "auto" detects it per record. alpaca: instruction/input/output;
     # messages: [{role, content}] (OpenAI style); sharegpt: conversations [{from, value}];
     # lima: conversations as a list of alternating user/assistant strings
@@ -43,6 +46,9 @@ class DataConfig:
     sources: tuple[SourceConfig, ...] = ()
     packing: Literal["concat", "first_fit"] = "concat"  # concatenate-and-split, or first-fit bins
     shuffle_rows: int = 256  # packed rows are shuffled within a window of this many (0: off)
+    # Documents longer than about this many tokens are cut into pieces of that size before the
+    # document-level shuffle, so a batch samples the whole corpus (-1: seq_len; 0: never cut)
+    chunk_tokens: int = -1
     strict: bool = False  # a bad record (malformed line, bad UTF-8, ...) raises instead of being counted
     seq_len: int = 256  # T
     batch_size: int = 8  # global batch, in sequences

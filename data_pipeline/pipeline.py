@@ -1,10 +1,19 @@
 """From documents to global batches, through grain.
 
-One straight road per source: documents -> (this process's share) -> shuffle per epoch
--> read and tokenize (BOS ... EOS) -> pack into rows of T+1 tokens (concatenate-and-split
-or first-fit) -> inputs, targets, segment ids, positions, loss mask. The sources' rows
-are then mixed by weight (deterministic given the seed), batched, prefetched in a
-background thread, and assembled into global jax.Arrays.
+One straight road per source: documents -> pieces of about a row each -> (this process's
+share) -> shuffle per epoch -> read and tokenize (BOS ... EOS) -> pack into rows of T+1
+tokens (concatenate-and-split or first-fit) -> inputs, targets, segment ids, positions,
+loss mask. The sources' rows are then mixed by weight (deterministic given the seed),
+batched, prefetched in a background thread, and assembled into global jax.Arrays.
+
+Long documents are cut into row-sized pieces *before* the shuffle (`data.chunk_tokens`,
+sources.Pieces): a standard-library file can fill hundreds of rows, and shuffled whole it
+would fill many consecutive batches by itself (the training loss then swings with the
+document at hand). Cut first, every batch is a sample of the whole corpus. A piece is a
+segment of its own (attention and targets never cross it); only a document's first
+piece starts with BOS and only its last ends with EOS. Each row carries the document of
+each of its segments (`doc_ids`), and `RunData.metrics()` reports how many distinct
+documents a batch holds and the largest share of its tokens one document supplies.
 
 Every stage is a grain dataset, so the iterator's position is a small dict
 (`RunData.get_state()`) that a checkpoint stores; after `set_state` the next batch is
@@ -25,11 +34,11 @@ import grain
 import numpy as np
 
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import DataError, DocumentSource, Record, open_source, source_configs
+from data_pipeline.sources import DataError, DocumentSource, Pieces, Record, open_source, source_configs
 from data_pipeline.synthetic import synthetic_batches
 from data_pipeline.tokenizer import Tokenizer, tokenizer_for_run
 
-__all__ = ["DataError", "RunData", "global_batch", "synthetic_batches", "unigram_entropy"]
+__all__ = ["DataError", "RunData", "batch_diversity", "global_batch", "synthetic_batches", "unigram_entropy"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,8 +133,13 @@ class Tokenize(grain.transforms.Map):
         self._tok = None
 
     def map(self, record: Record):
+        out = self._tokens(record)
+        # the document (1-based: 0 pads), a meta feature of the packed rows
+        return {"tokens": out, "doc": np.int32(record.doc + 1)}
+
+    def _tokens(self, record: Record) -> np.ndarray:
         if record.tokens is not None:  # pre-tokenised (data_pipeline/cache.py)
-            return {"tokens": np.asarray(record.tokens, np.int32)}
+            return np.asarray(record.tokens, np.int32)
         if self._tok is None:  # opened lazily: grain workers build their own
             self._tok = Tokenizer(self.tokenizer_path)
         if record.text is None:
@@ -139,19 +153,19 @@ class Tokenize(grain.transforms.Map):
                 raise DataError(f"source {self.source!r}: {self._bad_in_row} records in a row were unusable (more "
                                 "than an epoch of this shard); fix the source's paths, kind or text_field"
                                 + (f": {self.stats.report()}" if self.stats else ""))
-            return {"tokens": np.zeros((0,), np.int32)}
+            return np.zeros((0,), np.int32)
         self._bad_in_row = 0
         if len(record.text) > MAX_PIECE_CHARS:  # a huge document: encoded piece by piece (bounded memory)
             if self.stats is not None:
                 self.stats.record_long(self.source)
             # each piece's ids become int32 at once: a Python list of all of them would take
             # ~50 bytes per token (2.6 GB for a 50 MB line), int32 arrays take 4
-            parts = [np.asarray([self._tok.bos_id], np.int32)]
+            parts = [np.asarray([self._tok.bos_id] if record.bos else [], np.int32)]
             for piece in split_text(record.text, MAX_PIECE_CHARS):
                 parts.append(np.asarray(self._tok.encode(piece), np.int32))
-            parts.append(np.asarray([self._tok.eos_id], np.int32))
-            return {"tokens": np.concatenate(parts)}
-        return {"tokens": np.asarray(self._tok.encode(record.text, bos=True, eos=True), np.int32)}
+            parts.append(np.asarray([self._tok.eos_id] if record.eos else [], np.int32))
+            return np.concatenate(parts)
+        return np.asarray(self._tok.encode(record.text, bos=record.bos, eos=record.eos), np.int32)
 
 
 class SplitLong(grain.experimental.FlatMapTransform):
@@ -163,7 +177,19 @@ class SplitLong(grain.experimental.FlatMapTransform):
 
     def flat_map(self, element):
         t = element["tokens"]
-        return [{"tokens": t[i: i + self.length]} for i in range(0, max(len(t), 1), self.length)]
+        return [{**element, "tokens": t[i: i + self.length]} for i in range(0, max(len(t), 1), self.length)]
+
+
+def chars_per_token(docs: DocumentSource, tokenizer: Tokenizer, limit: int = 64, max_chars: int = 20_000) -> float:
+    """Characters per token of up to `limit` documents spread over `docs` (the first
+    `max_chars` of each): how many characters make a piece of `chunk_tokens` tokens."""
+    chars = tokens = 0
+    for i in np.unique(np.linspace(0, len(docs) - 1, min(len(docs), limit)).astype(int)):
+        text = docs[int(i)].text
+        if text:
+            chars += len(text[:max_chars])
+            tokens += len(tokenizer.encode(text[:max_chars]))
+    return chars / tokens if tokens else 4.0
 
 
 def check_usable(docs: DocumentSource, name: str, limit: int = 64) -> None:
@@ -179,10 +205,12 @@ def check_usable(docs: DocumentSource, name: str, limit: int = 64) -> None:
 
 
 def to_example(row: dict, source_id: int = 0) -> dict:
-    """A packed row of T+1 tokens -> next-token inputs/targets with document masking."""
+    """A packed row of T+1 tokens -> next-token inputs/targets with document masking.
+
+    `doc_ids[k]` is the document (1-based, 0: none) of segment k + 1, where the row says."""
     tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
-    same_doc = (seg[1:] == seg[:-1]) & (seg[1:] != 0)  # never predict across documents
-    return {
+    same_doc = (seg[1:] == seg[:-1]) & (seg[1:] != 0)  # never predict across documents (or pieces)
+    out = {
         "inputs": tokens[:-1],
         "targets": tokens[1:],
         "segment_ids": seg[:-1],
@@ -190,6 +218,22 @@ def to_example(row: dict, source_id: int = 0) -> dict:
         "loss_mask": same_doc.astype(np.float32),
         "source_id": np.int32(source_id),
     }
+    if "doc" in row:
+        out["doc_ids"] = np.asarray(row["doc"], np.int32)
+    return out
+
+
+def batch_diversity(batch: dict) -> tuple[int, float]:
+    """(distinct documents in the batch, the largest share of its tokens one document supplies),
+    counted over the tokens of its rows (a document is (source, doc id))."""
+    seg, docs, src = batch["segment_ids"], batch["doc_ids"], batch["source_id"]
+    rows = np.arange(len(seg))[:, None]
+    doc = np.where(seg > 0, docs[rows, np.maximum(seg - 1, 0)], 0)  # the document of each token
+    key = (src.astype(np.int64)[:, None] << 32) | doc.astype(np.int64)
+    _, counts = np.unique(key[seg > 0], return_counts=True)
+    if not len(counts):
+        return 0, 0.0
+    return len(counts), float(counts.max() / counts.sum())
 
 
 def shard_documents(docs: DocumentSource, source: str, unit: str, seed: int, shuffle: bool, repeat: bool,
@@ -214,18 +258,21 @@ def packed_rows(docs: DocumentSource, tokenizer_path: str, seq_len: int, *, sour
                 source_id: int = 0, seed: int = 0, shuffle: bool = True, repeat: bool = True,
                 process_index: int = 0, process_count: int = 1, packing: str = "concat",
                 stats: DataStats | None = None, strict: bool = False,
-                shuffle_rows: int = 0) -> grain.IterDataset:
-    """Examples (rows of `seq_len` tokens) of one source, for this process."""
+                shuffle_rows: int = 0, chunk_tokens: int = 0, chars_per_token: float = 4.0) -> grain.IterDataset:
+    """Examples (rows of `seq_len` tokens) of one source, for this process. `chunk_tokens` > 0
+    cuts documents into pieces of about that many tokens before the shuffle (sources.Pieces)."""
+    docs = Pieces(docs, chunk_tokens, chars_per_token)
     ds = shard_documents(docs, source, "documents", seed, shuffle, repeat, process_index, process_count)
     ds = ds.map(Tokenize(tokenizer_path, source, stats, strict, max_bad_in_row=2 * len(docs) + 64)).to_iter_dataset()
     ds = ds.filter(lambda x: len(x["tokens"]) > 2)
-    length = {"tokens": seq_len + 1}
+    # "doc" is a meta feature: packed as a list of the row's segments' documents, never split
+    length = {"tokens": seq_len + 1, "doc": seq_len + 1}
     if packing == "first_fit":
         ds = grain.experimental.FlatMapIterDataset(ds, SplitLong(seq_len + 1))
-        ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=length, num_packing_bins=16,
-                                                        seed=seed, shuffle_bins=shuffle)
+        ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=length, num_packing_bins=16, seed=seed,
+                                                        shuffle_bins=shuffle, meta_features=("doc",))
     else:
-        ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=length)
+        ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=length, meta_features=("doc",))
     if shuffle and shuffle_rows > 1:  # rows of one long document would otherwise come in a run
         ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_rows, seed=seed)
     return ds.map(lambda row: to_example(row, source_id))
@@ -310,20 +357,25 @@ class RunData:
         if not d.cache_dir:
             self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)],
                                              run_dir, pi, pc, log)
+        chunk = d.seq_len if d.chunk_tokens < 0 else d.chunk_tokens
+        # characters per token of each source, to size its pieces (the cache counts tokens)
+        cpt = [chars_per_token(train, self.tokenizer) if chunk and train.size_unit == "chars" else 4.0
+               for train, _ in opened]
 
         def rows(docs, k: int, shard: int | None):  # shard None: the held-out rows, in order, once
             c = configs[k]
-            if shard is None:
+            if shard is None:  # held out: whole documents, in order
                 return packed_rows(docs, self.tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
                                    repeat=False, packing=d.packing, strict=d.strict)
             return packed_rows(docs, self.tokenizer.path, d.seq_len, source=c.name, source_id=k,
                                seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows,
                                process_index=shard, process_count=self.num_shards, packing=d.packing,
-                               strict=d.strict)
+                               strict=d.strict, chunk_tokens=chunk, chars_per_token=cpt[k])
 
         self._build(configs, opened, rows, eval_batches, log)
 
     def _layout(self, process_index: int | None, process_count: int | None) -> tuple[int, int]:
+        self._diversity = []
         """This process's logical data shards and rows of the global batch."""
         import jax
 
@@ -389,9 +441,20 @@ class RunData:
         if self.data.corpus == "synthetic":
             self._consumed += 1
         parts = [next(self._iters[s]) for s in sorted(self._iters)]
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if "doc_ids" in batch:
+            self._diversity.append(batch_diversity(batch))
+        return batch
+
+    def metrics(self) -> dict:
+        """Batch diversity since the last call (logged with the training metrics): distinct
+        documents per batch of this process's rows, and the largest share of a batch's tokens
+        that one document supplied (means over the batches)."""
+        seen, self._diversity = self._diversity, []
+        if not seen:
+            return {}
+        docs, top = np.asarray(seen, np.float64).T
+        return {"batch_docs": float(docs.mean()), "batch_top_doc_share": float(top.mean())}
 
     def get_state(self) -> dict:
         """{"num_shards": S, "shards": {shard id: grain iterator state}} for this process's shards."""

@@ -11,7 +11,14 @@ blank-line-separated block); JSON Lines / JSON arrays with a configurable text f
 plain or `.gz` / `.bz2`; Parquet; ArrayRecord; TFDS datasets prepared locally
 (`tfds.data_source`). Paths are globs. A source is split into train and validation
 either by explicit `validation_paths` or by a deterministic hash of each document's
-location (`heldout_fraction`).
+location (`heldout_fraction`), or, for text files, by position: the last `heldout_fraction` of
+each file's bytes (`heldout_split="tail"`, nanoGPT's split of Tiny Shakespeare).
+
+`Pieces` cuts long documents into pieces of about a row's worth of tokens, so that the
+pipeline can shuffle pieces rather than whole documents (data_pipeline/pipeline.py).
+Sources that can tell the size of each document cheaply (`DocumentSource.sizes`: text
+files, JSON Lines, the default corpus, the token cache) are cut; the others (Parquet,
+ArrayRecord, TFDS) are read whole.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import hashlib
 import json
 import os
 from typing import Any, NamedTuple, Sequence
+
+import numpy as np
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import UserError
@@ -37,6 +46,11 @@ class Record(NamedTuple):
     where: str  # "path:line" (or "path#row"), for error reports
     error: str | None = None
     tokens: Any = None  # token ids, when read from the pre-tokenisation cache
+    # A piece of a longer document (`Pieces`): BOS only before its first piece, EOS only after
+    # its last; `doc` is the document's index in its source (for batch-diversity counts).
+    bos: bool = True
+    eos: bool = True
+    doc: int = -1
 
 
 def expand(patterns: Sequence[str]) -> list[str]:
@@ -83,6 +97,13 @@ class DocumentSource:
         """A stable identity of document i (for the hash split)."""
         raise NotImplementedError
 
+    def sizes(self) -> np.ndarray | None:
+        """The approximate size of every document in characters (bytes will do), read without
+        reading the documents; None where that is not cheap (the documents are then not cut)."""
+        return None
+
+    size_unit = "chars"  # or "tokens" (the token cache)
+
 
 class TextFiles(DocumentSource):
     """Plain text: a document per file, per blank-line-separated block, or per line.
@@ -114,6 +135,17 @@ class TextFiles(DocumentSource):
         fi, start, _, _ = self.index[i]
         return f"{os.path.basename(self.files[fi])}:{start}"
 
+    def sizes(self):
+        out = np.zeros(len(self.index), np.int64)
+        for k, (fi, start, end, _) in enumerate(self.index):
+            if end < 0:
+                try:
+                    end = os.path.getsize(self.files[fi])  # (compressed: an underestimate, which is fine)
+                except OSError:
+                    end = start
+            out[k] = end - start
+        return out
+
     def __getitem__(self, i):
         fi, start, end, line = self.index[i]
         path = self.files[fi]
@@ -126,6 +158,32 @@ class TextFiles(DocumentSource):
         except OSError as e:
             return Record(None, where, f"unreadable file ({e.strerror or e})")
         return _decode(raw, where)
+
+    def tail_split(self, fraction: float) -> tuple["TextFiles", "TextFiles"]:
+        """(train, validation): the last `fraction` of every file's bytes is held out, cut at
+        the same byte whatever the documents (nanoGPT's split of Tiny Shakespeare: the last
+        10% of the characters, which are bytes in ASCII text). A document that straddles the
+        cut is cut too."""
+        train, held = TextFiles([]), TextFiles([])
+        train.files = held.files = self.files
+        train.doc_per = held.doc_per = self.doc_per
+        ends: dict[int, int] = {}
+        for fi, path in enumerate(self.files):
+            if path.endswith((".gz", ".bz2")):
+                raise DataError(f"{path}: the tail split needs uncompressed text files")
+            with open(path, "rb") as f:
+                data = f.read()
+            cut = int(len(data) * (1.0 - fraction))
+            while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+                cut -= 1
+            ends[fi] = len(data)
+            for _, start, end, line in (x for x in self.index if x[0] == fi):
+                end = len(data) if end < 0 else end
+                if start < cut:
+                    train.index.append((fi, start, min(end, cut), line))
+                if end > cut:
+                    held.index.append((fi, max(start, cut), end, line + data[start:max(start, cut)].count(b"\n")))
+        return train, held
 
 
 def _spans(data: bytes, fi: int, doc_per: str) -> list[tuple[int, int, int, int]]:
@@ -187,6 +245,12 @@ class JsonLines(DocumentSource):
 
     def __len__(self):
         return len(self.index) + len(self.loaded)
+
+    def sizes(self):
+        spans = [end - start for _, start, end, _ in self.index]
+        loaded = [len(raw) if isinstance(raw, bytes) else len(str(raw.get(self.text_field, "")))
+                  if isinstance(raw, dict) else 0 for raw, _ in self.loaded]
+        return np.asarray(spans + loaded, np.int64)
 
     def key(self, i):
         if i < len(self.index):
@@ -346,6 +410,18 @@ class DefaultCorpus(DocumentSource):
     def key(self, i):
         return self.docs[i].key
 
+    def sizes(self):
+        from data_pipeline.default_corpus import _pydoc_topics
+
+        def size(d) -> int:
+            if d.kind == "code":
+                return os.path.getsize(d.path)
+            if d.key.startswith("doc:topic:"):
+                return len(_pydoc_topics()[d.key[len("doc:topic:"):]])
+            return 0  # a module's docstring: unknown without parsing the module; taken whole
+
+        return np.asarray([size(d) for d in self.docs], np.int64)
+
     def __getitem__(self, i):
         d = self.docs[i]
         try:
@@ -368,8 +444,85 @@ class Subset(DocumentSource):
     def key(self, i):
         return self.parent.key(self.indices[i])
 
+    def sizes(self):
+        full = self.parent.sizes()
+        return None if full is None else full[np.asarray(self.indices, np.int64)]
+
+    @property
+    def size_unit(self):
+        return self.parent.size_unit
+
     def __getitem__(self, i):
         return self.parent[self.indices[i]]
+
+
+class Pieces(DocumentSource):
+    """The documents of `docs`, each cut into pieces of about `chunk_tokens` tokens.
+
+    A document of size s (in `docs.size_unit`) becomes ceil(s / budget) pieces, where the
+    budget is `chunk_tokens` tokens (or that many times `chars_per_token` characters).
+    Piece j of n covers the characters from about j/n to (j+1)/n of the document's text,
+    each cut moved back to just after a newline (else a space) within half a piece, so the
+    pieces tile the text exactly and each is a pure function of (document, j): a piece is
+    read by random access like a document, and the pipeline shuffles pieces. Only the first
+    piece gets BOS and only the last EOS; token records (the cache) are cut into equal
+    slices of their ids. Sizes are estimates: a document longer than its estimate gives
+    longer pieces, never lost text. `chunk_tokens <= 0`, or a source that cannot tell its
+    sizes, gives whole documents. Every record carries its document's index (`doc`).
+    """
+
+    def __init__(self, docs: DocumentSource, chunk_tokens: int = 0, chars_per_token: float = 4.0):
+        self.docs = docs
+        sizes = docs.sizes() if chunk_tokens > 0 else None
+        if sizes is None:
+            counts = np.ones(len(docs), np.int64)
+        else:
+            budget = chunk_tokens * (1.0 if docs.size_unit == "tokens" else chars_per_token)
+            counts = np.maximum(1, np.ceil(np.asarray(sizes, np.float64) / budget)).astype(np.int64)
+        self.counts = counts
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def _locate(self, k: int) -> tuple[int, int, int]:
+        i = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return i, int(k - self.starts[i]), int(self.counts[i])
+
+    def key(self, k):
+        i, j, n = self._locate(k)
+        return self.docs.key(i) if n == 1 else f"{self.docs.key(i)}#{j}"
+
+    def __getitem__(self, k):
+        i, j, n = self._locate(k)
+        rec = self.docs[i]
+        if n == 1:
+            return rec._replace(doc=i)
+        where = f"{rec.where} (piece {j + 1}/{n})"
+        if rec.tokens is not None:  # BOS and EOS are among the cached ids
+            size = len(rec.tokens)
+            return Record("", where, None, rec.tokens[j * size // n: (j + 1) * size // n], doc=i)
+        if rec.text is None:  # a bad document is reported once, by its first piece
+            return rec._replace(doc=i) if j == 0 else Record("", where, bos=False, eos=False, doc=i)
+        text = rec.text
+        return Record(text[piece_cut(text, j, n): piece_cut(text, j + 1, n)], where, bos=j == 0, eos=j == n - 1,
+                      doc=i)
+
+
+def piece_cut(text: str, j: int, n: int) -> int:
+    """Where piece j of n of `text` starts: about j/n of the way, just after a newline (else a
+    space) in the half piece before. Strictly increasing in j while n <= len(text) / 2."""
+    target = j * len(text) // n
+    if target <= 0 or target >= len(text):
+        return min(max(target, 0), len(text))
+    window = (len(text) // n) // 2  # cuts of consecutive pieces never cross (targets are >= 2 windows apart)
+    if window:
+        p = text.rfind("\n", target - window, target)
+        if p < 0:
+            p = text.rfind(" ", target - window, target)
+        if p >= 0:
+            return p + 1
+    return target
 
 
 def _open(cfg: SourceConfig, patterns: Sequence[str]) -> DocumentSource:
@@ -411,6 +564,10 @@ def open_source(cfg: SourceConfig) -> tuple[DocumentSource, DocumentSource]:
         train = _open(cfg, cfg.paths)
         if cfg.validation_paths:
             return train, _open(cfg, cfg.validation_paths)
+        if cfg.heldout_split == "tail":
+            if not isinstance(train, TextFiles):
+                raise DataError(f"source {cfg.name!r}: heldout_split='tail' needs kind 'text' (got {cfg.kind!r})")
+            return train.tail_split(cfg.heldout_fraction)
     except DataError as e:
         if str(e).startswith("source "):
             raise

@@ -1,10 +1,23 @@
-"""Train a small model on one text file (Tiny Shakespeare by default), character-level style.
+"""Train a small model on Tiny Shakespeare, comparable with nanoGPT's character-level figures.
 
-The file is cut into documents at blank lines (speeches) and 10% of them are held out.
-Evaluation reports held-out loss per token and per byte (bits per byte does not depend
-on the tokenizer, so it compares with character-level models: nanoGPT's char model
-reaches about 1.47 nats/char = 2.1 bits/byte on this data). Point it at another file
-with `--set data.sources.text.paths=/path/to/file.txt`.
+The split is nanoGPT's: the first 90% of the file's characters train, the last 10% (later
+plays) are held out (`heldout_split="tail"`), and the evaluation reads all of them. The
+file is one document, cut into row-sized pieces that are shuffled (random windows of the
+text, as nanoGPT samples them). The held-out loss is reported per token and per byte;
+for this ASCII text nats per byte are nats per character whatever the tokenizer:
+nats/char = eval_bpb x ln 2. nanoGPT's published validation losses on this split: 1.88
+(CPU recipe: 4 layers, width 128, 2,000 iterations, ~3 minutes on a laptop) and 1.47 (GPU
+recipe: 6 layers, width 384, 5,000 iterations on an A100).
+
+The recipe (everything, tokenizer training and compilation included, is meant to fit in
+about 3 minutes of a quiet 2-core CPU): a 1024-piece BPE tokenizer (about 2.2 characters
+per token of the held-out plays, so a 256-token row holds ~560 characters of context),
+the `tiny` shape (D=256, L=4, 4 heads, 2 KV heads, F=704), rows of 256 tokens, batches of
+16, 200 steps of warmup then cosine decay, Muon (lr 0.02) on the attention and MLP
+kernels and AdamW (lr 3e-3) on the rest. Measured on a 2-core AMD EPYC shared with other
+jobs: 1.600 nats/char with Muon against 1.688 with AdamW at the same 200 steps (407 and
+383 CPU-seconds, everything included). nanoGPT's 1.47 is not reached in this time budget.
+Point it at another file with `--set data.sources.text.paths=/path/to/file.txt`.
 """
 
 import os
@@ -20,9 +33,11 @@ def config() -> Config:
     return Config(
         name="pretrain_shakespeare",
         model=size("tiny", vocab_size=1024, max_seq_len=256),
-        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        optim=OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_steps=30),
         data=DataConfig(corpus="sources", seq_len=256, batch_size=16, tokenizer_sample_mb=2,
-                        sources=(SourceConfig(name="text", kind="text", paths=(path,), doc_per="block",
-                                              heldout_fraction=0.1),)),
-        trainer=TrainerConfig(steps=600, log_every=10, eval_every=200, eval_batches=8),
+                        sources=(SourceConfig(name="text", kind="text", paths=(path,), doc_per="file",
+                                              heldout_split="tail", heldout_fraction=0.1),)),
+        # eval_batches: the whole held-out tenth (~39k tokens) in one evaluation, at the end
+        trainer=TrainerConfig(steps=200, log_every=10, eval_every=0, eval_batches=12, num_samples=1,
+                              sample_tokens=64),
     )

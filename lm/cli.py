@@ -111,6 +111,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lm.compare import compare
+
+    text, png = compare(args.run_dirs, args.out, args.metric, args.clock)
+    print(text)
+    print(f"plot: {png}")
+    return 0
+
+
 def cmd_export_hf(args) -> int:
     from lm.interop.hf import export_run
 
@@ -405,6 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("run_dir")
     m.add_argument("--force", action="store_true", help="replace the run already in RUN_DIR")
     m.set_defaults(fn=cmd_import_hf)
+
+    cp = sub.add_parser("compare", help="held-out loss of several runs against steps, tokens and wall-clock "
+                                        "(a PNG and a table)")
+    cp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cp.add_argument("--out", default="compare.png", help="the PNG to write (default compare.png)")
+    cp.add_argument("--metric", default="eval_loss", help="the held-out metric to plot (default eval_loss)")
+    cp.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="time axis: wall-clock, or the process's CPU time (for runs on a shared, busy machine)")
+    cp.set_defaults(fn=cmd_compare)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
     b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode", "accel"],

@@ -98,7 +98,9 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
+    # "adamw"; or "muon": Muon on the attention/MLP kernels, AdamW on the rest (lm/optim.py)
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-3  # AdamW's peak learning rate
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
@@ -110,6 +112,11 @@ class OptimConfig:
     decay_norms_and_embeddings: bool = False
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     z_loss: float = 0.0  # weight of log(Z)^2 in the loss
+    # Muon (optim.name="muon"): peak learning rate of the kernels (same schedule shape as lr),
+    # Nesterov momentum, and decoupled weight decay scaled by the scheduled muon_lr
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +267,8 @@ class Config:
             v = getattr(self.mesh, key)
             if v == 0 or v < -1:
                 raise ConfigError(f"mesh.{key}={v} must be positive, or -1 for the devices the other axes leave")
+        if self.optim.name not in ("adamw", "muon"):
+            raise ConfigError(f"unknown optimiser optim.name={self.optim.name!r}; choose 'adamw' or 'muon'")
         if self.optim.lr < 0 or self.optim.warmup_steps < 0 or self.optim.clip_norm < 0:
             raise ConfigError("optim.lr, optim.warmup_steps and optim.clip_norm must not be negative")
         if self.data.batch_size % self.trainer.microbatches:

@@ -1,11 +1,19 @@
-"""Run-directory outputs: metrics as JSON lines and TensorBoard scalars, and a loss plot."""
+"""Run-directory outputs: metrics as JSON lines and TensorBoard scalars, and a loss plot.
+
+Every metrics row also records `wall_s` and `cpu_s`: seconds of wall-clock and of this
+process's CPU time since the process imported this module (so tokenizer training,
+compilation and evaluation are counted), for comparisons at equal time (`lm compare`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from typing import Any
+
+_WALL0, _CPU0 = time.perf_counter(), time.process_time()
 
 
 class MetricsLogger:
@@ -30,7 +38,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step)}
+        row = {"step": int(step), "wall_s": time.perf_counter() - _WALL0, "cpu_s": time.process_time() - _CPU0}
         for k, v in metrics.items():
             v = float(v) if not isinstance(v, (str, bool)) else v
             row[k] = v if not (isinstance(v, float) and not math.isfinite(v)) else str(v)

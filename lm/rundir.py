@@ -37,6 +37,7 @@ class RunDirError(ConfigError):
 _FREE_SECTIONS = ("optim.", "trainer.", "mesh.")
 _FREE_KEYS = {"name", "data.prefetch", "data.num_workers", "data.strict"}
 _ORIGIN_KEYS = {"trainer.init_from", "trainer.init_step"}  # a run's origin is recorded in its checkpoints
+_STATE_KEYS = {"optim.name"}  # the optimiser's state differs (Muon's momenta against AdamW's moments)
 
 
 class RunLock:
@@ -106,7 +107,8 @@ def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
         if a.get(key) == b.get(key) or key in _ORIGIN_KEYS:
             continue
         change = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-        (free if key in _FREE_KEYS or key.startswith(_FREE_SECTIONS) else blocking).append(change)
+        free_key = key in _FREE_KEYS or (key.startswith(_FREE_SECTIONS) and key not in _STATE_KEYS)
+        (free if free_key else blocking).append(change)
     return blocking, free
 
 

@@ -327,15 +327,30 @@ def test_token_cache_matches_streaming_and_resumes(tmp_path, tokenizer):
                       tokenizer.vocab_size, workers=1, progress=False)
     np.testing.assert_array_equal(np.load(split / "shard_00000.tokens.npy"), before)
 
-    # training batches read from the cache equal the ones tokenized on the fly
+    # training batches read from the cache equal the ones tokenized on the fly (documents
+    # whole: the cache cuts long ones by their exact token counts, streaming by estimates)
     quiet = dict(log=lambda *_: None, process_index=0, process_count=1)
-    streamed = RunData(cfg, str(tmp_path / "run"), **quiet)
-    cached_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(cache_dir), tokenizer=None))
+    whole = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chunk_tokens=0))
+    streamed = RunData(whole, str(tmp_path / "run"), **quiet)
+    cached_cfg = dataclasses.replace(whole, data=dataclasses.replace(whole.data, cache_dir=str(cache_dir), tokenizer=None))
     cached = RunData(cached_cfg, str(tmp_path / "run2"), **quiet)
     for _ in range(5):
         a, b = streamed.next_train(), cached.next_train()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+    # cut into pieces, the cached documents' ids arrive whole: every piece once, in equal slices
+    from data_pipeline.sources import Pieces
+
+    docs = cache.TokenCache(str(cache_dir / "long" / "train"))
+    pieces = Pieces(docs, chunk_tokens=64)
+    assert len(pieces) > len(docs) and docs.size_unit == "tokens"
+    by_doc: dict = {}
+    for k in range(len(pieces)):
+        rec = pieces[k]
+        assert 0 < len(rec.tokens) <= 64
+        by_doc.setdefault(rec.doc, []).append(rec.tokens)
+    for i in range(len(docs)):
+        np.testing.assert_array_equal(np.concatenate(by_doc[i]), docs[i].tokens)
     assert os.path.exists(tmp_path / "run2" / "tokenizer.model")
     with pytest.raises(DataError, match="lm data cache"):
         RunData(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "none"),
@@ -398,3 +413,112 @@ def test_a_huge_single_line_document_is_tokenized_in_bounded_memory(tmp_path):
     assert int(chars) > 50_000_000 and int(tokens) > 10_000_000 and "'s': 1" in long
     # about 0.65 GB (the interpreter and its imports take 0.25 GB); 2.6 GB as a list of ints
     assert int(peak_kb) < 1_000_000, f"peak memory {int(peak_kb) / 1e6:.2f} GB"
+
+
+# -- fair batches: documents cut into pieces before the shuffle -------------------------------
+
+
+def test_pieces_tile_each_document_with_bos_first_and_eos_last(tmp_path):
+    from data_pipeline.sources import Pieces, piece_cut
+
+    rng = np.random.default_rng(8)
+    texts = ["\n".join(make_text(rng, int(rng.integers(3, 12))) for _ in range(n)) for n in (2, 40, 300)]
+    texts.append("x" * 5000)  # no newline or space to cut at
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t)
+    docs = TextFiles(sorted(str(p) for p in tmp_path.glob("*.txt")))
+    pieces = Pieces(docs, chunk_tokens=50, chars_per_token=4.0)  # pieces of about 200 characters
+    got: dict = {}
+    for k in range(len(pieces)):
+        rec = pieces[k]
+        got.setdefault(rec.doc, []).append(rec)
+    for i in range(len(docs)):
+        recs, text = got[i], docs[i].text
+        assert "".join(r.text for r in recs) == text  # nothing lost, nothing repeated
+        assert [r.bos for r in recs] == [True] + [False] * (len(recs) - 1)
+        assert [r.eos for r in recs] == [False] * (len(recs) - 1) + [True]
+        assert len(recs) == max(1, -(-len(text) // 200)) and max(len(r.text) for r in recs) < 400
+        if "\n" in text:  # cuts fall just after a line break
+            assert all(r.text.endswith("\n") for r in recs[:-1])
+    assert [piece_cut("aaaa\nbbbb\ncccc", j, 2) for j in range(3)] == [0, 5, 14]
+    assert len(Pieces(docs, chunk_tokens=0)) == len(docs)  # 0: whole documents
+
+
+def long_doc_corpus(tmp_path, rng, n_long=40, n_short=200):
+    """Many documents, `n_long` of them about 12 rows of 64 tokens long each."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    with open(d / "docs.jsonl", "w") as f:
+        for i in range(n_long + n_short):
+            f.write(json.dumps({"text": make_text(rng, 700 if i < n_long else 20)}) + "\n")
+    return d
+
+
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+def test_no_document_fills_a_batch_when_long_documents_are_cut(tmp_path, tokenizer, packing):
+    """A long document shuffled whole fills consecutive batches by itself; cut into pieces
+    before the shuffle, each batch samples the corpus: no document supplies more than a
+    small fraction of any batch. Document masking holds across the cuts."""
+    root = long_doc_corpus(tmp_path, np.random.default_rng(9))
+    cfg = Config(model=ModelConfig(vocab_size=tokenizer.vocab_size, max_seq_len=64),
+                 data=DataConfig(corpus="sources", seq_len=64, batch_size=16, tokenizer=tokenizer.path, prefetch=0,
+                                 packing=packing, shuffle_rows=0, sources=(
+                                     SourceConfig(name="c", kind="jsonl", paths=(str(root / "*.jsonl"),),
+                                                  heldout_fraction=0.0),)),
+                 trainer=TrainerConfig(eval_batches=1))
+    quiet = dict(log=lambda *_: None, process_index=0, process_count=1)
+
+    def top_shares(c, n=60):
+        data = RunData(c, str(tmp_path / "run"), **quiet)
+        batches = [data.next_train() for _ in range(n)]
+        m = data.metrics()
+        assert m["batch_top_doc_share"] == pytest.approx(np.mean([batch_diversity(b)[1] for b in batches]))
+        return batches, [batch_diversity(b) for b in batches]
+
+    from data_pipeline.pipeline import batch_diversity
+
+    whole = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chunk_tokens=0))
+    _, before = top_shares(whole)
+    assert max(s for _, s in before) == 1.0  # the old road: one document fills whole batches
+    batches, after = top_shares(cfg)
+    # (means over 60 batches of 16 rows: 0.82 of a batch from its top document before, 0.13 after)
+    assert np.mean([s for _, s in before]) > 0.5
+    assert max(s for _, s in after) <= 1 / 3 and np.mean([s for _, s in after]) < 0.2, after
+    assert np.mean([n for n, _ in after]) > 2 * np.mean([n for n, _ in before])
+    # masking across the cuts: every segment is text of its own document, and only a
+    # document's first piece starts with BOS (the last one ends with EOS)
+    src = open_source(cfg.data.sources[0])[0]
+    tok = Tokenizer(tokenizer.path)
+    for b in batches[:10]:
+        for r in range(len(b["inputs"])):
+            seg, ids = b["segment_ids"][r], b["inputs"][r]
+            for s in set(seg[seg > 0].tolist()):
+                doc = int(b["doc_ids"][r][s - 1]) - 1
+                part = ids[seg == s]
+                assert (part[1:] != BOS_ID).all() and (part[:-1] != EOS_ID).all()
+                text = tok.decode([t for t in part if t not in (BOS_ID, EOS_ID)])
+                assert text.strip() in src[doc].text
+                # no prediction crosses a segment boundary
+                ends = np.flatnonzero(seg[:-1] != seg[1:])
+                assert (b["loss_mask"][r][ends] == 0).all()
+
+
+def test_tail_split_holds_out_the_last_bytes(tmp_path):
+    text = "".join(f"Speaker {i}:\nline {i} of the play.\n\n" for i in range(200))
+    (tmp_path / "play.txt").write_text(text)
+    cut = int(len(text) * 0.9)
+    for doc_per in ("file", "block"):
+        train, val = open_source(SourceConfig(name="p", kind="text", paths=(str(tmp_path / "play.txt"),),
+                                              doc_per=doc_per, heldout_split="tail", heldout_fraction=0.1))
+        train_text = "".join(train[i].text for i in range(len(train)))
+        val_text = "".join(val[i].text for i in range(len(val)))
+        if doc_per == "file":
+            assert (len(train), len(val)) == (1, 1)
+            assert train_text == text[:cut] and val_text == text[cut:]  # nanoGPT's split, exactly
+        else:  # blocks (blank lines are not text): the one that straddles the cut is cut
+            assert train_text + val_text == text.replace("\n\n", "\n")
+            assert val_text == text[cut:].replace("\n\n", "\n") and len(val) == text[cut:].count("\n\n")
+            assert "Speaker 199" in val_text and "Speaker 199" not in train_text
+    with pytest.raises(DataError, match="kind 'text'"):
+        open_source(SourceConfig(name="j", kind="jsonl", paths=(str(tmp_path / "play.txt"),),
+                                 heldout_split="tail"))

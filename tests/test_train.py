@@ -154,3 +154,39 @@ def test_chunked_cross_entropy_equals_plain(z_loss):
     np.testing.assert_allclose(chunked(h, w), plain(h, w), rtol=1e-6)
     for a, c in zip(jax.grad(plain, (0, 1))(h, w), jax.grad(chunked, (0, 1))(h, w)):
         np.testing.assert_allclose(c, a, atol=1e-6)
+
+
+def test_lm_compare_plots_and_tabulates_runs_at_equal_steps_tokens_and_time(tmp_path, capsys):
+    """Two fake runs: the table reads their last evaluations and each one's loss at the
+    faster run's wall-clock (a resumed run's clock is joined end to end); bad input is one line."""
+    from lm.cli import main
+
+    def fake_run(name, rows, batch=4, seq=8):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"data": {"batch_size": batch, "seq_len": seq}}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+
+    a = fake_run("fast", [{"step": 10, "loss": 3.0, "wall_s": 5.0, "cpu_s": 9.0},
+                          {"step": 20, "eval_loss": 2.5, "eval_bpb": 1.0, "wall_s": 10.0, "cpu_s": 19.0}])
+    b = fake_run("slow", [{"step": 10, "eval_loss": 2.8, "wall_s": 8.0, "cpu_s": 8.0},
+                          {"step": 20, "eval_loss": 2.6, "wall_s": 4.0, "cpu_s": 4.0},  # resumed: 8 + 4 s
+                          {"step": 30, "eval_loss": 2.2, "wall_s": 9.0, "cpu_s": 9.0}], batch=8)
+    out = tmp_path / "cmp.png"
+    assert main(["compare", a, b, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert os.path.getsize(out) > 1000
+    fast = next(line for line in text.splitlines() if line.startswith("fast")).split()
+    slow = next(line for line in text.splitlines() if line.startswith("slow")).split()
+    assert fast[1:4] == ["20", "640", "10"] and float(fast[5]) == 2.5 and float(fast[6]) == pytest.approx(0.693, abs=1e-3)
+    assert slow[1:4] == ["30", "1,920", "17"] and float(slow[5]) == 2.2
+    assert "@10s" in text and float(slow[-1]) == 2.8 and float(fast[-1]) == 2.5  # at the fast run's 10 s
+    # by CPU time the resumed run is the faster (8 + 9 s): the other has no evaluation by then
+    assert main(["compare", a, b, "--clock", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "@17s" in text and [line.split()[-1] for line in text.splitlines()[2:4]] == ["nan", "2.2000"]
+    assert main(["compare", a, str(tmp_path / "missing")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    empty = fake_run("empty", [{"step": 10, "loss": 3.0}])
+    assert main(["compare", empty]) == 2 and "never evaluated" in capsys.readouterr().err

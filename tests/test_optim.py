@@ -1,0 +1,156 @@
+"""Optimisers: Muon's matrices, learning rates and weight decay; Muon on 1 and 8 devices."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from data_pipeline.pipeline import global_batch, synthetic_batches
+from lm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainerConfig, \
+    apply_overrides
+from lm.engine import make_trainer
+from lm.optim import make_optimizer, muon_dims
+from lm.sharding import logical_to_spec, make_mesh
+
+MODEL = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32,
+                    attention_block=16, qk_norm=True)
+MUON = OptimConfig(name="muon", lr=1e-2, muon_lr=0.05, warmup_steps=0, schedule="constant", weight_decay=0.1,
+                   clip_norm=0.0)
+ONE = MeshConfig(data=1, fsdp=1, tensor=1)
+
+
+def newton_schulz(g, steps=5, coeffs=(3.4445, -4.7750, 2.0315)):
+    """An independent reference: Keller Jordan's quintic Newton-Schulz orthogonalisation of a
+    matrix (float64 numpy), scaled to unit Frobenius norm first."""
+    x = np.asarray(g, np.float64)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (np.linalg.norm(x) + 1e-8)
+    a, b, c = coeffs
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.T if tall else x
+
+
+def engine(optim=MUON, mesh=ONE, devices=None, model=MODEL):
+    cfg = Config(model=model, mesh=mesh, optim=optim, data=DataConfig(corpus="synthetic", seq_len=32, batch_size=8),
+                 trainer=TrainerConfig(steps=10))
+    return make_trainer(cfg, make_mesh(mesh, devices or jax.devices()[:1]))
+
+
+def flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_muon_takes_the_kernels_layer_by_layer_and_adamw_the_rest():
+    tr = engine()
+    dims = nnx.to_pure_dict(muon_dims(jax.eval_shape(lambda: tr._init_params(0))))
+    attn, mlp = dims["blocks"]["attn"], dims["blocks"]["mlp"]
+    # the layer axis 0 is neither side: a batch axis, each layer's matrix on its own
+    assert (attn["wq"].reduction_axis, attn["wq"].output_axis) == (1, (2, 3))  # (L, D, N, H): D x N*H
+    assert (attn["wo"].reduction_axis, attn["wo"].output_axis) == ((1, 2), 3)  # (L, N, H, D): N*H x D
+    assert (mlp["w_down"].reduction_axis, mlp["w_down"].output_axis) == (1, (2,))
+    assert dims["embed"] is None and dims["head"] is None and dims["final_norm"]["scale"] is None
+    assert attn["q_norm"]["scale"] is None and dims["blocks"]["mlp_norm"]["scale"] is None
+
+
+def test_muon_update_orthogonalises_each_layer_and_routes_the_learning_rates():
+    tr = engine()
+    params = tr._init_params(0)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    opt = make_optimizer(dataclasses.replace(MUON, weight_decay=0.0), params, 10)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    u, g = flat(updates), flat(grads)
+    key = "['blocks']['mlp']['w_gate'].value"  # (L, D, F) = (2, 64, 96): width scale sqrt(96/64)
+    for layer in range(2):
+        want = newton_schulz(g[key][layer])
+        np.testing.assert_allclose(u[key][layer], -0.05 * np.sqrt(96 / 64) * want, atol=1e-4)
+        s = np.linalg.svd(np.asarray(u[key][layer]) / (0.05 * np.sqrt(96 / 64)), compute_uv=False)
+        assert 0.5 < s.min() and s.max() < 1.3  # about orthogonal
+    # not the stacked tensor orthogonalised as one (L*D, F) matrix
+    whole = newton_schulz(g[key].reshape(-1, 96))
+    assert not np.allclose(u[key].reshape(-1, 96), -0.05 * np.sqrt(96 / 64) * whole, atol=1e-3)
+    # wo (L, N, H, D): each layer's (N*H, D) matrix
+    wo = "['blocks']['attn']['wo'].value"
+    want = newton_schulz(g[wo][1].reshape(64, 64))
+    np.testing.assert_allclose(u[wo][1].reshape(64, 64), -0.05 * want, atol=1e-4)
+    # AdamW's first step is lr * sign(g) on the embeddings, norms and head
+    for name in ("['embed'].value", "['head'].value", "['final_norm']['scale'].value"):
+        np.testing.assert_allclose(u[name], -1e-2 * np.sign(g[name]), rtol=1e-3)  # (eps)
+
+
+def test_muon_weight_decay_is_decoupled_scaled_by_its_learning_rate_and_spares_the_rest():
+    tr = engine()
+    params = tr._init_params(0)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    cfg = dataclasses.replace(MUON, muon_weight_decay=0.5, schedule="cosine", warmup_steps=4, min_lr_ratio=0.0)
+    opt = make_optimizer(cfg, params, 10)
+    state = opt.init(params)
+    for step in range(6):  # zero gradients: only weight decay moves the weights
+        updates, state = opt.update(zero, state, params)
+        lr = float(optax.warmup_cosine_decay_schedule(0.0, 0.05, 4, 10, 0.0)(step))
+        u, p = flat(updates), flat(params)
+        for name in ("['blocks']['attn']['wq'].value", "['blocks']['mlp']['w_down'].value"):
+            np.testing.assert_allclose(u[name], -lr * 0.5 * p[name], rtol=1e-5, atol=1e-9)
+        for name in ("['embed'].value", "['head'].value", "['blocks']['attn_norm']['scale'].value"):
+            assert not np.asarray(u[name]).any(), name  # no decay, AdamW's weight_decay=0.1 included
+
+
+def test_unknown_optimiser_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match="optim.name"):
+        apply_overrides(Config(), ["optim.name=sgd"])
+    with pytest.raises(ConfigError, match="unknown optimiser"):
+        Config(optim=OptimConfig(name="sgd")).validate()
+
+
+def run_steps(mesh_cfg, devices, steps=2):
+    # AdamW (embeddings, head) with eps raised, as in test_sharding: near-zero gradients would
+    # turn float rounding differences between layouts into sign flips of a whole update
+    tr = engine(mesh=mesh_cfg, devices=devices, optim=dataclasses.replace(MUON, clip_norm=1.0, eps=1e-4))
+    state, _ = tr.init_state(0)
+    step = tr.compile_train_step()
+    losses = []
+    for batch in [b for b, _ in zip(synthetic_batches(128, 32, 8, seed=3), range(steps))]:
+        state, metrics = step(state, global_batch(batch, tr.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return run_steps(ONE, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), pytest.param(2, 2, 2, marks=pytest.mark.slow)])
+def test_muon_with_fsdp_on_eight_devices_matches_one_device(one_device, data, fsdp, tensor):
+    ref_losses, ref = one_device
+    losses, state = run_steps(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices())
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref.params))):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    # the parameters and Muon's momentum are sharded as the rules say
+    wq = state.params["blocks"]["attn"]["wq"].get_value()
+    spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), wq.shape, wq.sharding.mesh)
+    assert wq.sharding.spec == spec and not wq.sharding.is_fully_replicated
+    moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "shape", None) == wq.shape]
+    assert moments and all(x.sharding.spec == spec for x in moments)
+
+
+def test_muon_run_learns(tmp_path):
+    import json
+
+    from lm.train import train
+
+    cfg = Config(model=MODEL, optim=dataclasses.replace(MUON, warmup_steps=5, schedule="cosine", clip_norm=1.0),
+                 data=DataConfig(corpus="synthetic", seq_len=32, batch_size=8),
+                 trainer=TrainerConfig(steps=40, log_every=10, eval_batches=2))
+    summary = train(cfg, str(tmp_path), log=lambda *_: None, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert summary["heldout_loss"] < summary["heldout_unigram_entropy"]
