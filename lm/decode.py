@@ -83,10 +83,11 @@ def pick(logits, keys, temperature, top_p, top_k: int = 0):
     return nxt, token_logps(logits, nxt, t)
 
 
-def row_keys(seeds, steps):
-    """The key of each row at each row's step: fold_in(PRNGKey(seed), step), so a request's
-    draws depend on its seed and step only, never on the batch it shares."""
-    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds, steps)
+def seed_keys(seeds, steps):
+    """Each row's key at its step: fold_in(fold_in(PRNGKey(seed), 0), step), the key of row 0
+    of `lm.sampling.generate(seed=...)`: a request's draws depend on its seed and step
+    only, never on the batch it shares."""
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), 0), i))(seeds, steps)
 
 
 # ---------------------------------------------------------------------------------------

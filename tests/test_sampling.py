@@ -78,7 +78,7 @@ def test_pick_per_row_options():
     """One batch, each row with its own temperature, top-p and key: greedy rows are the
     argmax, a row's draw depends on its own key only, top-p keeps the nucleus."""
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 3, jnp.float32)
-    keys = decode.row_keys(jnp.asarray([1, 2, 3, 4]), jnp.asarray([0, 0, 0, 0]))
+    keys = decode.seed_keys(jnp.asarray([1, 2, 3, 4]), jnp.asarray([0, 0, 0, 0]))
     t = jnp.asarray([0.0, 1.0, 1.0, 0.0])
     p = jnp.asarray([1.0, 1.0, 1e-6, 0.5])
     nxt, logps = pick(logits, keys, t, p)
@@ -88,7 +88,7 @@ def test_pick_per_row_options():
     # row 1 alone, or beside different rows, draws the same token
     alone, _ = pick(logits[1:2], keys[1:2], t[1:2], p[1:2])
     assert alone[0] == nxt[1]
-    draws = {int(pick(logits[1:2], decode.row_keys(jnp.asarray([s]), jnp.asarray([0])), t[1:2], p[1:2])[0][0])
+    draws = {int(pick(logits[1:2], decode.seed_keys(jnp.asarray([s]), jnp.asarray([0])), t[1:2], p[1:2])[0][0])
              for s in range(40)}
     assert len(draws) > 3  # it does sample
     assert decode.argmax(jnp.asarray([[1.0, 3.0, 3.0, 0.0]]))[0] == 1  # the first maximum, as jnp.argmax
