@@ -48,6 +48,7 @@ class Request:
     seed: int = 0
     stop_ids: tuple[int, ...] = ()  # end the answer (not part of its text)
     stop_text: tuple[str, ...] = ()  # end the answer before the first occurrence
+    stream: bool = True  # an event per token; False: one event at the end (less work per step)
 
 
 @dataclasses.dataclass
@@ -82,6 +83,7 @@ class _Slot:
     ids: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
     sent: int = 0  # characters of the answer's text already emitted
+    tokens_sent: int = 0  # tokens already emitted
 
 
 def _prefill_width(n: int, max_len: int) -> int:
@@ -264,7 +266,9 @@ class Batcher:
     def _launch(self, span: int | None = None):
         """Dispatch one step for the active slots; returns (its results, the slots it ran for)."""
         if self.rows is None:
-            self.rows = jax.device_put(self.host, self.device)
+            # copies: on a CPU the device array may share the numpy buffer, which the
+            # lines below change while the step may still be reading it
+            self.rows = jax.device_put({k: v.copy() for k, v in self.host.items()}, self.device)
         h = self.host
         if span is None:  # every active slot writes at its position and reads slots up to it
             span = decode.span_for(int((h["position"] * h["active"]).max()) + 1, self.max_len)
@@ -290,25 +294,29 @@ class Batcher:
     def _take(self, i: int, s: _Slot, token: int, logp: float) -> None:
         r = s.handle.request
         if token in r.stop_ids:
-            return self._finish(i, s, "stop", len(self.decode_text(s.ids)), extra_tokens=1)
+            return self._finish(i, s, "stop", None, extra_tokens=1)
         s.ids.append(token)
         s.logprobs.append(logp)
+        if not r.stream and not r.stop_text:  # nothing to look at before the end
+            if len(s.ids) >= r.max_tokens:
+                self._finish(i, s, "length", None)
+            return
         text = self.decode_text(s.ids)
         cut = _find_stop(text, r.stop_text, s.sent)
         if cut is not None:
             return self._finish(i, s, "stop", cut)
         if len(s.ids) >= r.max_tokens:
             return self._finish(i, s, "length", len(text))
-        safe = _safe_length(text, r.stop_text)
-        if safe > s.sent:
-            s.handle.emit(Event(text=text[s.sent: safe], tokens=[token], logprobs=[logp]))
-            s.sent = safe
-        else:
-            s.handle.emit(Event(tokens=[token], logprobs=[logp]))
+        safe = max(s.sent, _safe_length(text, r.stop_text))
+        s.handle.emit(Event(text=text[s.sent: safe], tokens=[token], logprobs=[logp]))
+        s.sent, s.tokens_sent = safe, len(s.ids)
 
-    def _finish(self, i: int, s: _Slot, reason: str, end: int, extra_tokens: int = 0) -> None:
+    def _finish(self, i: int, s: _Slot, reason: str, end: int | None, extra_tokens: int = 0) -> None:
+        """The last event: the rest of the text up to `end` (None: all), the tokens not yet
+        sent (all of them, even past a stop string), the usage."""
         text = self.decode_text(s.ids)[:end]
-        s.handle.emit(Event(text=text[s.sent:], finish=reason, prompt_tokens=len(s.handle.request.prompt),
+        s.handle.emit(Event(text=text[s.sent:], tokens=s.ids[s.tokens_sent:], logprobs=s.logprobs[s.tokens_sent:],
+                            finish=reason, prompt_tokens=len(s.handle.request.prompt),
                             completion_tokens=len(s.ids) + extra_tokens))
         self._free(i, reason)
 

@@ -230,7 +230,7 @@ def make_app(service: Service):
     async def completions(request: HTTPRequest, chat: bool = False):
         body = await read_json(request)
         req = service.request(body, chat)
-        stream = bool(body.get("stream"))
+        stream = req.stream = bool(body.get("stream"))
         include_usage = stream and isinstance(body.get("stream_options"), dict) and bool(
             body["stream_options"].get("include_usage"))
         want_logprobs = bool(body.get("logprobs"))
@@ -376,19 +376,21 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,
           api_key: str | None = None, model_name: str | None = None, log: Callable = print) -> int:
-    """`lm serve`: build the app, bind (port 0: any free port) and serve until interrupted."""
+    """`lm serve`: bind (port 0: any free port), build the app and serve until interrupted."""
     import uvicorn
 
-    app, batcher = build(run_dir, slots, max_len, api_key, model_name, log)
-    try:
+    try:  # first, so a port in use is reported at once
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
-        batcher.close()
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    bound = sock.getsockname()[1]
-    log(f"listening on http://{host}:{bound}" + (" (API key required)" if api_key else "")
+    try:
+        app, batcher = build(run_dir, slots, max_len, api_key, model_name, log)
+    except BaseException:
+        sock.close()
+        raise
+    log(f"listening on http://{host}:{sock.getsockname()[1]}" + (" (API key required)" if api_key else "")
         + " -- Ctrl-C stops")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     try:
