@@ -1,11 +1,13 @@
-"""Benchmarks (`make bench`): training throughput and MFU.
+"""Benchmarks (`make bench`): training throughput and MFU, the data pipeline, decoding.
 
 Each figure is printed beside the reference it is measured against in the same run: on
 CPU the machine's measured float32 matmul peak. Machine-readable lines:
 `train_tokens_per_s=N mfu=M` for the fixed reference configuration
 (experiments/bench_reference.py), and `data_tokens_per_s=N`: tokens/s the input
 pipeline of the default run delivers (tokenizing on the fly, no worker processes), which
-must stay far above what training consumes.
+must stay far above what training consumes; `decode_tokens_per_s_b1/_b8=N` and, with
+torch and transformers installed, `decode_ratio_vs_transformers_b1/_b8=R` against
+`transformers.generate` on the same model exported, measured alternately in the same run.
 """
 
 from __future__ import annotations

@@ -3,24 +3,27 @@
 What makes it fast on a CPU, where a 5M-parameter model's step is bound by overhead and
 memory traffic rather than arithmetic:
 
-- the cache is one (B, K, S, H) key and one value array *per layer*, carried through the
-  decode loop (or donated to the step call) and written in place: a step scatters each
-  row's new key/value at that row's position and copies nothing else;
-- the layers' parameters are unstacked once (`Weights`): a layer scan would slice the
-  stacked weights (a copy of every weight per step) and write the cache through its outputs;
+- the cache is one (B*K, S, H) key and one value array *per layer*, carried through the
+  decode loop (or donated to the step call) and written in place: a step writes each
+  row's new key/value at that row's position and copies nothing else (rows and heads
+  share the first axis: a batch of one must not be a degenerate dimension, around which
+  XLA duplicated the update and copied the cache);
+- the weights are laid out once (`prepare`): per layer (a layer scan would slice the
+  stacked weights, a copy of each per step, and write the cache through its outputs),
+  with the q/k/v and the gate/up projections fused into one matrix each;
 - attention reads only the first `span` slots of the cache, a static bucket at least as
   long as the longest sequence in the batch (`spans`): a program is compiled per bucket;
 - greedy rows skip sampling altogether (`pick`): no sort of the vocabulary, no random bits.
 
-The math is the model's own (lm/model.py): norms, projections, RoPE and MLP are the
-modules' methods; only the cache and the attention over it are here. Prefill runs a
-prompt's tokens through causal attention among themselves and writes their keys/values
-at slots 0..T-1; a step attends from position p to slots 0..p. A row's slots past its
-position hold stale values (padding, an earlier request's tokens) that are masked and
-overwritten before they are read.
+The math is the model's (lm/model.py: `rms_norm`, `rope_tables`, `apply_rope`,
+`dot_product_attention` for the prefill), on these weights; the tests hold cached
+decoding to the full forward pass. Prefill runs a prompt's tokens through causal
+attention among themselves and returns their keys/values for slots 0..T-1; a step
+attends from position p to slots 0..p. A row's slots past its position hold stale values
+(padding, an earlier request's tokens) that are masked and overwritten before they are read.
 
 Dimension alphabet as in lm/model.py: B batch (rows or server slots), T new tokens, S
-cache length, K key/value heads, G = N // K, H head size, D width, V vocabulary.
+cache length, K key/value heads, G = N // K, H head size, D width, F MLP width, V vocabulary.
 """
 
 from __future__ import annotations
