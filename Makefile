@@ -31,7 +31,7 @@ sft-lora: $(STAMP)
 	$(PY) -m lm train experiments/sft_lora.py $(ARGS)
 
 # Post-training on a CPU after `make sft` (runs what is missing first): a reward model and
-# DPO from runs/sft_tiny; SFT on the synthetic addition task, then GRPO on it.
+# DPO from runs/sft_tiny; SFT on the synthetic addition task, then GRPO and PPO on it.
 rl: $(STAMP)
 	@test -f runs/pretrain_tiny/summary.json || $(PY) -m lm train experiments/pretrain_tiny.py
 	@test -f runs/sft_tiny/summary.json || $(PY) -m lm train experiments/sft_tiny.py
@@ -39,6 +39,7 @@ rl: $(STAMP)
 	$(PY) -m lm train experiments/dpo_tiny.py $(ARGS)
 	@test -f runs/sft_arith/summary.json || $(PY) -m lm train experiments/sft_arith.py
 	$(PY) -m lm train experiments/grpo_arith.py $(ARGS)
+	$(PY) -m lm train experiments/ppo_arith.py $(ARGS)
 
 # The test suite on CPU with 8 fake devices (slow tests excluded; `make test-all` runs them).
 test: $(STAMP)

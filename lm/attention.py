@@ -34,6 +34,22 @@ FUSED = ("cudnn", "pallas", "splash", "flash")
 # Block size of the Pallas kernel's backward pass. On an H100, `base` at 4096 context:
 # 64 gave 40.0% MFU against 33.0% with JAX's default of 32 (lm bench accel, 2026-11-26).
 PALLAS_BWD_BLOCK = 64
+# Kernel settings for tuning runs: LM_PALLAS="block_q=128,block_k=128,bwd_q=64,bwd_kv=64,num_warps=8,num_stages=2"
+# (any subset; unset keys keep the defaults above and JAX's).
+PALLAS_ENV = "LM_PALLAS"
+
+
+def _pallas_settings(t: int) -> dict:
+    import os
+
+    s = {"block_q": min(128, t), "block_k": min(128, t), "bwd_q": min(PALLAS_BWD_BLOCK, t),
+         "bwd_kv": min(PALLAS_BWD_BLOCK, t), "num_warps": None, "num_stages": 2}
+    for item in filter(None, os.environ.get(PALLAS_ENV, "").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in s:
+            raise ValueError(f"{PALLAS_ENV}: unknown setting {key!r}; known: {', '.join(s)}")
+        s[key.strip()] = min(int(value), t) if key.strip().startswith(("block", "bwd")) else int(value)
+    return s
 
 
 def resolve(name: str, platform: str | None = None) -> str:
@@ -65,16 +81,17 @@ def _pallas(q, k, v, segment_ids, interpret: bool):
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 
     t = q.shape[1]
-    block = min(128, t)
+    s = _pallas_settings(t)
+    block = max(s["block_q"], s["block_k"])
     if t % block:
         raise ValueError(f"the pallas attention kernel needs a sequence length divisible by {block}, got {t}")
-    bwd = min(PALLAS_BWD_BLOCK, t)
-    sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=bwd, block_kv_dkv=bwd,
-                                  block_q_dq=bwd, block_kv_dq=bwd)
+    sizes = pallas_gpu.BlockSizes(block_q=s["block_q"], block_k=s["block_k"], block_q_dkv=s["bwd_q"],
+                                  block_kv_dkv=s["bwd_kv"], block_q_dq=s["bwd_q"], block_kv_dq=s["bwd_kv"])
     k, v = _repeat_kv(q, k, v)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     return pallas_gpu.mha(q, k, v, seg, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=True,
-                          block_sizes=sizes, interpret=interpret)
+                          block_sizes=sizes, num_warps=s["num_warps"], num_stages=s["num_stages"],
+                          interpret=interpret)
 
 
 def _splash(q, k, v, segment_ids, interpret: bool):

@@ -73,6 +73,9 @@ def _train(args) -> int:
              f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
     elif "heldout_pass_at_1" in summary:
         _log(f"done: held-out pass@1 {summary['base_heldout_pass_at_1']:.1%} -> {summary['heldout_pass_at_1']:.1%}")
+    elif "heldout_reward" in summary:
+        _log(f"done: held-out mean reward of greedy replies {summary['base_heldout_reward']:.3f} -> "
+             f"{summary['heldout_reward']:.3f}")
     elif "base_heldout_loss" in summary:
         _log(f"done: held-out loss {summary['heldout_loss']:.3f} (the base model: {summary['base_heldout_loss']:.3f})")
     else:

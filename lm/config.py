@@ -133,11 +133,15 @@ class PreferenceConfig:
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term
     margin: float = 0.0  # reward model: a margin the chosen reward must beat the rejected one by
+    # DPO/IPO: the reference's log-probabilities computed "online" in every step (a frozen copy of
+    # the weights, or the LoRA base), or "precomputed" once before training over every training and
+    # held-out pair and kept in the run directory (reference_logps.npz): no second copy in memory
+    reference: Literal["online", "precomputed"] = "online"
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Reinforcement learning from rewards: GRPO (lm/rl.py, lm/stages/grpo.py)."""
+    """Reinforcement learning from rewards: GRPO and PPO (lm/rl.py, lm/stages/grpo.py, lm/stages/ppo.py)."""
 
     task: str = "arith"  # prompts and answers: "arith" (synthetic additions), "gsm8k" (../shared/data/gsm8k)
     reward: str = "exact"  # "exact" (the reply is the answer), "number" (its last number), "gsm8k_strict"
@@ -150,10 +154,20 @@ class RLConfig:
     beta: float = 0.04  # KL penalty to the reference (the starting model); 0 never builds a reference
     loss_norm: Literal["sequence", "token", "constant"] = "sequence"  # GRPO / DAPO / Dr. GRPO
     scale_rewards: bool = True  # divide group advantages by the group's std (False: Dr. GRPO)
-    updates_per_rollout: int = 1  # optimiser steps on each rollout batch (mu)
+    updates_per_rollout: int = 1  # passes (epochs) over each rollout batch (mu)
+    minibatches: int = 1  # a rollout holds data.batch_size x minibatches rows; one optimiser step per minibatch
     eval_prompts: int = 200  # held-out prompts for pass@1 (greedy)
     train_problems: int = 5000  # "arith": training problems generated (2 digits: 8,100 exist)
     digits: int = 2  # "arith": digits of each operand
+    # PPO only (lm/stages/ppo.py): a value head "value" on the policy (model.scalar_heads), GAE
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE lambda
+    vf_coef: float = 0.1  # weight of the value loss
+    value_clip: float = 0.2  # the new value stays within this of the rollout's (0: no clipping)
+    kl_in: Literal["reward", "loss"] = "reward"  # KL to the reference as a per-token reward penalty, or in the loss
+    kl_target: float = 0.0  # > 0: adapt the penalty coefficient (starting at beta) towards this KL per sequence
+    kl_horizon: int = 10000  # rows over which the adaptive coefficient moves by at most 20%
+    whiten_rewards: bool = False  # scale the token rewards of a rollout to unit variance before GAE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +217,17 @@ class Config:
         self.model.validate()
         if self.pref.beta <= 0:
             raise ConfigError(f"pref.beta={self.pref.beta} must be positive")
-        for key in ("group_size", "max_new", "updates_per_rollout", "eval_prompts", "digits"):
+        for key in ("group_size", "max_new", "updates_per_rollout", "minibatches", "eval_prompts", "digits",
+                    "kl_horizon"):
             if getattr(self.rl, key) <= 0:
                 raise ConfigError(f"rl.{key}={getattr(self.rl, key)} must be positive")
         if self.rl.temperature <= 0 or self.rl.clip_eps <= 0 or self.rl.beta < 0:
             raise ConfigError("rl.temperature and rl.clip_eps must be positive and rl.beta not negative")
+        for key in ("vf_coef", "value_clip", "kl_target", "clip_eps_high"):
+            if getattr(self.rl, key) < 0:
+                raise ConfigError(f"rl.{key}={getattr(self.rl, key)} must not be negative")
+        if not (0 <= self.rl.gamma <= 1 and 0 <= self.rl.lam <= 1):
+            raise ConfigError(f"rl.gamma={self.rl.gamma} and rl.lam={self.rl.lam} must be in [0, 1]")
         if not 0 <= self.pref.label_smoothing < 0.5:
             raise ConfigError(f"pref.label_smoothing={self.pref.label_smoothing} must be in [0, 0.5)")
         if self.data.seq_len > self.model.max_seq_len:

@@ -132,9 +132,14 @@ class PreferenceObjective:
             raise ConfigError(f"pref.loss={p.loss!r}; choose one of {', '.join(LOSSES)}")
         self.cfg = p
         self.needs_reference = p.loss in ("dpo", "ipo")
-        self.frozen = ("reference",) if self.needs_reference and not cfg.lora.rank else ()
+        self.precomputed = self.needs_reference and p.reference == "precomputed"
+        self.frozen = ("reference",) if self.needs_reference and not cfg.lora.rank and not self.precomputed else ()
+        if self.precomputed:
+            self.batch_axes = {**self.batch_axes, "ref_logps": ("batch", None)}
 
     def reference_logps(self, model, batch: dict, frozen: dict):
+        if self.precomputed:
+            return batch["ref_logps"]  # (B, 2), from the data (lm/stages/pairs.py ReferenceTable)
         params = frozen["reference"] if "reference" in frozen else frozen["base"]
         ref = nnx.merge(nnx.graphdef(model), params)
         return jax.lax.stop_gradient(reply_logps(ref, batch)[0])

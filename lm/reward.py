@@ -45,7 +45,7 @@ def score(loaded, conversations: Sequence[tuple[list[dict], str]], batch: int = 
     from data_pipeline import chat
 
     tok, t = loaded.tokenizer, loaded.cfg.data.seq_len
-    fn = _rewards_fn(loaded)
+    fn = loaded.__dict__.get("_reward_fn") or loaded.__dict__.setdefault("_reward_fn", _rewards_fn(loaded))
     out = []
     for i in range(0, len(conversations), batch):
         part = conversations[i: i + batch]

@@ -71,3 +71,34 @@ def test_tokenizer_and_greedy_continuation_match_transformers(tmp_path):
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == theirs
+
+
+def test_post_trained_models_export_with_their_heads(tmp_path):
+    """A PPO policy (with its training-only value head) exports as a causal LM with the same
+    logits; a reward model exports as LlamaForSequenceClassification whose score, read by
+    transformers at each row's last non-padding token, equals our reward head there."""
+    import dataclasses
+
+    base = dataclasses.replace(SHAPES[0], vocab_size=89)
+    policy = _random_model(dataclasses.replace(base, scalar_heads=("value",)), seed=7)
+    export_llama(policy.cfg, nnx.state(policy, nnx.Param), str(tmp_path / "policy"))
+    x = jnp.asarray(np.random.default_rng(2).integers(1, 89, (3, 12)), jnp.int32)
+    np.testing.assert_allclose(_hf_logits(str(tmp_path / "policy"), x), np.asarray(policy(x)), atol=1e-4)
+
+    rm = _random_model(dataclasses.replace(base, scalar_heads=("reward",)), seed=8)
+    export_llama(rm.cfg, nnx.state(rm, nnx.Param), str(tmp_path / "rm"), pad_id=0)
+    lengths = np.array([12, 7, 3])
+    x = np.asarray(x).copy()
+    for r, n in enumerate(lengths):
+        x[r, n:] = 0  # right padding
+    seg = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
+    pos = np.broadcast_to(np.arange(12, dtype=np.int32), x.shape)
+    h = rm.hidden(jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg)).reshape(3, 12, -1)
+    ours = np.asarray(rm.scalar(h[jnp.arange(3), lengths - 1], "reward"))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"),
+                                                                         torch_dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForSequenceClassification"
+    with torch.no_grad():
+        theirs = hf(torch.tensor(x, dtype=torch.long)).logits.numpy()[:, 0]
+    assert np.abs(ours).max() > 1e-3  # a head that reads something
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)

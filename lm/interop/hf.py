@@ -103,7 +103,12 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: str | None = None,
                  bos_id: int = 2, eos_id: int = 3, pad_id: int = 0) -> str:
-    """Write a Hugging Face LLaMA checkpoint of `params` (a pure dict or nnx.State)."""
+    """Write a Hugging Face LLaMA checkpoint of `params` (a pure dict or nnx.State).
+
+    A model with a "reward" head (a reward model, lm/stages/reward.py) is written as
+    `LlamaForSequenceClassification` with one label: its `score` layer is the head, which
+    transformers reads at each row's last token that is not padding, as we do. Other
+    scalar heads (PPO's "value") are training-time only and are not exported."""
     if cfg.qk_norm:
         raise ConfigError("LLaMA has no qk-norm: a model trained with model.qk_norm=true cannot be exported as LLaMA")
     p = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
@@ -123,13 +128,17 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
         t[pre + "mlp.down_proj.weight"] = mlp["w_down"][i].T
         t[pre + "input_layernorm.weight"] = b["attn_norm"]["scale"][i]
         t[pre + "post_attention_layernorm.weight"] = b["mlp_norm"]["scale"][i]
-    if not cfg.tie_embeddings:
+    classifier = "reward" in cfg.scalar_heads
+    if classifier:
+        t["score.weight"] = p["scalar_heads"]["reward"][None, :]
+    elif not cfg.tie_embeddings:
         t["lm_head.weight"] = p["head"].T
     os.makedirs(out_dir, exist_ok=True)
     save_safetensors({name: np.asarray(a, np.float32) for name, a in t.items()},
                      os.path.join(out_dir, "model.safetensors"))
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+        "architectures": ["LlamaForSequenceClassification" if classifier else "LlamaForCausalLM"],
+        "model_type": "llama", "torch_dtype": "float32",
         "vocab_size": v, "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
         "num_attention_heads": n, "num_key_value_heads": k, "head_dim": h,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
@@ -138,6 +147,8 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
         "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
     }
+    if classifier:
+        config.update(num_labels=1, id2label={"0": "reward"}, label2id={"reward": 0})
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     # Generation stops at EOS, and in a chat model also at the end-of-turn token.

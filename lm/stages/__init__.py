@@ -16,6 +16,7 @@ STAGES = {
     "reward": "lm.stages.reward",
     "dpo": "lm.stages.dpo",
     "grpo": "lm.stages.grpo",
+    "ppo": "lm.stages.ppo",
 }
 
 

@@ -95,12 +95,19 @@ def training_rows(tokens, lengths, out, count, logps, advantages, max_new: int) 
 
 
 class RolloutData:
-    """The data of a GRPO run: rollout batches sampled from the current policy (RunData's surface)."""
+    """The data of a GRPO or PPO run: rollout batches sampled from the current policy (RunData's surface).
+
+    A rollout holds data.batch_size x rl.minibatches rows (prompts x rl.group_size samples);
+    each of its rl.updates_per_rollout passes feeds the minibatches in a fresh order, one
+    optimiser step each. Subclasses turn the sampled rows and their rewards into the
+    training batch (`score`).
+    """
 
     def __init__(self, cfg: Config, tokenizer, train: list[dict], graphdef, reward_fn: Callable, log: Callable):
         rl = cfg.rl
-        if cfg.data.batch_size % rl.group_size:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of rl.group_size="
+        rows = cfg.data.batch_size * rl.minibatches
+        if rows % rl.group_size:
+            raise ConfigError(f"data.batch_size x rl.minibatches = {rows} must be a multiple of rl.group_size="
                               f"{rl.group_size} (rows = prompts x samples per prompt)")
         self.cfg, self.rl, self.reward_fn, self.graphdef, self.log = cfg, rl, reward_fn, graphdef, log
         self.tokenizer = tokenizer
@@ -110,8 +117,10 @@ class RolloutData:
 
         self.stats = DataStats(self.names)
         self.heldout, self.heldout_bytes = {}, {}
-        self.prompts_per_rollout = cfg.data.batch_size // rl.group_size
-        self.rollouts, self.queue, self._metrics, self.ctx = 0, [], {}, None
+        self.prompts_per_rollout = rows // rl.group_size
+        self.rollouts, self._metrics, self.ctx = 0, {}, None
+        self.current: dict | None = None  # the rollout batch in use
+        self.plan: list[list[int]] = []  # its minibatches still to feed (row indices)
 
     def attach(self, ctx) -> None:
         self.ctx = ctx
@@ -123,9 +132,16 @@ class RolloutData:
         return int(np.random.default_rng([self.cfg.data.seed, epoch]).permutation(n)[i])
 
     def next_train(self) -> dict:
-        if not self.queue:
+        if not self.plan:
             self._rollout()
-        return self.queue.pop(0)
+        rows = self.plan.pop(0)
+        return {k: v[rows] for k, v in self.current.items()}
+
+    def score(self, tokens, lengths, out, count, logps, rewards) -> tuple[dict, dict]:
+        """The training batch of a rollout and its metrics: GRPO's group-relative advantages."""
+        adv = group_advantages(rewards, self.rl.group_size, self.rl.scale_rewards)
+        return (training_rows(tokens, lengths, out, count, logps, adv, self.rl.max_new),
+                {"advantage_abs": float(np.abs(adv).mean())})
 
     def _rollout(self) -> None:
         rl, g = self.rl, self.rl.group_size
@@ -137,30 +153,39 @@ class RolloutData:
         tokens, lengths, out, count, logps = sample(self.graphdef, self.ctx.model_params, self.sampler, idx, key,
                                                     rl.temperature)
         t1 = time.perf_counter()
-        rewards = np.asarray([self.reward_fn(self.sampler.text(out[r], count[r]), self.sampler.items[i])
-                              for r, i in enumerate(idx)], np.float32)
-        adv = group_advantages(rewards, g, rl.scale_rewards)
-        batch = training_rows(tokens, lengths, out, count, logps, adv, rl.max_new)
-        self.queue = [batch] * rl.updates_per_rollout
+        rewards = reward_all(self.reward_fn, [(self.sampler.text(out[r], count[r]), self.sampler.items[i])
+                                              for r, i in enumerate(idx)])
+        t2 = time.perf_counter()
+        self.current, extra = self.score(tokens, lengths, out, count, logps, rewards)
+        b = self.cfg.data.batch_size
+        rng = np.random.default_rng([self.cfg.data.seed, self.rollouts, 1])
+        self.plan = [order[i: i + b].tolist() for _ in range(rl.updates_per_rollout)
+                     for order in [rng.permutation(len(idx)) if rl.minibatches > 1 else np.arange(len(idx))]
+                     for i in range(0, len(idx), b)]
         groups = rewards.reshape(-1, g)
-        self._metrics = {"reward": float(rewards.mean()), "reward_std": float(groups.std(axis=1).mean()),
-                         "groups_all_same": float((groups.std(axis=1) == 0).mean()),
-                         "response_length": float(count.mean()), "advantage_abs": float(np.abs(adv).mean()),
-                         "rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+        spread = {"reward_std": float(groups.std(axis=1).mean()),
+                  "groups_all_same": float((groups.std(axis=1) == 0).mean())} if g > 1 else {}
+        self._metrics = {"reward": float(rewards.mean()), **spread, "response_length": float(count.mean()), **extra,
+                         "rollout_s": t1 - t0, "reward_s": t2 - t1, "score_s": time.perf_counter() - t2}
         self.rollouts += 1
 
     def metrics(self) -> dict:
         return dict(self._metrics)
 
     def get_state(self) -> dict:
-        return {"rollouts": self.rollouts, "metrics": self._metrics,
-                "queue": [{k: v.tolist() for k, v in b.items()} for b in self.queue]}
+        return {"rollouts": self.rollouts, "metrics": self._metrics, "plan": self.plan,
+                "current": None if self.current is None else {k: v.tolist() for k, v in self.current.items()}}
 
     def set_state(self, state: dict) -> None:
         self.rollouts = int(state["rollouts"])
         self._metrics = dict(state.get("metrics", {}))
-        self.queue = [{k: np.asarray(v, np.float32 if k in ("loss_mask", "old_logps", "advantages") else np.int32)
-                       for k, v in b.items()} for b in state.get("queue", [])]
+        self.plan = [list(map(int, rows)) for rows in state.get("plan", [])]
+        cur = state.get("current")
+        self.current = None if cur is None else {
+            k: np.asarray(v, np.int32 if k in INT_KEYS else np.float32) for k, v in cur.items()}
+
+
+INT_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
 
 def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: int = 100) -> float:
@@ -171,9 +196,17 @@ def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: in
         idx = list(range(lo, min(n, lo + batch)))
         idx += [idx[-1]] * (batch - len(idx))  # one compiled shape
         _, _, out, count, _ = sample(graphdef, params, sampler, idx, jax.random.PRNGKey(0), 0.0)
-        total += sum(reward_fn(sampler.text(out[r], count[r]), sampler.items[i])
-                     for r, i in enumerate(idx[: min(batch, n - lo)]))
+        total += float(reward_all(reward_fn, [(sampler.text(out[r], count[r]), sampler.items[i])
+                                              for r, i in enumerate(idx[: min(batch, n - lo)])]).sum())
     return total / n
+
+
+def reward_all(reward_fn: Callable, pairs: list[tuple[str, dict]]) -> np.ndarray:
+    """Rewards of (completion, example) pairs: in one call when the function scores batches
+    (`reward_fn.batched`, e.g. a reward model), else one by one."""
+    if hasattr(reward_fn, "batched"):
+        return np.asarray(reward_fn.batched(pairs), np.float32)
+    return np.asarray([reward_fn(c, e) for c, e in pairs], np.float32)
 
 
 def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:

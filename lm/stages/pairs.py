@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import os
 from typing import Callable
+
+import numpy as np
 
 from lm.config import Config, ConfigError
 from lm.engine import make_engine
@@ -54,6 +58,10 @@ def setup(cfg: Config, run_dir: str, log: Callable, mesh, objective, finish) -> 
                           "set trainer.init_from (an SFT run)")
     if loader is None:
         log(f"WARNING: stage {cfg.stage!r} from random parameters (no trainer.init_from)")
+    if getattr(objective, "precomputed", False):
+        if loader is None:
+            raise ConfigError("pref.reference='precomputed' needs the model to start from: set trainer.init_from")
+        data = ReferenceTable(data, cfg, engine, loader, os.path.join(run_dir, "reference_logps.npz"), log)
     return Setup(engine=engine, data=data, meta=run_meta(cfg, tok), init_params=loader, finish=finish(loader))
 
 
@@ -77,3 +85,95 @@ def before_after(ctx, summary: dict, init_params, keys: dict[str, str]) -> None:
             ctx.log(f"held-out {label}: {before[k]:.4f} before -> {after[k]:.4f} after")
         else:
             ctx.log(f"held-out {label}: {after[k]:.4f}")
+
+
+def _key(pair_inputs) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(pair_inputs, np.int32).tobytes(), digest_size=16).digest()
+
+
+class ReferenceTable:
+    """Preference data whose batches carry the reference's log-probabilities ("ref_logps",
+    (B, 2)), computed once before training over every training and held-out pair, keyed by
+    the pair's tokens, and kept in the run directory so that a resumed run reads them back.
+    Everything else is the wrapped data's."""
+
+    def __init__(self, data, cfg: Config, engine, loader: Callable, path: str, log: Callable):
+        import jax
+
+        if jax.process_count() > 1:
+            raise ConfigError("pref.reference='precomputed' runs in one process for now; use 'online'")
+        self._data, self.path, self._loader = data, path, loader
+        meta = f"{cfg.trainer.init_from}|{cfg.trainer.init_step}|{cfg.data.seq_len}"
+        if os.path.exists(path):
+            z = np.load(path, allow_pickle=False)
+            if str(z["meta"]) == meta:
+                self.table = dict(zip((bytes(k) for k in z["keys"]), z["values"]))
+                log(f"reference log-probabilities: {len(self.table)} pairs read from {path}")
+                self._heldout(engine, None)
+                return
+        self.table = {}
+        fn, params = self._scorer(engine)
+        b = cfg.data.batch_size
+        from data_pipeline.preferences import open_preference_source, pair_rows
+        from data_pipeline.sources import source_configs
+
+        for c in source_configs(data.data):
+            train, _ = open_preference_source(c)
+            rows = iter(pair_rows(train, data.tokenizer.path, cfg.data.seq_len, source=c.name, shuffle=False,
+                                  repeat=False))
+            while chunk := list(itertools.islice(rows, b)):
+                batch = {k: np.stack([e[k] for e in chunk] + [np.zeros_like(chunk[0][k])] * (b - len(chunk)))
+                         for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+                ref = np.asarray(fn(params, batch))
+                for r, e in enumerate(chunk):
+                    self.table[_key(e["inputs"])] = ref[r]
+        self._heldout(engine, (fn, params))
+        keys = np.frombuffer(b"".join(self.table), np.uint8).reshape(len(self.table), 16)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, keys=keys, values=np.stack(list(self.table.values())).astype(np.float32), meta=np.str_(meta))
+        os.replace(tmp, path)
+        log(f"reference log-probabilities: {len(self.table)} training pairs computed once, kept in {path}")
+
+    def _scorer(self, engine):
+        import jax
+        from flax import nnx
+
+        from lm.preference import reply_logps
+
+        graphdef = engine.graphdef
+        return jax.jit(lambda p, batch: reply_logps(nnx.merge(graphdef, p), batch)[0]), self._loader()
+
+    def _heldout(self, engine, scorer) -> None:
+        """Held-out batches get their reference log-probabilities (stored with the table)."""
+        for batches in self._data.heldout.values():
+            for batch in batches:
+                if all(_key(x) in self.table for x, v in zip(batch["inputs"], batch["segment_ids"]) if v.any()):
+                    batch["ref_logps"] = self._lookup(batch)
+                    continue
+                if scorer is None:
+                    scorer = self._scorer(engine)
+                fn, params = scorer
+                batch["ref_logps"] = np.asarray(fn(params, batch))
+                for x, v, r in zip(batch["inputs"], batch["segment_ids"], batch["ref_logps"]):
+                    if v.any():
+                        self.table[_key(x)] = r
+
+    def _lookup(self, batch: dict) -> np.ndarray:
+        out = np.zeros(batch["inputs"].shape[:2], np.float32)
+        for r, (x, v) in enumerate(zip(batch["inputs"], batch["segment_ids"])):
+            if not v.any():
+                continue  # a padding row of a short held-out batch
+            try:
+                out[r] = self.table[_key(x)]
+            except KeyError:
+                raise ConfigError(f"a pair has no precomputed reference log-probabilities; delete {self.path} "
+                                  "to compute them again (the data changed?)") from None
+        return out
+
+    def next_train(self) -> dict:
+        batch = self._data.next_train()
+        batch["ref_logps"] = self._lookup(batch)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
