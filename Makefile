@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= test
+EXTRAS ?= test,serve
 
 .PHONY: install pretrain sft sft-lora rl test test-all bench clean
 

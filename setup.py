@@ -23,7 +23,10 @@ setup(
         "sacrebleu>=2.3,<3",  # BLEU and chrF as the field computes them (lm eval translation tasks)
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # the official OpenAI client and httpx drive a live `lm serve` in tests/test_server.py
+        "test": ["pytest>=8", "openai>=1.40", "httpx>=0.27"],
+        # `lm serve`: Starlette (the ASGI toolkit FastAPI is built on) on uvicorn
+        "serve": ["starlette>=0.40", "uvicorn>=0.30"],
         # Hugging Face parity tests (optional): a CPU build of torch and transformers; sentencepiece
         # and protobuf let AutoTokenizer also read the exported tokenizer.model (slow tokenizers)
         "hf": ["torch>=2.4", "transformers>=4.45", "sentencepiece>=0.2", "protobuf>=3.20"],

@@ -1,11 +1,13 @@
-"""Benchmarks (`make bench`): training throughput and MFU.
+"""Benchmarks (`make bench`): training throughput and MFU, the data pipeline, decoding.
 
 Each figure is printed beside the reference it is measured against in the same run: on
 CPU the machine's measured float32 matmul peak. Machine-readable lines:
 `train_tokens_per_s=N mfu=M` for the fixed reference configuration
 (experiments/bench_reference.py), and `data_tokens_per_s=N`: tokens/s the input
 pipeline of the default run delivers (tokenizing on the fly, no worker processes), which
-must stay far above what training consumes.
+must stay far above what training consumes; `decode_tokens_per_s_b1/_b8=N` and, with
+torch and transformers installed, `decode_ratio_vs_transformers_b1/_b8=R` against
+`transformers.generate` on the same model exported, measured alternately in the same run.
 """
 
 from __future__ import annotations
@@ -113,30 +115,88 @@ def main_data(train_tokens_per_s: float | None = None) -> float:
     return headline
 
 
-def main_decode() -> None:
-    """New tokens/s of the KV-cache sampler at batch 1 and 8 (32-token prompts, 128 new, greedy)."""
+def main_decode(rounds: int = 5) -> dict:
+    """New tokens/s of the decode engine at batch 1 and 8 (32-token prompts, 128 new, greedy,
+    prefill included), and, when torch and transformers import, of `transformers.generate`
+    (eager, greedy) on the same model exported, measured alternately in this run.
+
+    Each figure is the median of `rounds` runs, ours and the peer's interleaved, so a drift
+    of the machine's speed (other processes on a shared CPU) hits both alike. The peer runs
+    with torch's default threads and with one thread (on a CPU shared with other work its
+    threads can stall at every barrier); the ratio is against the faster of the two."""
     from flax import nnx
 
+    from lm import decode
     from lm.model import Transformer
     from lm.sampling import generate
 
     cfg = experiment.load("bench_reference").model
     model = Transformer(cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    rates = {}
+    weights = decode.prepare(graphdef, params)
+    peer = _decode_peer(cfg, params)
+    new = 128
+    ours, theirs = {}, {}
     for b in (1, 8):
         prompts = [list(range(4 + i, 36 + i)) for i in range(b)]
-        generate(graphdef, params, prompts, 128, 256, temperature=0.0)  # compile
-        times = []
-        for _ in range(3):
+        run = lambda: generate(graphdef, params, prompts, new, 256, temperature=0.0, weights=weights)  # noqa: E731
+        out = run()  # compile
+        assert all(len(o) == new for o in out)
+        modes = {} if peer is None else {f"{peer.default_threads} threads": None, "1 thread": 1}
+        times = {"ours": [], **{m: [] for m in modes}}
+        if peer is not None:
+            agree = _agreement(peer.generate(prompts, new), out)
+            print(f"decode[batch {b}]: greedy tokens equal to transformers' for the first {agree} of {new} "
+                  "(a random model's near-ties part them later)")
+        for _ in range(rounds):
             t = time.perf_counter()
-            out = generate(graphdef, params, prompts, 128, 256, temperature=0.0)
-            times.append(time.perf_counter() - t)
-        assert all(len(o) == 128 for o in out)
-        rates[b] = b * 128 / min(times)
-        print(f"decode[batch {b}]: {rates[b]:,.0f} new tokens/s ({min(times) * 1e3 / 128:.2f} ms per step, "
-              "prefill included)")
-    print(f"decode_tokens_per_s_b1={rates[1]:.0f} decode_tokens_per_s_b8={rates[8]:.0f}")
+            run()
+            times["ours"].append(time.perf_counter() - t)
+            for mode, threads in modes.items():
+                t = time.perf_counter()
+                peer.generate(prompts, new, threads)
+                times[mode].append(time.perf_counter() - t)
+        rate = {k: b * new / float(np.median(v)) for k, v in times.items()}
+        ours[b] = rate.pop("ours")
+        line = f"decode[batch {b}]: {ours[b]:,.0f} new tokens/s ({b / ours[b] * 1e3:.2f} ms per step)"
+        if rate:
+            best = max(rate, key=rate.get)
+            theirs[b] = rate[best]
+            line += ("; transformers generate (eager): " + ", ".join(f"{v:,.0f} ({k})" for k, v in rate.items())
+                     + f"; ratio {ours[b] / theirs[b]:.2f}x")
+        print(line)
+    print(f"decode_tokens_per_s_b1={ours[1]:.0f} decode_tokens_per_s_b8={ours[8]:.0f} "
+          f"decode_b8_over_b1={ours[8] / ours[1]:.2f}")
+    if theirs:
+        print(f"decode_ratio_vs_transformers_b1={ours[1] / theirs[1]:.2f} "
+              f"decode_ratio_vs_transformers_b8={ours[8] / theirs[8]:.2f}")
+    return {"ours": ours, "peer": theirs}
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> int:
+    """Tokens from the start on which every row of a and b agree."""
+    n = 0
+    while all(n < len(x) and n < len(y) and x[n] == y[n] for x, y in zip(a, b)):
+        n += 1
+    return n
+
+
+def _decode_peer(cfg, params):
+    """`transformers.generate` on the reference model exported (None without torch/transformers)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("peer: torch/transformers not installed (pip install torch transformers); no decode ratio printed")
+        return None
+    import tempfile
+
+    from lm import peer_torch
+    from lm.interop.hf import export_llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_llama(cfg, params, tmp)
+        return peer_torch.HFDecoder(tmp)
 
 
 def main(which: str = "all") -> int:

@@ -1,4 +1,4 @@
-"""Command line: `lm train|info|bench ...` (also `python -m lm ...`)."""
+"""Command line: `lm train|info|sample|chat|serve|bench ...` (also `python -m lm ...`)."""
 
 from __future__ import annotations
 
@@ -255,6 +255,18 @@ def _chat_base(run, args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"lm serve needs starlette and uvicorn ({e}): pip install -e .[serve]") from None
+    from lm.server import serve
+
+    api_key = args.api_key or os.environ.get("LM_API_KEY") or None
+    return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log)
+
+
 def cmd_eval(args) -> int:
     from lm.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table
 
@@ -390,6 +402,19 @@ def main(argv: list[str] | None = None) -> int:
     decoding_args(ch)
     ch.add_argument("--system", default="", help="a system prompt")
     ch.set_defaults(fn=cmd_chat)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (continuous batching)")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_number(int, 0, 65535, what="in [0, 65535]"), default=8000,
+                    help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--slots", type=_number(int, 1, 1024, what="in [1, 1024]"), default=8,
+                    help="sequences decoded together (default 8); more requests wait in a queue")
+    sv.add_argument("--max-len", type=_number(int, 2, what="at least 2"),
+                    help="tokens per sequence, prompt included (default: the model's context)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: the LM_API_KEY environment "
+                                      "variable; none if unset)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    sv.set_defaults(fn=cmd_serve)
     ev = sub.add_parser("eval", help="evaluate a run: held-out loss and downstream tasks")
     ev.add_argument("run_dir")
     ev.add_argument("--tasks", help="comma-separated: heldout,hellaswag,arc_easy,arc_challenge,piqa,winogrande,"

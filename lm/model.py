@@ -54,6 +54,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 def attention_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
     """Boolean (B, T, S) mask: causal, and within the same segment (document) only."""
     causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None]
@@ -108,9 +115,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), dtype), axes=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -127,14 +132,9 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.norm_eps, pdt)
             self.k_norm = RMSNorm(h, cfg.norm_eps, pdt)
 
-    def __call__(self, x, cos, sin, mask, batch: int, cache=None):
+    def __call__(self, x, cos, sin, mask, batch: int):
         """x (B*T, D) -> (B*T, D). `mask` is (B, T, S), or for the fused kernels
-        (`model.attention`, lm/attention.py) the segment ids (B, T) or None.
-
-        With `cache = (k (B,S,K,H), v (B,S,K,H), positions (B,T))` the new keys/values are
-        written at their positions, attention runs over the whole cache (`mask` is then
-        (B, T, S)), and the updated cache is returned too: (out, (k, v)).
-        """
+        (`model.attention`, lm/attention.py) the segment ids (B, T) or None."""
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
@@ -146,14 +146,6 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, kk = self.q_norm(q), self.k_norm(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        if cache is not None:  # decoding: slot = absolute position
-            k_cache, v_cache, positions = cache
-            rows = jnp.arange(batch)[:, None]
-            k_cache = k_cache.at[rows, positions].set(kk.astype(k_cache.dtype))
-            v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
-            out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
-            out = out.reshape(batch * t, n * h) @ self.wo[...].astype(cdt).reshape(n * h, d)
-            return out, (k_cache, v_cache)
         impl = attention.resolve(cfg.attention)
         if impl in attention.FUSED:  # `mask` holds the segment ids (B, T), or None
             out = attention.fused_attention(q, kk, v, mask, impl)
@@ -191,13 +183,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, mask, batch: int, cache=None):
-        if cache is None:
-            x = x + self.attn(self.attn_norm(x), cos, sin, mask, batch)
-            return shard(x + self.mlp(self.mlp_norm(x)), "act_nd")
-        a, cache = self.attn(self.attn_norm(x), cos, sin, mask, batch, cache)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), cache
+    def __call__(self, x, cos, sin, mask, batch: int):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, batch)
+        return shard(x + self.mlp(self.mlp_norm(x)), "act_nd")
 
 
 _REMAT_POLICIES = {
@@ -229,14 +217,12 @@ class Transformer(nnx.Module):
         self.scalar_heads = nnx.Dict({name: nnx.Param(jnp.zeros((cfg.d_model,), pdt), axes=("embed",))
                                       for name in cfg.scalar_heads})
 
-    def forward(self, tokens, positions=None, segment_ids=None, cache: dict | None = None):
-        """The one forward path, for training, scoring and cached decoding.
+    def forward(self, tokens, positions=None, segment_ids=None):
+        """The one forward path, for training and scoring (cached decoding, with the
+        same math on weights laid out for it, is lm/decode.py).
 
-        tokens (B, T) int -> (final normalised hidden states (B*T, D), new cache or None).
-        Without a cache: causal attention within documents (`segment_ids`), positions
-        default to 0..T-1. With `cache = {"k", "v": (L, B, S, K, H)}` (decoding) each
-        token's key/value is written to the slot of its absolute position and a query at
-        position p attends to slots 0..p.
+        tokens (B, T) int -> final normalised hidden states (B*T, D). Causal attention
+        within documents (`segment_ids`); positions default to 0..T-1.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -246,42 +232,30 @@ class Transformer(nnx.Module):
         cos, sin = rope_tables(positions, cfg.head_size, cfg.rope_theta)
         if not cfg.document_mask:
             segment_ids = None  # attend across the documents packed in a row (GPT-2 style)
-        if cache is None and attention.resolve(cfg.attention) in attention.FUSED:
+        if attention.resolve(cfg.attention) in attention.FUSED:
             mask = segment_ids  # the fused kernels mask by segment ids, without a (B, T, T) mask
-        elif cache is None:
-            mask = attention_mask(segment_ids, b, t)  # (B, T, T)
         else:
-            mask = jnp.arange(cache["k"].shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
+            mask = attention_mask(segment_ids, b, t)  # (B, T, T)
 
         x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(cdt)  # (B*T, D)
         x = shard(x, "act_nd")
         graphdef, stacked = nnx.split(self.blocks)
 
-        if cache is None:
-            def layer(x, params):
-                return nnx.merge(graphdef, params)(x, cos, sin, mask, b), None
+        def layer(x, params):
+            return nnx.merge(graphdef, params)(x, cos, sin, mask, b), None
 
-            if cfg.remat != "none":
-                layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-            xs = stacked
-        else:
-            def layer(x, xs):  # one layer's parameters and its slice of the cache
-                params, k_cache, v_cache = xs
-                return nnx.merge(graphdef, params)(x, cos, sin, mask, b, (k_cache, v_cache, positions))
-
-            xs = (stacked, cache["k"], cache["v"])
-        if cfg.scan_layers or cache is not None:
-            x, new = jax.lax.scan(layer, x, xs)
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(layer, x, stacked)
         else:
             for i in range(cfg.n_layers):
-                x, _ = layer(x, jax.tree.map(lambda a: a[i], xs))
-            new = None
-        new_cache = None if cache is None else {"k": new[0], "v": new[1]}
-        return self.final_norm(x), new_cache
+                x, _ = layer(x, jax.tree.map(lambda a: a[i], stacked))
+        return self.final_norm(x)
 
     def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens (B, T) int -> final normalised hidden states (B*T, D)."""
-        return self.forward(tokens, positions, segment_ids)[0]
+        return self.forward(tokens, positions, segment_ids)
 
     def scalar(self, h: jax.Array, name: str) -> jax.Array:
         """Hidden states (..., D) -> float32 scalars (...) of the extra head `name`
@@ -302,25 +276,6 @@ class Transformer(nnx.Module):
         """tokens (B, T) -> float32 logits (B, T, V)."""
         b, t = tokens.shape
         return self.logits(self.hidden(tokens, positions, segment_ids)).reshape(b, t, -1)
-
-    # -- decoding with a key/value cache ---------------------------------------------------
-
-    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
-        """An empty cache for `batch` sequences of up to `length` tokens: k/v (L, B, S, K, H)."""
-        cfg = self.cfg
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_size)
-        dtype = dtype or jnp.dtype(cfg.compute_dtype)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-    def decode(self, tokens, positions, cache: dict) -> tuple[jax.Array, dict]:
-        """Run tokens (B, T) at absolute `positions` (B, T) against the cache (see `forward`).
-
-        Prefill is a call with the (padded) prompts, decoding a call with one token per
-        sequence. Returns float32 logits (B, T, V) and the new cache.
-        """
-        b, t = tokens.shape
-        h, cache = self.forward(tokens, positions, cache=cache)
-        return self.logits(h).reshape(b, t, -1), cache
 
 
 def param_count(cfg: ModelConfig) -> int:

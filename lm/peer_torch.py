@@ -1,5 +1,10 @@
-"""The PyTorch peer of the training benchmark: Hugging Face LLaMA of the same shape.
+"""The PyTorch peers of the benchmarks: Hugging Face LLaMA of the same shape.
 
+Decoding (`HFDecoder`): our model exported with `lm.interop.hf.export_llama` and loaded by
+`transformers.LlamaForCausalLM.from_pretrained`, greedy `generate` in eager mode with its
+own KV cache, exactly `new` tokens per prompt (no early stop), float32.
+
+Training:
 The same model (LlamaForCausalLM built from our ModelConfig: RoPE, RMSNorm, SwiGLU,
 grouped-query attention, same vocabulary/width/depth), the same batch of token ids, one
 AdamW step per iteration, timed like ours (median of repeats, after warm-up). On a GPU:
@@ -79,3 +84,26 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
     if device == "cuda":
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     return out
+
+
+class HFDecoder:
+    """Greedy `transformers.generate` on an exported model (a folder written by export_llama)."""
+
+    def __init__(self, hf_dir: str):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None  # exactly `new` tokens
+        self.default_threads = torch.get_num_threads()
+
+    def generate(self, prompts: list[list[int]], new: int, threads: int | None = None) -> list[list[int]]:
+        """Equal-length prompts -> exactly `new` greedy tokens each, on `threads` CPU threads
+        (default: torch's own choice, one per core)."""
+        self.torch.set_num_threads(threads or self.default_threads)
+        x = self.torch.tensor(prompts, dtype=self.torch.long)
+        with self.torch.no_grad():
+            out = self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=new,
+                                      do_sample=False, pad_token_id=0)
+        return out[:, x.shape[1]:].tolist()

@@ -1,0 +1,306 @@
+"""`lm serve`: a live server (a child process on 127.0.0.1, a free port) driven by the official
+`openai` client and httpx: greedy answers equal `lm sample`'s and the chat template's,
+concurrency and streaming, throughput, bad requests, disconnection and the API key.
+Skipped when the serving packages are missing (`pip install -e .[serve,test]`; CI installs them)."""
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from helpers import corpus_tokenizer, cpu_env
+
+pytest.importorskip("starlette", reason="starlette not installed (pip install -e .[serve])")
+pytest.importorskip("uvicorn", reason="uvicorn not installed (pip install -e .[serve])")
+openai = pytest.importorskip("openai", reason="openai not installed (pip install -e .[test])")
+httpx = pytest.importorskip("httpx", reason="httpx not installed (pip install -e .[test])")
+
+KEY = "sk-test-key"
+PROMPTS = [f"def f{i}(x):\n    return" for i in range(32)]
+
+
+def _make_run(d):
+    """A random chat-capable run: the project's tokenizer (with chat tokens), a small model
+    with peaked logits (init_std 0.2: greedy choices far from ties), imported as a run."""
+    from flax import nnx
+
+    from lm.config import ModelConfig
+    from lm.interop.hf import export_llama, import_run
+    from lm.model import Transformer
+
+    tok = corpus_tokenizer(d, 1024)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=256, init_std=0.2)
+    export_llama(cfg, nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param), str(d / "hf"), tokenizer_model=tok.path)
+    run = d / "chat_run"
+    import_run(str(d / "hf"), str(run), log=lambda *_: None)
+    c = json.loads((run / "config.json").read_text())
+    c["stage"] = "sft"  # a fine-tuned run's stage: the server applies the chat template
+    (run / "config.json").write_text(json.dumps(c))
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    run = _make_run(d)
+    env = {**cpu_env(1), "LM_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", run, "--port", "0", "--slots", "8"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 300
+        url = None
+        while url is None:
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError("lm serve exited before listening:\n" + "".join(lines))
+            lines.append(line)
+            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+            assert time.monotonic() < deadline, "lm serve did not start in time:\n" + "".join(lines)
+        threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
+        from lm.run import load_run
+
+        loaded = load_run(run, log=lambda *_: None)
+        yield {"url": url, "run": run, "loaded": loaded, "log": lines,
+               "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=60, max_retries=0)}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _greedy(loaded, prompt_ids, max_new, stops):
+    """What `lm sample` runs: lm.sampling.stream, greedy, up to a stop token; decoded."""
+    from lm.sampling import stream
+
+    ids = []
+    for t in stream(loaded.graphdef, loaded.params, prompt_ids, max_new, loaded.cfg.model.max_seq_len,
+                    temperature=0.0, stop_ids=stops):
+        if t in stops:
+            break
+        ids.append(t)
+    return loaded.tokenizer.decode(ids)
+
+
+def _health(server):
+    return httpx.get(server["url"] + "/health", timeout=10).json()
+
+
+def test_greedy_completion_equals_lm_sample(server):
+    client, tok = server["client"], server["loaded"].tokenizer
+    assert [m.id for m in client.models.list().data] == ["chat_run"]
+    prompt = PROMPTS[0]
+    r = client.completions.create(model="chat_run", prompt=prompt, max_tokens=24, temperature=0)
+    want = _greedy(server["loaded"], tok.encode(prompt, bos=True), 24, [tok.eos_id])
+    assert r.choices[0].text == want and len(want) > 10
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 24 else "stop")
+    # streamed: the same text in pieces
+    pieces = [c.choices[0].text for c in client.completions.create(model="chat_run", prompt=prompt, max_tokens=24,
+                                                                   temperature=0, stream=True)]
+    assert "".join(pieces) == want and len(pieces) > 2
+
+
+@pytest.mark.slow
+def test_greedy_completion_equals_the_lm_sample_command(server):
+    prompt = PROMPTS[5]
+    r = server["client"].completions.create(model="chat_run", prompt=prompt, max_tokens=24, temperature=0)
+    out = subprocess.run([sys.executable, "-m", "lm", "sample", server["run"], "--prompt", prompt, "--max-new", "24",
+                          "--temperature", "0"], env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert out.stdout == prompt + r.choices[0].text + "\n" and len(r.choices[0].text) > 10
+
+
+def test_chat_completion_uses_the_template(server):
+    from lm.chat import Chat
+
+    client = server["client"]
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is os.path?"}]
+    r = client.chat.completions.create(model="chat_run", messages=messages, max_tokens=20, temperature=0)
+    chat = Chat(server["loaded"], system="Answer briefly.", max_new=20, temperature=0.0)
+    want = chat.reply("What is os.path?")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    chunks = list(client.chat.completions.create(model="chat_run", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_32_concurrent_streaming_clients_get_their_own_answers(server):
+    """32 streams over 8 slots (24 wait, then join as others leave): each answer equals that
+    prompt's greedy answer alone, however the requests were batched."""
+    from lm.sampling import generate
+
+    loaded, tok = server["loaded"], server["loaded"].tokenizer
+    ids = [tok.encode(p, bos=True) for p in PROMPTS]
+    want = [tok.decode([t for t in o if t != tok.eos_id])
+            for o in generate(loaded.graphdef, loaded.params, ids, 16, 256, temperature=0.0, eos_id=tok.eos_id)]
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, timeout=120, max_retries=0)
+
+    def one(i):
+        text, finish = "", None
+        for c in client.completions.create(model="chat_run", prompt=PROMPTS[i], max_tokens=16, temperature=0,
+                                           stream=True):
+            text += c.choices[0].text
+            finish = c.choices[0].finish_reason or finish
+        return text, finish
+
+    with cf.ThreadPoolExecutor(32) as ex:
+        got = list(ex.map(one, range(32)))
+    assert [g[0] for g in got] == want
+    assert all(g[1] in ("stop", "length") for g in got)
+    assert len(set(want)) > 20  # the prompts' answers differ: a mix-up would show
+
+
+def test_throughput_grows_with_concurrency(server):
+    """8 concurrent clients get at least 4x the tokens/s of one (best of three tries: the
+    machine may be shared)."""
+    client = server["client"]
+
+    def one(i):
+        r = client.completions.create(model="chat_run", prompt=PROMPTS[i], max_tokens=160, temperature=1.0, seed=i)
+        return r.usage.completion_tokens
+
+    def rate(n):
+        t = time.perf_counter()
+        with cf.ThreadPoolExecutor(n) as ex:
+            tokens = sum(ex.map(one, range(n)))
+        return tokens / (time.perf_counter() - t)
+
+    rate(8)  # warm up the client and server
+    ratios = []
+    for _ in range(3):
+        single, eight = rate(1), rate(8)
+        ratios.append(eight / single)
+        if ratios[-1] >= 4:
+            break
+    assert max(ratios) >= 4, f"8 clients / 1 client tokens/s: {ratios}"
+
+
+def test_bad_requests_get_openai_errors_and_the_server_lives_on(server):
+    client, url = server["client"], server["url"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path, content, status, code=None):
+        r = httpx.post(url + path, content=content, headers={**auth, "Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error" and "Traceback" not in r.text
+        if code:
+            assert err["code"] == code
+        return err
+
+    post("/v1/completions", b'{"model": "chat_run", "prompt": "x"', 400)  # malformed JSON
+    post("/v1/completions", b"\xff\xfe", 400)
+    post("/v1/completions", b"[1, 2]", 400)
+    post("/v1/chat/completions", json.dumps({"model": "chat_run", "messages": [{"role": "robot", "content": "x"}]}),
+         400)
+    post("/v1/chat/completions", json.dumps({"model": "chat_run", "messages": "hi"}), 400)
+    assert post("/v1/completions", json.dumps({"model": "chat_run", "prompt": "x", "temperature": 3}),
+                400)["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=3)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="chat_run", prompt="def " * 400, max_tokens=3)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="chat_run", prompt="x", max_tokens=-5)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="chat_run", messages=[{"role": "user", "content": "x"}], max_tokens=300)
+    assert httpx.get(url + "/v1/completions", headers=auth, timeout=30).status_code == 405
+    assert httpx.get(url + "/v1/nothing", headers=auth, timeout=30).status_code == 404
+    # none of it hurt the server
+    assert client.completions.create(model="chat_run", prompt="x", max_tokens=3, temperature=0).choices[0].text
+    assert _health(server)["errors"] == 0
+    assert "Traceback" not in "".join(server["log"])
+
+
+def test_api_key_is_required(server):
+    url = server["url"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(url + "/v1/models", headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", timeout=30, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="chat_run", prompt="x", max_tokens=2)
+    assert "listening on http://127.0.0.1:" in "".join(server["log"])  # this machine only, by default
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    url = server["url"]
+    before = _health(server)
+    body = {"model": "chat_run", "prompt": PROMPTS[1], "max_tokens": 240, "temperature": 1.0, "top_p": 0.9,
+            "seed": 0, "stream": True}
+    for _ in range(4):
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the answer has started; now hang up
+    deadline = time.monotonic() + 30
+    while (h := _health(server))["active"] or h["waiting"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["cancelled"] - before["cancelled"] == 4 and h["finished"] == before["finished"]
+    # the slots serve new requests
+    assert server["client"].completions.create(model="chat_run", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_stop_strings_seeds_and_mixed_sampling(server):
+    client = server["client"]
+    full = client.completions.create(model="chat_run", prompt=PROMPTS[2], max_tokens=30, temperature=0).choices[0].text
+    stop = full[8:11]
+    cut = client.completions.create(model="chat_run", prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="chat_run", prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=stop, stream=True))
+    assert streamed == cut.choices[0].text
+
+    def sample(seed, temperature=1.0, top_p=0.8):
+        return client.completions.create(model="chat_run", prompt=PROMPTS[3], max_tokens=20, temperature=temperature,
+                                         top_p=top_p, seed=seed).choices[0].text
+
+    with cf.ThreadPoolExecutor(6) as ex:  # sampled and greedy requests share steps
+        a, b, c, g1, g2, a2 = ex.map(lambda args: sample(*args), [(1,), (2,), (3,), (1, 0.0), (2, 0.0), (1,)])
+    assert a == a2 and len({a, b, c}) == 3 and g1 == g2
+    # a seeded sample is what the sampler draws for that seed (lm sample --seed)
+    from lm.sampling import stream
+
+    loaded = server["loaded"]
+    tok = loaded.tokenizer
+    ids = []
+    for t in stream(loaded.graphdef, loaded.params, tok.encode(PROMPTS[3], bos=True), 20, 256, temperature=1.0,
+                    top_p=0.8, stop_ids=[tok.eos_id], seed=1):
+        if t == tok.eos_id:
+            break
+        ids.append(t)
+    assert a == tok.decode(ids)
+
+
+def test_logprobs_are_the_samplers(server):
+    r = server["client"].completions.create(model="chat_run", prompt=PROMPTS[4], max_tokens=8, temperature=0.7,
+                                            seed=5, logprobs=1)
+    lp = r.choices[0].logprobs.token_logprobs
+    assert len(lp) == r.usage.completion_tokens - (r.choices[0].finish_reason == "stop")
+    assert all(x < 0 for x in lp) and np.isfinite(lp).all()
+
+
+def test_cli_refuses_a_port_in_use(server):
+    port = int(server["url"].rsplit(":", 1)[1])
+    out = subprocess.run([sys.executable, "-m", "lm", "serve", server["run"], "--port", str(port)], env=cpu_env(1),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "cannot listen" in out.stderr and "Traceback" not in out.stderr
