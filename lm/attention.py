@@ -209,7 +209,8 @@ def _skip_fwd_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, b
 
 
 def _skip_dkv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                     *, scale, block_q, block_k):
+                     *, scale, block_q, block_k, group):
+    # One key/value head and its `group` query heads: q_ref/do_ref (T, group * H), lse/delta (group, T).
     j = pl.program_id(2)
     k = k_ref[...]
     v = v_ref[...]
@@ -220,20 +221,20 @@ def _skip_dkv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     def body(i, carry):
         dk, dv = carry
         sl = pl.ds(i * block_q, block_q)
-        q = q_ref[sl, :]
-        do = do_ref[sl, :]
         q_start = start_ref[sl]
-        lse = lse_ref[sl]
-        delta = delta_ref[sl]
         q_pos = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
-        s = plgpu.dot(q, k, trans_b=True) * scale
         keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= q_start[:, None])
-        s = jnp.where(keep, s, _MASK_VALUE)
-        p = jnp.exp(s - lse[:, None])
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-        dp = plgpu.dot(do, v, trans_b=True)
-        ds = p * (dp - delta[:, None]) * scale
-        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+        for gi in range(group):
+            q = q_ref[sl, pl.ds(gi * h, h)]
+            do = do_ref[sl, pl.ds(gi * h, h)]
+            lse = lse_ref[gi, sl]
+            delta = delta_ref[gi, sl]
+            s = jnp.where(keep, plgpu.dot(q, k, trans_b=True) * scale, _MASK_VALUE)
+            p = jnp.exp(s - lse[:, None])
+            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+            dp = plgpu.dot(do, v, trans_b=True)
+            ds = p * (dp - delta[:, None]) * scale
+            dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     zeros = jnp.zeros((block_k, h), jnp.float32)
@@ -314,21 +315,27 @@ def _skip_attention_bwd(cfg, res, do):
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # (B, N, T)
     params = _skip_params(h, num_warps, num_stages)
     row = lambda: pl.BlockSpec((None, t), lambda bi, ni, i: (bi, 0))
-    full_q = lambda: pl.BlockSpec((None, t, None, h), lambda bi, ni, i: (bi, 0, ni, 0))
     full_kv = lambda: pl.BlockSpec((None, t, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0))
-    stat_row = lambda: pl.BlockSpec((None, None, t), lambda bi, ni, i: (bi, ni, 0))
-    # dK, dV per query head (B, T, N, H), summed over each kv head's group below.
+    # dK, dV: one program per key/value head and key block, looping over the head's query heads
+    # (Triton blocks need power-of-two sizes: another group size runs on repeated k/v, summed after).
+    kr, vr, group = (k, v, g) if g & (g - 1) == 0 else (*_repeat_kv(q, k, v), 1)
+    kn = kr.shape[2]
+    grouped = lambda x: x.reshape(b, t, kn, group * h)
+    stats = lambda x: x.reshape(b, kn, group, t)
     dk, dv = pl.pallas_call(
-        functools.partial(_skip_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k),
-        grid=(b, n, t // block_k),
-        in_specs=[row(), pl.BlockSpec((None, block_k), lambda bi, ni, j: (bi, j)), full_q(),
-                  pl.BlockSpec((None, block_k, None, h), lambda bi, ni, j: (bi, j, ni // g, 0)),
-                  pl.BlockSpec((None, block_k, None, h), lambda bi, ni, j: (bi, j, ni // g, 0)),
-                  full_q(), stat_row(), stat_row()],
-        out_specs=[pl.BlockSpec((None, block_k, None, h), lambda bi, ni, j: (bi, j, ni, 0))] * 2,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2,
+        functools.partial(_skip_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k, group=group),
+        grid=(b, kn, t // block_k),
+        in_specs=[row(), pl.BlockSpec((None, block_k), lambda bi, ki, j: (bi, j)),
+                  pl.BlockSpec((None, t, None, group * h), lambda bi, ki, j: (bi, 0, ki, 0)),
+                  pl.BlockSpec((None, block_k, None, h), lambda bi, ki, j: (bi, j, ki, 0)),
+                  pl.BlockSpec((None, block_k, None, h), lambda bi, ki, j: (bi, j, ki, 0)),
+                  pl.BlockSpec((None, t, None, group * h), lambda bi, ki, j: (bi, 0, ki, 0)),
+                  pl.BlockSpec((None, None, group, t), lambda bi, ki, j: (bi, ki, 0, 0)),
+                  pl.BlockSpec((None, None, group, t), lambda bi, ki, j: (bi, ki, 0, 0))],
+        out_specs=[pl.BlockSpec((None, block_k, None, h), lambda bi, ki, j: (bi, j, ki, 0))] * 2,
+        out_shape=[jax.ShapeDtypeStruct(kr.shape, kr.dtype)] * 2,
         compiler_params=params, interpret=interpret, name="flash_skip_dkv",
-    )(start, end, q, k, v, do, lse, delta)
+    )(start, end, grouped(q), kr, vr, grouped(do), stats(lse), stats(delta))
     dq = pl.pallas_call(
         functools.partial(_skip_dq_kernel, scale=scale, block_q=block_q, block_k=block_k),
         grid=(b, n, t // block_q),
@@ -342,8 +349,9 @@ def _skip_attention_bwd(cfg, res, do):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params, interpret=interpret, name="flash_skip_dq",
     )(start, q, k, v, do, lse, delta)
-    dk = dk.reshape(b, t, kh, g, h).sum(axis=3).astype(k.dtype)
-    dv = dv.reshape(b, t, kh, g, h).sum(axis=3).astype(v.dtype)
+    if kn != kh:  # repeated k/v: sum each key/value head's group
+        dk = dk.reshape(b, t, kh, g, h).sum(axis=3, dtype=jnp.float32).astype(k.dtype)
+        dv = dv.reshape(b, t, kh, g, h).sum(axis=3, dtype=jnp.float32).astype(v.dtype)
     return dq, dk, dv, None, None
 
 

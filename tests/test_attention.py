@@ -61,6 +61,19 @@ def test_pallas_skip_without_segment_ids_is_causal_attention():
     np.testing.assert_allclose(out, reference(q, k, v, ones), atol=2e-5)
 
 
+def test_pallas_skip_with_a_group_size_not_a_power_of_two():
+    q, k, v, seg = inputs()
+    q, k, v, seg = q[:1, :128, :3], k[:1, :128, :1], v[:1, :128, :1], seg[:1, :128]  # 3 query heads per kv head
+    ref = lambda q, k, v: M.dot_product_attention(q, k, v, M.attention_mask(seg, 1, 128), 0)
+    fused = lambda q, k, v: attention.pallas_skip(q, k, v, seg, interpret=True, block_q=32, block_k=32,
+                                                  bwd_q=32, bwd_kv=32)
+    np.testing.assert_allclose(fused(q, k, v), ref(q, k, v), atol=2e-5)
+    g = jax.grad(lambda *a: jnp.sum(fused(*a) ** 2), (0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) ** 2), (0, 1, 2))(q, k, v)
+    for a, r in zip(g, g_ref):
+        np.testing.assert_allclose(a, r, atol=1e-4)
+
+
 def test_pallas_skip_visits_only_blocks_of_the_query_documents():
     seg = np.zeros((1, T), np.int32)
     seg[0, :100], seg[0, 100:230] = 1, 2  # then padding (id 0) from 230
@@ -143,3 +156,10 @@ def test_fused_kernel_runs_per_shard_under_a_mesh(impl):
     with use_mesh(mesh):  # batch over data, heads (4 query, 2 key/value) over tensor
         out = jax.jit(lambda *a: attention.fused_attention(*a, impl))(q, k, v, seg)
     np.testing.assert_allclose(out, reference(q, k, v, seg), atol=2e-5)
+
+
+def test_attention_micro_benchmark_runs():  # the GPU script's `attn/*` cases, on tiny shapes
+    from lm import bench_accel
+
+    r = bench_accel.attention_time("pallas_skip", b=1, t=128, n=2, k=1, h=32, mean_doc=32, repeats=1)
+    assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
