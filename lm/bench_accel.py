@@ -31,10 +31,14 @@ CASES = {
     "small/torch": ("pretrain_small", 32, "torch", None, 0),
     "base/pallas": ("pretrain_base", 8, "pallas", None, 512),
     "base/pallas/dots": ("pretrain_base", 8, "pallas", "dots_no_batch", 512),
+    "base/pallas_skip": ("pretrain_base", 8, "pallas_skip", None, 512),
     "base/cudnn": ("pretrain_base", 8, "cudnn", None, 512),  # no document masking
     "base/jax_dpa": ("pretrain_base", 8, "jax_dpa", None, 512),
     "base/torch": ("pretrain_base", 8, "torch", None, 0),
 }
+# One layer's attention of `base` alone (B=8, T=4096, 16 query heads, 8 kv heads, head dim 128,
+# bfloat16, documents of mean 512 tokens): forward and forward+backward milliseconds.
+ATTN_CASES = {"attn/pallas": "pallas", "attn/pallas_skip": "pallas_skip", "attn/cudnn": "cudnn"}
 
 
 SMOKE = False  # --smoke: every case on the tiny model (checks this script on a CPU)
@@ -90,6 +94,39 @@ def run_case(case: str, steps: int, repeats: int) -> dict:
     return r
 
 
+def attention_time(impl: str, b: int = 8, t: int = 4096, n: int = 16, k: int = 8, h: int = 128,
+                   mean_doc: int = 512, repeats: int = 20) -> dict:
+    """Milliseconds (median of `repeats`) of one layer's fused attention `impl`, forward and
+    forward+backward, on bfloat16 inputs with packed documents (cuDNN: causal over whole rows)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from data_pipeline.synthetic import packed_segment_ids
+    from lm import attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, t, n, h), jnp.bfloat16)
+    kk = jax.random.normal(keys[1], (b, t, k, h), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (b, t, k, h), jnp.bfloat16)
+    w = jax.random.normal(keys[3], (b, t, n, h), jnp.bfloat16)
+    seg = None if impl == "cudnn" else jnp.asarray(packed_segment_ids(b, t, mean_doc, seed=1))
+    fwd = jax.jit(lambda q, kk, v: attention.fused_attention(q, kk, v, seg, impl))
+    grad = jax.jit(jax.grad(lambda q, kk, v: jnp.sum(fwd(q, kk, v).astype(jnp.float32) * w), (0, 1, 2)))
+
+    def ms(fn):
+        jax.block_until_ready(fn(q, kk, v))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(q, kk, v))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)) * 1e3
+
+    return {"fwd_ms": ms(fwd), "fwd_bwd_ms": ms(grad), "shape": f"B{b} T{t} N{n} K{k} H{h} doc{mean_doc}",
+            "device": jax.devices()[0].device_kind}
+
+
 def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     """Measured bfloat16 matmul FLOP/s on random data (median of `repeats`)."""
     import jax
@@ -137,7 +174,7 @@ def check_attention(b: int = 2, t: int = 1024, n: int = 16, k: int = 8, h: int =
     r_grads = jax.grad(loss(ref), (0, 1, 2))(q, kk, v)
     rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r).ravel()) / jnp.linalg.norm(r.ravel()))
     out = {}
-    for impl in ("pallas", "jax_dpa"):
+    for impl in ("pallas", "pallas_skip", "jax_dpa"):
         try:
             if impl == "jax_dpa":
                 fn = lambda q, kk, v: jax.nn.dot_product_attention(q, kk, v, mask=attention_mask(seg, b, t)[:, None])
@@ -161,6 +198,9 @@ def _child(args) -> int:
             r = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "count": jax.device_count(),
                  "matmul_bf16_flops": matmul_rate(1024 if SMOKE else 8192),
                  "attention": check_attention(*((2, 256, 4, 2, 64) if SMOKE else ()))}
+        elif args.case in ATTN_CASES:
+            shape = dict(b=2, t=256, n=4, k=2, h=64, mean_doc=64, repeats=2) if SMOKE else {}
+            r = attention_time(ATTN_CASES[args.case], **shape)
         else:
             r = run_case(args.case, args.steps, args.repeats)
     except Exception as e:  # noqa: BLE001 -- one line per failed case
@@ -172,7 +212,8 @@ def _child(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lm bench accel", description=__doc__.splitlines()[0])
-    p.add_argument("cases", nargs="*", help=f"cases to run (default: env and all of {', '.join(CASES)})")
+    p.add_argument("cases", nargs="*",
+                   help=f"cases to run (default: env and all of {', '.join([*CASES, *ATTN_CASES])})")
     p.add_argument("--out", help="append results as JSON lines to this file")
     p.add_argument("--timeout", type=float, default=150, help="seconds per case")
     p.add_argument("--steps", type=int, default=5)
@@ -184,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     SMOKE = args.smoke
     if args.case:
         return _child(args)
-    cases = args.cases or ["env", *CASES]
+    cases = args.cases or ["env", *CASES, *ATTN_CASES]
     rows = []
     for case in cases:
         cmd = [sys.executable, "-m", "lm.bench_accel", "--case", case, "--steps", str(args.steps),
@@ -216,6 +257,9 @@ def _line(r: dict) -> str:
                         for k, v in r["attention"].items())
         return (f"env: {r['device']} x{r['count']}, jax {r['jax']}, bf16 matmul "
                 f"{r['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s; attention rel. error vs f32 reference: {att}")
+    if r["case"] in ATTN_CASES:
+        return (f"{r['case']}: {r['shape']} on {r['device']}: forward {r['fwd_ms']:.2f} ms, "
+                f"forward+backward {r['fwd_bwd_ms']:.2f} ms ({r['wall_s']:.0f}s)")
     mem = f"{r['peak_bytes'] / 2**30:.1f} GiB" if r.get("peak_bytes") else "n/a"
     return (f"{r['case']}: {r['batch']} remat={r['remat']} {r['tokens_per_s']:,.0f} tokens/s, "
             f"MFU {r['mfu']:.1%}, peak memory {mem}, step {r['step_time_s'] * 1e3:.0f} ms ({r['wall_s']:.0f}s)")

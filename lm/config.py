@@ -52,7 +52,7 @@ class ModelConfig:
     # packed documents' segment ids and never build the mask: "pallas"
     # (Triton flash kernel), "splash" (TPU), "flash" = the platform's fused kernel with
     # document masking; "cudnn" (NVIDIA, causal over whole rows: needs document_mask=False).
-    attention: Literal["xla", "jax_dpa", "cudnn", "pallas", "splash", "flash"] = "xla"
+    attention: Literal["xla", "jax_dpa", "cudnn", "pallas", "pallas_skip", "splash", "flash"] = "xla"
     attention_block: int = 64  # "xla": query block size; skips the causal upper triangle
     # Packed rows hold several documents; True: a token attends only within its document.
     document_mask: bool = True

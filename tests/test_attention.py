@@ -36,16 +36,64 @@ def reference(q, k, v, seg):
     return M.dot_product_attention(q, k, v, M.attention_mask(seg, B, T), 0)
 
 
-@pytest.mark.parametrize("impl", ["pallas", "splash"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas_skip", "pallas_skip/small_blocks", "pallas_skip/mha", "splash"])
 def test_fused_kernel_equals_reference_forward_and_gradients(impl):
     q, k, v, seg = inputs()
+    if impl == "pallas_skip/mha":  # one key/value head per query head
+        k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, N, H)), jnp.float32)
-    fused = lambda q, k, v: attention.fused_attention(q, k, v, seg, impl)
+    if impl == "pallas_skip/small_blocks":  # forward blocks 64 x 32, backward 32 x 64: documents cross many
+        fused = lambda q, k, v: attention.pallas_skip(q, k, v, seg, interpret=True, block_q=64, block_k=32,
+                                                      bwd_q=32, bwd_kv=64)
+    else:
+        fused = lambda q, k, v: attention.fused_attention(q, k, v, seg, impl.split("/")[0])
     np.testing.assert_allclose(fused(q, k, v), reference(q, k, v, seg), atol=2e-5)
     g = jax.grad(lambda *a: jnp.sum(fused(*a) * w), (0, 1, 2))(q, k, v)
     g_ref = jax.grad(lambda *a: jnp.sum(reference(*a, seg) * w), (0, 1, 2))(q, k, v)
     for a, r in zip(g, g_ref):
         np.testing.assert_allclose(a, r, atol=5e-5)
+
+
+def test_pallas_skip_without_segment_ids_is_causal_attention():
+    q, k, v, _ = inputs()
+    ones = jnp.ones((B, T), jnp.int32)
+    out = attention.pallas_skip(q, k, v, None, interpret=True, block_q=64, block_k=64)
+    np.testing.assert_allclose(out, reference(q, k, v, ones), atol=2e-5)
+
+
+def test_pallas_skip_with_a_group_size_not_a_power_of_two():
+    q, k, v, seg = inputs()
+    q, k, v, seg = q[:1, :128, :3], k[:1, :128, :1], v[:1, :128, :1], seg[:1, :128]  # 3 query heads per kv head
+    ref = lambda q, k, v: M.dot_product_attention(q, k, v, M.attention_mask(seg, 1, 128), 0)
+    fused = lambda q, k, v: attention.pallas_skip(q, k, v, seg, interpret=True, block_q=32, block_k=32,
+                                                  bwd_q=32, bwd_kv=32)
+    np.testing.assert_allclose(fused(q, k, v), ref(q, k, v), atol=2e-5)
+    g = jax.grad(lambda *a: jnp.sum(fused(*a) ** 2), (0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) ** 2), (0, 1, 2))(q, k, v)
+    for a, r in zip(g, g_ref):
+        np.testing.assert_allclose(a, r, atol=1e-4)
+
+
+def test_pallas_skip_visits_only_blocks_of_the_query_documents():
+    seg = np.zeros((1, T), np.int32)
+    seg[0, :100], seg[0, 100:230] = 1, 2  # then padding (id 0) from 230
+    start, end = attention.doc_bounds(seg)
+    np.testing.assert_array_equal(start[0, [0, 99, 100, 229, 230, 255]], [0, 0, 100, 100, 230, 230])
+    np.testing.assert_array_equal(end[0, [0, 99, 100, 229, 230, 255]], [99, 99, 229, 229, 255, 255])
+    js, je = attention.doc_bounds(jnp.asarray(seg))  # the kernel's (traced) version agrees
+    np.testing.assert_array_equal(js, start)
+    np.testing.assert_array_equal(je, end)
+    fwd, dkv = attention.visited_blocks(seg, block_q=64, block_k=32)
+    # Forward/dQ, key blocks of 32 per query block of 64; the causal triangle alone is [2, 4, 6, 8].
+    # Query block 2 (128..191) starts in document 2 (from 100): key blocks 3..5, not 0..5.
+    np.testing.assert_array_equal(fwd, [[2, 4, 3, 5]])
+    # dK/dV, query blocks of 64 per key block of 32; the causal triangle alone is [4, 4, 3, 3, 2, 2, 1, 1].
+    # Key block 0 (0..31) lies in document 1, which ends at 99: query blocks 0..1, not 0..3.
+    np.testing.assert_array_equal(dkv, [[2, 2, 1, 3, 2, 2, 1, 1]])
+    # Packed rows of `base` (4096 tokens, documents of mean 512, blocks of 128 / 64): well under the triangle.
+    fwd, dkv = attention.visited_blocks(packed_segment_ids(8, 4096, 512, seed=1), 128, 128)
+    assert fwd.sum() < 0.3 * 8 * sum(range(1, 33))
+    assert dkv.sum() < 0.3 * 8 * sum(range(1, 33))
 
 
 def test_fused_kernel_sees_document_boundaries():
@@ -58,19 +106,22 @@ def test_fused_kernel_sees_document_boundaries():
     assert not np.allclose(out[0, :100], out2[0, :100])
 
 
-def test_model_with_fused_attention_equals_reference_model():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_skip"])
+def test_model_with_fused_attention_equals_reference_model(impl):
     cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=T,
                       attention_block=0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (B, T)), jnp.int32)
     seg = inputs()[3]
     run = nnx.jit(lambda m: m(tokens, segment_ids=seg))
     ref = run(M.Transformer(cfg, nnx.Rngs(0)))
-    fused = run(M.Transformer(dataclasses.replace(cfg, attention="pallas"), nnx.Rngs(0)))
+    fused = run(M.Transformer(dataclasses.replace(cfg, attention=impl), nnx.Rngs(0)))
     np.testing.assert_allclose(fused, ref, atol=1e-4)
 
 
 def test_resolve_and_config_errors():
-    assert attention.resolve("flash", "gpu") == "pallas"
+    assert attention.resolve("flash", "gpu") == attention.GPU_FLASH
+    assert attention.resolve("pallas_skip", "gpu") == "pallas_skip"
+    dataclasses.replace(ModelConfig(), attention="pallas_skip").validate()
     assert attention.resolve("flash", "tpu") == "splash"
     assert attention.resolve("flash", "cpu") == "xla"
     assert attention.resolve("xla", "gpu") == "xla"
@@ -95,12 +146,20 @@ def test_without_document_mask_rows_attend_across_documents():
     assert not np.allclose(masked[0, 8:], causal_only[0, 8:])
 
 
-def test_fused_kernel_runs_per_shard_under_a_mesh():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_skip"])
+def test_fused_kernel_runs_per_shard_under_a_mesh(impl):
     from lm.config import MeshConfig
     from lm.sharding import make_mesh, use_mesh
 
     q, k, v, seg = inputs()
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
     with use_mesh(mesh):  # batch over data, heads (4 query, 2 key/value) over tensor
-        out = jax.jit(lambda *a: attention.fused_attention(*a, "pallas"))(q, k, v, seg)
+        out = jax.jit(lambda *a: attention.fused_attention(*a, impl))(q, k, v, seg)
     np.testing.assert_allclose(out, reference(q, k, v, seg), atol=2e-5)
+
+
+def test_attention_micro_benchmark_runs():  # the GPU script's `attn/*` cases, on tiny shapes
+    from lm import bench_accel
+
+    r = bench_accel.attention_time("pallas_skip", b=1, t=128, n=2, k=1, h=32, mean_doc=32, repeats=1)
+    assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
