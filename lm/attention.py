@@ -10,7 +10,7 @@
 | "pallas" | the Pallas (Triton) flash kernel of JAX, with segment ids         | GPUs; CPU in interpret mode (tests) |
 | "pallas_skip" | our Pallas (Triton) flash kernel, with segment ids; skips the key/value blocks of earlier documents (and, backward, query blocks of later ones) | GPUs; CPU in interpret mode (tests) |
 | "splash" | splash attention (Pallas, Mosaic TPU), with segment ids           | TPUs; CPU in interpret mode (tests) |
-| "flash"  | the platform's fused kernel with document masking: pallas on GPU, splash on TPU, xla on CPU | |
+| "flash"  | the platform's fused kernel with document masking: pallas_skip on GPU, splash on TPU, xla on CPU | |
 
 The Pallas and splash kernels take the segment ids (B, T) of packed documents: a query
 attends to keys at or before it in the same run of equal ids. A row's padding (id 0) is a run like
@@ -42,7 +42,7 @@ PALLAS_BWD_BLOCK = 64
 # (any subset; unset keys keep the defaults above and JAX's).
 PALLAS_ENV = "LM_PALLAS"
 # What "flash" runs on GPUs: "pallas" (JAX's kernel) or "pallas_skip" (ours, skips blocks of other documents).
-GPU_FLASH = "pallas"
+GPU_FLASH = "pallas_skip"
 
 
 def _pallas_settings(t: int) -> dict:

@@ -28,6 +28,7 @@ import time
 # name: (experiment, batch rows, attention, remat or None = the experiment's, mean document)
 CASES = {
     "small/pallas": ("pretrain_small", 32, "pallas", None, 256),
+    "small/pallas_skip": ("pretrain_small", 32, "pallas_skip", None, 256),
     "small/torch": ("pretrain_small", 32, "torch", None, 0),
     "base/pallas": ("pretrain_base", 8, "pallas", None, 512),
     "base/pallas/dots": ("pretrain_base", 8, "pallas", "dots_no_batch", 512),
