@@ -291,6 +291,7 @@ def test_tasks_from_files_with_the_real_tokenizer(sp_tok, tmp_path):
     assert "| hellaswag | acc_norm |" in table and "| 0.2500 | 6 |" in table
 
 
+@pytest.mark.slow  # make test time; CI's slow phase runs it
 def test_trainer_eval_tasks_are_logged_with_the_evaluation(tmp_path):
     """trainer.eval_tasks: a small downstream eval beside the held-out loss in metrics.jsonl."""
     import json

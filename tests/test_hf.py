@@ -54,7 +54,8 @@ def test_safetensors_round_trip_and_layout(tmp_path):
         np.testing.assert_array_equal(back[k], tensors[k])
 
 
-@pytest.mark.parametrize("cfg", SHAPES, ids=["gqa", "tied", "mqa-headdim"])
+@pytest.mark.parametrize("cfg", [SHAPES[0]] + [pytest.param(c, marks=pytest.mark.slow) for c in SHAPES[1:]],
+                         ids=["gqa", "tied", "mqa-headdim"])
 def test_export_then_import_gives_the_same_model(cfg, tmp_path):
     model = _random_model(cfg)
     export_llama(cfg, nnx.state(model, nnx.Param), str(tmp_path))
@@ -71,6 +72,7 @@ def test_qk_norm_models_are_refused(tmp_path):
         export_llama(cfg, nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param), str(tmp_path))
 
 
+@pytest.mark.slow  # make test time; CI's slow phase runs it
 def test_export_and_import_run_directories(tmp_path):
     from lm.config import Config, DataConfig, TrainerConfig
     from lm.interop.hf import export_run, import_run

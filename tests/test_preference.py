@@ -197,6 +197,7 @@ def test_dpo_family_trains_and_raises_the_preference(base_run, tmp_path, loss_na
     assert s["heldout_logp_margin"] > s["base_heldout_logp_margin"]
 
 
+@pytest.mark.slow  # make test time; CI's slow phase runs it
 def test_precomputed_reference_gives_the_online_run_without_a_second_copy(base_run, tmp_path):  # noqa: F811
     """DPO with the reference's log-probabilities computed once before training: no frozen
     copy of the weights, and every step's loss and margin equal the online run's."""

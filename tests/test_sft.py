@@ -277,6 +277,7 @@ def test_init_from_a_hugging_face_folder(base_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # make test time; CI's slow phase runs it
 def test_lora_trains_only_adapters_and_merges(base_run, tmp_path):
     from lm import lora
     from lm.checkpoint import Checkpointer
