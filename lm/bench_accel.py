@@ -33,6 +33,7 @@ CASES = {
     "base/pallas": ("pretrain_base", 8, "pallas", None, 512),
     "base/pallas/dots": ("pretrain_base", 8, "pallas", "dots_no_batch", 512),
     "base/pallas_skip": ("pretrain_base", 8, "pallas_skip", None, 512),
+    "base/pallas_skip/dots": ("pretrain_base", 8, "pallas_skip", "dots_no_batch", 512),
     "base/cudnn": ("pretrain_base", 8, "cudnn", None, 512),  # no document masking
     "base/jax_dpa": ("pretrain_base", 8, "jax_dpa", None, 512),
     "base/torch": ("pretrain_base", 8, "torch", None, 0),
