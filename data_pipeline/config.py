@@ -7,7 +7,13 @@ These live with the data pipeline, its ground floor: `data_pipeline` never impor
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
+
+# The optional folder of public data sets beside the repository (../shared/data), or LM_DATA.
+# Nothing needs it: experiments and tasks that read it say so when it is absent.
+SHARED_DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                     "shared", "data"))
 
 
 @dataclasses.dataclass(frozen=True)

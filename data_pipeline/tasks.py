@@ -14,6 +14,7 @@ import json
 import os
 import random
 
+from data_pipeline.config import SHARED_DATA
 from data_pipeline.sources import DataError
 
 
@@ -38,7 +39,7 @@ def arith(seed: int, n_train: int, n_heldout: int, digits: int = 2) -> tuple[lis
     return draw(n_train), heldout
 
 
-def gsm8k(data_dir: str = "../shared/data") -> tuple[list[dict], list[dict]]:
+def gsm8k(data_dir: str = SHARED_DATA) -> tuple[list[dict], list[dict]]:
     def load(name):
         path = os.path.join(data_dir, "gsm8k", name)
         if not os.path.exists(path):

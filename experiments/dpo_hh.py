@@ -6,11 +6,13 @@ preference accuracy and log-likelihood margin are printed before and after; no
 accelerator figure has been measured for it yet.
 """
 
-from data_pipeline.config import SourceConfig
+import os
+
+from data_pipeline.config import SHARED_DATA, SourceConfig
 from experiments import sft_tiny
 from lm.config import Config, DataConfig, OptimConfig, PreferenceConfig, TrainerConfig
 
-DEMO = "../shared/data/dpo-en-demo/dpo_en_demo.json"
+DEMO = os.path.join(SHARED_DATA, "dpo-en-demo", "dpo_en_demo.json")
 
 
 def config() -> Config:

@@ -7,7 +7,6 @@ preference accuracy, P(log p(chosen) > log p(rejected)), and the mean log-likeli
 margin of chosen over rejected rise from the SFT model's (both printed before and after). `--set pref.loss=ipo|simpo|orpo` trains the variants.
 """
 
-import dataclasses
 
 from experiments import sft_tiny
 from lm.config import Config, DataConfig, OptimConfig, PreferenceConfig, TrainerConfig

@@ -11,10 +11,11 @@ source: expect code and web to be the easiest and arXiv LaTeX the hardest.
 
 import os
 
+from data_pipeline.config import SHARED_DATA
 from lm.config import Config, DataConfig, OptimConfig, SourceConfig, TrainerConfig
 from lm.sizes import LEARNING_RATES, size
 
-DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+DATA = SHARED_DATA
 
 
 def _p(*parts: str) -> str:

@@ -9,12 +9,13 @@ dialogues cut at the row's end) and the number printed beside chance.
 """
 
 import dataclasses
+import os
 
-from data_pipeline.config import SourceConfig
+from data_pipeline.config import SHARED_DATA, SourceConfig
 from experiments import sft_tiny
 from lm.config import Config, DataConfig, OptimConfig, TrainerConfig
 
-HH = "../shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base", "test.jsonl.gz")
 
 
 def config() -> Config:

@@ -14,7 +14,6 @@ middle of that transition. Measured on this project's 2-core AMD EPYC machine; a
 CPU's rounding may move the transition by some steps.
 """
 
-import dataclasses
 
 from experiments import pretrain_tiny
 from data_pipeline.config import SourceConfig

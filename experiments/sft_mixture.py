@@ -15,10 +15,11 @@ import dataclasses
 import os
 
 from data_pipeline import default_chat
+from data_pipeline.config import SHARED_DATA
 from experiments import sft_tiny
 from lm.config import Config, DataConfig, SourceConfig
 
-DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+DATA = SHARED_DATA
 
 
 def _p(*parts: str) -> str:

@@ -47,9 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.config import SHARED_DATA
 from data_pipeline.errors import NotFound
 
-DEFAULT_DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+DEFAULT_DATA = SHARED_DATA
 
 MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande")
 GEN_TASKS = ("gsm8k", "wmt22_en_de", "wmt22_de_en", "multi30k_en_de")

@@ -13,7 +13,6 @@ use is saved with the data state.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -37,7 +36,7 @@ def problems(cfg: Config) -> tuple[list[dict], list[dict]]:
     if rl.task == "arith":
         return tasks.arith(cfg.data.seed, rl.train_problems, rl.eval_prompts, rl.digits)
     if rl.task == "gsm8k":
-        train, test = tasks.gsm8k(os.environ.get("LM_DATA", "../shared/data"))
+        train, test = tasks.gsm8k()
         return train, test[: rl.eval_prompts]
     raise ConfigError(f"rl.task={rl.task!r}: choose 'arith' or 'gsm8k'")
 
