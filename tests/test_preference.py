@@ -222,6 +222,13 @@ def test_precomputed_reference_gives_the_online_run_without_a_second_copy(base_r
         np.testing.assert_allclose([x for x in a[1:] if x is not None], [x for x in b[1:] if x is not None],
                                    rtol=2e-5, atol=2e-6)
     assert runs["pre"][0][1] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference at step 1
+    # a damaged table is computed again (one warning line), never a traceback
+    npz = tmp_path / "pre" / "reference_logps.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    lines = []
+    train(dataclasses.replace(pre, trainer=dataclasses.replace(pre.trainer, steps=5)), str(tmp_path / "pre"),
+          progress=False, log=lines.append)
+    assert any("unreadable" in str(x) for x in lines)
     # after 4 steps, rounding differences of the two programs show at ~1e-4 relative
     assert runs["pre_summary"]["heldout"] == pytest.approx(runs["online_summary"]["heldout"], rel=1e-3, abs=1e-5)
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import zipfile
 from typing import Callable
 
 import numpy as np
@@ -105,9 +106,14 @@ class ReferenceTable:
         self._data, self.path, self._loader = data, path, loader
         meta = f"{cfg.trainer.init_from}|{cfg.trainer.init_step}|{cfg.data.seq_len}"
         if os.path.exists(path):
-            z = np.load(path, allow_pickle=False)
-            if str(z["meta"]) == meta:
-                self.table = dict(zip((bytes(k) for k in z["keys"]), z["values"]))
+            try:
+                z = np.load(path, allow_pickle=False)
+                stored, keys, values = str(z["meta"]), z["keys"], z["values"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged: compute it again
+                log(f"WARNING: {path} is unreadable ({type(e).__name__}); computing the reference again")
+                stored = None
+            if stored == meta:
+                self.table = dict(zip((bytes(k) for k in keys), values))
                 log(f"reference log-probabilities: {len(self.table)} pairs read from {path}")
                 self._heldout(engine, None)
                 return
