@@ -37,7 +37,8 @@ def _values_and_ref(graphdef, params, ref_params, batch, *, temperature: float):
     """V_old (B, T) of the policy and the reference's log-probabilities of the targets (B, T)."""
     b, t = batch["inputs"].shape
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-    values = nnx.merge(graphdef, params).scalar(nnx.merge(graphdef, params).hidden(*args), "value").reshape(b, t)
+    policy = nnx.merge(graphdef, params)
+    values = policy.scalar(policy.hidden(*args), "value").reshape(b, t)
     if ref_params is None:
         return values, jnp.zeros((b, t), jnp.float32)
     ref = nnx.merge(graphdef, ref_params)
