@@ -22,10 +22,11 @@ Point it at another file with `--set data.sources.text.paths=/path/to/file.txt`.
 
 import os
 
+from data_pipeline.config import SHARED_DATA
 from lm.config import Config, DataConfig, OptimConfig, SourceConfig, TrainerConfig
 from lm.sizes import size
 
-DATA = os.environ.get("LM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+DATA = SHARED_DATA
 
 
 def config() -> Config:

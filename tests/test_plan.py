@@ -11,7 +11,7 @@ from lm.config import MeshConfig
 def tiny(**mesh):
     cfg = experiment.load("pretrain_tiny")
     model = dataclasses.replace(cfg.model, vocab_size=512, d_model=64, n_layers=2, d_ff=128, max_seq_len=64)
-    return dataclasses.replace(cfg, model=model, mesh=MeshConfig(**mesh),
+    return dataclasses.replace(cfg, model=model, mesh=MeshConfig(**mesh), optim=dataclasses.replace(cfg.optim, name="adamw"),
                                data=dataclasses.replace(cfg.data, batch_size=8, seq_len=64))
 
 
