@@ -527,3 +527,27 @@ def test_a_save_failing_in_the_background_is_one_line_and_leaves_no_partial_fold
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
     assert "Traceback" not in capfd.readouterr().err
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+@pytest.mark.slow  # make test-all / CI's slow phase
+def test_muon_state_resumes_exactly(experiment, tmp_path):
+    """The default job trains with Muon: its momentum (and the AdamW moments of the other
+    parameters) come back from a checkpoint, so a run resumed from the middle takes the
+    same steps as one that never stopped."""
+    sets = ("optim.name=muon", "trainer.steps=8", "trainer.eval_every=0")
+    ref = tmp_path / "ref"
+    _run(experiment, ref, *sets)
+    steps, ref_losses = _losses(ref)
+    assert steps == list(range(1, 9))
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    kept = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    assert 4 in kept and kept[-1] == 8
+    for step in kept:
+        if step > 4:
+            shutil.rmtree(run / "checkpoints" / str(step))
+    out = _run(experiment, run, *sets)
+    assert "resum" in out and "step 4" in out, out[-1000:]
+    steps, losses = _losses(run)
+    assert steps == list(range(1, 9)), out[-1000:]
+    assert losses == ref_losses
