@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipeline.config import SHARED_DATA
 from helpers import corpus_tokenizer, write_task_files
 from lm.evaluate import (GEN_TASKS, TASKS, encode_pair, load_generation_task, load_task, loglikelihood_rolling,
                          loglikelihood_texts, loglikelihoods, rolling_requests, score_lambada, score_multiple_choice)
@@ -90,7 +91,7 @@ def test_partial_scoring_with_several_contexts_and_lambada():
     assert r["perplexity"] == pytest.approx(np.exp(-np.mean(ll)))
 
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+SHARED = SHARED_DATA  # optional (LM_DATA, else ../shared/data beside the repository)
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="optional: needs ../shared/data")

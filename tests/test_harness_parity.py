@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from data_pipeline.config import SHARED_DATA
 from helpers import ROOT, corpus_tokenizer, write_task_files
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (optional: pip install lm-eval)")
@@ -25,7 +26,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (CI installs it
 transformers = pytest.importorskip("transformers", reason="transformers not installed (CI installs it)")
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-SHARED = os.path.join(ROOT, "..", "shared", "data")
+SHARED = SHARED_DATA  # optional (LM_DATA, else ../shared/data beside the repository)
 N_ITEMS = 100
 TASKS = ("hellaswag", "arc_easy", "piqa", "winogrande", "lambada")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import preferences as P
-from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.config import SHARED_DATA, DataConfig, SourceConfig
 from lm import preference as L
 from lm.config import Config, ConfigError, LoraConfig, OptimConfig, PreferenceConfig, TrainerConfig
 from test_sft import base_run  # noqa: F401 (a fixture: a briefly pretrained run with chat tokens)
@@ -104,9 +104,9 @@ def test_rendered_pair_masks_the_last_reply_only(base_run):  # noqa: F811
 def test_shared_preference_files_parse(tmp_path):
     import os
 
-    hh = "../shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+    hh = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base", "test.jsonl.gz")
     if not os.path.exists(hh):
-        pytest.skip("../shared/data is not here")
+        pytest.skip(f"optional data not here: {hh} (set LM_DATA)")
     train, val = P.open_preference_source(SourceConfig(name="hh", kind="preference", paths=(hh,)))
     bad = sum(train[i].text is None for i in range(len(train)))
     assert len(train) + len(val) == 2312 and bad < 0.02 * len(train)
