@@ -12,14 +12,13 @@ agree within 1e-3, and per item acc and acc_norm are identical.
 
 import json
 import os
-import re
 import time
 
 import numpy as np
 import pytest
 
 from data_pipeline.config import SHARED_DATA
-from helpers import ROOT, corpus_tokenizer, write_task_files
+from helpers import corpus_tokenizer, write_task_files
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (optional: pip install lm-eval)")
 torch = pytest.importorskip("torch", reason="torch not installed (CI installs it)")
