@@ -10,7 +10,7 @@ The tiny model learns this task abruptly: at a constant learning rate of 1e-3 it
 pass@1 (greedy) from the 300-step Muon `pretrain_tiny` was 3.0% at step 100, 43.5% at 200
 and 95.0% at 300 (it gets the tens and hundreds right first and guesses the units digit,
 then learns it; from the earlier 800-step AdamW base the jump came later: 11% at step
-260, 28% at 300). With a cosine decay it stalls near the start of the jump. So the
+260, 28% at 300, and with a cosine decay over 300 steps it stayed near 10%). So the
 schedule is constant, and the run stops in the middle of that transition. Measured on
 this project's 2-core AMD EPYC machine; another CPU's rounding, or another base run, may
 move the transition by some steps.
