@@ -7,7 +7,9 @@ CPU the machine's measured float32 matmul peak. Machine-readable lines:
 pipeline of the default run delivers (tokenizing on the fly, no worker processes), which
 must stay far above what training consumes; `decode_tokens_per_s_b1/_b8=N` and, with
 torch and transformers installed, `decode_ratio_vs_transformers_b1/_b8=R` against
-`transformers.generate` on the same model exported, measured alternately in the same run.
+`transformers.generate` on the same model exported, measured alternately in the same run;
+`decode_b8_over_b1_bound=R`: the most batch 8 could give over batch 1 with the step's
+weight products as fast as they run alone (`weight_products_ms`).
 """
 
 from __future__ import annotations
@@ -165,12 +167,48 @@ def main_decode(rounds: int = 5) -> dict:
             line += ("; transformers generate (eager): " + ", ".join(f"{v:,.0f} ({k})" for k, v in rate.items())
                      + f"; ratio {ours[b] / theirs[b]:.2f}x")
         print(line)
+    floor = {b: weight_products_ms(weights, b) for b in (1, 8)}
+    bound = 8 * (1e3 / ours[1]) / floor[8]
+    print(f"decode[weight products alone, no attention/norms/cache]: {floor[1]:.2f} ms per step at batch 1, "
+          f"{floor[8]:.2f} at batch 8 ({floor[8] / floor[1]:.1f}x): batch 8 can give at most {bound:.1f}x "
+          "batch 1's tokens/s with these matrix products")
     print(f"decode_tokens_per_s_b1={ours[1]:.0f} decode_tokens_per_s_b8={ours[8]:.0f} "
-          f"decode_b8_over_b1={ours[8] / ours[1]:.2f}")
+          f"decode_b8_over_b1={ours[8] / ours[1]:.2f} decode_b8_over_b1_bound={bound:.2f}")
     if theirs:
         print(f"decode_ratio_vs_transformers_b1={ours[1] / theirs[1]:.2f} "
               f"decode_ratio_vs_transformers_b8={ours[8] / theirs[8]:.2f}")
     return {"ours": ours, "peer": theirs}
+
+
+def weight_products_ms(w, batch: int, steps: int = 100, rounds: int = 5) -> float:
+    """Milliseconds per decode step spent in its weight products alone, on `batch` rows: per
+    layer q/k/v, output, gate/up and down, then the output head, chained as in a step but
+    without attention, norms or cache (one compiled loop of `steps`; median of `rounds`).
+    No decode step of that batch can take less with XLA's matrix products on this machine,
+    so 8 x (batch-1 step) / (this at batch 8) bounds what batch 8 gains over batch 1."""
+    import jax.numpy as jnp
+
+    cfg = w.cfg
+    nh, f = cfg.n_heads * cfg.head_size, cfg.d_ff
+    x0 = jnp.full((batch, cfg.d_model), 0.1, jnp.dtype(cfg.compute_dtype))
+
+    @jax.jit
+    def loop(w, x0):
+        def body(_, x):
+            for layer in w.layers:
+                x = x + (x @ layer["wqkv"])[:, :nh] @ layer["wo"]
+                y = x @ layer["w_gate_up"]
+                x = x + (y[:, :f] * y[:, f:]) @ layer["w_down"]
+            return x0 + (x @ w.out)[:, : x.shape[1]] * 1e-3  # bounded values: no denormals
+        return jax.lax.fori_loop(0, steps, body, x0)
+
+    jax.block_until_ready(loop(w, x0))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        jax.block_until_ready(loop(w, x0))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / steps * 1e3
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> int:
