@@ -159,8 +159,41 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def decode_after(self, context: Sequence[int], ids: Sequence[int]) -> str:
+        """The text `ids` add after the tokens `context`: what prompt + answer reads as, less
+        the prompt. (Decoding `ids` alone drops the space that starts their first piece:
+        SentencePiece strips it at the start of a text.) Decodes from the last context
+        token on and cuts that token's own text off."""
+        ids = [int(i) for i in ids]
+        for k in range(1, min(len(context), 8) + 1):  # back far enough to end on a whole character
+            tail = [int(i) for i in context[-k:]]
+            head = self.decode(tail)
+            if head.endswith("\ufffd"):  # a character cut off in the context's last bytes
+                continue
+            full = self.decode(tail + ids)
+            if full.startswith(head):
+                return full[len(head):]
+        return self.decode(ids)
+
+    def token_texts(self, context: Sequence[int], ids: Sequence[int]) -> list[str]:
+        """Each of `ids`' own text after the tokens before it: pieces that join into
+        `decode_after(context, ids)` where no character spans two tokens (a byte piece of a
+        longer character reads as U+FFFD)."""
+        before = [int(i) for i in context[-8:]]
+        out = []
+        for i in ids:
+            out.append(self.decode_after(before, [i]))
+            before = (before + [int(i)])[-8:]
+        return out
+
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
+
+    def token_bytes(self, i: int, text: str) -> list[int]:
+        """The UTF-8 bytes token `i` stands for, given its `text` (a byte piece's own byte)."""
+        if self.sp.is_byte(int(i)):
+            return [int(self.piece(i)[3:5], 16)]  # "<0xE2>"
+        return list(text.encode())
 
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))

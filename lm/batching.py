@@ -12,9 +12,10 @@
 3. hand each request its token (text decoded incrementally), and free the slot on a stop
    token, `max_tokens`, a stop string, or cancellation (the client went away).
 
-So throughput grows with concurrency: a step costs little more for 8 rows than for one.
+So throughput grows with concurrency: every active slot advances in each step.
 A request's draws use fold_in(fold_in(PRNGKey(seed), 0), step), as `lm.sampling.stream`
-does: a seeded request samples what `lm sample --seed` samples, whatever else is running.
+does (the base key made on the host, from any 64-bit seed): a seeded request samples what
+`lm sample --seed` samples, whatever else is running.
 
 Events reach the submitter through its `emit` callback, called on the batcher's thread
 (the server forwards them to its event loop).
@@ -102,12 +103,12 @@ def _prefill(w, last, cache, tokens, length, slot):
 
 @partial(jax.jit, static_argnames=("span",), donate_argnames=("last", "cache", "rows"))
 def _step(w, last, cache, rows, *, span: int):
-    """One token for every slot. `rows` holds each slot's position, step, seed, temperature,
+    """One token for every slot. `rows` holds each slot's position, step, base key, temperature,
     top-p and whether it is active; positions and steps advance on the device, so the host
     uploads `rows` only when a slot changes hands. Returns the tokens and their
     log-probabilities as one (2, slots) array (one transfer), the logits, cache and rows."""
     active = rows["active"]
-    nxt, logps = decode.pick(last, decode.seed_keys(rows["seed"], rows["step"]), rows["temperature"], rows["top_p"])
+    nxt, logps = decode.pick(last, decode.step_keys(rows["key"], rows["step"]), rows["temperature"], rows["top_p"])
     nxt = jnp.where(active > 0, nxt, 0)
     logits, cache = decode.step(w, nxt, rows["position"] * active, cache, span)
     rows = {**rows, "position": rows["position"] + active, "step": rows["step"] + active}
@@ -116,9 +117,10 @@ def _step(w, last, cache, rows, *, span: int):
 
 class Batcher:
     """Continuous batching over `slots` sequences of up to `max_len` tokens (see the module
-    docstring). `decode_text(ids) -> str` turns an answer's tokens into text."""
+    docstring). `decode_text(prompt, ids) -> str` is the text an answer's tokens add after
+    its prompt's (lm's Tokenizer.decode_after: the answer's first space kept)."""
 
-    def __init__(self, weights: decode.Weights, decode_text: Callable[[list[int]], str], slots: int = 8,
+    def __init__(self, weights: decode.Weights, decode_text: Callable[[list[int], list[int]], str], slots: int = 8,
                  max_len: int | None = None, log: Callable = print):
         cfg = weights.cfg
         # one device, plain placement: weights committed to a mesh would give the step's
@@ -132,7 +134,7 @@ class Batcher:
         self.active: list[_Slot | None] = [None] * slots
         # each slot's row of the step's inputs: on the host (the truth) and on the device
         self.host = {"position": np.zeros(slots, np.int32), "step": np.zeros(slots, np.int32),
-                     "seed": np.zeros(slots, np.int32), "temperature": np.zeros(slots, np.float32),
+                     "key": np.zeros((slots, 2), np.uint32), "temperature": np.zeros(slots, np.float32),
                      "top_p": np.ones(slots, np.float32), "active": np.zeros(slots, np.int32)}
         self.rows = None  # None: upload self.host before the next step
         self.waiting: collections.deque[Handle] = collections.deque()
@@ -259,7 +261,7 @@ class Batcher:
                                          put(np.asarray([len(r.prompt)], np.int32)), put(np.int32(i)))
         self.active[i] = _Slot(handle, position=len(r.prompt))
         h = self.host
-        h["position"][i], h["step"][i], h["seed"][i] = len(r.prompt), 0, r.seed % (1 << 31)
+        h["position"][i], h["step"][i], h["key"][i] = len(r.prompt), 0, decode.request_base(r.seed)
         h["temperature"][i], h["top_p"][i], h["active"][i] = r.temperature, r.top_p, 1
         self.rows = None
 
@@ -301,7 +303,7 @@ class Batcher:
             if len(s.ids) >= r.max_tokens:
                 self._finish(i, s, "length", None)
             return
-        text = self.decode_text(s.ids)
+        text = self.decode_text(r.prompt, s.ids)
         cut = _find_stop(text, r.stop_text, s.sent)
         if cut is not None:
             return self._finish(i, s, "stop", cut)
@@ -314,7 +316,7 @@ class Batcher:
     def _finish(self, i: int, s: _Slot, reason: str, end: int | None, extra_tokens: int = 0) -> None:
         """The last event: the rest of the text up to `end` (None: all), the tokens not yet
         sent (all of them, even past a stop string), the usage."""
-        text = self.decode_text(s.ids)[:end]
+        text = self.decode_text(s.handle.request.prompt, s.ids)[:end]
         s.handle.emit(Event(text=text[s.sent:], tokens=s.ids[s.tokens_sent:], logprobs=s.logprobs[s.tokens_sent:],
                             finish=reason, prompt_tokens=len(s.handle.request.prompt),
                             completion_tokens=len(s.ids) + extra_tokens))

@@ -154,25 +154,26 @@ def cmd_sample(args) -> int:
     stops = [tok.eos_id]
     max_len = run.cfg.model.max_seq_len
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    n_prompt = len(tok.encode(args.prompt, bos=True))
+    prompt_ids = tok.encode(args.prompt, bos=True)
+    n_prompt = len(prompt_ids)
     if n_prompt > max(1, max_len - args.max_new):
         print(f"note: the prompt is {n_prompt} tokens; with --max-new {args.max_new} the {max_len}-token context "
               f"keeps only its last {max(1, max_len - args.max_new)}", file=sys.stderr)
     if args.num > 1:  # a batch, all at once
-        outs = generate(run.graphdef, run.params, [tok.encode(args.prompt, bos=True)] * args.num, args.max_new,
+        outs = generate(run.graphdef, run.params, [prompt_ids] * args.num, args.max_new,
                         max_len, stop_ids=stops, seed=args.seed, **kw)
         for i, o in enumerate(outs):
-            print(f"--- sample {i} ---\n{args.prompt}{tok.decode([t for t in o if t not in stops])}")
+            print(f"--- sample {i} ---\n{args.prompt}{tok.decode_after(prompt_ids, [t for t in o if t not in stops])}")
         return 0
     sys.stdout.write(args.prompt)
     ids: list[int] = []
     shown = ""
-    for t in stream(run.graphdef, run.params, tok.encode(args.prompt, bos=True), args.max_new, max_len,
+    for t in stream(run.graphdef, run.params, prompt_ids, args.max_new, max_len,
                     stop_ids=stops, seed=args.seed, **kw):
         if t in stops:
             break
         ids.append(t)
-        text = tok.decode(ids)  # decode the whole tail: pieces can merge across tokens
+        text = tok.decode_after(prompt_ids, ids)  # the whole tail (pieces can merge), its first space kept
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
         shown = text
@@ -235,13 +236,14 @@ def _chat_base(run, args) -> int:
             break
         transcript += line + "\n"
         ids, shown = [], ""
-        for t in stream(run.graphdef, run.params, tok.encode(transcript, bos=True), args.max_new, max_len,
+        context = tok.encode(transcript, bos=True)
+        for t in stream(run.graphdef, run.params, context, args.max_new, max_len,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=[tok.eos_id],
                         seed=args.seed):
             if t == tok.eos_id:
                 break
             ids.append(t)
-            text = tok.decode(ids)
+            text = tok.decode_after(context, ids)
             if "\n\n" in text:  # a paragraph is a reply
                 text = text[: text.index("\n\n")]
                 sys.stdout.write(text[len(shown):])

@@ -87,10 +87,25 @@ def pick(logits, keys, temperature, top_p, top_k: int = 0):
 
 
 def seed_keys(seeds, steps):
-    """Each row's key at its step: fold_in(fold_in(PRNGKey(seed), 0), step), the key of row 0
-    of `lm.sampling.generate(seed=...)`: a request's draws depend on its seed and step
-    only, never on the batch it shares."""
-    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), 0), i))(seeds, steps)
+    """Each row's key at its step from int32 `seeds` (B,): `step_keys` of their bases."""
+    return step_keys(jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 0))(seeds), steps)
+
+
+def step_keys(bases, steps):
+    """Each row's key at its step: fold_in(base, step), with base = fold_in(PRNGKey(seed), 0)
+    (`request_base`), the key of row 0 of `lm.sampling.generate(seed=...)` and of
+    `lm.sampling.stream`: a request's draws depend on its seed and step only, never on the
+    batch it shares."""
+    return jax.vmap(jax.random.fold_in)(bases, steps)
+
+
+def request_base(seed: int):
+    """A request's base key (uint32 (2,), on the host) from any seed `lm sample --seed` takes:
+    fold_in(PRNGKey(seed), 0), so a seeded request draws what the sampler draws.
+    (PRNGKey takes 64-bit seeds; without jax_enable_x64 only their low 32 bits count.)"""
+    import numpy as np
+
+    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), 0))
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,34 +1,42 @@
 """`lm serve RUN_DIR`: an OpenAI-compatible HTTP server over continuous batching.
 
-Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (the chat
-template of data_pipeline/chat.py; a base model has none and is refused there), and
-`GET /health` (slots in use, queue, counters). Options: `max_tokens`
-(`max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`, `stream` (server-sent
-events, with `stream_options.include_usage`), `logprobs` (the chosen tokens'). Not
-supported, and refused with a 400: `n` > 1, `best_of`, `echo`, `suffix`, `tools`.
+Endpoints: `GET /v1/models` (and `/v1/models/ID`), `POST /v1/completions`, `POST
+/v1/chat/completions` (the chat template of data_pipeline/chat.py; a base model has none
+and is refused there), and `GET /health` (slots in use, queue, counters: for key holders).
+Options: `max_tokens` (`max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`,
+`stream` (server-sent events, with `stream_options.include_usage`), `logprobs` (the chosen
+tokens'). Not supported, and refused with a 400 rather than ignored: `n` > 1, `best_of`,
+`echo`, `suffix`, `tools`, `top_logprobs`, `logit_bias`, penalties, a non-text
+`response_format`.
 
 Every request runs in one slot of the `lm.batching.Batcher`, which steps all slots at
-once on its own thread; the event loop only parses, queues and streams. Bad requests get
-OpenAI-style errors (`{"error": {"message", "type", "param", "code"}}`, status 400, 401,
-404, 405), never a traceback; a client that goes away mid-answer frees its slot at the
-next step. The ASGI stack is Starlette on uvicorn. `--api-key` (or LM_API_KEY) makes every
-request need `Authorization: Bearer KEY`.
+once on its own thread; the event loop only queues and streams (bodies are parsed and
+prompts tokenised in a worker thread). Bad requests get OpenAI-style errors (`{"error":
+{"message", "type", "param", "code"}}`, status 400, 401, 404, 405, 413), never a
+traceback; a bug answers its request with a 500 of that shape and the server lives on. A
+client that goes away mid-answer frees its slot at the next step. The ASGI stack is
+Starlette on uvicorn. `--api-key` (or LM_API_KEY) makes every request need
+`Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import secrets
 import socket
 import time
+import traceback
 from typing import Any, Callable
 
 from data_pipeline.errors import UserError
 from lm.batching import Batcher, Event, Request
 
 MAX_STOPS = 4  # as OpenAI
+DISCONNECT_CHECK = 0.05  # seconds between checks that a non-streaming client is still there
+MAX_BODY = 4 << 20  # bytes of a request body (a prompt that long exceeds any context anyway)
 
 
 class APIError(Exception):
@@ -52,12 +60,29 @@ def _number(body: dict, name: str, default, low=None, high=None, integer: bool =
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r:.40}", name)
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int))
+            or (isinstance(v, float) and not math.isfinite(v))):
+        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {v!r:.40}", name)
     if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
         rng = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         raise APIError(400, f"'{name}' must be in {rng}, got {v}", name)
     return v
+
+
+def _text(s: str, param: str) -> str:
+    """`s` if it is valid Unicode (JSON can carry lone UTF-16 surrogates, which are not)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' is not valid Unicode text (it holds a lone UTF-16 surrogate)", param) from None
+    return s
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise APIError(400, f"'{name}' must be true or false, got {v!r:.40}", name)
+    return bool(v)
 
 
 def _stops(body: dict) -> tuple[str, ...]:
@@ -69,7 +94,7 @@ def _stops(body: dict) -> tuple[str, ...]:
         raise APIError(400, "'stop' must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOPS:
         raise APIError(400, f"'stop' takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
-    return tuple(s for s in stops if s)
+    return tuple(_text(s, "stop") for s in stops if s)
 
 
 def _unsupported(body: dict) -> None:
@@ -83,23 +108,60 @@ def _unsupported(body: dict) -> None:
         raise APIError(400, "suffix is not supported", "suffix")
     if body.get("tools") or body.get("functions"):
         raise APIError(400, "tools and functions are not supported", "tools")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0:
+            raise APIError(400, f"{name} is not supported (leave it 0)", name)
+    if body.get("logit_bias"):
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+    if _number(body, "top_logprobs", 0, 0, 20, integer=True) > 0:
+        raise APIError(400, "top_logprobs is not supported: logprobs gives the chosen tokens' only", "top_logprobs")
+
+
+def _want_logprobs(body: dict, chat: bool) -> bool:
+    """Chat: `logprobs` true or false. Completions: an integer (alternatives per token, of
+    which only 0 or 1 is served: the chosen token's) or a boolean."""
+    if chat:
+        return _flag(body, "logprobs")
+    v = body.get("logprobs")
+    if isinstance(v, bool) or v is None:
+        return bool(v)
+    if _number(body, "logprobs", 0, 0, 5, integer=True) > 1:
+        raise APIError(400, "only the chosen tokens' log-probabilities are served: logprobs must be 0 or 1",
+                       "logprobs")
+    return v == 1
+
+
+def _stream_usage(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise APIError(400, "'stream_options' is only allowed with stream: true", "stream_options")
+    return _flag(opts, "include_usage")
 
 
 def _message_text(content) -> str:
     """A message's content: a string, or a list of text parts."""
     if isinstance(content, str):
-        return content
+        return _text(content, "messages")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return _text("".join(p["text"] for p in content), "messages")
     raise APIError(400, "a message's content must be a string or a list of text parts", "messages")
 
 
 class Service:
     """The protocol side of the server: requests -> batcher, events -> OpenAI answers."""
 
-    def __init__(self, batcher: Batcher, tokenizer, model_name: str, chat: bool, api_key: str | None = None):
+    def __init__(self, batcher: Batcher, tokenizer, model_name: str, chat: bool, api_key: str | None = None,
+                 log: Callable = print):
         self.batcher, self.tok, self.model_name, self.chat, self.api_key = batcher, tokenizer, model_name, chat, api_key
+        self.log = log
         self.stop_ids = (tokenizer.eos_id,)
         self.chat_stop_ids = self.stop_ids
         if chat:
@@ -156,9 +218,7 @@ class Service:
             raise APIError(400, f"this model's maximum context length is {max_len} tokens; the prompt has "
                                 f"{len(prompt)} and {name} asks for {max_tokens} more: lower {name} to at most "
                                 f"{room}", name, "context_length_exceeded")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, f"'seed' must be an integer, got {seed!r:.40}", "seed")
+        seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)  # as `lm sample --seed`
         return Request(prompt=prompt, max_tokens=max_tokens,
                        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
@@ -169,7 +229,7 @@ class Service:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            return self.tok.encode(prompt, bos=True)
+            return self.tok.encode(_text(prompt, "prompt"), bos=True)
         if (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             if not all(0 <= t < self.batcher.w.cfg.vocab_size for t in prompt):
                 raise APIError(400, f"token ids must be in [0, {self.batcher.w.cfg.vocab_size})", "prompt")
@@ -187,19 +247,20 @@ class Service:
 def make_app(service: Service):
     """The Starlette application over `service`."""
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    def error(e: APIError) -> JSONResponse:
-        return JSONResponse(_error_body(e), status_code=e.status)
+    def error(e: APIError, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(_error_body(e), status_code=e.status, headers=headers)
 
     def authorised(request: HTTPRequest) -> bool:
         if not service.api_key:
             return True
-        given = request.headers.get("authorization", "")
-        return secrets.compare_digest(given.encode(), f"Bearer {service.api_key}".encode())
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), service.api_key.encode())
 
     def guarded(handler: Callable):
         async def endpoint(request: HTTPRequest):
@@ -210,30 +271,55 @@ def make_app(service: Service):
                 return await handler(request)
             except APIError as e:
                 return error(e)
+            except Exception as e:  # noqa: BLE001 -- a bug answers this request with a 500, the server lives on
+                service.log(f"server: internal error on {request.method} {request.url.path}:\n"
+                            f"{traceback.format_exc()}")
+                return error(APIError(500, f"internal server error ({type(e).__name__})", kind="server_error"))
 
         return endpoint
 
     async def read_json(request: HTTPRequest) -> Any:
-        raw = await request.body()
+        """The body as JSON, at most MAX_BODY bytes, parsed off the event loop (a large
+        body must not stall the running streams)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise APIError(413, f"the request body is over the limit of {MAX_BODY} bytes")
+            chunks.append(chunk)
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+            return await run_in_threadpool(json.loads, b"".join(chunks))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({str(e)[:200] or type(e).__name__})") from None
+
+    def model_card() -> dict:
+        return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "lm"}
 
     async def models(request: HTTPRequest):
-        return JSONResponse({"object": "list", "data": [
-            {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "lm"}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: HTTPRequest):
+        name = request.path_params["model"]
+        if name != service.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{service.model_name}'",
+                           "model", "model_not_found")
+        return JSONResponse(model_card())
 
     async def health(request: HTTPRequest):
+        if not authorised(request):  # alive, but the counters are for key holders
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": service.model_name, **service.batcher.status()})
 
     async def completions(request: HTTPRequest, chat: bool = False):
         body = await read_json(request)
-        req = service.request(body, chat)
-        stream = req.stream = bool(body.get("stream"))
-        include_usage = stream and isinstance(body.get("stream_options"), dict) and bool(
-            body["stream_options"].get("include_usage"))
-        want_logprobs = bool(body.get("logprobs"))
+        req = await run_in_threadpool(service.request, body, chat)  # tokenising a long prompt takes a while
+        stream = req.stream = _flag(body, "stream")
+        include_usage = _stream_usage(body, stream)
+        want_logprobs = _want_logprobs(body, chat)
+        context = list(req.prompt)  # the tokens before the next event's: each token's text follows them
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         loop = asyncio.get_running_loop()
@@ -251,7 +337,8 @@ def make_app(service: Service):
             else:
                 c = {"index": 0, "text": ev.text, "finish_reason": ev.finish, "logprobs": None}
             if want_logprobs:
-                c["logprobs"] = _logprobs(service.tok, ev, chat)
+                c["logprobs"] = _logprobs(service.tok, context, ev, chat)
+                context.extend(ev.tokens)
             return c
 
         if stream:
@@ -284,15 +371,20 @@ def make_app(service: Service):
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         text, tokens, logps = [], [], []
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK)
                 except asyncio.TimeoutError:
+                    ev = None
+                if ev is None or time.monotonic() - checked > DISCONNECT_CHECK:  # gone? (also while tokens flow)
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         handle.cancel()
                         return JSONResponse({}, status_code=499)
-                    continue
+                    if ev is None:
+                        continue
                 if ev.error:
                     raise APIError(500, ev.error, kind="server_error")
                 text.append(ev.text)
@@ -309,7 +401,7 @@ def make_app(service: Service):
         else:
             c = {"index": 0, "text": final.text, "finish_reason": ev.finish, "logprobs": None}
         if want_logprobs:
-            c["logprobs"] = _logprobs(service.tok, final, chat)
+            c["logprobs"] = _logprobs(service.tok, context, final, chat)
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion", "choices": [c],
                              "usage": _usage(ev)})
 
@@ -321,9 +413,10 @@ def make_app(service: Service):
         message = (f"{request.method} {request.url.path} is not allowed" if status == 405
                    else f"no route {request.url.path} (try /v1/models, /v1/completions, /v1/chat/completions)"
                    if status == 404 else str(exc.detail))
-        return error(APIError(status, message))
+        return error(APIError(status, message), headers=getattr(exc, "headers", None))
 
     routes = [Route("/v1/models", guarded(models), methods=["GET"]),
+              Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/v1/completions", guarded(completions), methods=["POST"]),
               Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"])]
@@ -339,11 +432,13 @@ def _usage(ev: Event) -> dict:
             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
 
-def _logprobs(tok, ev: Event, chat: bool) -> dict:
-    pieces = [tok.decode([t]) for t in ev.tokens]
+def _logprobs(tok, context: list[int], ev: Event, chat: bool) -> dict:
+    """The chosen tokens' log-probabilities; each token's text as it reads after the tokens
+    before it (`context`), so that they join into the answer."""
+    pieces = tok.token_texts(context, ev.tokens)
     if chat:
-        return {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []}
-                            for p, lp in zip(pieces, ev.logprobs)]}
+        return {"content": [{"token": p, "logprob": lp, "bytes": tok.token_bytes(t, p), "top_logprobs": []}
+                            for t, p, lp in zip(ev.tokens, pieces, ev.logprobs)]}
     return {"tokens": pieces, "token_logprobs": ev.logprobs, "top_logprobs": None, "text_offset": None}
 
 
@@ -365,13 +460,13 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
     if max_len is not None and not 2 <= max_len <= cfg.max_seq_len:
         raise UserError(f"--max-len {max_len} must be in [2, {cfg.max_seq_len}] (the model's context)")
     name = model_name or os.path.basename(os.path.abspath(run_dir))
-    batcher = Batcher(decode.prepare(run.graphdef, run.params), run.tokenizer.decode, slots=slots,
+    batcher = Batcher(decode.prepare(run.graphdef, run.params), run.tokenizer.decode_after, slots=slots,
                       max_len=max_len or cfg.max_seq_len, log=log).start()
     chat = is_chat_model(run)
     template = "chat template" if chat else "no chat template: /v1/completions only"
     log(f"serving {run_dir} as '{name}' ({run.cfg.stage}, step {run.step}, {template}), {slots} slots of "
         f"{batcher.max_len} tokens")
-    return make_app(Service(batcher, run.tokenizer, name, chat, api_key)), batcher
+    return make_app(Service(batcher, run.tokenizer, name, chat, api_key, log=log)), batcher
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,

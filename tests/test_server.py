@@ -92,11 +92,11 @@ def _greedy(loaded, prompt_ids, max_new, stops):
         if t in stops:
             break
         ids.append(t)
-    return loaded.tokenizer.decode(ids)
+    return loaded.tokenizer.decode_after(prompt_ids, ids)
 
 
 def _health(server):
-    return httpx.get(server["url"] + "/health", timeout=10).json()
+    return httpx.get(server["url"] + "/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
 
 
 def test_greedy_completion_equals_lm_sample(server):
@@ -145,8 +145,8 @@ def test_32_concurrent_streaming_clients_get_their_own_answers(server):
 
     loaded, tok = server["loaded"], server["loaded"].tokenizer
     ids = [tok.encode(p, bos=True) for p in PROMPTS]
-    want = [tok.decode([t for t in o if t != tok.eos_id])
-            for o in generate(loaded.graphdef, loaded.params, ids, 16, 256, temperature=0.0, eos_id=tok.eos_id)]
+    want = [tok.decode_after(p, [t for t in o if t != tok.eos_id])
+            for p, o in zip(ids, generate(loaded.graphdef, loaded.params, ids, 16, 256, temperature=0.0, eos_id=tok.eos_id))]
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, timeout=120, max_retries=0)
 
     def one(i):
@@ -282,13 +282,13 @@ def test_stop_strings_seeds_and_mixed_sampling(server):
 
     loaded = server["loaded"]
     tok = loaded.tokenizer
-    ids = []
-    for t in stream(loaded.graphdef, loaded.params, tok.encode(PROMPTS[3], bos=True), 20, 256, temperature=1.0,
+    ids, prompt_ids = [], tok.encode(PROMPTS[3], bos=True)
+    for t in stream(loaded.graphdef, loaded.params, prompt_ids, 20, 256, temperature=1.0,
                     top_p=0.8, stop_ids=[tok.eos_id], seed=1):
         if t == tok.eos_id:
             break
         ids.append(t)
-    assert a == tok.decode(ids)
+    assert a == tok.decode_after(prompt_ids, ids)
 
 
 def test_logprobs_are_the_samplers(server):
@@ -304,3 +304,122 @@ def test_cli_refuses_a_port_in_use(server):
     out = subprocess.run([sys.executable, "-m", "lm", "serve", server["run"], "--port", str(port)], env=cpu_env(1),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "cannot listen" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hostile_bodies_and_fields_get_4xx(server):
+    """What JSON allows but a request must not carry (lone surrogates, NaN, nesting deeper
+    than the parser goes, strings for booleans, unserved options, a huge body) gets an
+    OpenAI-style 4xx naming the field; the server answers the next request as before."""
+    url, auth = server["url"], {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def post(content, status=400, param=None, path="/v1/completions"):
+        r = httpx.post(url + path, content=content, headers=auth, timeout=60)
+        assert r.status_code == status, (content[:80], r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["message"] and "Traceback" not in r.text
+        if param:
+            assert err["param"] == param, err
+
+    def body(**kw):
+        return json.dumps({"model": "chat_run", "prompt": "x", "max_tokens": 2, **kw})
+
+    post(b'{"model": "chat_run", "prompt": "a\\ud800", "max_tokens": 2}', param="prompt")
+    post(b'{"model": "chat_run", "messages": [{"role": "user", "content": "a\\udfff"}]}', param="messages",
+         path="/v1/chat/completions")
+    post(b'{"model": "chat_run", "prompt": "x", "stop": ["\\ud800"]}', param="stop")
+    post(b"[" * 100_000 + b"]" * 100_000)
+    post(body()[:-1].encode() + b', "temperature": NaN}', param="temperature")
+    post(body()[:-1].encode() + b', "top_p": NaN}', param="top_p")
+    post(body(seed=10 ** 30), param="seed")
+    post(body(stream="false"), param="stream")
+    post(body(stream=True, stream_options="yes"), param="stream_options")
+    post(body(stream=True, stream_options={"include_usage": "no"}), param="include_usage")
+    post(body(logprobs=-1), param="logprobs")
+    post(body(logprobs=3), param="logprobs")
+    post(body(frequency_penalty=0.5), param="frequency_penalty")
+    post(body(logit_bias={"5": 10}), param="logit_bias")
+    post(body(response_format={"type": "json_object"}), param="response_format")
+    post(json.dumps({"model": "chat_run", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2,
+                     "logprobs": True}), param="top_logprobs", path="/v1/chat/completions")
+    post(body(prompt="x" * (5 << 20)), status=413)
+    # the models route, HTTP conventions
+    client = server["client"]
+    assert client.models.retrieve("chat_run").id == "chat_run"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    r = httpx.get(url + "/v1/completions", headers=auth, timeout=30)
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"bearer {KEY}"}, timeout=30).status_code == 200
+    assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}  # no counters without the key
+    assert client.completions.create(model="chat_run", prompt="x", max_tokens=3, temperature=0).choices[0].text
+    assert _health(server)["errors"] == 0
+    assert "Traceback" not in "".join(server["log"])
+
+
+def test_completion_text_reads_on_from_the_prompt(server):
+    """prompt + completion is the text of prompt + answer tokens: the answer's first space
+    is kept (decoding the answer alone drops it), a stop string may start with it, and the
+    logprobs' token texts join into the completion."""
+    client, loaded = server["client"], server["loaded"]
+    tok = loaded.tokenizer
+    from lm.sampling import generate
+
+    spaced = None
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt, bos=True)
+        out = generate(loaded.graphdef, loaded.params, [ids], 12, 256, temperature=0.0, eos_id=tok.eos_id)[0]
+        out = [t for t in out if t != tok.eos_id]
+        if out and tok.piece(out[0]).startswith("\u2581"):
+            spaced = prompt, ids, out
+            break
+    assert spaced, "no prompt whose greedy answer starts with a spaced piece"
+    prompt, ids, out = spaced
+    r = client.completions.create(model="chat_run", prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
+    text = r.choices[0].text
+    assert text.startswith(" ") and prompt + text == tok.decode(ids + out)
+    assert "".join(r.choices[0].logprobs.tokens) == text
+    stop = text[:3]  # begins with the space
+    cut = client.completions.create(model="chat_run", prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == "" and cut.choices[0].finish_reason == "stop"
+
+
+def test_any_64_bit_seed_draws_what_the_sampler_draws(server):
+    """Seeds outside [0, 2**31) (negative, beyond 32 bits) give what lm.sampling.stream
+    (`lm sample --seed`) gives for them, not a seed folded by the server."""
+    from lm.sampling import stream
+
+    client, loaded = server["client"], server["loaded"]
+    tok = loaded.tokenizer
+    ids = tok.encode(PROMPTS[6], bos=True)
+    for seed in (-5, (1 << 31) + 7, (1 << 63) - 1):
+        got = client.completions.create(model="chat_run", prompt=PROMPTS[6], max_tokens=12, temperature=1.0,
+                                        seed=seed).choices[0].text
+        out = []
+        for t in stream(loaded.graphdef, loaded.params, ids, 12, 256, temperature=1.0, stop_ids=[tok.eos_id],
+                        seed=seed):
+            if t == tok.eos_id:
+                break
+            out.append(t)
+        assert got == tok.decode_after(ids, out), seed
+
+
+def test_disconnect_without_streaming_frees_the_slot(server):
+    """A non-streaming client with stop strings (an event every token: the handler never
+    waits idle) that hangs up has its request cancelled, not decoded to the end."""
+    url = server["url"]
+    before = _health(server)
+    body = {"model": "chat_run", "prompt": "x", "max_tokens": 250, "temperature": 1.0, "seed": 3,
+            "stop": ["QQQZZZ"]}
+
+    def gone(_):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.05)
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        list(ex.map(gone, range(4)))
+    deadline = time.monotonic() + 30
+    while (h := _health(server))["active"] or h["waiting"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["cancelled"] - before["cancelled"] == 4 and h["finished"] == before["finished"], (before, h)
+    assert h["tokens"] - before["tokens"] < 4 * 250 / 2, (before, h)  # stopped well before the end
