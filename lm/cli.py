@@ -67,15 +67,18 @@ def _train(args) -> int:
     summary = train(cfg, run_dir, log=_log, progress=not args.no_progress, resume=not args.fresh)
     if summary.get("stopped"):  # preempted (saved: a clean exit) or diverged (error)
         return 0 if "received" in summary["stopped"] else 1
-    if "heldout_unigram_entropy" in summary:
-        ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
-        _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
-             f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
-    elif "heldout_pass_at_1" in summary:
+    loss = summary.get("heldout_loss", float("nan"))
+    if "heldout_pass_at_1" in summary:
         _log(f"done: held-out pass@1 {summary['base_heldout_pass_at_1']:.1%} -> {summary['heldout_pass_at_1']:.1%}")
     elif "heldout_reward" in summary:
         _log(f"done: held-out mean reward of greedy replies {summary['base_heldout_reward']:.3f} -> "
              f"{summary['heldout_reward']:.3f}")
+    elif loss != loss:  # NaN: nothing was held out (the run said so when it started)
+        _log("done (no held-out figures)")
+    elif "heldout_unigram_entropy" in summary:
+        ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
+        _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
+             f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
     elif "base_heldout_loss" in summary:
         _log(f"done: held-out loss {summary['heldout_loss']:.3f} (the base model: {summary['base_heldout_loss']:.3f})")
     else:

@@ -133,17 +133,72 @@ def check_model_matches(cfg: Config, path: str) -> None:
                           "take the model config from the source (the sft experiments do)")
 
 
-def init_params_loader(cfg: Config, engine, log: Callable = print) -> Callable | None:
-    """A function that loads `trainer.init_from`'s parameters for `engine`, or None."""
+PIN_FILE = "init_from.json"  # in a run directory: the base run and step it started from
+
+
+def base_step(cfg: Config, run_dir: str | None) -> int | None:
+    """The step of `trainer.init_from` a run starts from: `trainer.init_step` if set, else
+    the step it recorded when it first loaded its base (RUN/init_from.json), so that a base
+    run trained further later changes nothing here (a resumed DPO run keeps its reference,
+    a LoRA run its base). None: the base's newest checkpoint (not loaded yet, or a Hugging
+    Face folder)."""
+    if cfg.trainer.init_step is not None or not run_dir:
+        return cfg.trainer.init_step
+    try:
+        with open(os.path.join(run_dir, PIN_FILE)) as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{os.path.join(run_dir, PIN_FILE)} (the base step this run started from) is unreadable "
+                          f"({type(e).__name__}): set trainer.init_step to the step of {cfg.trainer.init_from} "
+                          "it started from") from None
+    if not isinstance(rec, dict) or rec.get("path") != os.path.abspath(cfg.trainer.init_from):
+        return None  # another base: this run is being started over from it
+    return rec.get("step")
+
+
+def _pin(cfg: Config, run_dir: str | None, step: int | None) -> None:
+    if not run_dir or step is None or cfg.trainer.init_step is not None:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, PIN_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"path": os.path.abspath(cfg.trainer.init_from), "step": int(step)}, f)
+    os.replace(path + ".tmp", path)
+
+
+def load_base(cfg: Config, abstract_params, run_dir: str | None, log: Callable = print, pin: bool = True):
+    """`trainer.init_from`'s parameters at the run's base step (`base_step`), recording the
+    step the first time (if `pin`: training does, reading a run never writes): (params, step)."""
+    from data_pipeline.errors import NotFound
+
+    path, step = cfg.trainer.init_from, base_step(cfg, run_dir)
+    try:
+        params, got = load_params(path, abstract_params, step, log)
+    except NotFound as e:
+        if step is None or cfg.trainer.init_step is not None:
+            raise
+        raise ConfigError(f"{run_dir} started from step {step} of {path}, which is gone from there ({e}); "
+                          f"set trainer.init_step to another step of it, or start over (--fresh)") from None
+    if pin and step is None and jax.process_index() == 0:
+        _pin(cfg, run_dir, got)
+    return params, got
+
+
+def init_params_loader(cfg: Config, engine, log: Callable = print, run_dir: str | None = None) -> Callable | None:
+    """A function that loads `trainer.init_from`'s parameters for `engine` (at the step the
+    run in `run_dir` started from: `base_step`), or None."""
     path = cfg.trainer.init_from
     if not path:
         return None
     check_model_matches(cfg, path)
 
     def load():
-        params, step = load_params(path, engine.abstract_params(), cfg.trainer.init_step, log)
-        log(f"parameters from {path}" + (f" (step {step})" if step is not None else "")
-            + "; optimiser and data start fresh")
+        pinned = base_step(cfg, run_dir) is not None and cfg.trainer.init_step is None
+        params, step = load_base(cfg, engine.abstract_params(), run_dir, log)
+        log(f"parameters from {path}" + (f" (step {step}{', the step this run started from' if pinned else ''})"
+                                         if step is not None else "") + "; optimiser and data start fresh")
         return params
 
     return load

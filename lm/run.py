@@ -52,11 +52,11 @@ def load_run(run_dir: str, single_device: bool = True, log: Callable = print, st
     engine = make_engine(cfg, make_mesh(cfg.mesh, devices))
     if run_cfg.lora.rank:
         from lm import lora
-        from lm.init import load_params
+        from lm.init import load_base
 
         lora_engine = make_engine(dataclasses.replace(run_cfg, mesh=cfg.mesh), engine.mesh)
         adapters, step = restore_params(run_dir, lora_engine.abstract_state().params, step, log)
-        base, _ = load_params(run_cfg.trainer.init_from, engine.abstract_params(), run_cfg.trainer.init_step, log)
+        base, _ = load_base(run_cfg, engine.abstract_params(), run_dir, log, pin=False)
         params = jax.jit(lambda b, a: lora.merge(b, a, run_cfg.lora))(base, adapters)
     else:
         params, step = restore_params(run_dir, engine.abstract_params(), step, log)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +250,22 @@ def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
 
     r = reward.score_pairs(load_run(str(tmp_path / "run"), **QUIET), pair_file(tmp_path / "new.jsonl", 64, seed=9))
     assert r["pairs"] == 64 and r["accuracy"] > 0.6 and r["margin"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_no_held_out_pairs_still_finishes(base_run, tmp_path, stage):  # noqa: F811
+    """A held-out fraction of 0 leaves nothing to evaluate: the run warns at the start and
+    reports n/a, and it finishes (summary.json), rather than failing at the very end."""
+    from lm.train import train
+
+    cfg = pref_config(base_run, stage, pair_file(tmp_path / "p.jsonl", 40))
+    src = dataclasses.replace(cfg.data.sources[0], heldout_fraction=0.0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(src,)),
+                              trainer=dataclasses.replace(cfg.trainer, steps=2))
+    lines = []
+    s = train(cfg, str(tmp_path / "run"), progress=False, log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert "no held-out data" in text and "n/a (no held-out pairs)" in text
+    key = "heldout_accuracy" if stage == "reward" else "heldout_logp_accuracy"
+    assert os.path.exists(tmp_path / "run" / "summary.json") and s[key] is None

@@ -310,6 +310,41 @@ def test_lora_trains_only_adapters_and_merges(base_run, tmp_path):
     np.testing.assert_allclose(np.asarray(merged.model()(x)), np.asarray(unmerged), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_run_keeps_the_base_step_it_started_from(base_run, tmp_path):
+    """A base run trained further after a LoRA run started from it changes nothing for that
+    run: its merged model, and its resumption, read the base step it recorded; a recorded
+    step that is gone from the base is a one-line error, not a silent switch."""
+    import shutil
+
+    from lm.config import ConfigError
+    from lm.init import PIN_FILE
+    from lm.run import load_run
+    from lm.train import train
+
+    base = tmp_path / "base"
+    shutil.copytree(base_run["run"], base)
+    quiet = lambda *_: None  # noqa: E731
+    cfg = dataclasses.replace(sft_config({**base_run, "run": str(base)}, steps=4, eval_every=4, checkpoint_every=2),
+                              lora=LoraConfig(rank=4, alpha=8.0))
+    run = tmp_path / "lora"
+    train(cfg, str(run), log=quiet, progress=False)
+    assert json.loads((run / PIN_FILE).read_text()) == {"path": str(base), "step": 20}
+    x = jnp.asarray(np.arange(16).reshape(1, 16) % 300 + 4)
+    before = np.asarray(load_run(str(run), log=quiet).model()(x))
+    # the base trains on (steps 20 -> 30): the LoRA run still merges onto step 20
+    train(dataclasses.replace(base_run["cfg"], trainer=dataclasses.replace(base_run["cfg"].trainer, steps=30)),
+          str(base), log=quiet, progress=False)
+    np.testing.assert_array_equal(np.asarray(load_run(str(run), log=quiet).model()(x)), before)
+    lines = []
+    train(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps=6)), str(run), log=lines.append,
+          progress=False)
+    assert any("(step 20, the step this run started from)" in str(m) for m in lines), lines
+    shutil.rmtree(base / "checkpoints" / "20")
+    with pytest.raises(ConfigError, match="started from step 20"):
+        load_run(str(run), log=quiet)
+
+
 SFT_EXPERIMENT = """
 import dataclasses, sys
 sys.path.insert(0, {tests!r})

@@ -220,7 +220,7 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
     train, heldout = problems(cfg)
     data = RolloutData(cfg, tok, train, engine.graphdef, reward_fn, log)
     held = Sampler(tok, heldout, cfg.rl.max_new)
-    loader = init_params_loader(cfg, engine, log)
+    loader = init_params_loader(cfg, engine, log, run_dir)
     if loader is None:
         raise ConfigError("GRPO improves a model that can already answer sometimes: set trainer.init_from "
                           "(an SFT run)")

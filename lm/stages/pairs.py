@@ -53,7 +53,7 @@ def setup(cfg: Config, run_dir: str, log: Callable, mesh, objective, finish) -> 
     engine = make_engine(cfg, mesh, objective)
     data = PreferenceData(data_config(cfg, run_dir), run_dir, tokenizer=tok, eval_batches=cfg.trainer.eval_batches,
                           log=log)
-    loader = init_params_loader(cfg, engine, log)
+    loader = init_params_loader(cfg, engine, log, run_dir)
     if loader is None and engine.frozen_names:
         raise ConfigError(f"pref.loss={cfg.pref.loss} compares the policy with the model it starts from: "
                           "set trainer.init_from (an SFT run)")
@@ -71,6 +71,11 @@ def before_after(ctx, summary: dict, init_params, keys: dict[str, str]) -> None:
     evals = summary.get("heldout") or ctx.evaluate()
     after = {k: evals.get(f"eval_{k}", float("nan")) for k in keys}
     before = None
+    if all(np.isnan(v) for v in after.values()):  # nothing held out (the loop warned at the start)
+        for k, label in keys.items():
+            summary[f"heldout_{k}"] = None
+            ctx.log(f"held-out {label}: n/a (no held-out pairs)")
+        return
     if init_params is not None:
         eng = ctx.engine
         plain = make_engine(dataclasses.replace(ctx.cfg, lora=dataclasses.replace(ctx.cfg.lora, rank=0)),
@@ -78,7 +83,7 @@ def before_after(ctx, summary: dict, init_params, keys: dict[str, str]) -> None:
         params = init_params()
         frozen = {name: params for name in plain.frozen_names}
         m = evaluate(plain, plain.compile_eval_step(), params, frozen, ctx.data.heldout)
-        before = {k: m.get(f"eval_{k}") for k in keys}
+        before = {k: m.get(f"eval_{k}", float("nan")) for k in keys}
     for k, label in keys.items():
         summary[f"heldout_{k}"] = after[k]
         if before is not None:

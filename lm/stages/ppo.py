@@ -127,7 +127,7 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
     train, heldout = problems(cfg)
     data = PPOData(cfg, tok, train, engine.graphdef, reward_fn, log)
     held = Sampler(tok, heldout, rl.max_new)
-    loader = init_params_loader(cfg, engine, log)
+    loader = init_params_loader(cfg, engine, log, run_dir)
     if loader is None:
         raise ConfigError("PPO improves a model that can already answer sometimes: set trainer.init_from "
                           "(an SFT run)")

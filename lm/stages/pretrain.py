@@ -29,7 +29,7 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
     engine = make_engine(cfg, mesh, NextToken(cfg))
     data = RunData(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches, log=log)
     return Setup(engine=engine, data=data, meta=run_meta(cfg, data.tokenizer),
-                 init_params=init_params_loader(cfg, engine, log), finish=finish)
+                 init_params=init_params_loader(cfg, engine, log, run_dir), finish=finish)
 
 
 def run_meta(cfg: Config, tokenizer) -> dict:

@@ -109,7 +109,7 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
     tok = store_tokenizer(cfg, run_dir)
     engine = make_engine(cfg, mesh, NextToken(cfg))
     data = open_data(cfg, run_dir, log, tok)
-    loader = init_params_loader(cfg, engine, log)
+    loader = init_params_loader(cfg, engine, log, run_dir)
     if loader is None:
         log("WARNING: SFT from random parameters (no trainer.init_from): set it to a pretrained run")
     return Setup(engine=engine, data=data, meta=run_meta(cfg, tok), init_params=loader, finish=_finish(loader))
@@ -122,7 +122,9 @@ def _finish(init_params):
 
         log = ctx.log
         loss = summary["heldout_loss"]
-        if init_params is not None:
+        if loss != loss:  # NaN: nothing held out (the loop warned at the start)
+            log("held-out loss on assistant tokens: n/a (no held-out conversations)")
+        elif init_params is not None:
             plain = make_engine(dataclasses.replace(ctx.cfg, lora=dataclasses.replace(ctx.cfg.lora, rank=0)),
                                 ctx.engine.mesh, ctx.engine.objective)
             base = evaluate(plain, plain.compile_eval_step(), init_params(), {}, ctx.data.heldout)["eval_loss"]
