@@ -123,6 +123,21 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def valid_text(text: str) -> str:
+    """`text` as valid Unicode: bytes that were not UTF-8 (which Python keeps in command-line
+    arguments and terminal input as lone surrogates, and which SentencePiece refuses) become
+    U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "replace")
+        return raw.decode("utf-8", "replace")
+
+
 class Tokenizer:
     """A thin wrapper over a SentencePiece model with batched encode/decode."""
 
@@ -149,11 +164,11 @@ class Tokenizer:
         return self.sp.pad_id()
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
+        ids = self.sp.encode(valid_text(text))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-        out = self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+        out = self.sp.encode([valid_text(t) for t in texts], num_threads=os.cpu_count() or 1)
         return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
 
     def decode(self, ids: Sequence[int]) -> str:

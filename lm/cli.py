@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -285,6 +286,11 @@ def cmd_eval(args) -> int:
         results.update(evaluate_harness(args.run_dir, names, args.limit, args.batch_size, log=_log))
     tasks = [] if args.harness and args.tasks is None else TASKS if args.tasks in (None, "all") else [
         t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks and not args.harness:
+        raise UserError(f"--tasks {args.tasks!r} names no task; available: {', '.join(TASKS)}")
+    if not os.access(args.run_dir, os.W_OK) and os.path.isdir(args.run_dir):  # before the work, not after
+        raise UserError(f"cannot write {os.path.join(args.run_dir, 'eval.json')} (the run directory is not "
+                        "writable): evaluate a copy of the run")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)} (lm-evaluation-harness "
@@ -331,6 +337,8 @@ def _number(kind, low=None, high=None, low_open=False, what=""):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return v
@@ -466,11 +474,22 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR, errno.ENAMETOOLONG}
+
+
 def _run(args) -> int:
     try:
         return args.fn(args)
     except UserError as e:  # the one place user errors end: one line, exit code 2
         print(f"lm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the system refuses (permissions, a read-only or full disk)
+        if e.errno not in _PATH_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lm: error: {e.strerror or e}{where} (check the path, its permissions and free space)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C in the other commands (lm train: see cmd_train)
         print("lm: interrupted", file=sys.stderr)

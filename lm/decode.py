@@ -48,7 +48,7 @@ def filter_logits(logits: jax.Array, top_k: int, top_p) -> jax.Array:
     """Mask (to -inf) all but the top-k tokens and the smallest set with mass >= top_p
     (top_p a scalar, or (B, 1) for one per row)."""
     if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]  # top_k >= V: all of them
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)

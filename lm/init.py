@@ -199,6 +199,9 @@ def init_params_loader(cfg: Config, engine, log: Callable = print, run_dir: str 
         params, step = load_base(cfg, engine.abstract_params(), run_dir, log)
         log(f"parameters from {path}" + (f" (step {step}{', the step this run started from' if pinned else ''})"
                                          if step is not None else "") + "; optimiser and data start fresh")
+        if not pinned and is_run_dir(path) and not os.path.exists(os.path.join(path, "summary.json")):
+            log(f"WARNING: {path} has not finished training (no summary.json): this run starts from its step "
+                f"{step}; finish that run first if you meant its final model")
         return params
 
     return load

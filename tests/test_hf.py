@@ -84,6 +84,12 @@ def test_export_and_import_run_directories(tmp_path):
     train(cfg, str(run), log=lambda *_: None, progress=False)
     export_run(str(run), str(tmp_path / "hf"), log=lambda *_: None)
     assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))
+    from lm.config import ConfigError
+
+    before = (run / "config.json").read_text()
+    with pytest.raises(ConfigError, match="holds a training run"):  # even with --force: it would ruin the run
+        export_run(str(run), str(run), log=lambda *_: None, force=True)
+    assert (run / "config.json").read_text() == before
     import_run(str(tmp_path / "hf"), str(tmp_path / "imported"), log=lambda *_: None)
     assert os.path.exists(tmp_path / "imported" / "config.json")
     # the imported run's step-0 checkpoint holds the trained parameters

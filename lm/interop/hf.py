@@ -459,6 +459,11 @@ def export_run(run_dir: str, out_dir: str, log=print, force: bool = False) -> st
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"{out_dir} is a file; give a folder to export into")
+    from lm.rundir import holds_run
+
+    if os.path.isdir(out_dir) and holds_run(out_dir):  # even with --force: it would overwrite config.json
+        raise ConfigError(f"{out_dir} holds a training run (config.json, checkpoints/): export into a folder "
+                          "of its own")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise ConfigError(f"{out_dir} is not empty ({', '.join(sorted(os.listdir(out_dir))[:4])}...); export into "
                           "a new folder, or add --force to replace the files an export writes there")

@@ -1,0 +1,46 @@
+"""Hostile command-line input ends in one line, never a traceback: paths the system refuses,
+numbers that are not finite, bytes that are not UTF-8, a top-k beyond the vocabulary."""
+
+import argparse
+import errno
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import cli, decode
+
+
+def test_a_refused_path_is_one_line(capsys):
+    def fail(_):
+        raise PermissionError(errno.EACCES, "Permission denied", "/runs/x/.lock")
+
+    assert cli._run(argparse.Namespace(fn=fail)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied: /runs/x/.lock" in err
+
+    def bug(_):
+        raise OSError(errno.EBADF, "Bad file descriptor")  # not about a path the user gave: a bug, shown as one
+
+    with pytest.raises(OSError):
+        cli._run(argparse.Namespace(fn=bug))
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_numbers_must_be_finite(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="finite"):
+        cli._number(float, 0.0, what="0 or more")(text)
+
+
+def test_text_that_is_not_utf8_is_encoded_with_replacement_characters():
+    from data_pipeline.tokenizer import valid_text
+
+    raw = b"\xff\xfe caf\xc3\xa9".decode("utf-8", "surrogateescape")  # what argv and input() give
+    assert valid_text(raw) == "\ufffd\ufffd caf\u00e9"
+    assert valid_text("a\ud800b") == "a?b" or valid_text("a\ud800b") == "a\ufffdb"
+    assert valid_text("plain") == "plain"
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 50)), jnp.float32)
+    np.testing.assert_array_equal(decode.filter_logits(logits, 1000, 1.0), logits)
