@@ -35,13 +35,11 @@ from its train split) is scored by exact match of the final number; translation
 
 from __future__ import annotations
 
-import bz2
-import json
 import math
 import os
 import re
 from functools import partial
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -189,35 +187,15 @@ def loglikelihood_rolling(logits_fn: Callable, params, tokenizer, texts: Sequenc
 # one continuation; "choices" are the texts whose lengths normalise acc_norm.
 
 
-def _jsonl(path: str) -> Iterable[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+def load_task(name: str, data_dir: str = DEFAULT_DATA, log: Callable | None = None) -> list[dict]:
+    """Items {"contexts": [...], "continuations": [...], "choices": [...], "gold": int}, read
+    (bad lines counted and skipped, a file with none usable a one-line error) by
+    data_pipeline.tasks.load_task."""
+    from data_pipeline import tasks
 
-
-def load_task(name: str, data_dir: str = DEFAULT_DATA) -> list[dict]:
-    """Items {"contexts": [...], "continuations": [...], "choices": [...], "gold": int}."""
-    d = os.path.normpath(data_dir)
-    if name == "hellaswag":
-        with bz2.open(os.path.join(d, "hellaswag", "hellaswag_val_full.txt.bz2"), "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        return [{"contexts": [lines[i]], "continuations": [" " + e for e in lines[i + 2: i + 6]],
-                 "choices": lines[i + 2: i + 6], "gold": int(lines[i + 1])} for i in range(0, len(lines) - 5, 6)]
-    if name in ("arc_easy", "arc_challenge", "piqa"):
-        folder = "arc" if name.startswith("arc") else "piqa"
-        return [{"contexts": [r["query"].rstrip() + "\nAnswer:"], "continuations": [" " + c for c in r["choices"]],
-                 "choices": list(r["choices"]), "gold": int(r["gold"])}
-                for r in _jsonl(os.path.join(d, folder, f"{name}.jsonl"))]
-    if name == "winogrande":  # the choice is in the context; the shared continuation is scored
-        return [{"contexts": r["context_options"], "continuations": [" " + r["continuation"]],
-                 "choices": list(r["context_options"]), "gold": int(r["gold"])}
-                for r in _jsonl(os.path.join(d, "winogrande", "winogrande.jsonl"))]
-    if name == "lambada":
-        return [{"contexts": [r["context"]], "continuations": [" " + r["continuation"]],
-                 "choices": [r["continuation"]], "gold": 0}
-                for r in _jsonl(os.path.join(d, "lambada_openai", "lambada_openai.jsonl"))]
-    raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    if name not in TASKS or name in GEN_TASKS or name == "heldout":
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    return tasks.load_task(name, data_dir, log)
 
 
 def multiple_choice_requests(items: Sequence[dict]) -> list[tuple[str, str]]:
@@ -283,33 +261,15 @@ def lambada_metrics(scores: Sequence[tuple[float, bool]]) -> dict:
 # ---------------------------------------------------------------------------------------
 # Generation tasks
 
-_LANG = {"en": "English", "de": "German"}
 
+def load_generation_task(name: str, data_dir: str = DEFAULT_DATA, shots: int = 3,
+                         log: Callable | None = None) -> list[dict]:
+    """Items {"prompt": str, "reference": str} (data_pipeline.tasks.load_generation_task)."""
+    from data_pipeline import tasks
 
-def _lines(path: str) -> list[str]:
-    opener = __import__("gzip").open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def load_generation_task(name: str, data_dir: str = DEFAULT_DATA, shots: int = 3) -> list[dict]:
-    """Items {"prompt": str, "reference": str}."""
-    d = os.path.normpath(data_dir)
-    if name == "gsm8k":
-        train = list(_jsonl(os.path.join(d, "gsm8k", "train.jsonl")))[:shots]
-        prefix = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in train)
-        return [{"prompt": prefix + f"Question: {r['question']}\nAnswer:", "reference": r["answer"]}
-                for r in _jsonl(os.path.join(d, "gsm8k", "test.jsonl"))]
-    if name.startswith("wmt22_") or name.startswith("multi30k_"):
-        src, tgt = name.split("_")[1:]
-        if name.startswith("wmt22_"):
-            base = os.path.join(d, "wmt22-general-test", f"generaltest2022.{src}-{tgt}")
-            sources, refs = _lines(f"{base}.src.{src}"), _lines(f"{base}.ref.A.{tgt}")
-        else:
-            base = os.path.join(d, "multi30k", "test_2016_flickr")
-            sources, refs = _lines(f"{base}.{src}.gz"), _lines(f"{base}.{tgt}.gz")
-        return [{"prompt": f"{_LANG[src]}: {s}\n{_LANG[tgt]}:", "reference": r} for s, r in zip(sources, refs)]
-    raise ValueError(f"unknown generation task {name!r}; available: {', '.join(GEN_TASKS)}")
+    if name not in GEN_TASKS:
+        raise ValueError(f"unknown generation task {name!r}; available: {', '.join(GEN_TASKS)}")
+    return tasks.load_generation_task(name, data_dir, shots, log)
 
 
 def final_number(text: str) -> str | None:
@@ -390,7 +350,7 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
             results[task] = _heldout(run, run_dir, log)
             continue
         if task in GEN_TASKS:
-            items = load_generation_task(task, data_dir)
+            items = load_generation_task(task, data_dir, log=log)
             items = items[:limit] if limit else items
             gsm = task == "gsm8k"
             outs = generate_texts(run.graphdef, run.params, run.tokenizer, [it["prompt"] for it in items],
@@ -440,7 +400,7 @@ def task_evaluator(cfg, engine, tokenizer, log: Callable = print) -> Callable | 
                           "(data.corpus='synthetic'?)")
     data_dir = cfg.trainer.eval_data_dir or DEFAULT_DATA
     try:
-        items = {t: load_task(t, data_dir)[:n] for t in tasks}
+        items = {t: load_task(t, data_dir, log)[:n] for t in tasks}
     except FileNotFoundError as e:
         raise ConfigError(f"trainer.eval_tasks: task files not found ({e}); set trainer.eval_data_dir (or LM_DATA) "
                           "to the folder holding hellaswag/, arc/, ...") from None

@@ -29,16 +29,32 @@ from lm.stages.pretrain import run_meta
 from lm.stages.sft import store_tokenizer
 
 
-def problems(cfg: Config) -> tuple[list[dict], list[dict]]:
+def problems(cfg: Config, tokenizer=None, log: Callable | None = None) -> tuple[list[dict], list[dict]]:
+    """The task's training and held-out problems; with a tokenizer, those whose prompt leaves
+    no room for rl.max_new tokens in the model's context are dropped (and counted)."""
     from data_pipeline import tasks
 
     rl = cfg.rl
     if rl.task == "arith":
-        return tasks.arith(cfg.data.seed, rl.train_problems, rl.eval_prompts, rl.digits)
-    if rl.task == "gsm8k":
-        train, test = tasks.gsm8k()
-        return train, test[: rl.eval_prompts]
-    raise ConfigError(f"rl.task={rl.task!r}: choose 'arith' or 'gsm8k'")
+        train, test = tasks.arith(cfg.data.seed, rl.train_problems, rl.eval_prompts, rl.digits)
+    elif rl.task == "gsm8k":
+        train, test = tasks.gsm8k(log=log)
+        test = test[: rl.eval_prompts]
+    else:
+        raise ConfigError(f"rl.task={rl.task!r}: choose 'arith' or 'gsm8k'")
+    if not test:
+        raise ConfigError(f"rl.eval_prompts={rl.eval_prompts} leaves no held-out problem to score; set it to 1 or more")
+    if tokenizer is not None:
+        from data_pipeline.chat import generation_prompt
+
+        limit = (cfg.model.max_seq_len - rl.max_new) // 8 * 8  # Sampler pads prompts to a multiple of 8
+        if limit <= 0:
+            raise ConfigError(f"rl.max_new={rl.max_new} leaves no room for a prompt in model.max_seq_len="
+                              f"{cfg.model.max_seq_len}; lower rl.max_new")
+        n = lambda p: len(generation_prompt(tokenizer, p["messages"]))  # noqa: E731
+        train = tasks.drop_long_prompts(train, n, limit, f"rl.task={rl.task} training", log)
+        test = tasks.drop_long_prompts(test, n, limit, f"rl.task={rl.task} held-out", log)
+    return train, test
 
 
 class Sampler:
@@ -217,7 +233,7 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
                           f"{cfg.model.vocab_size}; take the model config from the base run")
     engine = make_engine(cfg, mesh, GRPOObjective(cfg))
     reward_fn = rewards.get(cfg.rl.reward)
-    train, heldout = problems(cfg)
+    train, heldout = problems(cfg, tok, log)
     data = RolloutData(cfg, tok, train, engine.graphdef, reward_fn, log)
     held = Sampler(tok, heldout, cfg.rl.max_new)
     loader = init_params_loader(cfg, engine, log, run_dir)

@@ -124,7 +124,7 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
                           f"{cfg.model.vocab_size}; take the model config from the base run")
     engine = make_engine(cfg, mesh, PPOObjective(cfg))
     reward_fn = reward_function(cfg, tok, log)
-    train, heldout = problems(cfg)
+    train, heldout = problems(cfg, tok, log)
     data = PPOData(cfg, tok, train, engine.graphdef, reward_fn, log)
     held = Sampler(tok, heldout, rl.max_new)
     loader = init_params_loader(cfg, engine, log, run_dir)
