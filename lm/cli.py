@@ -62,6 +62,7 @@ def _train(args) -> int:
     from lm.train import train
 
     cfg = experiment.load(args.experiment, args.set)  # bad keys fail here, before any work
+    cfg.check_inputs()  # and files it names that must exist
     _distributed(args)
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
     _log(f"run directory: {run_dir}")
@@ -312,7 +313,8 @@ def cmd_reward(args) -> int:
 
     loaded = load_run(args.run_dir, log=_log)
     r = reward.score_pairs(loaded, args.pairs, args.format, args.limit, log=_log)
-    print(f"{r['pairs']} pairs ({r['bad_records']} bad records skipped): pairwise accuracy {r['accuracy']:.3f} "
+    print(f"{r['pairs']} pairs ({r['bad_records']} bad records and {r['too_long']} over-long pairs skipped): "
+          f"pairwise accuracy {r['accuracy']:.3f} "
           f"(chance {r['chance']:.1f}), mean reward margin {r['margin']:+.3f}")
     return 0
 
@@ -478,18 +480,18 @@ _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
                 errno.EISDIR, errno.ENAMETOOLONG}
 
 
+def _refused(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where} (check the path, its permissions and free space)"
+
+
 def _run(args) -> int:
     try:
         return args.fn(args)
-    except UserError as e:  # the one place user errors end: one line, exit code 2
-        print(f"lm: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path the system refuses (permissions, a read-only or full disk)
-        if e.errno not in _PATH_ERRNOS:
-            raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"lm: error: {e.strerror or e}{where} (check the path, its permissions and free space)",
-              file=sys.stderr)
+    except (UserError, OSError) as e:  # the one place user errors end: one line, exit code 2
+        if not isinstance(e, UserError) and e.errno not in _PATH_ERRNOS:
+            raise  # not a path the system refused (permissions, a read-only or full disk): a bug
+        print(f"lm: error: {e if isinstance(e, UserError) else _refused(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C in the other commands (lm train: see cmd_train)
         print("lm: interrupted", file=sys.stderr)

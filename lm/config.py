@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any, Literal
@@ -190,7 +191,7 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 16
+    eval_batches: int = 16  # held-out batches per source in each evaluation (at least 1)
     num_samples: int = 3  # samples printed at the end
     sample_tokens: int = 96
     sample_temperature: float = 0.8
@@ -249,6 +250,7 @@ class Config:
         for key in ("seq_len", "batch_size"):
             if getattr(self.data, key) <= 0:
                 raise ConfigError(f"data.{key}={getattr(self.data, key)} must be positive")
+        self._check_ranges()
         for key in ("steps", "log_every", "microbatches", "loss_chunks", "max_bad_steps"):
             if getattr(self.trainer, key) <= 0:
                 raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must be positive")
@@ -259,8 +261,7 @@ class Config:
             if unknown:
                 raise ConfigError(f"trainer.eval_tasks: unknown task(s) {unknown}; available: "
                                   f"{', '.join(TASK_METRICS)}")
-        for key in ("eval_every", "eval_batches", "checkpoint_every", "num_samples", "sample_tokens",
-                    "eval_task_items"):
+        for key in ("eval_every", "checkpoint_every", "num_samples", "sample_tokens", "eval_task_items"):
             if getattr(self.trainer, key) < 0:
                 raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must not be negative (0: off)")
         for key in ("data", "fsdp", "tensor"):
@@ -269,8 +270,6 @@ class Config:
                 raise ConfigError(f"mesh.{key}={v} must be positive, or -1 for the devices the other axes leave")
         if self.optim.name not in ("adamw", "muon"):
             raise ConfigError(f"unknown optimiser optim.name={self.optim.name!r}; choose 'adamw' or 'muon'")
-        if self.optim.lr < 0 or self.optim.warmup_steps < 0 or self.optim.clip_norm < 0:
-            raise ConfigError("optim.lr, optim.warmup_steps and optim.clip_norm must not be negative")
         if self.data.batch_size % self.trainer.microbatches:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be divisible by "
@@ -290,6 +289,73 @@ class Config:
                 raise ConfigError("lora.rank>0 trains adapters on a frozen base: set trainer.init_from to a run "
                                   "directory or a Hugging Face folder")
         return self
+
+    def _check_ranges(self) -> None:
+        """Numbers outside the range where they mean something: one line naming the key, the
+        value and the range (written as `not (allowed)`, so that NaN is refused too)."""
+        o, d, t = self.optim, self.data, self.trainer
+        checks = [
+            ("optim.lr", o.lr, o.lr >= 0, "must not be negative"),
+            ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "must not be negative"),
+            ("optim.clip_norm", o.clip_norm, o.clip_norm >= 0, "must not be negative (0: no clipping)"),
+            ("optim.eps", o.eps, o.eps > 0, "must be positive, e.g. 1e-8 (Adam divides by sqrt(v) + eps)"),
+            ("optim.b1", o.b1, 0 <= o.b1 < 1, "must be in [0, 1), e.g. 0.9"),
+            ("optim.b2", o.b2, 0 <= o.b2 < 1, "must be in [0, 1), e.g. 0.95"),
+            ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1,
+             "must be in [0, 1] (the final learning rate as a fraction of optim.lr)"),
+            ("optim.decay_fraction", o.decay_fraction, 0 <= o.decay_fraction <= 1,
+             "must be in [0, 1] (the share of the steps spent decaying)"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must not be negative"),
+            ("optim.z_loss", o.z_loss, o.z_loss >= 0, "must not be negative (0: off)"),
+            ("optim.muon_lr", o.muon_lr, o.muon_lr >= 0, "must not be negative"),
+            ("optim.muon_momentum", o.muon_momentum, 0 <= o.muon_momentum < 1, "must be in [0, 1), e.g. 0.95"),
+            ("optim.muon_weight_decay", o.muon_weight_decay, o.muon_weight_decay >= 0, "must not be negative"),
+            ("data.heldout_fraction", d.heldout_fraction, 0 <= d.heldout_fraction < 1,
+             "must be in [0, 1) (the share of documents kept out of training)"),
+            ("data.prefetch", d.prefetch, d.prefetch >= 0, "must not be negative (0: no read-ahead thread)"),
+            ("data.num_workers", d.num_workers, d.num_workers >= 0,
+             "must not be negative (0: read in the main process)"),
+            ("data.num_shards", d.num_shards, d.num_shards >= 0, "must not be negative (0: one per process)"),
+            ("data.shuffle_rows", d.shuffle_rows, d.shuffle_rows >= 0, "must not be negative (0: no shuffle)"),
+            ("data.chunk_tokens", d.chunk_tokens, d.chunk_tokens >= -1,
+             "must be positive, 0 (never cut documents) or -1 (data.seq_len)"),
+            ("data.tokenizer_sample_mb", d.tokenizer_sample_mb, d.tokenizer_sample_mb > 0, "must be positive"),
+            ("trainer.eval_batches", t.eval_batches, t.eval_batches > 0,
+             "must be positive (the held-out loss is the mean over this many batches; "
+             "trainer.eval_every=0 evaluates only at the end)"),
+            ("trainer.checkpoint_keep", t.checkpoint_keep, t.checkpoint_keep >= 1,
+             "must be at least 1 (the last K checkpoints are kept)"),
+            ("trainer.checkpoint_minutes", t.checkpoint_minutes, t.checkpoint_minutes >= 0,
+             "must not be negative (0: off)"),
+            ("trainer.sample_temperature", t.sample_temperature, t.sample_temperature >= 0,
+             "must not be negative (0: greedy)"),
+            ("trainer.init_step", t.init_step, t.init_step is None or t.init_step >= 0,
+             "must not be negative (or None: the newest checkpoint)"),
+            ("trainer.peak_flops_per_device", t.peak_flops_per_device,
+             t.peak_flops_per_device is None or t.peak_flops_per_device > 0,
+             "must be positive (or None: the table or a measurement)"),
+        ]
+        for src in d.sources:
+            key = f"data.sources.{src.name}"
+            checks += [
+                (f"{key}.heldout_fraction", src.heldout_fraction, 0 <= src.heldout_fraction < 1,
+                 "must be in [0, 1) (the share of the source's documents kept out of training)"),
+                (f"{key}.weight", src.weight, src.weight > 0,
+                 "must be positive (the source's share of training tokens; to leave it out, remove it from "
+                 "data.sources)"),
+            ]
+        for key, value, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{key}={value} {allowed}")
+
+    def check_inputs(self) -> None:
+        """Files the config names that must exist before a run starts (not part of `validate`,
+        which also checks the configs of finished runs, whose inputs may have moved since)."""
+        tok = self.data.tokenizer
+        if tok is not None and (not os.path.exists(tok) or os.path.isdir(tok)):
+            what = "is a directory" if os.path.isdir(tok) else "does not exist"
+            raise ConfigError(f"data.tokenizer={tok!r} {what}: give the path of a SentencePiece .model file "
+                              "(`lm tokenizer train` makes one), or data.tokenizer=None to train one with the run")
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,18 +390,31 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: Any, json: bool = False) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if json:  # the names of JSON values
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            return " or ".join(_type_name(arm, json=True) for arm in typing.get_args(tp))
+        if typing.get_origin(tp) is tuple:
+            arm = typing.get_args(tp)[0]
+            return "a list of " + ({str: "strings", int: "integers", float: "numbers"}.get(arm) or _type_name(arm))
+        names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string",
+                 type(None): "null"}
+        if tp in names:
+            return names[tp]
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
 
 
-def _coerce(key: str, raw: Any, tp: Any) -> Any:
-    """Convert `raw` (a string from the command line, or a Python value) to type `tp`."""
+def _coerce(key: str, raw: Any, tp: Any, where: str | None = None) -> Any:
+    """Convert `raw` (a string from the command line, or a Python value) to type `tp`.
+
+    With `where` (the name of a JSON file), `raw` is a value parsed from that file: it is
+    taken as it is, so "2" is a string, not a number, and lists stand for tuples."""
     value = raw
-    if isinstance(raw, str):
+    if isinstance(raw, str) and where is None:
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -366,10 +445,14 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool)
             return ok, float(v) if ok else v
         if t is str:
+            if where is not None:
+                return isinstance(v, str), v
             # A string field takes the text as written ("--set data.tokenizer=a.model").
             return True, text if isinstance(text, str) else str(v)
         if origin is tuple:  # tuple[str, ...]: a list/tuple literal, or one comma-separated string
             arm = typing.get_args(t)[0]
+            if where is not None and not isinstance(v, (list, tuple)):
+                return False, v
             items = v if isinstance(v, (list, tuple)) else (raw.split(",") if isinstance(raw, str) else [v])
             out = []
             for item in items:
@@ -383,12 +466,34 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
 
     ok, converted = fits(value, tp)
     if not ok:
+        if where is not None:
+            raise ConfigError(f"{where}: {key}={raw!r}: expected {_type_name(tp, json=True)}, got {_json_type(raw)}")
         raise ConfigError(f"--set {key}={raw!r}: expected {_type_name(tp)}, got {type(value).__name__}")
     return converted
 
 
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _did_you_mean(key: str, valid: list[str]) -> str:
+    """"; did you mean 'optim.lr'?" for a mistyped `key` (else ""): the nearest valid key, else one
+    with the same last component (e.g. "lr" -> "optim.lr")."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        close = [k for k in valid if k.split(".")[-1] == key.split(".")[-1]][:1]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
     """Return `cfg` with dotted-key overrides applied; raises ConfigError on a bad key or type."""
+    return set_keys(cfg, overrides).validate()
+
+
+def set_keys(cfg: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """`apply_overrides` without the final `Config.validate`."""
     if isinstance(overrides, list):
         pairs = {}
         for item in overrides:
@@ -400,14 +505,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Confi
     valid = all_keys(cfg)
     for key, raw in overrides.items():
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            if not close:  # try matching on the last component, e.g. "lr" -> "optim.lr"
-                last = [k for k in valid if k.split(".")[-1] == key.split(".")[-1]]
-                close = last[:1]
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint} (valid keys: lm info --keys)")
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, valid)} (valid keys: lm info --keys)")
         cfg = _replace_path(cfg, key.split("."), raw, key)
-    return cfg.validate()
+    return cfg
 
 
 def _replace_path(obj: Any, path: list[str], raw: Any, key: str) -> Any:
@@ -424,24 +524,55 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a run's config.json)."""
-    return Config(
-        name=d.get("name", "experiment"),
-        model=ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("model", {}).items()}),
-        mesh=MeshConfig(**d.get("mesh", {})),
-        optim=OptimConfig(**d.get("optim", {})),
-        data=_data_from_dict(d.get("data", {})),
-        trainer=TrainerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("trainer", {}).items()}),
-        lora=LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("lora", {}).items()}),
-        stage=d.get("stage", "pretrain"),
-        pref=PreferenceConfig(**d.get("pref", {})),
-        rl=RLConfig(**d.get("rl", {})),
-    )
+def from_dict(d: Any, where: str = "config.json") -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run's config.json, `where`).
+
+    Every key and the type of every value are checked as `--set` checks them: an unknown or
+    misspelt key, a section that is not an object or a value of the wrong type is a
+    ConfigError naming `where` and the key (with the nearest valid key). Missing keys take
+    their defaults. The values' ranges are left to `Config.validate`."""
+    return _dataclass_from_dict(Config, d, where, "")
 
 
-def _data_from_dict(d: dict) -> DataConfig:
-    d = dict(d)
-    d["sources"] = tuple(SourceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-                         for s in d.get("sources", ()))
-    return DataConfig(**d)
+def _dataclass_from_dict(cls: type, d: Any, where: str, prefix: str) -> Any:
+    hints = _field_types(cls)
+    what = f"{prefix[:-1]!r}" if prefix else "the config"
+    if not isinstance(d, dict):
+        fields = f"sections {', '.join(hints)}" if cls is Config else f"{cls.__name__} fields: lm info --keys"
+        raise ConfigError(f"{where}: {what} must be an object ({fields}), got {_json_type(d)}")
+    kwargs = {}
+    for name, value in d.items():
+        key = prefix + str(name)
+        if name not in hints:
+            here = [prefix + k for k in hints]
+            # a near miss here ("stepz"), else the same name in another section ("lr" -> "optim.lr")
+            close = (difflib.get_close_matches(key, here, n=1, cutoff=0.75)
+                     or [k for k in all_keys(Config()) if k.split(".")[-1] == name][:1]
+                     or difflib.get_close_matches(key, here, n=1, cutoff=0.5))
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            section = "section" if not prefix and isinstance(value, dict) else "key"
+            raise ConfigError(f"{where}: unknown config {section} {key!r}{hint} (valid keys: lm info --keys)")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _dataclass_from_dict(tp, value, where, key + ".")
+        elif cls is DataConfig and name == "sources":
+            kwargs[name] = _sources_from_list(value, where, key)
+        else:
+            kwargs[name] = _coerce(key, value, tp, where=where)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: {what} lacks {', '.join(repr(m) for m in missing)}")
+    return cls(**kwargs)
+
+
+def _sources_from_list(items: Any, where: str, key: str) -> tuple:
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where}: {key!r} must be a list of sources (objects with a name, kind, paths, ...), "
+                          f"got {_json_type(items)}")
+    out = []
+    for k, item in enumerate(items):
+        name = item.get("name") if isinstance(item, dict) else None
+        out.append(_dataclass_from_dict(SourceConfig, item, where,
+                                        f"{key}.{name}." if isinstance(name, str) else f"{key}[{k}]."))
+    return tuple(out)

@@ -14,14 +14,7 @@ def load(spec: str, overrides: list[str] | None = None) -> Config:
     """`experiments/pretrain_tiny.py`, `experiments.pretrain_tiny`, `pretrain_tiny`, or a
     run's `config.json` (e.g. one written by `lm import-hf`)."""
     if spec.endswith(".json"):
-        import json
-
-        from lm.config import from_dict
-
-        if not os.path.exists(spec):
-            raise ConfigError(f"config file {spec!r} does not exist")
-        with open(spec) as f:
-            return apply_overrides(from_dict(json.load(f)), overrides or [])
+        return _load_json(spec, overrides or [])
     module = _import(spec)
     if not hasattr(module, "config"):
         raise ConfigError(f"experiment {spec!r} defines no config() function returning a Config")
@@ -34,6 +27,36 @@ def load(spec: str, overrides: list[str] | None = None) -> Config:
     if not isinstance(cfg, Config):
         raise ConfigError(f"experiment {spec!r}: config() returned {type(cfg).__name__}, not Config")
     return apply_overrides(cfg, overrides or [])
+
+
+def _load_json(spec: str, overrides: list[str]) -> Config:
+    """A config.json (`to_dict` output): every key and value type checked, then the overrides,
+    then `Config.validate`; each failure is one line naming the file."""
+    import json
+
+    from lm.config import from_dict, set_keys
+
+    if not os.path.exists(spec):
+        raise ConfigError(f"config file {spec!r} does not exist")
+
+    def no_constant(name: str):  # NaN, Infinity: Python's json reads them, no config means them
+        raise ConfigError(f"{spec}: {name} is not a valid value in a config; write a finite number")
+
+    try:
+        with open(spec, encoding="utf-8") as f:
+            raw = json.load(f, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{spec} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                          "fix or regenerate it (a run's config.json, e.g. from `lm import-hf`)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{spec} is not UTF-8 text; a config file is JSON (a run's config.json)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {spec!r}: {e.strerror or e}") from None
+    cfg = set_keys(from_dict(raw, where=spec), overrides)
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{spec}{' with --set' if overrides else ''}: {e}") from None
 
 
 def _import(spec: str):

@@ -208,7 +208,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     main = jax.process_index() == 0
     if cfg.stage not in ("grpo", "ppo") and not any(len(b) for b in getattr(data, "heldout", {}).values()):
         # (RL stages score held-out problems with their own sampler)
-        log("WARNING: no held-out data (a held-out fraction of 0, trainer.eval_batches=0, or too few records "
+        log("WARNING: no held-out data (a held-out fraction of 0, or too few records "
             "for a held-out share): the run reports no held-out figures")
     n_params = param_count(cfg.model)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)

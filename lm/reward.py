@@ -23,8 +23,8 @@ def _rewards_fn(loaded):
     """A jitted (inputs, positions, segment_ids) (N, T) -> rewards (N,)."""
     model = loaded.model()
     if "reward" not in loaded.cfg.model.scalar_heads:
-        raise ConfigError("this run has no reward head (model.scalar_heads lacks 'reward'): train one with a "
-                          "reward experiment (stage 'reward')")
+        raise ConfigError(f"{loaded.run_dir or 'this run'} has no reward head (model.scalar_heads lacks 'reward'): "
+                          "train one with a reward experiment (stage 'reward')")
     from flax import nnx
 
     graphdef, params = nnx.split(model)
@@ -66,19 +66,33 @@ def score_pairs(loaded, path: str, fmt: str = "auto", limit: int | None = None, 
 
     src, _ = open_preference_source(SourceConfig(name="pairs", kind="preference", paths=(path,), chat_format=fmt,
                                                  heldout_fraction=0.0))
-    pairs, bad = [], 0
+    from data_pipeline import chat
+
+    tok, t = loaded.tokenizer, loaded.cfg.data.seq_len
+    pairs, bad, long, first = [], 0, 0, []
     for i in range(len(src)):
         r = src[i]
         if r.text is None:
             bad += 1
+            first += [f"{r.where}: {r.error}"][: 3 - len(first)]
             continue
-        pairs.append(json.loads(r.text))
+        pair = json.loads(r.text)
+        # the reward is read at the reply's last token: a pair cut off before it would score a tie
+        if max(len(chat.render(tok, pair["prompt"] + [{"role": "assistant", "content": pair[k]}])[0])
+               for k in ("chosen", "rejected")) > t:
+            long += 1
+            first += [f"{r.where}: longer than the model's rows of {t} tokens"][: 3 - len(first)]
+            continue
+        pairs.append(pair)
         if limit and len(pairs) >= limit:
             break
+    if bad or long:
+        log(f"{path}: skipped {bad} bad record(s) and {long} pair(s) too long to score; first: {'; '.join(first)}")
     if not pairs:
-        raise ConfigError(f"{path}: no usable preference pair ({bad} bad records)")
+        raise ConfigError(f"{path}: no usable preference pair ({bad} bad, {long} too long; first: "
+                          f"{'; '.join(first) or 'the file is empty'})")
     convs = [(p["prompt"], p[k]) for p in pairs for k in ("chosen", "rejected")]
     r = np.asarray(score(loaded, convs)).reshape(-1, 2)
     wins = np.where(r[:, 0] > r[:, 1], 1.0, np.where(r[:, 0] == r[:, 1], 0.5, 0.0))
-    return {"pairs": len(pairs), "bad_records": bad, "accuracy": float(wins.mean()),
+    return {"pairs": len(pairs), "bad_records": bad, "too_long": long, "accuracy": float(wins.mean()),
             "margin": float((r[:, 0] - r[:, 1]).mean()), "chance": 0.5}

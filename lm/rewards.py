@@ -54,6 +54,9 @@ REWARDS: dict[str, Callable[[str, dict], float]] = {
 def get(name: str) -> Callable[[str, dict], float]:
     if name in REWARDS:
         return REWARDS[name]
+    if name.startswith("run:"):
+        raise ConfigError(f"rl.reward={name!r}: a reward model's run scores replies in PPO (stage 'ppo'); GRPO "
+                          f"takes a rule: one of {', '.join(REWARDS)} or 'module:function'")
     if ":" in name:
         module, fn = name.split(":", 1)
         try:

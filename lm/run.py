@@ -20,6 +20,7 @@ class LoadedRun:
     params: Any  # nnx.State of parameters
     step: int
     tokenizer: Any  # data_pipeline.tokenizer.Tokenizer, or None
+    run_dir: str | None = None  # where it was loaded from
 
     @property
     def graphdef(self):
@@ -62,4 +63,4 @@ def load_run(run_dir: str, single_device: bool = True, log: Callable = print, st
         params, step = restore_params(run_dir, engine.abstract_params(), step, log)
     tok_path = os.path.join(run_dir, "tokenizer.model")
     tokenizer = Tokenizer(tok_path) if os.path.exists(tok_path) else None
-    return LoadedRun(cfg=cfg, trainer=engine, params=params, step=step, tokenizer=tokenizer)
+    return LoadedRun(cfg=cfg, trainer=engine, params=params, step=step, tokenizer=tokenizer, run_dir=run_dir)

@@ -169,11 +169,12 @@ def test_user_errors_are_one_type_caught_in_one_place(monkeypatch, capsys):
     assert cli_main(["tokenizer", "train", "--vocab-size", "300"]) == 2  # no --source
     assert "give --source" in capsys.readouterr().err
 
-    # one place: "lm: error:" is printed by a single handler, the one for UserError
+    # one place: "lm: error:" is printed by a single handler, the one for UserError (and for
+    # paths the system refuses: permissions, a read-only or full disk)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tree = ast.parse(open(os.path.join(root, "lm", "cli.py")).read())
     printing = [h for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and "lm: error" in ast.unparse(h)]
-    assert [ast.unparse(h.type) for h in printing] == ["UserError"]
+    assert [ast.unparse(h.type) for h in printing] == ["(UserError, OSError)"]
     assert ast.unparse(tree).count("lm: error") == 1
     # and data_pipeline, which defines it, never imports lm
     for path in glob.glob(os.path.join(root, "data_pipeline", "*.py")):
@@ -181,3 +182,98 @@ def test_user_errors_are_one_type_caught_in_one_place(monkeypatch, capsys):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not [n for n in names if n == "lm" or n.startswith("lm.")], (path, names)
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("optim.eps=0", "must be positive"), ("optim.b1=1", "[0, 1)"), ("optim.b2=-0.1", "[0, 1)"),
+    ("optim.min_lr_ratio=1.5", "[0, 1]"), ("optim.decay_fraction=-0.1", "[0, 1]"),
+    ("optim.weight_decay=-1", "not be negative"), ("optim.muon_momentum=1", "[0, 1)"),
+    ("data.prefetch=-1", "not be negative"), ("data.num_workers=-2", "not be negative"),
+    ("data.num_shards=-1", "not be negative"), ("data.shuffle_rows=-1", "not be negative"),
+    ("data.chunk_tokens=-2", "-1"), ("data.heldout_fraction=-0.1", "[0, 1)"), ("data.heldout_fraction=1", "[0, 1)"),
+    ("trainer.eval_batches=0", "must be positive"), ("trainer.checkpoint_keep=0", "at least 1"),
+    ("trainer.sample_temperature=-0.5", "not be negative"), ("trainer.checkpoint_minutes=-1", "not be negative"),
+    ("data.tokenizer=/nonexistent/tok.model", "does not exist"), ("data.tokenizer=/", "is a directory"),
+])
+def test_out_of_range_values_are_one_line_errors_naming_key_and_range(override, allowed, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", "experiments/sft_tiny.py", "--run-dir", str(run_dir), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lm: error:") and "\n" not in err, err
+    assert override.split("=")[0] in err and allowed in err, err
+    assert not run_dir.exists()  # refused before any work
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    cfg = apply_overrides(experiment.load("sft_tiny"), [
+        "optim.b1=0", "optim.min_lr_ratio=0", "optim.min_lr_ratio=1", "optim.decay_fraction=1", "data.prefetch=0",
+        "data.shuffle_rows=0", "data.chunk_tokens=0", "data.chunk_tokens=-1", "data.heldout_fraction=0",
+        "trainer.sample_temperature=0", "trainer.checkpoint_keep=1"])
+    assert cfg.data.chunk_tokens == -1 and cfg.optim.min_lr_ratio == 1
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("weight", -1, "must be positive"), ("weight", 0, "must be positive"),
+    ("heldout_fraction", 1, "[0, 1)"), ("heldout_fraction", -0.2, "[0, 1)"),
+])
+def test_source_weight_and_heldout_fraction_are_checked(key, value, allowed):
+    from lm.config import DataConfig, SourceConfig
+
+    cfg = dataclasses.replace(Config(), data=DataConfig(corpus="sources", sources=(
+        SourceConfig(name="a", paths=("a.txt",)), SourceConfig(name="b", paths=("b.txt",)))))
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(cfg, [f"data.sources.b.{key}={value}"])
+    assert f"data.sources.b.{key}" in str(e.value) and allowed in str(e.value)
+
+
+def _json_config(tmp_path, edit=None, text=None):
+    import json
+
+    from lm.config import DataConfig, SourceConfig, to_dict
+
+    d = json.loads(json.dumps(to_dict(dataclasses.replace(Config(), data=DataConfig(
+        corpus="sources", sources=(SourceConfig(name="wiki", paths=("a.txt",)),))))))
+    if edit:
+        edit(d)
+    path = tmp_path / "cfg.json"
+    path.write_text(text if text is not None else json.dumps(d))
+    return str(path)
+
+
+@pytest.mark.parametrize("edit,text,expected", [
+    (lambda d: d["trainer"].update(stepz=2), None, ["'trainer.stepz'", "did you mean 'trainer.steps'"]),
+    (lambda d: d["data"]["sources"][0].update(pathz=["x"]), None,
+     ["'data.sources.wiki.pathz'", "did you mean 'data.sources.wiki.paths'"]),
+    (lambda d: d.update(modle=d.pop("model")), None, ["unknown config section 'modle'", "did you mean 'model'"]),
+    (lambda d: d.update(lr=1e-3), None, ["'lr'", "did you mean 'optim.lr'"]),
+    (lambda d: d["trainer"].update(steps="2"), None, ["trainer.steps='2'", "expected an integer, got a string"]),
+    (lambda d: d["optim"].update(lr="fast"), None, ["optim.lr='fast'", "expected a number"]),
+    (lambda d: d["model"].update(remat="some"), None, ["model.remat='some'", "one of 'none'"]),
+    (lambda d: d["data"]["sources"][0].update(paths="a.txt"), None, ["data.sources.wiki.paths", "a list of strings"]),
+    (lambda d: d["data"]["sources"][0].pop("name"), None, ["'data.sources[0]'", "'name'"]),
+    (lambda d: d.update(model="tiny"), None, ["'model' must be an object", "got a string"]),
+    (None, "[1, 2]", ["the config must be an object", "got a list"]),
+    (None, '{"name": "x", "optim": {"lr": 0.1', ["not valid JSON", "line 1"]),
+    (None, '{"optim": {"lr": NaN}}', ["NaN"]),
+    (lambda d: d["optim"].update(eps=0), None, ["optim.eps=0.0 must be positive"]),
+])
+def test_json_config_is_checked_like_overrides(tmp_path, capsys, edit, text, expected):
+    path = _json_config(tmp_path, edit, text)
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", path, "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lm: error: {path}") and "\n" not in err, err
+    for part in expected:
+        assert part in err, err
+    assert not run_dir.exists()
+
+
+def test_json_config_round_trips_and_takes_overrides(tmp_path):
+    from lm.config import from_dict, to_dict
+
+    path = _json_config(tmp_path)
+    cfg = experiment.load(path, ["trainer.steps=3", "data.sources.wiki.weight=2"])
+    assert cfg.trainer.steps == 3 and cfg.data.sources[0].weight == 2.0 and cfg.data.sources[0].paths == ("a.txt",)
+    for name in ("pretrain_tiny", "sft_mixture", "pretrain_mixture"):  # every field type survives config.json
+        original = experiment.load(name)
+        assert from_dict(to_dict(original)) == original

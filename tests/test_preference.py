@@ -248,8 +248,15 @@ def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
     from lm import reward
     from lm.run import load_run
 
-    r = reward.score_pairs(load_run(str(tmp_path / "run"), **QUIET), pair_file(tmp_path / "new.jsonl", 64, seed=9))
+    loaded = load_run(str(tmp_path / "run"), **QUIET)
+    r = reward.score_pairs(loaded, pair_file(tmp_path / "new.jsonl", 64, seed=9))
     assert r["pairs"] == 64 and r["accuracy"] > 0.6 and r["margin"] > 0
+    # a pair the rows cannot hold is skipped and counted, not scored as a tie
+    with open(tmp_path / "new.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "What is 1 + 2? " * 40, "chosen": "Yes: 3.", "rejected": "No: 4."}) + "\n")
+    lines = []
+    r = reward.score_pairs(loaded, str(tmp_path / "new.jsonl"), log=lines.append)
+    assert r["pairs"] == 64 and r["too_long"] == 1 and "too long" in lines[0] and "new.jsonl:65" in lines[0]
 
 
 @pytest.mark.slow
