@@ -46,7 +46,7 @@ __all__ = ["DataError", "RunData", "batch_diversity", "global_batch", "synthetic
 
 
 class DataStats:
-    """Thread-safe counts of bad records per source, with the first few locations."""
+    """Thread-safe counts of distinct bad records per source, with the first few locations."""
 
     def __init__(self, names: Sequence[str], keep: int = 5):
         self.names = list(names)
@@ -68,7 +68,12 @@ class DataStats:
         self._lock = threading.Lock()
 
     def record_bad(self, source: str, where: str, error: str) -> None:
+        """Count a bad record once, however many times it is read (every epoch reads it)."""
         with self._lock:
+            seen = self.__dict__.setdefault("_seen", {}).setdefault(source, set())
+            if where in seen:
+                return
+            seen.add(where)
             self.bad[source] += 1
             reason = error.split(" (")[0]
             self.reasons[source][reason] = self.reasons[source].get(reason, 0) + 1

@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plan", help="compile the train step ahead of time for N devices: memory and FLOPs "
                                      "per device, and whether it fits")
     experiment_args(pl)
-    pl.add_argument("--devices", type=_number(int, 1, what="at least 1"), default=8,
+    pl.add_argument("--devices", type=_number(int, 1, 4096, what="1 to 4096 (each is a fake CPU device in this process)"),
+                    default=8,
                     help="number of devices (fake CPU devices stand in for them; default 8)")
     pl.add_argument("--hbm", type=_number(float, 0.0, low_open=True, what="more than 0"), default=80.0,
                     help="memory per device in GiB (default 80: an H100)")
@@ -409,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("sample", help="continue a prompt with a trained run (streams tokens)")
     decoding_args(sp)
     sp.add_argument("--prompt", default="", help="text to continue")
-    sp.add_argument("--num", type=_number(int, 1, what="at least 1"), default=1, help="samples (more than 1: generated as a batch)")
+    sp.add_argument("--num", type=_number(int, 1, 256, what="1 to 256 (one batch; for more, run again with "
+                                                          "another --seed)"),
+                    default=1, help="samples (more than 1: generated as a batch)")
     sp.add_argument("--chat", metavar="QUESTION", help="a fine-tuned run: answer QUESTION with the chat template")
     sp.add_argument("--system", default="", help="with --chat: a system prompt")
     sp.set_defaults(fn=cmd_sample)
