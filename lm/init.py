@@ -194,9 +194,14 @@ def init_params_loader(cfg: Config, engine, log: Callable = print, run_dir: str 
         return None
     check_model_matches(cfg, path)
 
+    said = []  # the loader runs more than once in some stages (a reference, a before-evaluation): say it once
+
     def load():
         pinned = base_step(cfg, run_dir) is not None and cfg.trainer.init_step is None
         params, step = load_base(cfg, engine.abstract_params(), run_dir, log)
+        if said:
+            return params
+        said.append(step)
         log(f"parameters from {path}" + (f" (step {step}{', the step this run started from' if pinned else ''})"
                                          if step is not None else "") + "; optimiser and data start fresh")
         if not pinned and is_run_dir(path) and not os.path.exists(os.path.join(path, "summary.json")):
