@@ -22,17 +22,16 @@ import shutil
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, DocumentSource, Record, open_source, source_configs
-from data_pipeline.tokenizer import file_sha256, tokenizer_for_run
+from data_pipeline.tokenizer import Tokenizer, file_sha256, tokenizer_for_run
 
 _WORKER: dict = {}
 
 
 def _init_worker(docs: DocumentSource, tokenizer_path: str) -> None:
-    from data_pipeline.tokenizer import Tokenizer
-
     _WORKER["docs"] = docs
     _WORKER["tok"] = Tokenizer(tokenizer_path)
 
@@ -85,8 +84,6 @@ def build_split(docs: DocumentSource, tokenizer_path: str, out_dir: str, vocab_s
     bad: list[str] = []
     bar = None
     if progress:
-        from tqdm import tqdm
-
         done = n - sum(hi - lo for _, lo, hi, _, _ in jobs)
         bar = tqdm(total=n, initial=done, desc=desc or out_dir, unit="doc", dynamic_ncols=True)
     workers = workers or os.cpu_count() or 1

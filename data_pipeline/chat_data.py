@@ -4,9 +4,9 @@ One road per source, as in pipeline.py: conversations (conversations.py) -> this
 share -> shuffle per epoch -> render (data_pipeline/chat.py: ids + 0/1 assistant mask) ->
 fit to a row (truncate on a turn boundary, or drop) -> first-fit packing into rows of
 T+1 tokens -> inputs, targets, segment ids, positions, loss mask. The sources' rows are
-mixed by weight, batched and prefetched exactly as `RunData` does; `ChatData` is a
-`RunData` with another reading road, so `next_train`, `get_state` and `set_state` (exact
-resume) are RunData's own.
+mixed by weight, batched and prefetched by the one core every kind of data shares
+(`pipeline.Streams`): `chat_data` gives it this reading road, and `next_train`,
+`get_state` and `set_state` (exact resume) are the core's.
 
 Packing is always first-fit, never concatenate-and-split: a conversation is never cut
 across rows (the second half would be trained without its context); rows are padded
@@ -25,11 +25,11 @@ import numpy as np
 from data_pipeline import chat
 from data_pipeline.config import DataConfig
 from data_pipeline.conversations import open_chat_source
-from data_pipeline.pipeline import DataStats, RunData, shard_documents
+from data_pipeline.pipeline import DataStats, Layout, Streams, shard_documents
 from data_pipeline.sources import DataError, DocumentSource, Record, source_configs
 from data_pipeline.tokenizer import Tokenizer
 
-__all__ = ["ChatData", "ChatStats", "RenderChat", "chat_rows", "fit_conversation", "to_sft_example"]
+__all__ = ["chat_data", "ChatStats", "RenderChat", "chat_rows", "fit_conversation", "to_sft_example"]
 
 CHECK_RECORDS = 64  # records of each source rendered up front: one must be usable
 # Rendering is Python work on local files: a few reader threads and a short read-ahead do
@@ -183,48 +183,44 @@ def check_usable(docs: DocumentSource, tokenizer: Tokenizer, max_len: int, long:
                     f"check its paths and chat_format. {stats.report()}")
 
 
-class ChatData(RunData):
-    """SFT training and held-out batches of one run, for this process (RunData's surface).
+def chat_data(data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eval_batches: int = 16,
+              log: Callable = print, process_index: int | None = None, process_count: int | None = None) -> Streams:
+    """SFT training and held-out batches of one run, for this process (pipeline.Streams).
 
     `tokenizer` must have the chat control tokens (a pretraining run's tokenizer from
     data_pipeline.tokenizer.train_tokenizer has them). Every source must have kind "chat".
     `data.packing` is ignored: conversations are always packed first-fit.
     """
+    d = data
+    try:
+        chat.chat_token_ids(tokenizer)  # an old tokenizer without role tokens fails here, in one line
+    except chat.ChatFormatError as e:
+        raise DataError(str(e)) from None
+    layout = Layout.of(d, process_index, process_count)
+    if d.corpus != "sources":
+        raise DataError(f"SFT reads conversations: set data.corpus='sources' with sources of kind 'chat' "
+                        f"(data.corpus is {d.corpus!r})")
+    configs = source_configs(d)
+    for c in configs:
+        if c.kind != "chat":
+            raise DataError(f"source {c.name!r} has kind {c.kind!r}; SFT reads conversations: set its "
+                            "kind to 'chat' (and its chat_format, default 'auto')")
+    names = [c.name for c in configs]
+    stats = ChatStats(names)
+    opened = [open_chat_source(c) for c in configs]
+    for c, (train, _) in zip(configs, opened):
+        if len(train) == 0:
+            raise DataError(f"source {c.name!r}: no training conversations found")
+        check_usable(train, tokenizer, d.seq_len + 1, d.long_conversations, c.name)
 
-    def __init__(self, data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eval_batches: int = 16,
-                 log: Callable = print, process_index: int | None = None, process_count: int | None = None):
-        # RunData.__init__ is not called: this is its reading road for conversations, on the
-        # same shard layout (`_layout`) and assembly of streams and held-out batches (`_build`).
-        d = self.data = data
-        try:
-            chat.chat_token_ids(tokenizer)  # an old tokenizer without role tokens fails here, in one line
-        except chat.ChatFormatError as e:
-            raise DataError(str(e)) from None
-        self.tokenizer, self.vocab_size = tokenizer, tokenizer.vocab_size
-        self._layout(process_index, process_count)
-        if d.corpus != "sources":
-            raise DataError(f"SFT reads conversations: set data.corpus='sources' with sources of kind 'chat' "
-                            f"(data.corpus is {d.corpus!r})")
-        configs = source_configs(d)
-        for c in configs:
-            if c.kind != "chat":
-                raise DataError(f"source {c.name!r} has kind {c.kind!r}; SFT reads conversations: set its "
-                                "kind to 'chat' (and its chat_format, default 'auto')")
-        self.names, self.weights = [c.name for c in configs], [c.weight for c in configs]
-        self.stats = ChatStats(self.names)
-        opened = [open_chat_source(c) for c in configs]
-        for c, (train, _) in zip(configs, opened):
-            if len(train) == 0:
-                raise DataError(f"source {c.name!r}: no training conversations found")
-            check_usable(train, tokenizer, d.seq_len + 1, d.long_conversations, c.name)
+    def rows(docs, k: int, shard: int | None, num_shards: int):
+        c = configs[k]
+        if shard is None:
+            return chat_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
+                             repeat=False, long=d.long_conversations, strict=d.strict)
+        return chat_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, seed=d.seed + 1000 * k,
+                         stats=stats, shuffle_rows=d.shuffle_rows, process_index=shard, process_count=num_shards,
+                         long=d.long_conversations, strict=d.strict)
 
-        def rows(docs, k: int, shard: int | None):  # shard None: the held-out rows, in order, once
-            c = configs[k]
-            if shard is None:
-                return chat_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
-                                 repeat=False, long=d.long_conversations, strict=d.strict)
-            return chat_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, seed=d.seed + 1000 * k,
-                             stats=self.stats, shuffle_rows=d.shuffle_rows, process_index=shard,
-                             process_count=self.num_shards, long=d.long_conversations, strict=d.strict)
-
-        self._build(configs, opened, rows, eval_batches, log)
+    return Streams(d, layout, names=names, weights=[c.weight for c in configs], opened=opened, rows=rows,
+                   stats=stats, tokenizer=tokenizer, eval_batches=eval_batches, log=log)

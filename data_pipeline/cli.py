@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
+from data_pipeline import cache
 from data_pipeline.errors import UserError
-from data_pipeline.sources import SourceConfig, open_source
+from data_pipeline.sources import SourceConfig, open_source, source_configs
+from data_pipeline.tokenizer import sample_texts, train_tokenizer
 
 _KINDS = ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".jsonl.bz2", "jsonl"), (".json", "json"),
           (".parquet", "parquet"), (".array_record", "arrayrecord"), (".arrayrecord", "arrayrecord"))
@@ -21,8 +24,6 @@ def guess_kind(path: str) -> str:
 
 def _positive(kind):
     """An argparse type: a positive number, checked at parse time."""
-    import argparse
-
     def parse(text: str):
         try:
             v = kind(text)
@@ -67,8 +68,6 @@ def add_data_parser(sub, load_experiment) -> None:
 
 
 def cmd_data_cache(args) -> int:
-    from data_pipeline import cache
-
     cfg = args.load_experiment(args.experiment, args.set)
     run_dir = args.run_dir or os.path.join("runs", cfg.name)
     cache_dir = cfg.data.cache_dir or os.path.join(run_dir, "token_cache")
@@ -79,8 +78,6 @@ def cmd_data_cache(args) -> int:
 
 def _sources(args) -> list[tuple[object, float]]:
     if args.experiment:
-        from data_pipeline.sources import source_configs
-
         configs = source_configs(args.load_experiment(args.experiment, []).data)
     else:
         if not args.source:
@@ -98,8 +95,6 @@ def _sources(args) -> list[tuple[object, float]]:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from data_pipeline.tokenizer import sample_texts, train_tokenizer
-
     sources = _sources(args)
     t0 = time.time()
     tok = train_tokenizer(sample_texts(sources, args.sample_mb, args.seed), args.vocab_size, args.out,

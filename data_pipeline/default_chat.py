@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import random
 
+from data_pipeline import jsonl
 from data_pipeline.default_corpus import _read, documents
 
 SYSTEM = "You are a concise assistant who knows the Python standard library."
@@ -105,12 +105,4 @@ def conversations(seed: int = 0) -> list[dict]:
 
 def write_jsonl(path: str, seed: int = 0) -> str:
     """Write the set to `path` (atomically, once); returns the path."""
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in conversations(seed):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return jsonl.write_jsonl(path, conversations(seed), once=True)

@@ -11,10 +11,9 @@ one; the default for DPO).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 
+from data_pipeline import jsonl
 from data_pipeline.default_chat import conversations
 
 EMBEDDED = "<embedded:stdlib_preferences>"
@@ -49,11 +48,4 @@ def pairs(seed: int = 0, kind: str = "shuffled") -> list[dict]:
 
 def write_jsonl(path: str, seed: int = 0, kind: str = "shuffled") -> str:
     """Write the set to `path` (atomically, once); returns the path."""
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for rec in pairs(seed, kind):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+    return jsonl.write_jsonl(path, pairs(seed, kind), once=True)

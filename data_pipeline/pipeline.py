@@ -12,11 +12,11 @@ would fill many consecutive batches by itself (the training loss then swings wit
 document at hand). Cut first, every batch is a sample of the whole corpus. A piece is a
 segment of its own (attention and targets never cross it); only a document's first
 piece starts with BOS and only its last ends with EOS. Each row carries the document of
-each of its segments (`doc_ids`), and `RunData.metrics()` reports how many distinct
+each of its segments (`doc_ids`), and `Streams.metrics()` reports how many distinct
 documents a batch holds and the largest share of its tokens one document supplies.
 
 Every stage is a grain dataset, so the iterator's position is a small dict
-(`RunData.get_state()`) that a checkpoint stores; after `set_state` the next batch is
+(`Streams.get_state()`) that a checkpoint stores; after `set_state` the next batch is
 bit-identical to the one an uninterrupted run would have seen. The state is tied to the
 number of processes: each process reads documents `process_index::process_count` of
 every source, so resuming with another process count restarts the data order (the
@@ -25,20 +25,25 @@ checkpoint issue handles that case explicitly).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
 
+from data_pipeline.cache import TokenCache
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, DocumentSource, Pieces, Record, open_source, source_configs
 from data_pipeline.synthetic import synthetic_batches
 from data_pipeline.tokenizer import Tokenizer, tokenizer_for_run
 
-__all__ = ["DataError", "RunData", "batch_diversity", "global_batch", "synthetic_batches", "unigram_entropy"]
+__all__ = ["DataError", "DataSource", "Layout", "Streams", "SyntheticData", "batch_diversity", "global_batch",
+           "synthetic_batches", "text_data", "unigram_entropy"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,157 +299,129 @@ def mixture(streams: Sequence[grain.IterDataset], weights: Sequence[float]) -> g
 
 
 # ---------------------------------------------------------------------------------------
-# A run's data
+# A run's data: one core (`Streams`) that every kind of data is built on
 
 
-class RunData:
-    """Training and held-out batches of one run, for this process.
+class DataSource(Protocol):
+    """What the training loop reads (lm/train/loop.py): `Streams` (text, chat and preference
+    data), `SyntheticData`, and the stages' own (RL rollouts, DPO's precomputed reference).
 
-    The data stream is cut into `S = data.num_shards` logical shards (default: one per
-    process). Shard s reads documents `s::S` of every source through its own pipeline
-    and yields B/S rows per batch; the global batch is the shards' rows in shard order.
-    A process owns shards `p::P`, so the global batches do not depend on the number of
-    processes P (any P dividing S gives the same batches, bit for bit), and neither does
-    the saved iterator state: `get_state()` returns {shard: state} for this process's
-    shards. Resuming with a P that does not divide S is refused with a clear error.
+    `next_train()` is this process's rows of the next global batch (numpy, with a
+    `source_id` per row); `heldout[name]` fixed held-out batches per source and
+    `heldout_bytes[name]` the bytes of text behind their predicted tokens (bits per byte);
+    `get_state()`/`set_state()` the position of the stream (a small JSON-able dict, stored
+    with each checkpoint: after `set_state` the next batch is the one an uninterrupted run
+    would have read); `metrics()` figures logged with the training metrics since the last
+    call; `attach(ctx)` hands over the loop's context (data drawn from the current model,
+    such as rollouts, reads its parameters there; other data ignores it)."""
 
-    `next_train()` returns this process's rows as numpy arrays (with a `source_id` per
-    row); `heldout[name]` holds fixed held-out batches per source; `stats` counts bad
-    records.
-    """
+    names: list[str]
+    weights: list[float]
+    stats: DataStats
+    tokenizer: Tokenizer | None
+    heldout: dict[str, list[dict]]
+    heldout_bytes: dict[str, int]
 
-    def __init__(self, data: DataConfig, run_dir: str, *, vocab_size: int, eval_batches: int = 16,
-                 log: Callable = print, process_index: int | None = None, process_count: int | None = None):
-        d = self.data = data
-        self.vocab_size = vocab_size
-        pi, pc = self._layout(process_index, process_count)
-        self.tokenizer: Tokenizer | None = None
-        self.heldout_bytes: dict[str, int] = {}
-        if d.corpus == "synthetic":
-            self.names, self.weights = ["synthetic"], [1.0]
-            self.stats = DataStats(self.names)
-            lo = pi * self.local_batch
-            gen = lambda seed: ({k: v[lo: lo + self.local_batch] for k, v in b.items()}  # noqa: E731
-                                for b in synthetic_batches(vocab_size, d.seq_len, d.batch_size, seed))
-            self._synthetic = (gen, d.seed)
-            self._iters = {0: gen(d.seed)}
-            self._consumed = 0
-            self.heldout = {"synthetic": [b for b, _ in zip(gen(d.seed + 1), range(eval_batches))]}
-            return
+    def next_train(self) -> dict: ...
 
-        configs = source_configs(d)
-        self.names = [c.name for c in configs]
-        self.weights = [c.weight for c in configs]
-        self.stats = DataStats(self.names)
-        if d.cache_dir:  # pre-tokenised: the cache's tokenizer, token ids read by random access
-            from data_pipeline.cache import TokenCache
+    def get_state(self) -> dict | None: ...
 
-            cached_tok = os.path.join(d.cache_dir, "tokenizer.model")
-            if not d.tokenizer and not os.path.exists(cached_tok):
-                raise DataError(f"no token cache at {d.cache_dir} (no tokenizer.model there); build it with "
-                                "`lm data cache EXPERIMENT --set data.cache_dir=...`")
-            self.tokenizer = tokenizer_for_run([], self.vocab_size, run_dir, d.tokenizer or cached_tok)
-            opened = []
-            for c in configs:
-                val_dir = os.path.join(d.cache_dir, c.name, "validation")
-                val = TokenCache(val_dir, self.tokenizer.path) if os.path.exists(val_dir) else []
-                opened.append((TokenCache(os.path.join(d.cache_dir, c.name, "train"), self.tokenizer.path), val))
-            if pi == 0 and not os.path.exists(os.path.join(run_dir, "tokenizer.model")):
-                os.makedirs(run_dir, exist_ok=True)
-                shutil.copyfile(self.tokenizer.path, os.path.join(run_dir, "tokenizer.model"))
-        else:
-            opened = [open_source(c) for c in configs]
-        for c, (train, val) in zip(configs, opened):
-            if len(train) == 0:
-                raise DataError(f"source {c.name!r}: no training documents found ({len(val)} held out); check its "
-                                "paths, and heldout_fraction for a very small source")
-            check_usable(train, c.name)
-        if not d.cache_dir:
-            self.tokenizer = self._tokenizer([(t, w) for (t, _), w in zip(opened, self.weights)],
-                                             run_dir, pi, pc, log)
-        chunk = d.seq_len if d.chunk_tokens < 0 else d.chunk_tokens
-        # characters per token of each source, to size its pieces (the cache counts tokens)
-        cpt = [chars_per_token(train, self.tokenizer) if chunk and train.size_unit == "chars" else 4.0
-               for train, _ in opened]
+    def set_state(self, state: dict) -> None: ...
 
-        def rows(docs, k: int, shard: int | None):  # shard None: the held-out rows, in order, once
-            c = configs[k]
-            if shard is None:  # held out: whole documents, in order
-                return packed_rows(docs, self.tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
-                                   repeat=False, packing=d.packing, strict=d.strict)
-            return packed_rows(docs, self.tokenizer.path, d.seq_len, source=c.name, source_id=k,
-                               seed=d.seed + 1000 * k, stats=self.stats, shuffle_rows=d.shuffle_rows,
-                               process_index=shard, process_count=self.num_shards, packing=d.packing,
-                               strict=d.strict, chunk_tokens=chunk, chars_per_token=cpt[k])
+    def metrics(self) -> dict: ...
 
-        self._build(configs, opened, rows, eval_batches, log)
+    def attach(self, ctx: Any) -> None: ...
 
-    def _layout(self, process_index: int | None, process_count: int | None) -> tuple[int, int]:
-        self._diversity = []
-        """This process's logical data shards and rows of the global batch."""
-        import jax
 
-        d = self.data
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which logical data shards and rows of the global batch this process owns.
+
+    The stream is cut into `S = data.num_shards` logical shards (default: one per process).
+    Shard s reads documents `s::S` of every source through its own pipeline and yields B/S
+    rows per batch; the global batch is the shards' rows in shard order. A process owns
+    shards `p::P`, so the global batches do not depend on the number of processes P (any P
+    dividing S gives the same batches, bit for bit), and neither does the saved state."""
+
+    num_shards: int
+    shard_ids: tuple[int, ...]
+    local_batch: int
+    process_index: int
+    process_count: int
+
+    @classmethod
+    def of(cls, d: DataConfig, process_index: int | None = None, process_count: int | None = None) -> "Layout":
         pi = jax.process_index() if process_index is None else process_index
         pc = jax.process_count() if process_count is None else process_count
         shards = d.num_shards or pc
         if shards % pc or d.batch_size % shards:
             raise DataError(f"data.num_shards={shards} must be a multiple of the {pc} processes and divide "
                             f"data.batch_size={d.batch_size}; set --set data.num_shards=N accordingly")
-        self.num_shards, self.shard_ids = shards, list(range(pi, shards, pc))
-        self.local_batch = d.batch_size // pc
-        self.process_index, self.process_count = pi, pc
-        return pi, pc
+        return cls(shards, tuple(range(pi, shards, pc)), d.batch_size // pc, pi, pc)
 
-    def _build(self, configs, opened, rows: Callable, eval_batches: int, log: Callable) -> None:
-        """The training iterators (one per data shard of this process: the sources' rows mixed
-        by weight, batched, prefetched) and the fixed held-out batches of every source.
-        `rows(docs, k, shard)` is source k's stream of examples (shard None: held out)."""
-        d = self.data
+
+# rows(docs, k, shard, num_shards) -> source k's stream of examples from `docs` for one data
+# shard; shard None: the held-out rows, in order, once
+Rows = Callable[[DocumentSource, int, "int | None", int], grain.IterDataset]
+
+
+class Streams:
+    """Training and held-out batches of one run's sources, for this process: the one road
+    every kind of data (text, chat, preference) takes after its own reading of a record.
+
+    It owns what they share: the shard layout (`Layout`), one grain pipeline per shard (the
+    sources' rows mixed by weight, batched, prefetched), the fixed held-out batches of each
+    source, the iterator state a checkpoint stores, batch diversity, and the bad-record
+    statistics (`stats`, filled by the reading stages). What differs between kinds is
+    `rows`, the stream of examples of one source, and the sources opened by the builders
+    (`text_data` below, `chat_data` in chat_data.py, `preference_data` in preferences.py).
+    """
+
+    def __init__(self, data: DataConfig, layout: Layout, *, names: Sequence[str], weights: Sequence[float],
+                 opened: Sequence[tuple[DocumentSource, DocumentSource]], rows: Rows, stats: DataStats,
+                 tokenizer: Tokenizer, eval_batches: int = 16, log: Callable = print):
+        self.data, self.layout, self.tokenizer, self.stats = data, layout, tokenizer, stats
+        self.names, self.weights = list(names), list(weights)
+        self.vocab_size = tokenizer.vocab_size
+        self._diversity: list[tuple[int, float]] = []
         self.datasets, self._iters = {}, {}
-        for shard in self.shard_ids:
-            streams = [rows(train, k, shard) for k, (train, _) in enumerate(opened)]
-            ds = mixture(streams, self.weights).batch(d.batch_size // self.num_shards, drop_remainder=True)
-            if d.num_workers:
+        for shard in layout.shard_ids:
+            streams = [rows(train, k, shard, layout.num_shards) for k, (train, _) in enumerate(opened)]
+            ds = mixture(streams, self.weights).batch(data.batch_size // layout.num_shards, drop_remainder=True)
+            if data.num_workers:
                 _absl_flags_parsed()  # grain's worker processes read absl flags
-                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-            if d.prefetch:
-                ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
+            if data.prefetch:
+                ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data.prefetch)
             self.datasets[shard] = ds
             self._iters[shard] = iter(ds)
         # Held-out batches: every process reads them whole and keeps its rows.
-        self.heldout, self.heldout_bytes = {}, {}
-        byte_len = self.tokenizer.byte_lengths()
-        lo = self.process_index * self.local_batch
-        for k, (c, (_, val)) in enumerate(zip(configs, opened)):
+        self.heldout: dict[str, list[dict]] = {}
+        self.heldout_bytes: dict[str, int] = {}
+        byte_len = tokenizer.byte_lengths()
+        lo = layout.process_index * layout.local_batch
+        for k, (name, (_, val)) in enumerate(zip(self.names, opened)):
             if len(val) == 0:
-                log(f"source {c.name!r} has nothing held out; it is not evaluated")
+                log(f"source {name!r} has nothing held out; it is not evaluated")
                 continue
-            batches = [_pad_batch(b, d.batch_size)
-                       for b, _ in zip(rows(val, k, None).batch(d.batch_size), range(eval_batches))]
+            batches = [_pad_batch(b, data.batch_size)
+                       for b, _ in zip(rows(val, k, None, layout.num_shards).batch(data.batch_size),
+                                       range(eval_batches))]
             if batches:
-                self.heldout[c.name] = [{key: v[lo: lo + self.local_batch] for key, v in b.items()} for b in batches]
+                self.heldout[name] = [{key: v[lo: lo + layout.local_batch] for key, v in b.items()} for b in batches]
                 # bytes of text behind the predicted tokens, for bits per byte (global, every process)
-                self.heldout_bytes[c.name] = int(sum((byte_len[b["targets"]] * (b["loss_mask"] > 0)).sum()
-                                                     for b in batches))
+                self.heldout_bytes[name] = int(sum((byte_len[b["targets"]] * (b["loss_mask"] > 0)).sum()
+                                                   for b in batches))
 
-    def _tokenizer(self, sources, run_dir, pi, pc, log) -> Tokenizer:
-        d = self.data
-        if pi == 0:
-            tok = tokenizer_for_run(sources, self.vocab_size, run_dir, d.tokenizer,
-                                    d.tokenizer_sample_mb, d.seed, log)
-        if pc > 1:  # the others read what process 0 stored (a shared file system)
-            from jax.experimental import multihost_utils
+    @property
+    def num_shards(self) -> int:
+        return self.layout.num_shards
 
-            multihost_utils.sync_global_devices("tokenizer")
-            if pi:
-                tok = tokenizer_for_run(sources, self.vocab_size, run_dir,
-                                        d.tokenizer or os.path.join(run_dir, "tokenizer.model"))
-        return tok
+    @property
+    def local_batch(self) -> int:
+        return self.layout.local_batch
 
     def next_train(self) -> dict:
-        if self.data.corpus == "synthetic":
-            self._consumed += 1
         parts = [next(self._iters[s]) for s in sorted(self._iters)]
         batch = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if "doc_ids" in batch:
@@ -463,25 +440,120 @@ class RunData:
 
     def get_state(self) -> dict:
         """{"num_shards": S, "shards": {shard id: grain iterator state}} for this process's shards."""
-        if self.data.corpus == "synthetic":  # a counter: the stream is regenerated and skipped
-            return {"num_shards": self.num_shards, "shards": {}, "synthetic_batches": self._consumed}
-        return {"num_shards": self.num_shards,
-                "shards": {str(s): it.get_state() for s, it in self._iters.items()}}
+        return {"num_shards": self.num_shards, "shards": {str(s): it.get_state() for s, it in self._iters.items()}}
 
     def set_state(self, state: dict) -> None:
-        if self.data.corpus == "synthetic":
-            gen, seed = self._synthetic
-            self._iters = {0: gen(seed)}
-            self._consumed = 0
-            for _ in range(state.get("synthetic_batches", 0)):
-                self.next_train()
-            return
         state = _tuples(state)  # JSON turned grain's tuples into lists; grain compares with tuples
         if state.get("num_shards") != self.num_shards:
             raise DataError(f"the saved data state has {state.get('num_shards')} shards but this run has "
                             f"{self.num_shards}; keep data.num_shards as it was when the state was saved")
         for s, it in self._iters.items():
             it.set_state(state["shards"][str(s)])
+
+    def attach(self, ctx: Any) -> None:
+        """Text, chat and preference data do not depend on the model."""
+
+
+class SyntheticData:
+    """`data.corpus="synthetic"`: random-token batches with a learnable pattern (tests and
+    benchmarks), as a `DataSource`; its state is the count of batches read."""
+
+    def __init__(self, data: DataConfig, layout: Layout, vocab_size: int, eval_batches: int = 16):
+        self.data, self.layout, self.vocab_size = data, layout, vocab_size
+        self.names, self.weights = ["synthetic"], [1.0]
+        self.stats = DataStats(self.names)
+        self.tokenizer = None
+        self.heldout = {"synthetic": [b for b, _ in zip(self._batches(data.seed + 1), range(eval_batches))]}
+        self.heldout_bytes: dict[str, int] = {}
+        self._iter, self._consumed = self._batches(data.seed), 0
+
+    def _batches(self, seed: int):
+        lo, n = self.layout.process_index * self.layout.local_batch, self.layout.local_batch
+        d = self.data
+        return ({k: v[lo: lo + n] for k, v in b.items()}
+                for b in synthetic_batches(self.vocab_size, d.seq_len, d.batch_size, seed))
+
+    def next_train(self) -> dict:
+        self._consumed += 1
+        return next(self._iter)
+
+    def metrics(self) -> dict:
+        return {}
+
+    def get_state(self) -> dict:
+        return {"num_shards": self.layout.num_shards, "shards": {}, "synthetic_batches": self._consumed}
+
+    def set_state(self, state: dict) -> None:  # the stream is regenerated and skipped
+        self._iter, self._consumed = self._batches(self.data.seed), 0
+        for _ in range(state.get("synthetic_batches", 0)):
+            self.next_train()
+
+    def attach(self, ctx: Any) -> None:
+        """Synthetic data does not depend on the model."""
+
+
+def text_data(data: DataConfig, run_dir: str, *, vocab_size: int, eval_batches: int = 16, log: Callable = print,
+              process_index: int | None = None, process_count: int | None = None) -> Streams | SyntheticData:
+    """Pretraining data: documents of every source, tokenized and packed into rows (or
+    synthetic batches). The tokenizer is `data.tokenizer`, the cache's, the one stored in the
+    run, or one trained on a sample of the sources (by process 0; the others read it)."""
+    d = data
+    layout = Layout.of(d, process_index, process_count)
+    if d.corpus == "synthetic":
+        return SyntheticData(d, layout, vocab_size, eval_batches)
+    configs = source_configs(d)
+    names, weights = [c.name for c in configs], [c.weight for c in configs]
+    if d.cache_dir:  # pre-tokenised: the cache's tokenizer, token ids read by random access
+        cached_tok = os.path.join(d.cache_dir, "tokenizer.model")
+        if not d.tokenizer and not os.path.exists(cached_tok):
+            raise DataError(f"no token cache at {d.cache_dir} (no tokenizer.model there); build it with "
+                            "`lm data cache EXPERIMENT --set data.cache_dir=...`")
+        tokenizer = tokenizer_for_run([], vocab_size, run_dir, d.tokenizer or cached_tok,
+                                      store=layout.process_index == 0)
+        opened = []
+        for c in configs:
+            val_dir = os.path.join(d.cache_dir, c.name, "validation")
+            val = TokenCache(val_dir, tokenizer.path) if os.path.exists(val_dir) else []
+            opened.append((TokenCache(os.path.join(d.cache_dir, c.name, "train"), tokenizer.path), val))
+    else:
+        opened = [open_source(c) for c in configs]
+    for c, (train, val) in zip(configs, opened):
+        if len(train) == 0:
+            raise DataError(f"source {c.name!r}: no training documents found ({len(val)} held out); check its "
+                            "paths, and heldout_fraction for a very small source")
+        check_usable(train, c.name)
+    if not d.cache_dir:
+        tokenizer = _shared_tokenizer([(t, w) for (t, _), w in zip(opened, weights)], d, vocab_size, run_dir,
+                                      layout, log)
+    chunk = d.seq_len if d.chunk_tokens < 0 else d.chunk_tokens
+    # characters per token of each source, to size its pieces (the cache counts tokens)
+    cpt = [chars_per_token(train, tokenizer) if chunk and train.size_unit == "chars" else 4.0 for train, _ in opened]
+    stats = DataStats(names)
+
+    def rows(docs, k: int, shard: int | None, num_shards: int):
+        c = configs[k]
+        if shard is None:  # held out: whole documents, in order
+            return packed_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
+                               repeat=False, packing=d.packing, strict=d.strict)
+        return packed_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, seed=d.seed + 1000 * k,
+                           stats=stats, shuffle_rows=d.shuffle_rows, process_index=shard, process_count=num_shards,
+                           packing=d.packing, strict=d.strict, chunk_tokens=chunk, chars_per_token=cpt[k])
+
+    return Streams(d, layout, names=names, weights=weights, opened=opened, rows=rows, stats=stats,
+                   tokenizer=tokenizer, eval_batches=eval_batches, log=log)
+
+
+def _shared_tokenizer(sources, d: DataConfig, vocab_size: int, run_dir: str, layout: Layout, log) -> Tokenizer:
+    """Process 0 loads or trains the run's tokenizer; the others read what it stored (a
+    shared file system)."""
+    if layout.process_index == 0:
+        tok = tokenizer_for_run(sources, vocab_size, run_dir, d.tokenizer, d.tokenizer_sample_mb, d.seed, log)
+    if layout.process_count > 1:
+        multihost_utils.sync_global_devices("tokenizer")
+        if layout.process_index:
+            tok = tokenizer_for_run(sources, vocab_size, run_dir, d.tokenizer or os.path.join(run_dir, "tokenizer.model"),
+                                    store=False)
+    return tok
 
 
 def _tuples(obj: Any) -> Any:
@@ -493,8 +565,6 @@ def _tuples(obj: Any) -> Any:
 
 
 def _absl_flags_parsed() -> None:
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -509,8 +579,6 @@ def _pad_batch(b: dict, size: int) -> dict:
 
 def global_batch(local: dict, shardings: dict) -> dict:
     """Assemble this process's rows into global jax.Arrays sharded for training."""
-    import jax
-
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
             for k in shardings}
 

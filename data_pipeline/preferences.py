@@ -27,11 +27,11 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from data_pipeline import chat
+from data_pipeline import chat, jsonl
 from data_pipeline.chat_data import READ, ChatStats
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.conversations import ConversationSource, _sharegpt, _text
-from data_pipeline.pipeline import DataStats, RunData, shard_documents
+from data_pipeline.pipeline import DataStats, Layout, Streams, shard_documents
 from data_pipeline.sources import DataError, DocumentSource, Record, _hash_split, expand, source_configs
 from data_pipeline.tokenizer import Tokenizer
 
@@ -220,49 +220,41 @@ def check_usable(docs: DocumentSource, tokenizer: Tokenizer, seq_len: int, name:
                     f"check its paths and chat_format. {stats.report()}")
 
 
-class PreferenceData(RunData):
-    """Preference-pair training and held-out batches of one run (RunData's surface):
-    arrays (B, 2, T), chosen then rejected. Sources must have kind "preference"."""
+def preference_data(data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eval_batches: int = 16,
+                    log: Callable = print, process_index: int | None = None,
+                    process_count: int | None = None) -> Streams:
+    """Preference-pair training and held-out batches of one run (pipeline.Streams): arrays
+    (B, 2, T), chosen then rejected. Sources must have kind "preference"."""
+    d = data
+    try:
+        chat.chat_token_ids(tokenizer)
+    except chat.ChatFormatError as e:
+        raise DataError(str(e)) from None
+    layout = Layout.of(d, process_index, process_count)
+    if d.corpus != "sources":
+        raise DataError(f"preference training reads pairs: set data.corpus='sources' with sources of kind "
+                        f"'preference' (data.corpus is {d.corpus!r})")
+    configs = source_configs(d)
+    names = [c.name for c in configs]
+    stats = PairStats(names)
+    opened = [open_preference_source(c) for c in configs]
+    for c, (train, _) in zip(configs, opened):
+        if len(train) == 0:
+            raise DataError(f"source {c.name!r}: no training pairs found")
+        check_usable(train, tokenizer, d.seq_len, c.name)
 
-    def __init__(self, data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eval_batches: int = 16,
-                 log: Callable = print, process_index: int | None = None, process_count: int | None = None):
-        d = self.data = data
-        try:
-            chat.chat_token_ids(tokenizer)
-        except chat.ChatFormatError as e:
-            raise DataError(str(e)) from None
-        self.tokenizer, self.vocab_size = tokenizer, tokenizer.vocab_size
-        self._layout(process_index, process_count)
-        if d.corpus != "sources":
-            raise DataError(f"preference training reads pairs: set data.corpus='sources' with sources of kind "
-                            f"'preference' (data.corpus is {d.corpus!r})")
-        configs = source_configs(d)
-        self.names, self.weights = [c.name for c in configs], [c.weight for c in configs]
-        self.stats = PairStats(self.names)
-        opened = [open_preference_source(c) for c in configs]
-        for c, (train, _) in zip(configs, opened):
-            if len(train) == 0:
-                raise DataError(f"source {c.name!r}: no training pairs found")
-            check_usable(train, tokenizer, d.seq_len, c.name)
+    def rows(docs, k: int, shard: int | None, num_shards: int):
+        c = configs[k]
+        if shard is None:
+            return pair_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
+                             repeat=False, strict=d.strict)
+        return pair_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, seed=d.seed + 1000 * k,
+                         stats=stats, process_index=shard, process_count=num_shards, strict=d.strict)
 
-        def rows(docs, k: int, shard: int | None):
-            c = configs[k]
-            if shard is None:
-                return pair_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, shuffle=False,
-                                 repeat=False, strict=d.strict)
-            return pair_rows(docs, tokenizer.path, d.seq_len, source=c.name, source_id=k, seed=d.seed + 1000 * k,
-                             stats=self.stats, process_index=shard, process_count=self.num_shards, strict=d.strict)
-
-        self._build(configs, opened, rows, eval_batches, log)
+    return Streams(d, layout, names=names, weights=[c.weight for c in configs], opened=opened, rows=rows,
+                   stats=stats, tokenizer=tokenizer, eval_batches=eval_batches, log=log)
 
 
 def write_jsonl(path: str, pairs: Sequence[dict]) -> str:
     """Write pairs ({"prompt", "chosen", "rejected"}) as JSON Lines (the "prompt" layout)."""
-    import os
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+    return jsonl.write_jsonl(path, pairs)

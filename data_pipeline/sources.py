@@ -33,7 +33,9 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from data_pipeline import default_corpus
 from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.default_corpus import _pydoc_topics
 from data_pipeline.errors import UserError
 
 
@@ -411,8 +413,6 @@ class DefaultCorpus(DocumentSource):
         return self.docs[i].key
 
     def sizes(self):
-        from data_pipeline.default_corpus import _pydoc_topics
-
         def size(d) -> int:
             if d.kind == "code":
                 return os.path.getsize(d.path)
@@ -544,8 +544,6 @@ def _hash_fraction(key: str) -> float:
 def open_source(cfg: SourceConfig) -> tuple[DocumentSource, DocumentSource]:
     """(train, validation) document sources for one configured source."""
     if cfg.kind == "default":
-        from data_pipeline import default_corpus
-
         train, held = default_corpus.split(cfg.heldout_fraction)
         return DefaultCorpus(train), DefaultCorpus(held)
     if cfg.kind == "tfds":

@@ -27,8 +27,10 @@ import random
 import sys
 from typing import Callable, Sequence
 
+from data_pipeline import jsonl
 from data_pipeline.config import SHARED_DATA
 from data_pipeline.errors import NotFound
+from data_pipeline.pipeline import DataStats
 from data_pipeline.sources import DataError, _open_bytes
 
 Log = Callable[[str], None]
@@ -93,8 +95,6 @@ class _Bad:
     """Bad records of one file: counted, the first few located (data_pipeline.pipeline.DataStats)."""
 
     def __init__(self, name: str):
-        from data_pipeline.pipeline import DataStats
-
         self.name, self.stats = name, DataStats([name])
 
     def add(self, where: str, error: str) -> None:
@@ -383,9 +383,4 @@ def sft_records(problems: list[dict], solution: bool = False) -> list[dict]:
 
 
 def write_jsonl(path: str, records: list[dict]) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+    return jsonl.write_jsonl(path, records)

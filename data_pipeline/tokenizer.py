@@ -8,15 +8,20 @@ are kept as they are (identity normalisation), which code needs; digits are spli
 
 from __future__ import annotations
 
+import filecmp
+import hashlib
 import io
 import os
 import random
+import shutil
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from data_pipeline.errors import NotFound
+from data_pipeline.sources import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -49,7 +54,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
                     model_type: str = "bpe", num_threads: int | None = None) -> "Tokenizer":
     """Train a SentencePiece model on `texts`; writes `out_prefix`.model and returns it."""
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
-    from data_pipeline.sources import DataError
 
     smallest = 256 + 4 + len(CHAT_TOKENS) + 1  # byte pieces, PAD/UNK/BOS/EOS, role tokens, newline
     if vocab_size < smallest:
@@ -117,8 +121,6 @@ def _train(texts, vocab_size, model_type, num_threads, model) -> None:
 
 def file_sha256(path: str) -> str:
     """SHA-256 of a file (identifies a tokenizer model in checkpoints and token caches)."""
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -215,8 +217,6 @@ class Tokenizer:
 
     def byte_lengths(self):
         """UTF-8 bytes each id stands for (byte pieces 1, control tokens 0): for bits per byte."""
-        import numpy as np
-
         out = np.zeros(self.vocab_size, np.int64)
         for i in range(self.vocab_size):
             if self.sp.is_byte(i):
@@ -247,31 +247,40 @@ def sample_texts(sources, megabytes: float, seed: int) -> Iterator[str]:
 
 
 def tokenizer_for_run(sources, vocab_size: int, run_dir: str, path: str | None = None,
-                      sample_mb: float = 4.0, seed: int = 0, log: Callable = print) -> Tokenizer:
-    """Load the run's tokenizer, or train one on a sample of `sources` and store it in the run
-    directory. The tokenizer's vocabulary must equal the model's: a mismatch fails here,
-    before any training, with both numbers."""
-    from data_pipeline.sources import DataError
+                      sample_mb: float = 4.0, seed: int = 0, log: Callable = print, *, store: bool = True,
+                      fix: str | None = None) -> Tokenizer:
+    """The run's tokenizer, copied into the run directory and checked: the one routine every
+    stage uses.
 
+    `path` (a SentencePiece .model), else the one stored in the run (RUN_DIR/tokenizer.model),
+    else one trained on a sample of `sources` and stored there. A tokenizer from elsewhere is
+    copied into the run directory (atomically; with `store` false, by another process, it is
+    read where it is), so that the run is self-contained. Its vocabulary must equal the
+    model's: a mismatch fails here, before any training, with both numbers and `fix`."""
     stored = os.path.join(run_dir, "tokenizer.model")
     if path is None and os.path.exists(stored):
         path = stored
     if path is not None:
+        if store:
+            path = _store(path, stored)
         tok = Tokenizer(path)
-        if not os.path.exists(stored):  # keep a copy: the run directory is then self-contained
-            import shutil
-
-            os.makedirs(run_dir, exist_ok=True)
-            tmp = f"{stored}.{os.getpid()}.tmp"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, stored)
     else:
         t0 = time.time()
         tok = train_tokenizer(sample_texts(sources, sample_mb, seed), vocab_size, os.path.join(run_dir, "tokenizer"))
         log(f"trained a {vocab_size}-piece BPE tokenizer on {sample_mb:g} MB in "
             f"{time.time() - t0:.1f}s -> {tok.path}")
     if tok.vocab_size != vocab_size:
-        raise DataError(
-            f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
-            f"use --set model.vocab_size={tok.vocab_size} or another tokenizer")
+        raise DataError(f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
+                        + (fix or f"use --set model.vocab_size={tok.vocab_size} or another tokenizer"))
     return tok
+
+
+def _store(path: str, stored: str) -> str:
+    """`path` copied to `stored` unless it holds the same bytes already; returns `stored`."""
+    if os.path.exists(stored) and (os.path.samefile(path, stored) or filecmp.cmp(path, stored, shallow=False)):
+        return stored
+    os.makedirs(os.path.dirname(stored) or ".", exist_ok=True)
+    tmp = f"{stored}.{os.getpid()}.tmp"
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, stored)
+    return stored

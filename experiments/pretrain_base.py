@@ -9,7 +9,7 @@ not a useful model (the standard library holds ~3M tokens).
 """
 
 from lm.config import Config, DataConfig, MeshConfig, OptimConfig, TrainerConfig
-from lm.sizes import LEARNING_RATES, size
+from lm.model.sizes import LEARNING_RATES, size
 
 
 def config() -> Config:

@@ -13,7 +13,7 @@ import os
 
 from data_pipeline.config import SHARED_DATA
 from lm.config import Config, DataConfig, OptimConfig, SourceConfig, TrainerConfig
-from lm.sizes import LEARNING_RATES, size
+from lm.model.sizes import LEARNING_RATES, size
 
 DATA = SHARED_DATA
 

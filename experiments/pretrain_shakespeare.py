@@ -27,7 +27,7 @@ import os
 
 from data_pipeline.config import SHARED_DATA
 from lm.config import Config, DataConfig, OptimConfig, SourceConfig, TrainerConfig
-from lm.sizes import size
+from lm.model.sizes import size
 
 DATA = SHARED_DATA
 

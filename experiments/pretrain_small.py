@@ -6,7 +6,7 @@ step up from `tiny` when checking a new accelerator.
 """
 
 from lm.config import Config, DataConfig, OptimConfig, TrainerConfig
-from lm.sizes import LEARNING_RATES, size
+from lm.model.sizes import LEARNING_RATES, size
 
 
 def config() -> Config:

@@ -14,7 +14,7 @@ reach 2.89. `--set optim.name=adamw --set trainer.steps=800` runs that.
 """
 
 from lm.config import Config, DataConfig, OptimConfig, TrainerConfig
-from lm.sizes import LEARNING_RATES, size
+from lm.model.sizes import LEARNING_RATES, size
 
 
 def config() -> Config:

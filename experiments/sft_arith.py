@@ -17,8 +17,8 @@ move the transition by some steps.
 """
 
 
-from experiments import pretrain_tiny
 from data_pipeline.config import SourceConfig
+from experiments import pretrain_tiny
 from lm.config import Config, DataConfig, OptimConfig, RLConfig, TrainerConfig
 
 

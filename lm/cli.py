@@ -34,7 +34,7 @@ def _distributed(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from lm import interrupt
+    from lm.train import interrupt
 
     # SIGTERM/SIGINT end the run promptly in every phase (lm/interrupt.py). A run stopped by
     # one leaves with os._exit: threads of a data source that hangs must not keep the
@@ -59,7 +59,7 @@ def _exit_now(line: str | None, code: int) -> None:
 
 def _train(args) -> int:
     from lm import experiment
-    from lm.train import train
+    from lm.stages.runner import train
 
     cfg = experiment.load(args.experiment, args.set)  # bad keys fail here, before any work
     cfg.check_inputs()  # and files it names that must exist
@@ -69,29 +69,14 @@ def _train(args) -> int:
     summary = train(cfg, run_dir, log=_log, progress=not args.no_progress, resume=not args.fresh)
     if summary.get("stopped"):  # preempted (saved: a clean exit) or diverged (error)
         return 0 if "received" in summary["stopped"] else 1
-    loss = summary.get("heldout_loss", float("nan"))
-    if "heldout_pass_at_1" in summary:
-        _log(f"done: held-out pass@1 {summary['base_heldout_pass_at_1']:.1%} -> {summary['heldout_pass_at_1']:.1%}")
-    elif "heldout_reward" in summary:
-        _log(f"done: held-out mean reward of greedy replies {summary['base_heldout_reward']:.3f} -> "
-             f"{summary['heldout_reward']:.3f}")
-    elif loss != loss:  # NaN: nothing was held out (the run said so when it started)
-        _log("done (no held-out figures)")
-    elif "heldout_unigram_entropy" in summary:
-        ok = summary["heldout_loss"] < summary["heldout_unigram_entropy"]
-        _log(f"done: held-out loss {summary['heldout_loss']:.3f} "
-             f"{'<' if ok else '>='} unigram entropy {summary['heldout_unigram_entropy']:.3f}")
-    elif "base_heldout_loss" in summary:
-        _log(f"done: held-out loss {summary['heldout_loss']:.3f} (the base model: {summary['base_heldout_loss']:.3f})")
-    else:
-        _log(f"done: held-out loss {summary['heldout_loss']:.3f}")
+    _log(f"done: {summary['headline']}" if summary.get("headline") else "done (no held-out figures)")
     return 0
 
 
 def cmd_info(args) -> int:
     from lm import experiment
     from lm.config import all_keys
-    from lm.model import flops_per_token, param_count
+    from lm.model.transformer import flops_per_token, param_count
 
     cfg = experiment.load(args.experiment, args.set)
     if args.keys:
@@ -117,7 +102,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lm.compare import compare
+    from lm.tools.compare import compare
 
     text, png = compare(args.run_dirs, args.out, args.metric, args.clock)
     print(text)
@@ -126,27 +111,27 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from lm.interop.hf import export_run
+    from lm.tools.hf_runs import export_run
 
     export_run(args.run_dir, args.out_dir, log=_log, force=args.force)
     return 0
 
 
 def cmd_import_hf(args) -> int:
-    from lm.interop.hf import import_run
+    from lm.tools.hf_runs import import_run
 
     import_run(args.hf_dir, args.run_dir, log=_log, force=args.force)
     return 0
 
 
 def cmd_sample(args) -> int:
-    from lm.run import load_run
-    from lm.sampling import generate, stream
+    from lm.sampling.sampler import generate, stream
+    from lm.train.run import load_run
 
     run = load_run(args.run_dir, log=_log)
     tok = run.tokenizer
     if args.chat is not None:  # one question, answered with the chat template
-        from lm.chat import Chat, is_chat_model
+        from lm.serve.chat import Chat, is_chat_model
 
         if not is_chat_model(run):
             raise UserError(f"{args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
@@ -188,8 +173,8 @@ def cmd_sample(args) -> int:
 
 def cmd_chat(args) -> int:
     """A multi-turn loop: the chat template for a fine-tuned run; a base model continues the text."""
-    from lm.chat import Chat, is_chat_model
-    from lm.run import load_run
+    from lm.serve.chat import Chat, is_chat_model
+    from lm.train.run import load_run
 
     run = load_run(args.run_dir, log=_log)
     if not is_chat_model(run):
@@ -225,7 +210,7 @@ def cmd_chat(args) -> int:
 
 def _chat_base(run, args) -> int:
     """A base model has no chat template: it continues a plain-text transcript."""
-    from lm.sampling import stream
+    from lm.sampling.sampler import stream
 
     tok = run.tokenizer
     max_len = run.cfg.model.max_seq_len
@@ -268,19 +253,20 @@ def cmd_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UserError(f"lm serve needs starlette and uvicorn ({e}): pip install -e .[serve]") from None
-    from lm.server import serve
+    from lm.serve.server import serve
 
     api_key = args.api_key or os.environ.get("LM_API_KEY") or None
     return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log)
 
 
 def cmd_eval(args) -> int:
-    from lm.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table
+    from lm.eval.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table
+    from lm.stages.runner import evaluate_heldout
 
     results = {}
     if args.harness:  # lm-evaluation-harness's own tasks, through the lm-jax adapter
         try:
-            from lm.interop.lm_eval import evaluate_harness
+            from lm.eval.harness import evaluate_harness
         except ImportError as e:
             raise UserError(f"--harness needs lm-evaluation-harness ({e}); pip install lm-eval") from None
         names = [t.strip() for t in args.harness.split(",") if t.strip()]
@@ -298,7 +284,7 @@ def cmd_eval(args) -> int:
                         "tasks go in --harness)")
     if tasks:
         results.update(evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit,
-                                    args.batch_size, log=_log))
+                                    args.batch_size, log=_log, heldout=evaluate_heldout))
     print(format_table(results))
     for task, r in results.items():  # sacreBLEU says how its numbers were computed
         for metric, sig in (r.get("signature") or {}).items() if isinstance(r, dict) else ():
@@ -308,8 +294,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_reward(args) -> int:
-    from lm import reward
-    from lm.run import load_run
+    from lm.eval import reward_model as reward
+    from lm.train.run import load_run
 
     loaded = load_run(args.run_dir, log=_log)
     r = reward.score_pairs(loaded, args.pairs, args.format, args.limit, log=_log)
@@ -320,13 +306,17 @@ def cmd_reward(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lm import plan
+    from lm.tools import plan
 
     return plan.main(args.experiment, args.set, args.devices, args.hbm)
 
 
 def cmd_bench(args) -> int:
-    from lm import bench
+    if args.which == "accel":
+        from lm.tools import bench_accel
+
+        return bench_accel.main([])
+    from lm.tools import bench
 
     return bench.main(args.which)
 
@@ -392,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     pl.set_defaults(fn=cmd_plan)
 
     from data_pipeline.cli import add_data_parser, add_tokenizer_parser
-
     from lm.experiment import load as load_experiment
 
     add_tokenizer_parser(sub, load_experiment)
@@ -469,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
     b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode", "accel"],
-                   help="accel: the accelerator benchmark (python -m lm.bench_accel --help for its options)")
+                   help="accel: the accelerator benchmark (python -m lm.tools.bench_accel --help for its options)")
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)

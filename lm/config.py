@@ -120,6 +120,9 @@ class OptimConfig:
     muon_weight_decay: float = 0.0
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the matrices of a block (lm/model/lora.py)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Low-rank adapters on the frozen base (rank 0: off, every parameter is trained)."""
@@ -128,7 +131,25 @@ class LoraConfig:
     alpha: float = 16.0  # the update is (alpha / r) * A @ B
     dropout: float = 0.0
     # matrices that get adapters, among q, k, v, o, gate, up, down
-    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the key and the fix) for an unusable LoRA config."""
+        valid = ", ".join(LORA_TARGETS)
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank={self.rank} must be >= 0 (0 turns LoRA off); set e.g. lora.rank=8")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ConfigError(f"lora.targets has unknown {unknown}; valid targets are {valid}")
+        if self.rank > 0 and not self.targets:
+            raise ConfigError(f"lora.targets is empty with lora.rank={self.rank}; "
+                              f"name some of {valid}, or set lora.rank=0 to turn LoRA off")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha} must be > 0 (the update is scaled by alpha/rank); "
+                              "set e.g. lora.alpha=16")
+        if self.dropout != 0:
+            raise ConfigError("lora.dropout>0 is not supported yet: adapters are merged into the "
+                              "weights inside the step; set lora.dropout=0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,13 +275,6 @@ class Config:
         for key in ("steps", "log_every", "microbatches", "loss_chunks", "max_bad_steps"):
             if getattr(self.trainer, key) <= 0:
                 raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must be positive")
-        if self.trainer.eval_tasks:
-            from lm.evaluate import TASK_METRICS
-
-            unknown = [t for t in self.trainer.eval_tasks if t not in TASK_METRICS]
-            if unknown:
-                raise ConfigError(f"trainer.eval_tasks: unknown task(s) {unknown}; available: "
-                                  f"{', '.join(TASK_METRICS)}")
         for key in ("eval_every", "checkpoint_every", "num_samples", "sample_tokens", "eval_task_items"):
             if getattr(self.trainer, key) < 0:
                 raise ConfigError(f"trainer.{key}={getattr(self.trainer, key)} must not be negative (0: off)")
@@ -275,16 +289,8 @@ class Config:
                 f"data.batch_size={self.data.batch_size} must be divisible by "
                 f"trainer.microbatches={self.trainer.microbatches}"
             )
-        from lm.stages import STAGES  # noqa: PLC0415 -- the registry imports stage modules lazily
-
-        if self.stage not in STAGES:
-            close = difflib.get_close_matches(self.stage, list(STAGES), n=1)
-            raise ConfigError(f"unknown stage {self.stage!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                              + f" (stages: {', '.join(STAGES)})")
         if self.lora.rank:
-            from lm.lora import check
-
-            check(self.lora)
+            self.lora.validate()
             if not self.trainer.init_from:
                 raise ConfigError("lora.rank>0 trains adapters on a frozen base: set trainer.init_from to a run "
                                   "directory or a Hugging Face folder")

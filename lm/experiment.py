@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
+import traceback
 
-from lm.config import Config, ConfigError, apply_overrides
+from lm.config import Config, ConfigError, apply_overrides, from_dict, set_keys
 
 
 def load(spec: str, overrides: list[str] | None = None) -> Config:
@@ -32,9 +34,6 @@ def load(spec: str, overrides: list[str] | None = None) -> Config:
 def _load_json(spec: str, overrides: list[str]) -> Config:
     """A config.json (`to_dict` output): every key and value type checked, then the overrides,
     then `Config.validate`; each failure is one line naming the file."""
-    import json
-
-    from lm.config import from_dict, set_keys
 
     if not os.path.exists(spec):
         raise ConfigError(f"config file {spec!r} does not exist")
@@ -87,8 +86,6 @@ def _import(spec: str):
 
 def _where(e: BaseException, path: str) -> str:
     """'line N: ' of the innermost frame of `e` in the experiment file."""
-    import traceback
-
     lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
     return f"line {lines[-1]}: " if lines else ""
 

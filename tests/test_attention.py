@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from data_pipeline.synthetic import packed_segment_ids
-from lm import attention
-from lm import model as M
 from lm.config import ConfigError, ModelConfig
+from lm.model import attention
+from lm.model import transformer as M
 
 B, T, N, K, H = 2, 256, 4, 2, 64
 
@@ -149,7 +149,7 @@ def test_without_document_mask_rows_attend_across_documents():
 @pytest.mark.parametrize("impl", ["pallas", "pallas_skip"])
 def test_fused_kernel_runs_per_shard_under_a_mesh(impl):
     from lm.config import MeshConfig
-    from lm.sharding import make_mesh, use_mesh
+    from lm.model.sharding import make_mesh, use_mesh
 
     q, k, v, seg = inputs()
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
@@ -159,7 +159,7 @@ def test_fused_kernel_runs_per_shard_under_a_mesh(impl):
 
 
 def test_attention_micro_benchmark_runs():  # the GPU script's `attn/*` cases, on tiny shapes
-    from lm import bench_accel
+    from lm.tools import bench_accel
 
     r = bench_accel.attention_time("pallas_skip", b=1, t=128, n=2, k=1, h=32, mean_doc=32, repeats=1)
     assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0

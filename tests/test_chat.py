@@ -8,8 +8,15 @@ import pytest
 import sentencepiece as spm
 
 from data_pipeline import default_corpus
-from data_pipeline.chat import (CHAT_TEMPLATE, ROLES, ChatFormatError, chat_token_ids, generation_prompt, render,
-                                validate_messages)
+from data_pipeline.chat import (
+    CHAT_TEMPLATE,
+    ROLES,
+    ChatFormatError,
+    chat_token_ids,
+    generation_prompt,
+    render,
+    validate_messages,
+)
 from data_pipeline.tokenizer import CHAT_TOKENS, Tokenizer, train_tokenizer
 
 SYSTEM = {"role": "system", "content": "You answer briefly."}

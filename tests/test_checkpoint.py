@@ -324,7 +324,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(experiment, refe
 
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path):
     from lm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
-    from lm.train import train
+    from lm.stages.runner import train
 
     cfg = Config(model=ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
                                    max_seq_len=16),
@@ -358,7 +358,7 @@ def test_a_huge_learning_rate_never_saves_absurd_parameters_and_the_last_good_ch
     import dataclasses
 
     from lm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
-    from lm.train import train
+    from lm.stages.runner import train
 
     good = Config(name="huge_lr",
                   model=ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
@@ -410,7 +410,7 @@ def test_resume_on_a_different_device_count(experiment, tmp_path):
 def test_failed_save_is_reported_and_keeps_earlier_checkpoints_and_best_is_kept(tmp_path):
     import jax.numpy as jnp
 
-    from lm.checkpoint import Checkpointer
+    from lm.train.checkpoint import Checkpointer
 
     logs = []
     ck = Checkpointer(str(tmp_path), keep=2, log=logs.append)
@@ -515,7 +515,7 @@ def test_an_unwritable_checkpoint_directory_lets_the_process_exit_at_once(experi
 def test_a_save_failing_in_the_background_is_one_line_and_leaves_no_partial_folder(tmp_path, caplog, capfd):
     import jax.numpy as jnp
 
-    from lm.checkpoint import Checkpointer
+    from lm.train.checkpoint import Checkpointer
 
     logs = []
     ck = Checkpointer(str(tmp_path), log=logs.append)

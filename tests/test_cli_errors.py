@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import cli, decode
+from lm import cli
+from lm.sampling import decode
 
 
 def test_a_refused_path_is_one_line(capsys):

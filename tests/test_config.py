@@ -82,8 +82,8 @@ def test_zero_or_negative_sizes_are_one_line_errors(override, capsys):
 def test_batch_that_does_not_divide_the_devices_is_a_clear_error():
     import jax
 
-    from lm.engine import make_engine
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.train.engine import make_engine
 
     cfg = apply_overrides(experiment.load("pretrain_tiny"), ["data.batch_size=12"])
     with pytest.raises(ConfigError, match="does not divide over the 8 data-parallel devices"):
@@ -147,7 +147,7 @@ def test_user_errors_are_one_type_caught_in_one_place(monkeypatch, capsys):
     from data_pipeline.errors import NotFound, UserError
     from data_pipeline.sources import DataError
     from lm.interop.hf import HFFormatError
-    from lm.rundir import RunDirError
+    from lm.train.rundir import RunDirError
 
     for cls in (ConfigError, DataError, ChatFormatError, NotFound, RunDirError, HFFormatError):
         assert issubclass(cls, UserError), cls

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import default_corpus
-from data_pipeline.pipeline import DataStats, RunData as _RunData, packed_rows, to_example
+from data_pipeline.pipeline import DataStats, packed_rows, text_data, to_example
 from data_pipeline.sources import DataError, JsonLines, TextFiles, open_source
 from data_pipeline.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 from lm.config import Config, DataConfig, ModelConfig, SourceConfig, TrainerConfig, apply_overrides
@@ -18,7 +18,7 @@ from lm.config import Config, DataConfig, ModelConfig, SourceConfig, TrainerConf
 
 def RunData(cfg, run_dir, **kw):
     """The data of experiment config `cfg` (as the pretraining stage opens it)."""
-    return _RunData(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches, **kw)
+    return text_data(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches, **kw)
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega").split()

@@ -7,11 +7,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import corpus_tokenizer, write_task_files
 
 from data_pipeline.config import SHARED_DATA
-from helpers import corpus_tokenizer, write_task_files
-from lm.evaluate import (GEN_TASKS, TASKS, encode_pair, load_generation_task, load_task, loglikelihood_rolling,
-                         loglikelihood_texts, loglikelihoods, rolling_requests, score_lambada, score_multiple_choice)
+from lm.eval.evaluate import (
+    GEN_TASKS,
+    TASKS,
+    encode_pair,
+    load_generation_task,
+    load_task,
+    loglikelihood_rolling,
+    loglikelihood_texts,
+    loglikelihoods,
+    rolling_requests,
+    score_lambada,
+    score_multiple_choice,
+)
 
 V = 128
 
@@ -64,7 +75,7 @@ def test_multiple_choice_raw_and_length_normalised():
 def test_acc_norm_divides_by_the_characters_of_the_choice():
     """Per character of the choice text (the harness's), not per UTF-8 byte nor counting the
     " " before it: here only per character does the first choice win."""
-    from lm.evaluate import multiple_choice_metrics
+    from lm.eval.evaluate import multiple_choice_metrics
 
     item = {"contexts": ["Q:"], "continuations": [" ab", " é"], "choices": ["ab", "é"], "gold": 0}
     lls = [-4.0, -2.5]  # per character -2.0 vs -2.5; per byte -2.0 vs -1.25; with the " " -1.33 vs -1.25
@@ -105,7 +116,7 @@ def test_task_files_load(task):
 
 
 def test_gsm8k_answer_extraction_and_scoring():
-    from lm.evaluate import final_number, score_gsm8k
+    from lm.eval.evaluate import final_number, score_gsm8k
 
     assert final_number("She pays 3 * 2 = 6 dollars.\n#### 1,234") == "1234"
     assert final_number("so the answer is 18.") == "18"
@@ -116,7 +127,7 @@ def test_gsm8k_answer_extraction_and_scoring():
 
 
 def test_translation_scoring_wires_bleu_and_chrf():
-    from lm.evaluate import score_translation
+    from lm.eval.evaluate import score_translation
 
     perfect = score_translation(["Ein Hund läuft."], ["Ein Hund läuft."])
     assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
@@ -138,10 +149,11 @@ def test_missing_task_folder_is_a_clear_error(tmp_path, capsys):
 
 
 def test_scoring_with_the_batch_sharded_over_devices():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from lm.config import MeshConfig
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
 
     mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
     tok = CharTokenizer()
@@ -229,8 +241,8 @@ def _tiny_model(vocab, seed=0, max_len=128):
     from flax import nnx
 
     from lm.config import ModelConfig
-    from lm.evaluate import model_logits
-    from lm.model import Transformer
+    from lm.eval.evaluate import model_logits
+    from lm.model.transformer import Transformer
 
     cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=max_len)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(seed)), nnx.Param)
@@ -276,7 +288,7 @@ def test_rolling_windows_equal_the_harness():
 
 def test_tasks_from_files_with_the_real_tokenizer(sp_tok, tmp_path):
     """Every log-likelihood task end to end on made-up task files (no ../shared/data needed)."""
-    from lm.evaluate import TASK_METRICS, format_table, score_task
+    from lm.eval.evaluate import TASK_METRICS, format_table, score_task
 
     data = write_task_files(tmp_path, n=6)
     logits_fn, params = _tiny_model(sp_tok.vocab_size)
@@ -299,7 +311,7 @@ def test_trainer_eval_tasks_are_logged_with_the_evaluation(tmp_path):
 
     from data_pipeline.tokenizer import train_tokenizer
     from lm.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
-    from lm.train import train
+    from lm.stages.runner import train
 
     words = "the cat river bread lamp garden opens eats paints carries".split()
     texts = [" ".join(words[(i * 7 + j * 3) % 10] for j in range(20)) for i in range(200)]
@@ -336,9 +348,10 @@ def test_lm_eval_cli_writes_versions_counts_and_chance(sp_tok, tmp_path, capsys)
 
     from lm.cli import main
     from lm.config import ModelConfig
-    from lm.evaluate import TASK_VERSIONS
-    from lm.interop.hf import export_llama, import_run
-    from lm.model import Transformer
+    from lm.eval.evaluate import TASK_VERSIONS
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import Transformer
+    from lm.tools.hf_runs import import_run
 
     cfg = ModelConfig(vocab_size=sp_tok.vocab_size, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
                       max_seq_len=128)

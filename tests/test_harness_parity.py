@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 import pytest
+from helpers import corpus_tokenizer, write_task_files
 
 from data_pipeline.config import SHARED_DATA
-from helpers import corpus_tokenizer, write_task_files
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (optional: pip install lm-eval)")
 torch = pytest.importorskip("torch", reason="torch not installed (CI installs it)")
@@ -71,13 +71,13 @@ def world(request, tmp_path_factory):
     from flax import nnx
 
     from lm.config import Config, MeshConfig, ModelConfig
-    from lm.engine import make_engine
-    from lm.evaluate import load_task, loglikelihood_texts, multiple_choice_requests
+    from lm.eval.evaluate import load_task, loglikelihood_texts, multiple_choice_requests
+    from lm.eval.harness import JaxLM
     from lm.interop.hf import export_llama
-    from lm.interop.lm_eval import JaxLM
-    from lm.model import Transformer
-    from lm.run import LoadedRun
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.model.transformer import Transformer
+    from lm.train.engine import make_engine
+    from lm.train.run import LoadedRun
 
     tmp = tmp_path_factory.mktemp("harness")
     tok = corpus_tokenizer(tmp)
@@ -151,7 +151,7 @@ def test_loglikelihoods_match_the_harness_hf_backend(world, task):
 @pytest.mark.parametrize("task", TASKS)
 def test_metrics_per_item_match_the_harness(world, task):
     """The harness's own per-item acc/acc_norm, from HFLM and from our adapter, and ours."""
-    from lm.evaluate import lambada_metrics, multiple_choice_metrics
+    from lm.eval.evaluate import lambada_metrics, multiple_choice_metrics
 
     hf, adapter = _samples(world["hf_out"], task), _samples(world["our_out"], task)
     np.testing.assert_allclose([v for s in adapter for v in s["ll"]], [v for s in hf for v in s["ll"]], atol=1e-3)
@@ -235,8 +235,8 @@ def test_evaluate_harness_on_a_run_directory(world, tmp_path):
     the harness's figures, task versions and item counts merged into RUN/eval.json."""
     from lm_eval.tasks import TaskManager
 
-    from lm.interop.hf import import_run
-    from lm.interop.lm_eval import evaluate_harness
+    from lm.eval.harness import evaluate_harness
+    from lm.tools.hf_runs import import_run
 
     run_dir = str(tmp_path / "run")
     import_run(str(world["tmp"] / "hf"), run_dir, log=lambda *_: None)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.interop.hf import export_llama, import_llama, load_model, load_safetensors, save_safetensors
-from lm.model import Transformer
+from lm.model.transformer import Transformer
 
 SHAPES = [
     ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
@@ -75,8 +75,8 @@ def test_qk_norm_models_are_refused(tmp_path):
 @pytest.mark.slow  # make test time; CI's slow phase runs it
 def test_export_and_import_run_directories(tmp_path):
     from lm.config import Config, DataConfig, TrainerConfig
-    from lm.interop.hf import export_run, import_run
-    from lm.train import train
+    from lm.stages.runner import train
+    from lm.tools.hf_runs import export_run, import_run
 
     cfg = Config(model=SHAPES[0], data=DataConfig(corpus="synthetic", seq_len=16, batch_size=8),
                  trainer=TrainerConfig(steps=3, num_samples=0))
@@ -93,10 +93,10 @@ def test_export_and_import_run_directories(tmp_path):
     import_run(str(tmp_path / "hf"), str(tmp_path / "imported"), log=lambda *_: None)
     assert os.path.exists(tmp_path / "imported" / "config.json")
     # the imported run's step-0 checkpoint holds the trained parameters
-    from lm.checkpoint import Checkpointer
     from lm.experiment import load
-    from lm.sharding import make_mesh
-    from lm.engine import make_trainer
+    from lm.model.sharding import make_mesh
+    from lm.train.checkpoint import Checkpointer
+    from lm.train.engine import make_trainer
 
     icfg = load(str(tmp_path / "imported" / "config.json"))
     trainer = make_trainer(icfg, make_mesh(icfg.mesh, jax.devices()[:1]))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_hf import SHAPES, _random_model, _tokens
 
 from lm.interop.hf import export_llama, import_llama, load_model
-from test_hf import SHAPES, _random_model, _tokens
 
 torch = pytest.importorskip("torch", reason="torch not installed (CI installs it)")
 transformers = pytest.importorskip("transformers", reason="transformers not installed (CI installs it)")
@@ -48,7 +48,7 @@ def test_imported_transformers_model_matches(kv, tied, theta, tmp_path):
 
 def test_tokenizer_and_greedy_continuation_match_transformers(tmp_path):
     from data_pipeline.tokenizer import train_tokenizer
-    from lm.sampling import generate
+    from lm.sampling.sampler import generate
 
     rng = np.random.default_rng(0)
     words = "def return self import class value name the of and for in if else".split()

@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-
 from helpers import ROOT, corpus_tokenizer
 
 SHARED = os.path.join(ROOT, "..", "shared", "data")

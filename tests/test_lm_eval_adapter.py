@@ -4,7 +4,6 @@ Hugging Face backend)."""
 
 import numpy as np
 import pytest
-
 from helpers import corpus_tokenizer
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (optional: pip install lm-eval)")
@@ -17,11 +16,11 @@ def adapter(tmp_path_factory):
     from flax import nnx
 
     from lm.config import Config, DataConfig, MeshConfig, ModelConfig
-    from lm.engine import make_engine
-    from lm.interop.lm_eval import JaxLM
-    from lm.model import Transformer
-    from lm.run import LoadedRun
-    from lm.sharding import make_mesh
+    from lm.eval.harness import JaxLM
+    from lm.model.sharding import make_mesh
+    from lm.model.transformer import Transformer
+    from lm.train.engine import make_engine
+    from lm.train.run import LoadedRun
 
     tok = corpus_tokenizer(tmp_path_factory.mktemp("tok"))
     cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
@@ -36,7 +35,7 @@ def adapter(tmp_path_factory):
 def test_registered_as_lm_jax(adapter):
     from lm_eval.api.registry import get_model
 
-    from lm.interop.lm_eval import JaxLM
+    from lm.eval.harness import JaxLM
 
     assert get_model("lm-jax") is JaxLM
     assert adapter.batch_size == 8  # rounded up to whole rows on each of the 8 devices
@@ -45,7 +44,7 @@ def test_registered_as_lm_jax(adapter):
 
 
 def test_loglikelihood_is_our_scorer(adapter):
-    from lm.evaluate import loglikelihood_texts
+    from lm.eval.evaluate import loglikelihood_texts
 
     pairs = [("Question: Which gas do plants take in?\nAnswer:", " carbon dioxide"), ("", "no context"),
              ("trailing space ", "moves"), ("x" * 300, " a context longer than the model's")]
@@ -73,7 +72,7 @@ def test_rolling_sums_windows(adapter):
 
 
 def test_generate_until_stops_and_groups(adapter):
-    from lm.sampling import generate
+    from lm.sampling.sampler import generate
 
     prompts = ["Once upon a time", "def f(x):", "Question: why?\nAnswer:"]
     reqs = [Instance("generate_until", {}, (p, {"until": ["\n"], "max_gen_toks": 6}), i)

@@ -10,10 +10,10 @@ import optax
 import pytest
 from flax import nnx
 
-from lm import lora
-from lm import model as M
 from lm.config import ConfigError, LoraConfig, MeshConfig, ModelConfig
-from lm.sharding import RULES, make_mesh
+from lm.model import lora
+from lm.model import transformer as M
+from lm.model.sharding import RULES, make_mesh
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16)
 LORA = LoraConfig(rank=4, alpha=8.0)

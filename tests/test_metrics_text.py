@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lm.metrics_text import corpus_bleu, corpus_chrf, translation_scores
+from lm.eval.text_metrics import corpus_bleu, corpus_chrf, translation_scores
 
 
 def test_13a_tokenization_splits_punctuation_but_not_numbers():

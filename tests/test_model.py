@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import model as M
 from lm.config import ModelConfig
-from lm.sizes import SIZES
+from lm.model import transformer as M
+from lm.model.sizes import SIZES
 
 SMALL = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48,
                     max_seq_len=16, attention_block=0)

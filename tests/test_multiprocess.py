@@ -9,7 +9,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from helpers import ROOT, cpu_env, train_cmd, write_experiment
 
 EXPERIMENT = """

@@ -10,11 +10,19 @@ import pytest
 from flax import nnx
 
 from data_pipeline.pipeline import global_batch, synthetic_batches
-from lm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainerConfig, \
-    apply_overrides
-from lm.engine import make_trainer
-from lm.optim import make_optimizer, muon_dims
-from lm.sharding import logical_to_spec, make_mesh
+from lm.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+    apply_overrides,
+)
+from lm.model.sharding import logical_to_spec, make_mesh
+from lm.train.engine import make_trainer
+from lm.train.optim import make_optimizer, muon_dims
 
 MODEL = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32,
                     attention_block=16, qk_norm=True)
@@ -145,7 +153,7 @@ def test_muon_with_fsdp_on_eight_devices_matches_one_device(one_device, data, fs
 def test_muon_run_learns(tmp_path):
     import json
 
-    from lm.train import train
+    from lm.stages.runner import train
 
     cfg = Config(model=MODEL, optim=dataclasses.replace(MUON, warmup_steps=5, schedule="cosine", clip_norm=1.0),
                  data=DataConfig(corpus="synthetic", seq_len=32, batch_size=8),

@@ -4,8 +4,9 @@ import dataclasses
 
 import pytest
 
-from lm import experiment, plan
+from lm import experiment
 from lm.config import MeshConfig
+from lm.tools import plan
 
 
 def tiny(**mesh):
@@ -16,7 +17,7 @@ def tiny(**mesh):
 
 
 def state_bytes(cfg):
-    from lm.model import param_count
+    from lm.model.transformer import param_count
 
     return param_count(cfg.model) * 4 * 3  # float32 parameters + two Adam moments
 

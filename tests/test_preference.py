@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sft import base_run  # noqa: F401 (a fixture: a briefly pretrained run with chat tokens)
 
 from data_pipeline import preferences as P
 from data_pipeline.config import SHARED_DATA, DataConfig, SourceConfig
-from lm import preference as L
 from lm.config import Config, ConfigError, LoraConfig, OptimConfig, PreferenceConfig, TrainerConfig
-from test_sft import base_run  # noqa: F401 (a fixture: a briefly pretrained run with chat tokens)
+from lm.objectives import preference as L
 
 QUIET = dict(log=lambda *_: None)
 sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -147,23 +147,23 @@ def pref_config(base, stage, path, **changes):
 
 
 def _engine_batch(cfg):
-    from lm.engine import make_engine
-    from lm.preference import PreferenceObjective, RewardObjective
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.objectives.preference import PreferenceObjective, RewardObjective
+    from lm.train.engine import make_engine
 
     engine = make_engine(cfg, make_mesh(cfg.mesh), (RewardObjective if cfg.stage == "reward" else
                                                      PreferenceObjective)(cfg))
-    from data_pipeline.preferences import PreferenceData
+    from data_pipeline.preferences import preference_data
     from data_pipeline.tokenizer import Tokenizer
 
-    data = PreferenceData(cfg.data, "/tmp", tokenizer=Tokenizer(cfg.trainer.init_from + "/tokenizer.model"),
+    data = preference_data(cfg.data, "/tmp", tokenizer=Tokenizer(cfg.trainer.init_from + "/tokenizer.model"),
                           eval_batches=1, **QUIET)
     return engine, data
 
 
 def test_dpo_loss_is_ln2_at_the_start_and_references_are_built_only_when_needed(base_run, tmp_path):  # noqa: F811
     from data_pipeline.pipeline import global_batch
-    from lm.init import init_params_loader
+    from lm.train.init import init_params_loader
 
     cfg = pref_config(base_run, "dpo", pair_file(tmp_path / "p.jsonl", 40))
     engine, data = _engine_batch(cfg)
@@ -191,7 +191,7 @@ def test_dpo_loss_is_ln2_at_the_start_and_references_are_built_only_when_needed(
 
 @pytest.mark.parametrize("loss_name", ["dpo"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("ipo", "simpo", "orpo")])
 def test_dpo_family_trains_and_raises_the_preference(base_run, tmp_path, loss_name):  # noqa: F811
-    from lm.train import train
+    from lm.stages.runner import train
 
     cfg = pref_config(base_run, "dpo", pair_file(tmp_path / "p.jsonl"), pref=PreferenceConfig(loss=loss_name))
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps=12))
@@ -206,8 +206,8 @@ def test_precomputed_reference_gives_the_online_run_without_a_second_copy(base_r
     copy of the weights, and every step's loss and margin equal the online run's."""
     import os
 
-    from lm.logger import read_metrics
-    from lm.train import train
+    from lm.stages.runner import train
+    from lm.train.logger import read_metrics
 
     cfg = pref_config(base_run, "dpo", pair_file(tmp_path / "p.jsonl", 120))
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps=4, eval_every=2))
@@ -238,7 +238,7 @@ def test_precomputed_reference_gives_the_online_run_without_a_second_copy(base_r
 
 @pytest.mark.slow  # make test-all / CI's slow phase
 def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
-    from lm.train import train
+    from lm.stages.runner import train
 
     cfg = pref_config(base_run, "reward", pair_file(tmp_path / "p.jsonl"))
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=3e-3),
@@ -247,8 +247,8 @@ def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
     assert s["base_heldout_accuracy"] == pytest.approx(0.5)  # a zero head ties every pair
     assert s["heldout_accuracy"] > 0.6 and s["heldout_margin"] > 0
     # scoring from Python / `lm reward`: the run's reward model on fresh pairs of the same rule
-    from lm import reward
-    from lm.run import load_run
+    from lm.eval import reward_model as reward
+    from lm.train.run import load_run
 
     loaded = load_run(str(tmp_path / "run"), **QUIET)
     r = reward.score_pairs(loaded, pair_file(tmp_path / "new.jsonl", 64, seed=9))
@@ -266,7 +266,7 @@ def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
 def test_no_held_out_pairs_still_finishes(base_run, tmp_path, stage):  # noqa: F811
     """A held-out fraction of 0 leaves nothing to evaluate: the run warns at the start and
     reports n/a, and it finishes (summary.json), rather than failing at the very end."""
-    from lm.train import train
+    from lm.stages.runner import train
 
     cfg = pref_config(base_run, stage, pair_file(tmp_path / "p.jsonl", 40))
     src = dataclasses.replace(cfg.data.sources[0], heldout_fraction=0.0)

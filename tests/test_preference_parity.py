@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from lm.config import MeshConfig, PreferenceConfig
 from test_preference import pair_file, pref_config
 from test_sft import base_run  # noqa: F401 (a fixture: a briefly pretrained run with chat tokens)
+
+from lm.config import MeshConfig, PreferenceConfig
 
 torch = pytest.importorskip("torch", reason="torch not installed (CI installs it)")
 transformers = pytest.importorskip("transformers", reason="transformers not installed (CI installs it)")
@@ -61,7 +61,7 @@ def setup(base_run, tmp_path_factory):  # noqa: F811
 
     from data_pipeline import preferences as P
     from lm.interop.hf import export_llama, load_safetensors
-    from lm.run import load_run
+    from lm.train.run import load_run
 
     d = tmp_path_factory.mktemp("pref_parity")
     path = pair_file(d / "p.jsonl", n=6, seed=3)
@@ -105,9 +105,9 @@ def setup(base_run, tmp_path_factory):  # noqa: F811
 
 
 def _objective(run, path, stage: str, **pref):
-    from lm.engine import make_engine
-    from lm.preference import PreferenceObjective, RewardObjective
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.objectives.preference import PreferenceObjective, RewardObjective
+    from lm.train.engine import make_engine
 
     cfg = pref_config(run, stage, path, pref=PreferenceConfig(**pref), mesh=MeshConfig(data=1))
     objective = (RewardObjective if stage == "reward" else PreferenceObjective)(cfg)
@@ -117,7 +117,7 @@ def _objective(run, path, stage: str, **pref):
 def _our_loss(setup, **pref) -> dict:
     """Our loss on the batch of all pairs, and per pair the reply's summed log-probability and
     token count under the policy and the reference."""
-    from lm.preference import reply_logps
+    from lm.objectives.preference import reply_logps
 
     engine, objective = _objective(setup["run"], setup["path"], "dpo", **pref)
     params, batch = setup["params"], {k: jnp.asarray(v) for k, v in setup["batch"].items()}

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import rewards, rl
 from data_pipeline.config import DataConfig
 from lm.config import Config, ModelConfig, RLConfig
+from lm.objectives import policy as rl
+from lm.stages import rewards
 
 QUIET = dict(log=lambda *_: None)
 
@@ -48,7 +49,7 @@ def test_rewards():
     assert rewards.gsm8k_strict("3 + 4 = 7\n#### 1,234", ex) == 1.0
     assert rewards.gsm8k_strict("the answer is 1234", ex) == 0.0
     assert rewards.gsm8k_lenient("the answer is 1234", ex) == 1.0
-    assert rewards.get("lm.rewards:exact") is rewards.exact
+    assert rewards.get("lm.stages.rewards:exact") is rewards.exact
     with pytest.raises(Exception, match="rl.reward"):
         rewards.get("nope")
 
@@ -57,9 +58,9 @@ def test_rewards():
 def test_sampler_and_trainer_log_probabilities_agree(temperature):
     """The per-token log-probabilities the sampler reports equal those the trainer recomputes
     for the same tokens (float32, to 1e-5): otherwise the importance ratios start away from 1."""
-    from lm.model import Transformer
-    from lm.sampling import rollout
-    from lm.stages.grpo import training_rows
+    from lm.model.transformer import Transformer
+    from lm.sampling.sampler import rollout
+    from lm.stages.rollouts import training_rows
 
     cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64)
     model = Transformer(cfg, nnx.Rngs(3))
@@ -82,8 +83,8 @@ def test_sampler_and_trainer_log_probabilities_agree(temperature):
 
 
 def test_beta_zero_never_builds_a_reference():
-    from lm.engine import make_engine
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.train.engine import make_engine
 
     model = ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
     for beta, frozen in ((0.0, ()), (0.04, ("reference",))):
@@ -110,11 +111,12 @@ def test_arith_task_split_is_disjoint_and_fixed():
 @pytest.mark.slow
 def test_grpo_trains_end_to_end(tmp_path):
     """A few GRPO steps from a small model with chat tokens: finite metrics, rollouts logged."""
-    from test_sft import BASE  # the small base run's experiment
     from helpers import write_experiment
+    from test_sft import BASE  # the small base run's experiment
+
     from lm import experiment
-    from lm.logger import read_metrics
-    from lm.train import train
+    from lm.stages.runner import train
+    from lm.train.logger import read_metrics
 
     base = tmp_path / "base"
     train(experiment.load(write_experiment(tmp_path, BASE, "base")), str(base), progress=False, **QUIET)
@@ -165,9 +167,10 @@ def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path, stage):
     import time
 
     from helpers import ROOT, cpu_env, train_cmd, write_experiment
-    from lm import experiment
-    from lm.train import train
     from test_sft import BASE
+
+    from lm import experiment
+    from lm.stages.runner import train
 
     base_exp = write_experiment(tmp_path, BASE, "base")
     train(experiment.load(base_exp), str(tmp_path / "base"), progress=False, **QUIET)
@@ -246,7 +249,7 @@ def test_value_loss_whitening_and_adaptive_kl_hand_computed():
 def test_ppo_loss_starts_at_the_value_loss_and_moves_the_policy_along_the_advantage():
     """With the sampler's log-probabilities, the ratio is 1: the surrogate is -mean(A) and the
     gradient raises the log-probability of tokens with positive advantage."""
-    from lm.model import Transformer
+    from lm.model.transformer import Transformer
 
     cfg = Config(model=ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48,
                                    max_seq_len=16, scalar_heads=("value",)),
@@ -261,7 +264,7 @@ def test_ppo_loss_starts_at_the_value_loss_and_moves_the_policy_along_the_advant
              "loss_mask": np.zeros((b, t), np.float32)}
     batch["loss_mask"][:, 3:7] = 1.0
     logits = model(jnp.asarray(inputs))
-    from lm.sampling import token_logps
+    from lm.sampling.sampler import token_logps
 
     batch["old_logps"] = np.asarray(token_logps(logits, jnp.asarray(batch["targets"]), 1.0))
     batch["advantages"] = np.where(batch["loss_mask"] > 0, rng.normal(size=(b, t)), 0).astype(np.float32)
@@ -314,8 +317,8 @@ def test_ppo_trains_with_minibatches_and_an_adaptive_kl(base_run, tmp_path):  # 
     import os
 
     from lm import experiment
-    from lm.logger import read_metrics
-    from lm.train import train
+    from lm.stages.runner import train
+    from lm.train.logger import read_metrics
 
     exp = tmp_path / "ppo_exp.py"
     exp.write_text(PPO_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)),
@@ -340,9 +343,10 @@ def test_ppo_with_a_reward_model_run(base_run, tmp_path):  # noqa: F811
     metric is its mean score of greedy replies."""
     import os
 
-    from lm import experiment
-    from lm.train import train
     from test_preference import pair_file, pref_config
+
+    from lm import experiment
+    from lm.stages.runner import train
 
     rcfg = pref_config(base_run, "reward", pair_file(tmp_path / "p.jsonl", 60))
     train(rcfg, str(tmp_path / "rm"), progress=False, **QUIET)

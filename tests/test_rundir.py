@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
-from lm.rundir import RunDirError, RunLock
+from lm.train.rundir import RunDirError, RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def tiny(steps=6, **model) -> Config:
 
 
 def _train(cfg, run, **kw):
-    from lm.train import train
+    from lm.stages.runner import train
 
     logs = []
     summary = train(cfg, str(run), log=logs.append, progress=False, **kw)
@@ -138,7 +138,7 @@ def test_rerunning_a_finished_run_keeps_its_figures_in_strict_json(finished):
 
 
 def test_eval_results_of_other_tasks_are_kept(finished):
-    from lm.evaluate import evaluate_run
+    from lm.eval.evaluate import evaluate_run
 
     with open(finished / "eval.json", "w") as f:
         json.dump({"hellaswag": {"acc": 0.25, "step": 6}}, f)
@@ -178,7 +178,7 @@ def test_export_and_import_refuse_to_overwrite_without_force(finished, tmp_path,
 def test_a_source_with_no_usable_record_fails_fast_naming_it(tmp_path, content):
     import threading
 
-    from data_pipeline.pipeline import DataError, RunData
+    from data_pipeline.pipeline import DataError, text_data
     from data_pipeline.tokenizer import train_tokenizer
 
     path = tmp_path / "bad.jsonl"
@@ -198,7 +198,7 @@ def test_a_source_with_no_usable_record_fails_fast_naming_it(tmp_path, content):
 
     def attempt():
         try:
-            RunData(data, str(tmp_path / "run"), vocab_size=300, process_index=0, process_count=1,
+            text_data(data, str(tmp_path / "run"), vocab_size=300, process_index=0, process_count=1,
                     log=lambda *_: None).next_train()
         except DataError as e:
             out["error"] = str(e)
@@ -224,7 +224,7 @@ def test_an_unreadable_final_checkpoint_is_moved_aside_and_redone(finished):
 
 
 def test_a_run_whose_final_checkpoint_fails_to_save_says_so(tmp_path, monkeypatch):
-    from lm.checkpoint import Checkpointer
+    from lm.train.checkpoint import Checkpointer
 
     real = Checkpointer.save
 
@@ -283,7 +283,7 @@ def test_corrupted_bytes_inside_a_checkpoint_are_caught_by_checksums(finished):
 def test_checksums_detect_a_changed_array_and_nan_states_are_not_saved(tmp_path):
     import jax.numpy as jnp
 
-    from lm.checkpoint import Checkpointer, fingerprint, verify
+    from lm.train.checkpoint import Checkpointer, fingerprint, verify
 
     state = {"w": jnp.arange(12.0).reshape(3, 4), "n": jnp.int32(3)}
     sums, finite = fingerprint(state)
@@ -301,7 +301,7 @@ def test_checksums_detect_a_changed_array_and_nan_states_are_not_saved(tmp_path)
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from lm.interop.hf import export_run
+    from lm.tools.hf_runs import export_run
 
     d = tmp_path_factory.mktemp("exported")
     _train(tiny(), d / "run")
@@ -344,7 +344,7 @@ def test_malformed_hugging_face_folders_are_one_line_errors(exported, tmp_path, 
 def test_a_failed_save_is_reported_once_and_the_next_one_still_happens(tmp_path):
     import jax.numpy as jnp
 
-    from lm.checkpoint import Checkpointer
+    from lm.train.checkpoint import Checkpointer
 
     logs = []
     ck = Checkpointer(str(tmp_path), keep=5, log=logs.append)

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from lm.config import ModelConfig
-from lm.model import Transformer
-from lm import decode
-from lm.sampling import filter_logits, generate, rollout, stream
+from lm.model.transformer import Transformer
+from lm.sampling import decode
+from lm.sampling.sampler import filter_logits, generate, rollout, stream
 
 prefill = jax.jit(decode.prefill)
 step = jax.jit(decode.step, static_argnames="span")
@@ -158,8 +158,8 @@ def test_sampling_with_parameters_sharded_by_the_training_rules(data, fsdp, tens
     import jax
 
     from lm.config import Config, DataConfig, MeshConfig
-    from lm.sharding import make_mesh, use_mesh
-    from lm.engine import make_trainer
+    from lm.model.sharding import make_mesh, use_mesh
+    from lm.train.engine import make_trainer
 
     cfg = Config(model=dataclasses.replace(CFG, n_heads=8, n_kv_heads=4, d_model=64),
                  mesh=MeshConfig(data=data, fsdp=fsdp, tensor=tensor), data=DataConfig(seq_len=64))

@@ -5,7 +5,6 @@ Skipped when the serving packages are missing (`pip install -e .[serve,test]`; C
 
 import concurrent.futures as cf
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import corpus_tokenizer, cpu_env
 
 pytest.importorskip("starlette", reason="starlette not installed (pip install -e .[serve])")
@@ -33,8 +31,9 @@ def _make_run(d):
     from flax import nnx
 
     from lm.config import ModelConfig
-    from lm.interop.hf import export_llama, import_run
-    from lm.model import Transformer
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import Transformer
+    from lm.tools.hf_runs import import_run
 
     tok = corpus_tokenizer(d, 1024)
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
@@ -68,7 +67,7 @@ def server(tmp_path_factory):
             url = m.group(1) if m else None
             assert time.monotonic() < deadline, "lm serve did not start in time:\n" + "".join(lines)
         threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
-        from lm.run import load_run
+        from lm.train.run import load_run
 
         loaded = load_run(run, log=lambda *_: None)
         yield {"url": url, "run": run, "loaded": loaded, "log": lines,
@@ -84,7 +83,7 @@ def server(tmp_path_factory):
 
 def _greedy(loaded, prompt_ids, max_new, stops):
     """What `lm sample` runs: lm.sampling.stream, greedy, up to a stop token; decoded."""
-    from lm.sampling import stream
+    from lm.sampling.sampler import stream
 
     ids = []
     for t in stream(loaded.graphdef, loaded.params, prompt_ids, max_new, loaded.cfg.model.max_seq_len,
@@ -123,7 +122,7 @@ def test_greedy_completion_equals_the_lm_sample_command(server):
 
 
 def test_chat_completion_uses_the_template(server):
-    from lm.chat import Chat
+    from lm.serve.chat import Chat
 
     client = server["client"]
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is os.path?"}]
@@ -141,7 +140,7 @@ def test_chat_completion_uses_the_template(server):
 def test_32_concurrent_streaming_clients_get_their_own_answers(server):
     """32 streams over 8 slots (24 wait, then join as others leave): each answer equals that
     prompt's greedy answer alone, however the requests were batched."""
-    from lm.sampling import generate
+    from lm.sampling.sampler import generate
 
     loaded, tok = server["loaded"], server["loaded"].tokenizer
     ids = [tok.encode(p, bos=True) for p in PROMPTS]
@@ -278,7 +277,7 @@ def test_stop_strings_seeds_and_mixed_sampling(server):
         a, b, c, g1, g2, a2 = ex.map(lambda args: sample(*args), [(1,), (2,), (3,), (1, 0.0), (2, 0.0), (1,)])
     assert a == a2 and len({a, b, c}) == 3 and g1 == g2
     # a seeded sample is what the sampler draws for that seed (lm sample --seed)
-    from lm.sampling import stream
+    from lm.sampling.sampler import stream
 
     loaded = server["loaded"]
     tok = loaded.tokenizer
@@ -362,7 +361,7 @@ def test_completion_text_reads_on_from_the_prompt(server):
     logprobs' token texts join into the completion."""
     client, loaded = server["client"], server["loaded"]
     tok = loaded.tokenizer
-    from lm.sampling import generate
+    from lm.sampling.sampler import generate
 
     spaced = None
     for prompt in PROMPTS:
@@ -386,7 +385,7 @@ def test_completion_text_reads_on_from_the_prompt(server):
 def test_any_64_bit_seed_draws_what_the_sampler_draws(server):
     """Seeds outside [0, 2**31) (negative, beyond 32 bits) give what lm.sampling.stream
     (`lm sample --seed`) gives for them, not a seed folded by the server."""
-    from lm.sampling import stream
+    from lm.sampling.sampler import stream
 
     client, loaded = server["client"], server["loaded"]
     tok = loaded.tokenizer

@@ -18,8 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from helpers import cpu_env, train_cmd, write_experiment  # noqa: E402
 
-from lm.config import (Config, DataConfig, LoraConfig, ModelConfig, OptimConfig, SourceConfig,  # noqa: E402
-                       TrainerConfig)
+from lm.config import Config, DataConfig, LoraConfig, OptimConfig, SourceConfig, TrainerConfig  # noqa: E402
 
 BASE = """
 from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
@@ -58,7 +57,7 @@ def _conversations(n: int, seed: int = 0) -> list[dict]:
 def base_run(tmp_path_factory):
     """A briefly pretrained base run (with a tokenizer that has the chat role tokens) and chat data."""
     from lm import experiment
-    from lm.train import train
+    from lm.stages.runner import train
 
     d = tmp_path_factory.mktemp("sft")
     exp = write_experiment(d, BASE, "base")
@@ -84,9 +83,9 @@ def sft_config(base, **trainer) -> Config:
 
 def _engine_and_batch(base, cfg=None):
     from data_pipeline.pipeline import global_batch
-    from lm.engine import make_engine
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
     from lm.stages import sft
+    from lm.train.engine import make_engine
 
     cfg = cfg or sft_config(base)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1))
@@ -132,7 +131,7 @@ def test_masked_tokens_get_exactly_zero_gradient(base_run):
     engine, _, local, batch = _engine_and_batch(base_run)
     state, _ = engine.init_state(0)
     model = engine.model(state.params)
-    from lm.losses import cross_entropy
+    from lm.objectives.losses import cross_entropy
 
     b, t = batch["inputs"].shape
     h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
@@ -156,11 +155,11 @@ def test_init_from_reads_parameters_only(base_run, tmp_path):
     this run's layout; another model shape is refused before any work."""
     import shutil
 
-    from lm.checkpoint import Checkpointer
-    from lm.engine import make_engine
-    from lm.init import load_params
-    from lm.run import load_run
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.train.checkpoint import Checkpointer
+    from lm.train.engine import make_engine
+    from lm.train.init import load_params
+    from lm.train.run import load_run
 
     src = tmp_path / "src"
     shutil.copytree(base_run["run"], src)
@@ -178,7 +177,7 @@ def test_init_from_reads_parameters_only(base_run, tmp_path):
         load_params(str(src), engine.abstract_params(), step=7, log=lambda *_: None)
     # another shape: a clear error before any work
     from lm.config import ConfigError
-    from lm.init import check_model_matches
+    from lm.train.init import check_model_matches
 
     bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32))
     with pytest.raises(ConfigError, match="another model shape.*d_model"):
@@ -189,7 +188,7 @@ def test_init_from_reads_parameters_only(base_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_run(base_run):
-    from lm.train import train
+    from lm.stages.runner import train
 
     logs = []
     run = base_run["dir"] / "sft_run"
@@ -199,7 +198,7 @@ def sft_run(base_run):
 
 
 def test_sft_run_learns_records_origin_and_resumes_itself(base_run, sft_run):
-    from lm.train import train
+    from lm.stages.runner import train
 
     summary, text, run = sft_run["summary"], sft_run["logs"], sft_run["run"]
     assert summary["base_heldout_loss"] > summary["heldout_loss"] + 0.5, text
@@ -216,8 +215,8 @@ def test_sft_run_learns_records_origin_and_resumes_itself(base_run, sft_run):
 
 
 def test_chat_with_the_template_keeps_history_within_the_context(base_run, sft_run):
-    from lm.chat import Chat, is_chat_model
-    from lm.run import load_run
+    from lm.serve.chat import Chat, is_chat_model
+    from lm.train.run import load_run
 
     loaded = load_run(sft_run["run"], log=lambda *_: None)
     assert is_chat_model(loaded)
@@ -253,7 +252,7 @@ def test_cli_chat_and_sample(base_run, sft_run, monkeypatch, capsys):
 
 
 def test_eval_reports_assistant_token_loss(sft_run):
-    from lm.evaluate import evaluate_run
+    from lm.eval.evaluate import evaluate_run
 
     r = evaluate_run(sft_run["run"], ["heldout"], log=lambda *_: None)
     assert r["heldout"]["tokens"] == "assistant"
@@ -261,11 +260,11 @@ def test_eval_reports_assistant_token_loss(sft_run):
 
 
 def test_init_from_a_hugging_face_folder(base_run, tmp_path):
-    from lm.engine import make_engine
-    from lm.init import load_params
-    from lm.interop.hf import export_run
-    from lm.run import load_run
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.tools.hf_runs import export_run
+    from lm.train.engine import make_engine
+    from lm.train.init import load_params
+    from lm.train.run import load_run
 
     hf = export_run(base_run["run"], str(tmp_path / "hf"), log=lambda *_: None)
     cfg = sft_config(base_run, init_from=hf)
@@ -279,12 +278,12 @@ def test_init_from_a_hugging_face_folder(base_run, tmp_path):
 
 @pytest.mark.slow  # make test time; CI's slow phase runs it
 def test_lora_trains_only_adapters_and_merges(base_run, tmp_path):
-    from lm import lora
-    from lm.checkpoint import Checkpointer
-    from lm.engine import make_engine
-    from lm.run import load_run
-    from lm.sharding import make_mesh
-    from lm.train import train
+    from lm.model import lora
+    from lm.model.sharding import make_mesh
+    from lm.stages.runner import train
+    from lm.train.checkpoint import Checkpointer
+    from lm.train.engine import make_engine
+    from lm.train.run import load_run
 
     cfg = dataclasses.replace(sft_config(base_run, steps=12, eval_every=6, checkpoint_every=6),
                               lora=LoraConfig(rank=4, alpha=8.0))
@@ -318,9 +317,9 @@ def test_a_run_keeps_the_base_step_it_started_from(base_run, tmp_path):
     import shutil
 
     from lm.config import ConfigError
-    from lm.init import PIN_FILE
-    from lm.run import load_run
-    from lm.train import train
+    from lm.stages.runner import train
+    from lm.train.init import PIN_FILE
+    from lm.train.run import load_run
 
     base = tmp_path / "base"
     shutil.copytree(base_run["run"], base)
@@ -395,10 +394,10 @@ def test_extra_scalar_head_without_copying_the_transformer(base_run):
     """A model with a reward head is the same transformer plus a (D,) vector: it starts from a
     run without the head (the head at zero, every other parameter equal), and the head reads
     the same final hidden states as the language-model logits."""
-    from lm.engine import make_engine
-    from lm.init import load_params
-    from lm.run import load_run
-    from lm.sharding import make_mesh
+    from lm.model.sharding import make_mesh
+    from lm.train.engine import make_engine
+    from lm.train.init import load_params
+    from lm.train.run import load_run
 
     cfg = sft_config(base_run)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scalar_heads=("reward",)),

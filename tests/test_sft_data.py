@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 
 from data_pipeline import chat, default_corpus
-from data_pipeline.chat_data import ChatData, ChatStats, RenderChat, chat_rows, fit_conversation
+from data_pipeline.chat_data import ChatStats, RenderChat, chat_data, chat_rows, fit_conversation
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.conversations import ConversationSource, open_chat_source, to_messages
 from data_pipeline.sources import DataError, Record
@@ -70,7 +70,7 @@ def chat_config(path, **kw):
 
 def open_chat(cfg, tok, tmp_path, **kw):
     kw = {"process_index": 0, "process_count": 1, **kw}
-    return ChatData(cfg, str(tmp_path / "run"), tokenizer=tok, eval_batches=2, log=lambda *a: None, **kw)
+    return chat_data(cfg, str(tmp_path / "run"), tokenizer=tok, eval_batches=2, log=lambda *a: None, **kw)
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sft import _conversations, base_run, sft_config  # noqa: F401 (base_run is a fixture)
 
 from lm.config import LoraConfig
-from test_sft import _conversations, base_run, sft_config  # noqa: F401 (base_run is a fixture)
 
 torch = pytest.importorskip("torch", reason="torch not installed (CI installs it)")
 transformers = pytest.importorskip("transformers", reason="transformers not installed (CI installs it)")
@@ -33,9 +33,9 @@ def _hf_model(path):
 @pytest.fixture(scope="module")
 def sft_run(base_run, tmp_path_factory):  # noqa: F811
     """A short full-parameter SFT run and its Hugging Face export."""
-    from lm.interop.hf import export_run
-    from lm.run import load_run
-    from lm.train import train
+    from lm.stages.runner import train
+    from lm.tools.hf_runs import export_run
+    from lm.train.run import load_run
 
     d = tmp_path_factory.mktemp("sft_parity")
     run = str(d / "run")
@@ -170,12 +170,12 @@ def test_sft_loss_matches_trl_assistant_only_loss(sft_run, tmp_path):
 
 
 def test_lora_merged_export_matches_unmerged_model(base_run, tmp_path):  # noqa: F811
-    from lm.checkpoint import Checkpointer
-    from lm.engine import make_engine
-    from lm.init import load_params
-    from lm.interop.hf import export_run
-    from lm.sharding import make_mesh
-    from lm.train import train
+    from lm.model.sharding import make_mesh
+    from lm.stages.runner import train
+    from lm.tools.hf_runs import export_run
+    from lm.train.checkpoint import Checkpointer
+    from lm.train.engine import make_engine
+    from lm.train.init import load_params
 
     cfg = dataclasses.replace(sft_config(base_run, steps=8, eval_every=8), lora=LoraConfig(rank=4, alpha=8.0))
     run = str(tmp_path / "lora")
@@ -223,7 +223,7 @@ PROMPTS = [
 
 def test_exported_chat_template_and_greedy_generation_match(sft_run):
     from data_pipeline.chat import chat_token_ids, generation_prompt
-    from lm.sampling import generate
+    from lm.sampling.sampler import generate
 
     run = sft_run["loaded"]
     tok = transformers.AutoTokenizer.from_pretrained(sft_run["hf"])

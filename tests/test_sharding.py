@@ -8,8 +8,8 @@ import pytest
 
 from data_pipeline.pipeline import global_batch, synthetic_batches
 from lm.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainerConfig
-from lm.sharding import logical_to_spec, make_mesh
-from lm.engine import make_trainer
+from lm.model.sharding import logical_to_spec, make_mesh
+from lm.train.engine import make_trainer
 
 # 8 query heads and 4 KV heads: with tensor=8 the KV heads are replicated (4 % 8 != 0).
 CFG = Config(

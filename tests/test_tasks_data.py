@@ -121,7 +121,7 @@ def test_gsm8k_missing_file_is_not_found(tmp_path):
 def test_rl_problems_with_a_bad_gsm8k_file_is_a_user_error(tmp_path, monkeypatch):
     """The RL stages (GRPO, PPO) read gsm8k through lm.stages.grpo.problems()."""
     from lm.config import Config
-    from lm.stages.grpo import problems
+    from lm.stages.common import problems
 
     d = _gsm8k_dir(tmp_path, _line(GOOD), b"")
     monkeypatch.setattr(tasks.gsm8k, "__defaults__", (d, None))
@@ -246,7 +246,7 @@ def test_translation_pairs_must_align(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="optional: needs ../shared/data")
 def test_shared_task_files_give_lm_evaluates_items():
-    from lm import evaluate
+    from lm.eval import evaluate
 
     for task in ("arc_easy", "piqa", "winogrande"):
         assert tasks.load_task(task, SHARED_DATA, log=pytest.fail) == evaluate.load_task(task, SHARED_DATA)
@@ -255,7 +255,7 @@ def test_shared_task_files_give_lm_evaluates_items():
 
 
 def test_lm_eval_loaders_report_bad_task_files(tmp_path):
-    from lm import evaluate
+    from lm.eval import evaluate
 
     d = _gsm8k_dir(tmp_path, _line(GOOD), b"")
     with pytest.raises(UserError):
@@ -290,7 +290,7 @@ def test_rl_problems_drop_prompts_the_context_cannot_hold(tmp_path, monkeypatch)
     from helpers import corpus_tokenizer
 
     from lm.config import Config
-    from lm.stages.grpo import problems
+    from lm.stages.common import problems
 
     long_q = dict(GOOD, question="How many apples? " * 200)
     d = _gsm8k_dir(tmp_path, _line(GOOD) + _line(long_q), _line(GOOD) + _line(long_q))

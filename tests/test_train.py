@@ -12,11 +12,11 @@ import pytest
 from data_pipeline.pipeline import global_batch, synthetic_batches
 from lm import experiment
 from lm.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainerConfig
-from lm.optim import decay_mask, schedule
-from lm.sharding import make_mesh
-from lm.train import train
-from lm.losses import chunked_cross_entropy, cross_entropy
-from lm.engine import make_trainer
+from lm.model.sharding import make_mesh
+from lm.objectives.losses import chunked_cross_entropy, cross_entropy
+from lm.stages.runner import train
+from lm.train.engine import make_trainer
+from lm.train.optim import decay_mask, schedule
 
 MODEL = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                     max_seq_len=32, attention_block=16)

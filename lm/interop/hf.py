@@ -22,9 +22,14 @@ import struct
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
+from flax import nnx
 
+from data_pipeline.chat import CHAT_TEMPLATE
 from data_pipeline.errors import NotFound
+from data_pipeline.tokenizer import CHAT_TOKENS
 from lm.config import ConfigError, ModelConfig
+from lm.model.transformer import Transformer
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
@@ -155,7 +160,6 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
     stops = [eos_id]
     if tokenizer_model:
         _export_tokenizer(tokenizer_model, out_dir)
-        import sentencepiece as spm
 
         end = _chat_tokens(spm.SentencePieceProcessor(model_file=tokenizer_model))
         stops += [i for i, piece in end.items() if piece == "<|end|>"]
@@ -173,8 +177,6 @@ def _export_tokenizer(model_path: str, out_dir: str) -> None:
     added tokens (so HF keeps each one a single id when it meets its text) together with the chat
     template, so `apply_chat_template` gives the ids of `data_pipeline.chat.render`.
     """
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=model_path)
     shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))  # for SentencePiece users and import-hf
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as fh:
@@ -187,8 +189,6 @@ def _export_tokenizer(model_path: str, out_dir: str) -> None:
               "model_max_length": 1_000_000, **special}
     chat = _chat_tokens(sp)
     if chat:
-        from data_pipeline.chat import CHAT_TEMPLATE
-
         # "additional_special_tokens" (transformers 4; read as "extra_special_tokens" by 5)
         special["additional_special_tokens"] = list(chat.values())
         config.update(special, chat_template=CHAT_TEMPLATE, added_tokens_decoder={
@@ -289,7 +289,6 @@ def tokenizer_json(model_path: str) -> dict:
     merges.sort()
     kinds = {kind: i for i, (_, _, kind) in reversed(list(enumerate(pieces)))}
     unk = pieces[kinds[_UNKNOWN]][0] if _UNKNOWN in kinds else None
-    import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=model_path)
     bos = sp.id_to_piece(sp.bos_id())
@@ -318,8 +317,6 @@ def tokenizer_json(model_path: str) -> dict:
 
 def _chat_tokens(sp) -> dict[int, str]:
     """id -> piece of the chat role tokens in a SentencePiece model ({} for a tokenizer trained without them)."""
-    from data_pipeline.tokenizer import CHAT_TOKENS
-
     ids = {sp.piece_to_id(piece): piece for piece in CHAT_TOKENS}
     return {} if sp.unk_id() in ids else ids
 
@@ -432,96 +429,9 @@ def _as_float32(tree):
 
 def load_model(cfg: ModelConfig, params: dict):
     """A Transformer holding `params` (from `import_llama`): `load_model(*import_llama(d))(tokens)`."""
-    from flax import nnx
-
-    from lm.model import Transformer
 
     model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return model
-
-
-# ---------------------------------------------------------------------------------------
-# Run directories <-> Hugging Face folders
-
-
-def export_run(run_dir: str, out_dir: str, log=print, force: bool = False) -> str:
-    """`lm export-hf`: the newest checkpoint of a run, as a Hugging Face LLaMA folder.
-
-    A non-empty `out_dir` is refused unless `force`; with `force` only the files the export
-    writes are replaced (other files there are left alone)."""
-    import jax
-
-    from lm.config import ConfigError
-    from lm.run import load_run
-
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"{out_dir} is a file; give a folder to export into")
-    from lm.rundir import holds_run
-
-    if os.path.isdir(out_dir) and holds_run(out_dir):  # even with --force: it would overwrite config.json
-        raise ConfigError(f"{out_dir} holds a training run (config.json, checkpoints/): export into a folder "
-                          "of its own")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise ConfigError(f"{out_dir} is not empty ({', '.join(sorted(os.listdir(out_dir))[:4])}...); export into "
-                          "a new folder, or add --force to replace the files an export writes there")
-    run = load_run(run_dir, log=log)
-    tok = run.tokenizer.path if run.tokenizer is not None else None
-    export_llama(run.cfg.model, jax.device_get(run.params), out_dir, tok)
-    log(f"exported step {run.step} of {run_dir} to {out_dir} (config.json, model.safetensors"
-        + (", tokenizer files)" if tok else ")"))
-    return out_dir
-
-
-def import_run(hf_dir: str, run_dir: str, log=print, force: bool = False) -> str:
-    """`lm import-hf`: a Hugging Face LLaMA folder as a run (config.json, tokenizer, step-0
-    checkpoint) that `lm train RUN_DIR/config.json --run-dir RUN_DIR` continues training.
-
-    A `run_dir` that already holds a run is refused unless `force`, which replaces that
-    run (its checkpoints and metrics) with the import."""
-    import dataclasses
-
-    import jax
-    from flax import nnx
-
-    from lm import checkpoint
-    from lm.config import Config, ConfigError, DataConfig, MeshConfig, to_dict
-    from lm.engine import make_trainer
-    from lm.rundir import holds_run
-    from lm.sharding import make_mesh
-
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError(f"{run_dir} is a file; give a folder for the run")
-    if (holds_run(run_dir) or os.path.exists(os.path.join(run_dir, "config.json"))) and not force:
-        raise ConfigError(f"{run_dir} already holds a run; import into a new folder, or add --force to replace it")
-    mcfg, params = import_llama(hf_dir)
-    if force:
-        checkpoint.remove(run_dir)
-        for name in ("metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(run_dir, name)):
-                os.remove(os.path.join(run_dir, name))
-    os.makedirs(run_dir, exist_ok=True)
-    tok_src = os.path.join(hf_dir, "tokenizer.model")
-    tok = os.path.join(run_dir, "tokenizer.model")
-    if os.path.exists(tok_src):
-        shutil.copyfile(tok_src, tok)
-    cfg = Config(name=os.path.basename(os.path.abspath(run_dir)), model=mcfg,
-                 mesh=MeshConfig(),  # all devices on the data axis: any machine evaluates or trains it
-                 data=DataConfig(seq_len=min(mcfg.max_seq_len, 256), tokenizer=tok if os.path.exists(tok) else None))
-    trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
-    state, _ = trainer.init_state(0)  # fresh optimiser state; parameters replaced below
-    new_params = jax.tree.map(lambda x: x, state.params)
-    nnx.replace_by_pure_dict(new_params, params)
-    state = dataclasses.replace(state, params=jax.device_put(new_params, trainer.state_sharding.params))
-    with open(os.path.join(run_dir, "config.json"), "w") as fh:
-        json.dump(to_dict(cfg), fh, indent=2)
-    meta = {"config": to_dict(cfg), "vocab_size": mcfg.vocab_size,
-            "tokenizer_sha256": checkpoint.file_sha256(tok) if os.path.exists(tok) else None}
-    ckpt = checkpoint.Checkpointer(run_dir, log=log)
-    ckpt.save(0, state, None, meta)
-    ckpt.close()
-    log(f"imported {hf_dir} ({mcfg.n_layers} layers, D={mcfg.d_model}, N={mcfg.n_heads}, K={mcfg.n_kv_heads}, "
-        f"V={mcfg.vocab_size}) into {run_dir}; continue with: lm train {run_dir}/config.json --run-dir {run_dir}")
-    return run_dir

@@ -8,13 +8,15 @@ from __future__ import annotations
 from typing import Callable
 
 from lm.config import Config
-from lm.loop import Setup
-from lm.preference import PreferenceObjective
-from lm.stages import pairs
+from lm.objectives.preference import PreferenceObjective
+from lm.stages import Stage, pairs
+from lm.stages.common import text_heldout
+from lm.train.loop import Setup
 
 
 def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
-    return pairs.setup(cfg, run_dir, log, mesh, PreferenceObjective(cfg), _finish)
+    # the embedded pairs: a reply against one that answers another module (see default_preferences)
+    return pairs.setup(cfg, run_dir, log, mesh, PreferenceObjective(cfg), _finish, embedded="mismatched")
 
 
 def _finish(init_params):
@@ -23,3 +25,6 @@ def _finish(init_params):
             "logp_accuracy": "preference accuracy, P(log p(chosen) > log p(rejected))",
             "logp_margin": "mean log p(chosen) - log p(rejected)"})
     return finish
+
+
+STAGE = Stage(setup=setup, heldout_data=text_heldout, chat=True)

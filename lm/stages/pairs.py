@@ -1,4 +1,5 @@
-"""What the preference stages (reward models, DPO) share: their data and their report."""
+"""What the preference stages (reward models, DPO) share: their data, their setup and their
+report, and DPO's reference log-probabilities computed ahead (`ReferenceTable`)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,28 @@ import hashlib
 import itertools
 import os
 import zipfile
-from typing import Callable
+from typing import Any, Callable
 
+import jax
 import numpy as np
+from flax import nnx
 
+from data_pipeline import default_preferences
+from data_pipeline.config import SourceConfig
+from data_pipeline.preferences import open_preference_source, pair_rows, preference_data
+from data_pipeline.sources import source_configs
 from lm.config import Config, ConfigError
-from lm.engine import make_engine
-from lm.init import init_params_loader
-from lm.loop import Setup, evaluate
-from lm.stages.pretrain import run_meta
-from lm.stages.sft import store_tokenizer
+from lm.objectives.preference import reply_logps
+from lm.stages.common import base_evals, evaluators, run_meta, run_tokenizer
+from lm.train.engine import make_engine
+from lm.train.init import init_params_loader
+from lm.train.loop import Setup
 
 
-def data_config(cfg: Config, run_dir: str):
-    """The run's preference sources; the default corpus is the embedded stdlib pair set."""
-    from data_pipeline import default_preferences
-    from data_pipeline.config import SourceConfig
-
+def data_config(cfg: Config, run_dir: str, kind: str):
+    """The run's preference sources; the default corpus is the embedded stdlib pair set of
+    `kind` ("shuffled" or "mismatched": see data_pipeline/default_preferences.py)."""
     d = cfg.data
-    kind = "shuffled" if cfg.stage == "reward" else "mismatched"  # see default_preferences
     embedded = lambda: default_preferences.write_jsonl(  # noqa: E731
         os.path.join(run_dir, "data", f"stdlib_preferences_{kind}.jsonl"), d.seed, kind)
     if d.corpus == "default":
@@ -43,27 +47,25 @@ def data_config(cfg: Config, run_dir: str):
     return d
 
 
-def setup(cfg: Config, run_dir: str, log: Callable, mesh, objective, finish) -> Setup:
-    from data_pipeline.preferences import PreferenceData
-
-    tok = store_tokenizer(cfg, run_dir)
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size="
-                          f"{cfg.model.vocab_size}; take the model config from the base run")
+def setup(cfg: Config, run_dir: str, log: Callable, mesh, objective, finish, embedded: str) -> Setup:
+    """A preference stage: `objective` on the run's pairs (the embedded set of kind `embedded`
+    by default), from the model `trainer.init_from` names; `finish(loader)` its report."""
+    tok = run_tokenizer(cfg, run_dir)
     engine = make_engine(cfg, mesh, objective)
-    data = PreferenceData(data_config(cfg, run_dir), run_dir, tokenizer=tok, eval_batches=cfg.trainer.eval_batches,
-                          log=log)
+    data = preference_data(data_config(cfg, run_dir, embedded), run_dir, tokenizer=tok,
+                           eval_batches=cfg.trainer.eval_batches, log=log)
     loader = init_params_loader(cfg, engine, log, run_dir)
     if loader is None and engine.frozen_names:
         raise ConfigError(f"pref.loss={cfg.pref.loss} compares the policy with the model it starts from: "
                           "set trainer.init_from (an SFT run)")
     if loader is None:
         log(f"WARNING: stage {cfg.stage!r} from random parameters (no trainer.init_from)")
-    if getattr(objective, "precomputed", False):
+    if objective.precomputed:
         if loader is None:
             raise ConfigError("pref.reference='precomputed' needs the model to start from: set trainer.init_from")
         data = ReferenceTable(data, cfg, engine, loader, os.path.join(run_dir, "reference_logps.npz"), log)
-    return Setup(engine=engine, data=data, meta=run_meta(cfg, tok), init_params=loader, finish=finish(loader))
+    return Setup(engine=engine, data=data, meta=run_meta(cfg, tok), init_params=loader, finish=finish(loader),
+                 evaluators=evaluators(cfg, engine, tok, log))
 
 
 def before_after(ctx, summary: dict, init_params, keys: dict[str, str]) -> None:
@@ -77,12 +79,7 @@ def before_after(ctx, summary: dict, init_params, keys: dict[str, str]) -> None:
             ctx.log(f"held-out {label}: n/a (no held-out pairs)")
         return
     if init_params is not None:
-        eng = ctx.engine
-        plain = make_engine(dataclasses.replace(ctx.cfg, lora=dataclasses.replace(ctx.cfg.lora, rank=0)),
-                            eng.mesh, eng.objective)
-        params = init_params()
-        frozen = {name: params for name in plain.frozen_names}
-        m = evaluate(plain, plain.compile_eval_step(), params, frozen, ctx.data.heldout)
+        m = base_evals(ctx, init_params)
         before = {k: m.get(f"eval_{k}", float("nan")) for k in keys}
     for k, label in keys.items():
         summary[f"heldout_{k}"] = after[k]
@@ -104,11 +101,11 @@ class ReferenceTable:
     Everything else is the wrapped data's."""
 
     def __init__(self, data, cfg: Config, engine, loader: Callable, path: str, log: Callable):
-        import jax
-
         if jax.process_count() > 1:
             raise ConfigError("pref.reference='precomputed' runs in one process for now; use 'online'")
         self._data, self.path, self._loader = data, path, loader
+        self.names, self.weights, self.stats, self.tokenizer = data.names, data.weights, data.stats, data.tokenizer
+        self.heldout, self.heldout_bytes = data.heldout, data.heldout_bytes
         meta = f"{cfg.trainer.init_from}|{cfg.trainer.init_step}|{cfg.data.seq_len}"
         if os.path.exists(path):
             try:
@@ -125,8 +122,6 @@ class ReferenceTable:
         self.table = {}
         fn, params = self._scorer(engine)
         b = cfg.data.batch_size
-        from data_pipeline.preferences import open_preference_source, pair_rows
-        from data_pipeline.sources import source_configs
 
         for c in source_configs(data.data):
             train, _ = open_preference_source(c)
@@ -146,10 +141,6 @@ class ReferenceTable:
         log(f"reference log-probabilities: {len(self.table)} training pairs computed once, kept in {path}")
 
     def _scorer(self, engine):
-        import jax
-        from flax import nnx
-
-        from lm.preference import reply_logps
 
         graphdef = engine.graphdef
         return jax.jit(lambda p, batch: reply_logps(nnx.merge(graphdef, p), batch)[0]), self._loader()
@@ -181,10 +172,21 @@ class ReferenceTable:
                                   "to compute them again (the data changed?)") from None
         return out
 
+    # The DataSource surface: the wrapped data's, with the reference added to each batch.
+
     def next_train(self) -> dict:
         batch = self._data.next_train()
         batch["ref_logps"] = self._lookup(batch)
         return batch
 
-    def __getattr__(self, name):
-        return getattr(self._data, name)
+    def get_state(self) -> dict | None:
+        return self._data.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._data.set_state(state)
+
+    def metrics(self) -> dict:
+        return self._data.metrics()
+
+    def attach(self, ctx: Any) -> None:
+        self._data.attach(ctx)

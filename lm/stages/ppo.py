@@ -2,11 +2,11 @@
 
 Each rollout: data.batch_size x rl.minibatches rows, rl.group_size samples per prompt
 (1 is usual for PPO), sampled by the compiled KV-cache sampler from the current
-parameters with their per-token log-probabilities (as in GRPO, lm/stages/grpo.py). One
+parameters with their per-token log-probabilities (as in GRPO: lm/stages/rollouts.py). One
 compiled forward pass then reads the value head over the rows (V_old) and the
-reference's log-probabilities. The reward is a Python callable (lm/rewards.py) or a
+reference's log-probabilities. The reward is a Python callable (lm/stages/rewards.py) or a
 reward model run (`rl.reward = "run:runs/reward_tiny"`, read at the reply's last token).
-Token rewards, GAE, whitened advantages and the losses are in lm/rl.py. The KL
+Token rewards, GAE, whitened advantages and the losses are in lm/objectives/policy.py. The KL
 coefficient (rl.beta) is fixed or adaptive (rl.kl_target) and is part of the data state,
 so a resumed run continues exactly.
 """
@@ -22,14 +22,13 @@ import numpy as np
 from flax import nnx
 
 from lm.config import Config, ConfigError
-from lm.engine import make_engine
-from lm.init import init_params_loader
-from lm.loop import Hook, Setup
-from lm.rl import AdaptiveKL, PPOObjective, gae, whiten
-from lm.sampling import token_logps
-from lm.stages.grpo import RolloutData, Sampler, pass_at_1, problems, training_rows
-from lm.stages.pretrain import run_meta
-from lm.stages.sft import store_tokenizer
+from lm.eval.reward_model import score
+from lm.objectives.policy import AdaptiveKL, PPOObjective, gae, whiten
+from lm.sampling.sampler import token_logps
+from lm.stages import Stage, rewards, rollouts
+from lm.stages.common import text_heldout
+from lm.train.loop import Setup
+from lm.train.run import load_run
 
 
 @partial(jax.jit, static_argnames=("graphdef", "temperature"))
@@ -46,7 +45,7 @@ def _values_and_ref(graphdef, params, ref_params, batch, *, temperature: float):
     return values, token_logps(logits, batch["targets"], temperature)
 
 
-class PPOData(RolloutData):
+class PPOData(rollouts.RolloutData):
     def __init__(self, cfg: Config, *args, **kwargs):
         super().__init__(cfg, *args, **kwargs)
         self.kl = AdaptiveKL(cfg.rl.beta, cfg.rl.kl_target, cfg.rl.kl_horizon)
@@ -57,7 +56,7 @@ class PPOData(RolloutData):
 
     def score(self, tokens, lengths, out, count, logps, rewards):
         rl = self.rl
-        batch = training_rows(tokens, lengths, out, count, logps, np.zeros(len(rewards)), rl.max_new)
+        batch = rollouts.training_rows(tokens, lengths, out, count, logps, np.zeros(len(rewards)), rl.max_new)
         del batch["advantages"]
         device = {k: jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids", "targets")}
         values, ref_logps = (np.asarray(a) for a in _values_and_ref(
@@ -93,17 +92,13 @@ class PPOData(RolloutData):
         self.kl.coef = float(state.get("kl_coef", self.rl.beta))
 
 
-def reward_function(cfg: Config, tokenizer, log: Callable) -> Callable:
+def reward_function(cfg: Config, log: Callable) -> Callable:
     """rl.reward: a verifiable reward by name or "module:function", or "run:RUN_DIR", a reward model."""
-    from lm import rewards
-
     if not cfg.rl.reward.startswith("run:"):
         return rewards.get(cfg.rl.reward)
-    from lm.reward import score
-    from lm.run import load_run
 
     loaded = load_run(cfg.rl.reward[4:], log=log)
-    if loaded.tokenizer.vocab_size != tokenizer.vocab_size:
+    if loaded.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"the reward model {cfg.rl.reward[4:]} has another tokenizer than the policy; train it "
                           "from the same base run")
 
@@ -115,41 +110,12 @@ def reward_function(cfg: Config, tokenizer, log: Callable) -> Callable:
 
 
 def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
-    rl = cfg.rl
-    if rl.kl_target > 0 and rl.kl_in != "reward":
+    if cfg.rl.kl_target > 0 and cfg.rl.kl_in != "reward":
         raise ConfigError("rl.kl_target (an adaptive KL coefficient) needs rl.kl_in='reward'")
-    tok = store_tokenizer(cfg, run_dir)
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size="
-                          f"{cfg.model.vocab_size}; take the model config from the base run")
-    engine = make_engine(cfg, mesh, PPOObjective(cfg))
-    reward_fn = reward_function(cfg, tok, log)
-    train, heldout = problems(cfg, tok, log)
-    data = PPOData(cfg, tok, train, engine.graphdef, reward_fn, log)
-    held = Sampler(tok, heldout, rl.max_new)
-    loader = init_params_loader(cfg, engine, log, run_dir)
-    if loader is None:
-        raise ConfigError("PPO improves a model that can already answer sometimes: set trainer.init_from "
-                          "(an SFT run)")
-    metric, key = ("pass@1", "pass_at_1") if not rl.reward.startswith("run:") else ("reward@greedy", "reward")
+    return rollouts.setup(cfg, run_dir, mesh, log, objective=PPOObjective(cfg), data_cls=PPOData,
+                          reward_fn=reward_function(cfg, log), what="PPO", model_reward=cfg.rl.reward.startswith("run:"),
+                          curves={"kl": "KL to the reference (per sequence)", "value_loss": "value loss",
+                                  "entropy": "entropy"})
 
-    def evaluation(ctx, m):
-        m[metric] = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn)
 
-    def finish(ctx, summary: dict) -> None:
-        from lm.logger import plot_metrics
-
-        end = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn)
-        start = pass_at_1(engine.graphdef, jax.device_put(loader(), engine.param_sharding), held, reward_fn)
-        summary.update({f"heldout_{key}": end, f"base_heldout_{key}": start})
-        fmt = "{:.1%}" if key == "pass_at_1" else "{:.3f}"
-        log(f"held-out {metric} on {len(held.items)} {rl.task} prompts (greedy): {fmt.format(start)} before -> "
-            f"{fmt.format(end)} after")
-        path = plot_metrics(ctx.run_dir, {"reward": "mean reward (rollouts)", metric: f"held-out {metric}",
-                                          "kl": "KL to the reference (per sequence)", "value_loss": "value loss",
-                                          "entropy": "entropy"}, "rl.png")
-        if path:
-            log(f"curves: {path}")
-
-    hooks = [Hook(evaluation, cfg.trainer.eval_every, False, metric)] if cfg.trainer.eval_every else []
-    return Setup(engine=engine, data=data, meta=run_meta(cfg, tok), init_params=loader, hooks=hooks, finish=finish)
+STAGE = Stage(setup=setup, heldout_data=text_heldout, chat=True)

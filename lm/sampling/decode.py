@@ -1,0 +1,275 @@
+"""The decode engine: prefill and one-token steps over a preallocated key/value cache.
+
+What makes it fast on a CPU, where a 5M-parameter model's step is bound by overhead and
+memory traffic rather than arithmetic:
+
+- the cache is one (B*K, S, H) key and one value array *per layer*, carried through the
+  decode loop (or donated to the step call) and written in place: a step writes each
+  row's new key/value at that row's position and copies nothing else (rows and heads
+  share the first axis: a batch of one must not be a degenerate dimension, around which
+  XLA duplicated the update and copied the cache);
+- the weights are laid out once (`prepare`): per layer (a layer scan would slice the
+  stacked weights, a copy of each per step, and write the cache through its outputs),
+  with the q/k/v and the gate/up projections fused into one matrix each;
+- attention reads only the first `span` slots of the cache, a static bucket at least as
+  long as the longest sequence in the batch (`spans`): a program is compiled per bucket;
+- greedy rows skip sampling altogether (`pick`): no sort of the vocabulary, no random bits.
+
+The math is the model's (lm/model.py: `rms_norm`, `rope_tables`, `apply_rope`,
+`dot_product_attention` for the prefill), on these weights; the tests hold cached
+decoding to the full forward pass. Prefill runs a prompt's tokens through causal
+attention among themselves and returns their keys/values for slots 0..T-1; a step
+attends from position p to slots 0..p. A row's slots past its position hold stale values
+(padding, an earlier request's tokens) that are masked and overwritten before they are read.
+
+Dimension alphabet as in lm/model.py: B batch (rows or server slots), T new tokens, S
+cache length, K key/value heads, G = N // K, H head size, D width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from lm.model.transformer import apply_rope, dot_product_attention, rms_norm, rope_tables
+
+SPAN_BUCKET = 64  # attention spans are multiples of this (a compiled program per span)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling from logits: per-row temperature, top-p and key
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p) -> jax.Array:
+    """Mask (to -inf) all but the top-k tokens and the smallest set with mass >= top_p
+    (top_p a scalar, or (B, 1) for one per row)."""
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]  # top_k >= V: all of them
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep = before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    # top_p = 1 keeps every token exactly (rounding in the cumulative sum must not drop any)
+    return jnp.where((logits < threshold) & (top_p < 1.0), -jnp.inf, logits)
+
+
+def token_logps(logits, tokens, temperature):
+    """log p(token) under softmax(logits / temperature) (the raw logits when greedy), unfiltered:
+    the quantity an RL trainer recomputes for importance ratios. `temperature` is a scalar or
+    broadcasts against the logits ((B, 1) for one per row)."""
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    return jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(scaled, axis=-1)
+
+
+def pick(logits, keys, temperature, top_p, top_k: int = 0):
+    """Next tokens (B,) and their log-probabilities (B,) from logits (B, V), each row with its
+    own PRNG key (B, 2), temperature (B,) (0: greedy) and top-p (B,). Batches that are all
+    greedy never sort or draw; top-p filtering runs only if some row asks for it."""
+    greedy = argmax(logits)
+    t = temperature[:, None]
+
+    def sample(_):
+        def filtered(_):
+            return filter_logits(logits, top_k, top_p[:, None])
+
+        kept = jax.lax.cond(jnp.any(top_p < 1.0) | (top_k > 0), filtered, lambda _: logits, None)
+        draw = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, kept / jnp.maximum(t, 1e-6))
+        return jnp.where(temperature > 0, draw, greedy).astype(jnp.int32)
+
+    nxt = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
+    return nxt, token_logps(logits, nxt, t)
+
+
+def seed_keys(seeds, steps):
+    """Each row's key at its step from int32 `seeds` (B,): `step_keys` of their bases."""
+    return step_keys(jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 0))(seeds), steps)
+
+
+def step_keys(bases, steps):
+    """Each row's key at its step: fold_in(base, step), with base = fold_in(PRNGKey(seed), 0)
+    (`request_base`), the key of row 0 of `lm.sampling.generate(seed=...)` and of
+    `lm.sampling.stream`: a request's draws depend on its seed and step only, never on the
+    batch it shares."""
+    return jax.vmap(jax.random.fold_in)(bases, steps)
+
+
+def request_base(seed: int):
+    """A request's base key (uint32 (2,), on the host) from any seed `lm sample --seed` takes:
+    fold_in(PRNGKey(seed), 0), so a seeded request draws what the sampler draws.
+    (PRNGKey takes 64-bit seeds; without jax_enable_x64 only their low 32 bits count.)"""
+    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Weights and cache
+
+
+@struct.dataclass
+class Weights:
+    """A model's parameters laid out for decoding, in the compute dtype: one dict of arrays
+    per layer (a layer scan would slice the stacked weights: a copy per step), the query,
+    key and value projections side by side in one (D, (N + 2K) H) matrix, gate and up in
+    one (D, 2F): fewer, larger matrix products."""
+
+    embed: jax.Array  # (V, D)
+    out: jax.Array  # (D, V) output projection (the embedding transposed, if tied)
+    final_norm: jax.Array  # (D,)
+    layers: list  # L dicts: attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down (+ q_norm, k_norm)
+    cfg: object = struct.field(pytree_node=False)  # lm.config.ModelConfig
+
+
+@partial(jax.jit, static_argnums=0)
+def _layout(cfg, params) -> Weights:
+    cdt = jnp.dtype(cfg.compute_dtype)
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+    b = params["blocks"]
+    layers = []
+    for i in range(cfg.n_layers):
+        at = lambda x: x[i].astype(cdt)  # noqa: E731
+        layer = {"attn_norm": at(b["attn_norm"]["scale"]), "mlp_norm": at(b["mlp_norm"]["scale"]),
+                 "wqkv": jnp.concatenate([at(b["attn"]["wq"]).reshape(d, n * h), at(b["attn"]["wk"]).reshape(d, k * h),
+                                          at(b["attn"]["wv"]).reshape(d, k * h)], axis=1),
+                 "wo": at(b["attn"]["wo"]).reshape(n * h, d),
+                 "w_gate_up": jnp.concatenate([at(b["mlp"]["w_gate"]), at(b["mlp"]["w_up"])], axis=1),
+                 "w_down": at(b["mlp"]["w_down"])}
+        if cfg.qk_norm:
+            layer["q_norm"] = at(b["attn"]["q_norm"]["scale"])
+            layer["k_norm"] = at(b["attn"]["k_norm"]["scale"])
+        layers.append(layer)
+    out = params["embed"].T if cfg.tie_embeddings else params["head"]
+    return Weights(embed=params["embed"].astype(cdt), out=out.astype(cdt), final_norm=params["final_norm"]["scale"],
+                   layers=layers, cfg=cfg)
+
+
+def prepare(graphdef, params) -> Weights:
+    """Decode weights from a model's (graphdef, params) (the params of `nnx.split(model)` or
+    `nnx.split(model, nnx.Param)`; sharded or not): one copy of the weights."""
+    model = nnx.merge(graphdef, params)
+    state = nnx.state(model, nnx.Param)
+    return _layout(model.cfg, nnx.to_pure_dict(state))
+
+
+def init_cache(cfg, batch: int, length: int) -> list[dict]:
+    """An empty cache for `batch` rows of up to `length` tokens: per layer k, v (B*K, S, H),
+    row b's key/value head j at b*K + j. (Rows and heads share one axis: a batch of one is
+    no degenerate dimension, which would make XLA copy the cache around each update.)"""
+    shape = (batch * cfg.n_kv_heads, length, cfg.head_size)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+def spans(length: int, bucket: int = SPAN_BUCKET) -> list[int]:
+    """The attention spans a cache of `length` slots is read with: multiples of `bucket`,
+    then the whole cache."""
+    return [s for s in range(bucket, length, bucket)] + [length]
+
+
+def span_for(filled: int, length: int, bucket: int = SPAN_BUCKET) -> int:
+    """The shortest span that covers `filled` slots."""
+    return min(length, -(-filled // bucket) * bucket)
+
+
+# ---------------------------------------------------------------------------------------
+# The forward pieces: the model's math (lm/model.py) on these weights
+
+
+def argmax(logits):
+    """jnp.argmax over the last axis (the first maximum) as two plain reductions: XLA's CPU
+    emitter runs argmax's (value, index) reduction far slower."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == top, idx, logits.shape[-1] - 1), axis=-1)
+
+
+def _qkv(cfg, layer, x, positions):
+    """Normed hidden states (B*T, D) at positions (B, T) -> q (B, T, N, H), k, v (B, T, K, H)."""
+    b, t = positions.shape
+    n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+    y = rms_norm(x, layer["attn_norm"], cfg.norm_eps) @ layer["wqkv"]
+    q = y[:, : n * h].reshape(b, t, n, h)
+    kk = y[:, n * h: (n + k) * h].reshape(b, t, k, h)
+    v = y[:, (n + k) * h:].reshape(b, t, k, h)
+    if cfg.qk_norm:
+        q, kk = rms_norm(q, layer["q_norm"], cfg.norm_eps), rms_norm(kk, layer["k_norm"], cfg.norm_eps)
+    cos, sin = rope_tables(positions, h, cfg.rope_theta)
+    return apply_rope(q, cos, sin), apply_rope(kk, cos, sin), v
+
+
+def _mlp(cfg, layer, x):
+    f = cfg.d_ff
+    y = rms_norm(x, layer["mlp_norm"], cfg.norm_eps) @ layer["w_gate_up"]
+    return x + (jax.nn.silu(y[:, :f]) * y[:, f:]) @ layer["w_down"]
+
+
+def _logits(w: Weights, x):
+    h = rms_norm(x, w.final_norm, w.cfg.norm_eps)
+    return jnp.dot(h, w.out, preferred_element_type=jnp.float32)
+
+
+def prefill(w: Weights, tokens, lengths):
+    """Prompts (B, T), left-aligned and zero-padded, of `lengths` (B,), from position 0 ->
+    (logits after each prompt's last token (B, V), keys/values per layer (B*K, T, H))."""
+    cfg = w.cfg
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), jnp.bool_))[None], (b, t, t))
+    x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
+    kvs = []
+    for layer in w.layers:
+        q, k, v = _qkv(cfg, layer, x, positions)
+        o = dot_product_attention(q, k, v, causal)  # (B, T, N, H)
+        x = _mlp(cfg, layer, x + o.reshape(b * t, -1) @ layer["wo"])
+        rows = lambda a: a.transpose(0, 2, 1, 3).reshape(b * cfg.n_kv_heads, t, cfg.head_size)  # noqa: E731
+        kvs.append({"k": rows(k), "v": rows(v)})
+    last = x.reshape(b, t, -1)[jnp.arange(b), lengths - 1]  # (B, D)
+    return _logits(w, last), kvs
+
+
+def write_prefill(cfg, cache: list[dict], kvs: list[dict], slot) -> list[dict]:
+    """Keys/values (B'*K, T, H) of a prefill into rows slot..slot+B'-1, slots 0..T-1 (in
+    place when the cache is donated or loop-carried)."""
+    return [{n: jax.lax.dynamic_update_slice(c[n], kv[n].astype(c[n].dtype), (slot * cfg.n_kv_heads, 0, 0))
+             for n in ("k", "v")} for c, kv in zip(cache, kvs)]
+
+
+def step(w: Weights, tokens, positions, cache: list[dict], span: int):
+    """One new token per row: tokens (B,) at positions (B,) -> (logits (B, V), cache).
+
+    Each row's key/value is written at its position; attention covers slots
+    0..position, read from the first `span` slots (static; every position < span)."""
+    cfg = w.cfg
+    b = tokens.shape[0]
+    n, kh, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+    g = n // kh
+    valid = jnp.arange(span)[None, :] <= positions[:, None]  # (B, S)
+    valid = jnp.repeat(valid, kh, axis=0)[:, None, :]  # (B*K, 1, S)
+    rows = (jnp.arange(b)[:, None] * kh + jnp.arange(kh)[None]).reshape(-1)  # (B*K,)
+    cols = jnp.repeat(positions, kh)
+    x = jnp.take(w.embed, tokens, axis=0)  # (B, D)
+    new = []
+    for layer, c in zip(w.layers, cache):
+        q, k, v = _qkv(cfg, layer, x, positions[:, None])  # (B, 1, N|K, H)
+        kc, vc = c["k"], c["v"]
+        k, v = k.reshape(b * kh, h).astype(kc.dtype), v.reshape(b * kh, h).astype(vc.dtype)
+        if b == 1:  # one row: a dynamic-update-slice
+            kc = jax.lax.dynamic_update_slice(kc, k[:, None], (0, positions[0], 0))
+            vc = jax.lax.dynamic_update_slice(vc, v[:, None], (0, positions[0], 0))
+        else:
+            kc = kc.at[rows, cols].set(k, mode="promise_in_bounds")
+            vc = vc.at[rows, cols].set(v, mode="promise_in_bounds")
+        new.append({"k": kc, "v": vc})
+        ks, vs = (kc, vc) if span == kc.shape[1] else (kc[:, :span], vc[:, :span])
+        q = q.reshape(b * kh, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)  # (B*K, G, H)
+        scores = jnp.einsum("RGH,RSH->RGS", q, ks.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        o = jnp.einsum("RGS,RSH->RGH", probs, vs.astype(q.dtype)).reshape(b, n * h)
+        x = _mlp(cfg, layer, x + o @ layer["wo"])
+    return _logits(w, x), new

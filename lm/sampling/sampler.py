@@ -1,0 +1,174 @@
+"""Sampling: `generate` (a batch, one compiled program), `rollout` (RL), `stream` (token
+by token), all on the decode engine of lm/decode.py.
+
+`generate` runs prefill and the decode loop as one jit-compiled program (`lax.while_loop`s
+over new tokens, stopping early once every sequence has hit a stop token): no Python per
+token. The loop is split in segments by attention span (lm/decode.py `spans`): the cache
+grows from one bucket to the next between segments, and early steps never read the empty
+end of it. `stream` yields tokens as they come (one compiled step per token, the cache
+donated). Prompts of different lengths are batched: each sequence decodes from its own
+length, and each token's key/value sits in the cache slot of its absolute position.
+
+Decoding options: greedy (temperature 0), temperature, top-k, top-p (nucleus), stop
+tokens, maximum new tokens, seed. Row r of a batch draws with
+fold_in(fold_in(key, r), step): a seeded sample is the same whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.sampling import decode
+from lm.sampling.decode import filter_logits, token_logps  # noqa: F401  (the sampling API: lm.rl uses token_logps)
+
+
+def _bases(key, rows: int):
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
+
+
+def _fold(bases, i):
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(bases)
+
+
+def _repeat_rows(a, samples: int, heads: int):
+    """(P*K, T, H) -> (P*G*K, T, H): each prompt's K head rows repeated as a block, G times."""
+    _, t, h = a.shape
+    a = a.reshape(-1, 1, heads, t, h)
+    return jnp.broadcast_to(a, (a.shape[0], samples, heads, t, h)).reshape(-1, t, h)
+
+
+def _grow(cache, length: int):
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0)))  # noqa: E731
+    return [{n: pad(c[n]) for n in ("k", "v")} for c in cache]
+
+
+@partial(jax.jit, static_argnames=("max_new", "top_k", "samples"))
+def _generate(w, tokens, lengths, key, temperature, top_p, stop_ids, *, max_new: int, top_k: int, samples: int = 1):
+    """Prefill P prompts once, `samples` rows each, then decode; see `generate`."""
+    p, width = tokens.shape
+    last, kvs = decode.prefill(w, tokens, lengths)
+    if samples > 1:  # P prompts x G samples: rows p*G .. p*G+G-1 share prompt p's prefill
+        last = jnp.repeat(last, samples, axis=0)
+        kvs = [{n: _repeat_rows(kv[n], samples, w.cfg.n_kv_heads) for n in ("k", "v")} for kv in kvs]
+        lengths = jnp.repeat(lengths, samples)
+    b = p * samples
+    temperature = jnp.broadcast_to(temperature, (b,))
+    top_p = jnp.broadcast_to(top_p, (b,))
+    bases = _bases(key, b)
+    out = jnp.zeros((b, max_new), jnp.int32)
+    logps = jnp.zeros((b, max_new), jnp.float32)
+    done = jnp.zeros((b,), jnp.bool_)
+    count = jnp.zeros((b,), jnp.int32)  # new tokens per sequence, stop token included
+    carry = (jnp.int32(0), last, kvs, out, logps, done, count)
+    # Step i writes slot lengths + i <= width - 1 + i and reads slots 0..that: a span of
+    # width + i slots. Each segment runs the steps one span covers.
+    start = 0
+    for span in decode.spans(width + max_new):
+        stop = min(max_new, span - width + 1)
+        if stop <= start:
+            continue
+        i, last, cache, out, logps, done, count = carry
+        carry = (i, last, _grow(cache, span), out, logps, done, count)
+
+        def cond(carry, stop=stop):
+            i, *_, done, _ = carry
+            return (i < stop) & ~jnp.all(done)
+
+        def body(carry, span=span):
+            i, last, cache, out, logps, done, count = carry
+            nxt, lp = decode.pick(last, _fold(bases, i), temperature, top_p, top_k)
+            out = out.at[:, i].set(jnp.where(done, 0, nxt))
+            logps = logps.at[:, i].set(jnp.where(done, 0.0, lp))
+            count = count + (~done).astype(jnp.int32)
+            done = done | jnp.isin(nxt, stop_ids)
+            logits, cache = decode.step(w, nxt, lengths + i, cache, span)
+            return i + 1, logits, cache, out, logps, done, count
+
+        carry = jax.lax.while_loop(cond, body, carry)
+        start = stop
+    _, _, _, out, logps, _, count = carry
+    return out, count, logps
+
+
+def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int, bucket: int = 1):
+    """Left-aligned, zero-padded prompts (keeping each one's last tokens if too long); the
+    width is rounded up to a multiple of `bucket` so varied prompts share compilations."""
+    room = max(1, max_len - max_new)
+    prompts = [list(p)[-room:] for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    width = max(len(p) for p in prompts)
+    width = min(max(room, width), -(-width // bucket) * bucket)
+    buf = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        buf[i, : len(p)] = p
+    return buf, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def _stops(stop_ids: Sequence[int], eos_id: int = -1):
+    return jnp.asarray(list(stop_ids) + ([eos_id] if eos_id >= 0 else []) or [-1], jnp.int32)
+
+
+def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, max_len: int,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, eos_id: int = -1,
+             stop_ids: Sequence[int] = (), seed: int = 0, bucket: int = 1, weights=None) -> list[list[int]]:
+    """Continue each prompt by up to `max_new` tokens; returns the new tokens of each,
+    ending with the stop token (EOS or one of `stop_ids`) if one was produced. `weights`
+    (lm.decode.prepare(graphdef, params)) saves preparing them again on repeated calls."""
+    tokens, lengths = _pack(prompts, max_new, max_len, bucket)
+    w = weights if weights is not None else decode.prepare(graphdef, params)
+    out, count, _ = _generate(w, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+                              jnp.float32(temperature), jnp.float32(top_p), _stops(stop_ids, eos_id),
+                              max_new=max_new, top_k=top_k)
+    out, count = np.asarray(out), np.asarray(count)
+    return [out[i, : count[i]].tolist() for i in range(len(prompts))]
+
+
+def rollout(graphdef, params, tokens, lengths, key, *, max_new: int, temperature: float = 1.0,
+            stop_ids: Sequence[int] = (), samples: int = 1):
+    """Sampling for RL, on device arrays from end to end (no host round trip):
+    left-aligned prompts `tokens` (P, W) of `lengths` (P,), `samples` rows each ->
+    (new tokens (P*samples, max_new), counts (P*samples,), log-probabilities
+    (P*samples, max_new) of each sampled token under softmax(logits / temperature)).
+    Row p*samples + g is sample g of prompt p; each prompt is prefilled once. No
+    top-k/top-p: the sampling distribution is the policy's."""
+    return _generate(decode.prepare(graphdef, params), tokens, lengths, key, jnp.float32(temperature),
+                     jnp.float32(1.0), _stops(stop_ids), max_new=max_new, top_k=0, samples=samples)
+
+
+@jax.jit
+def _prefill_jit(w, tokens, lengths):
+    return decode.prefill(w, tokens, lengths)
+
+
+@partial(jax.jit, static_argnames=("span", "top_k"), donate_argnames=("cache",))
+def _step_jit(w, last, cache, positions, bases, i, temperature, top_p, *, span: int, top_k: int):
+    nxt, _ = decode.pick(last, _fold(bases, i), temperature, top_p, top_k)
+    logits, cache = decode.step(w, nxt, positions, cache, span)
+    return nxt, logits, cache
+
+
+def stream(graphdef, params, prompt: Sequence[int], max_new: int, max_len: int, temperature: float = 0.8,
+           top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
+           weights=None) -> Iterator[int]:
+    """Yield new tokens of one prompt as they are produced (stops after a stop token)."""
+    tokens, lengths = _pack([prompt], max_new, max_len, bucket=16)
+    w = weights if weights is not None else decode.prepare(graphdef, params)
+    last, kvs = _prefill_jit(w, jnp.asarray(tokens), jnp.asarray(lengths))
+    cache = _grow(kvs, tokens.shape[1] + max_new)
+    bases = _bases(jax.random.PRNGKey(seed), 1)
+    t, p = jnp.full((1,), temperature, jnp.float32), jnp.full((1,), top_p, jnp.float32)
+    for i in range(max_new):
+        pos = int(lengths[0]) + i
+        span = decode.span_for(pos + 1, cache[0]["k"].shape[1])
+        nxt, last, cache = _step_jit(w, last, cache, jnp.asarray([pos], jnp.int32), bases, jnp.int32(i), t, p,
+                                     span=span, top_k=top_k)
+        tok = int(nxt[0])
+        yield tok
+        if tok in stop_ids:
+            return

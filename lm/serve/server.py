@@ -1,0 +1,493 @@
+"""`lm serve RUN_DIR`: an OpenAI-compatible HTTP server over continuous batching.
+
+Endpoints: `GET /v1/models` (and `/v1/models/ID`), `POST /v1/completions`, `POST
+/v1/chat/completions` (the chat template of data_pipeline/chat.py; a base model has none
+and is refused there), and `GET /health` (slots in use, queue, counters: for key holders).
+Options: `max_tokens` (`max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`,
+`stream` (server-sent events, with `stream_options.include_usage`), `logprobs` (the chosen
+tokens'). Not supported, and refused with a 400 rather than ignored: `n` > 1, `best_of`,
+`echo`, `suffix`, `tools`, `top_logprobs`, `logit_bias`, penalties, a non-text
+`response_format`.
+
+Every request runs in one slot of the `lm.batching.Batcher`, which steps all slots at
+once on its own thread; the event loop only queues and streams (bodies are parsed and
+prompts tokenised in a worker thread). Bad requests get OpenAI-style errors (`{"error":
+{"message", "type", "param", "code"}}`, status 400, 401, 404, 405, 413), never a
+traceback; a bug answers its request with a 500 of that shape and the server lives on. A
+client that goes away mid-answer frees its slot at the next step. The ASGI stack is
+Starlette on uvicorn. `--api-key` (or LM_API_KEY) makes every request need
+`Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import secrets
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+from data_pipeline.chat import chat_token_ids, generation_prompt
+from data_pipeline.errors import UserError
+from lm.sampling import decode
+from lm.serve.batching import Batcher, Event, Request
+from lm.serve.chat import is_chat_model
+from lm.train.run import load_run
+
+MAX_STOPS = 4  # as OpenAI
+DISCONNECT_CHECK = 0.05  # seconds between checks that a non-streaming client is still there
+MAX_BODY = 4 << 20  # bytes of a request body (a prompt that long exceeds any context anyway)
+
+
+class APIError(Exception):
+    """An OpenAI-style error answer."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _error_body(e: APIError) -> dict:
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+
+
+# ---------------------------------------------------------------------------------------
+# Request parsing: JSON body -> lm.batching.Request
+
+
+def _number(body: dict, name: str, default, low=None, high=None, integer: bool = False, low_open: bool = False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int))
+            or (isinstance(v, float) and not math.isfinite(v))):
+        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {v!r:.40}", name)
+    if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
+        rng = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise APIError(400, f"'{name}' must be in {rng}, got {v}", name)
+    return v
+
+
+def _text(s: str, param: str) -> str:
+    """`s` if it is valid Unicode (JSON can carry lone UTF-16 surrogates, which are not)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' is not valid Unicode text (it holds a lone UTF-16 surrogate)", param) from None
+    return s
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise APIError(400, f"'{name}' must be true or false, got {v!r:.40}", name)
+    return bool(v)
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"'stop' takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    return tuple(_text(s, "stop") for s in stops if s)
+
+
+def _unsupported(body: dict) -> None:
+    if _number(body, "n", 1, 1, integer=True) != 1:
+        raise APIError(400, "only n=1 is supported (send the request n times, with different seeds)", "n")
+    if body.get("best_of", 1) not in (None, 1):
+        raise APIError(400, "best_of is not supported", "best_of")
+    if body.get("echo"):
+        raise APIError(400, "echo is not supported", "echo")
+    if body.get("suffix"):
+        raise APIError(400, "suffix is not supported", "suffix")
+    if body.get("tools") or body.get("functions"):
+        raise APIError(400, "tools and functions are not supported", "tools")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0:
+            raise APIError(400, f"{name} is not supported (leave it 0)", name)
+    if body.get("logit_bias"):
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+    if _number(body, "top_logprobs", 0, 0, 20, integer=True) > 0:
+        raise APIError(400, "top_logprobs is not supported: logprobs gives the chosen tokens' only", "top_logprobs")
+
+
+def _want_logprobs(body: dict, chat: bool) -> bool:
+    """Chat: `logprobs` true or false. Completions: an integer (alternatives per token, of
+    which only 0 or 1 is served: the chosen token's) or a boolean."""
+    if chat:
+        return _flag(body, "logprobs")
+    v = body.get("logprobs")
+    if isinstance(v, bool) or v is None:
+        return bool(v)
+    if _number(body, "logprobs", 0, 0, 5, integer=True) > 1:
+        raise APIError(400, "only the chosen tokens' log-probabilities are served: logprobs must be 0 or 1",
+                       "logprobs")
+    return v == 1
+
+
+def _stream_usage(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise APIError(400, "'stream_options' is only allowed with stream: true", "stream_options")
+    return _flag(opts, "include_usage")
+
+
+def _message_text(content) -> str:
+    """A message's content: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return _text(content, "messages")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return _text("".join(p["text"] for p in content), "messages")
+    raise APIError(400, "a message's content must be a string or a list of text parts", "messages")
+
+
+class Service:
+    """The protocol side of the server: requests -> batcher, events -> OpenAI answers."""
+
+    def __init__(self, batcher: Batcher, tokenizer, model_name: str, chat: bool, api_key: str | None = None,
+                 log: Callable = print):
+        self.batcher, self.tok, self.model_name, self.chat, self.api_key = batcher, tokenizer, model_name, chat, api_key
+        self.log = log
+        self.stop_ids = (tokenizer.eos_id,)
+        self.chat_stop_ids = self.stop_ids
+        if chat:
+            self.chat_stop_ids = (chat_token_ids(tokenizer)["end"], tokenizer.eos_id)
+        self.created = int(time.time())
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is None:
+            raise APIError(400, "you must provide a model parameter", "model")
+        if model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                           "model", "model_not_found")
+
+    def request(self, body: dict, chat: bool) -> Request:
+        """Check a completion request's fields and tokenise its prompt."""
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        self.check_model(body)
+        _unsupported(body)
+        if chat:
+            if not self.chat:
+                raise APIError(400, f"'{self.model_name}' is a base model without chat fine-tuning (no chat "
+                                    "template): use /v1/completions", "messages")
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise APIError(400, "'messages' must be a non-empty list of messages", "messages")
+
+            msgs = []
+            for m in messages:
+                if not isinstance(m, dict):
+                    raise APIError(400, "each message must be an object with 'role' and 'content'", "messages")
+                msgs.append({"role": m.get("role"), "content": _message_text(m.get("content"))})
+            try:
+                prompt = generation_prompt(self.tok, msgs)
+            except UserError as e:
+                raise APIError(400, str(e), "messages") from None
+            stop_ids = self.chat_stop_ids
+        else:
+            prompt = self._prompt(body.get("prompt"))
+            stop_ids = self.stop_ids
+        max_len = self.batcher.max_len
+        if len(prompt) >= max_len:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens, but the prompt has "
+                                f"{len(prompt)}: shorten it", "messages" if chat else "prompt",
+                           "context_length_exceeded")
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        room = max_len - len(prompt)
+        max_tokens = _number(body, name, room if chat else min(16, room), 1, integer=True)
+        if len(prompt) + max_tokens > max_len:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens; the prompt has "
+                                f"{len(prompt)} and {name} asks for {max_tokens} more: lower {name} to at most "
+                                f"{room}", name, "context_length_exceeded")
+        seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)  # as `lm sample --seed`
+        return Request(prompt=prompt, max_tokens=max_tokens,
+                       temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+                       top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
+                       seed=secrets.randbits(31) if seed is None else seed, stop_ids=stop_ids,
+                       stop_text=_stops(body))
+
+    def _prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            return self.tok.encode(_text(prompt, "prompt"), bos=True)
+        if (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            if not all(0 <= t < self.batcher.w.cfg.vocab_size for t in prompt):
+                raise APIError(400, f"token ids must be in [0, {self.batcher.w.cfg.vocab_size})", "prompt")
+            return list(prompt)
+        if prompt is None:
+            raise APIError(400, "you must provide a prompt", "prompt")
+        raise APIError(400, "'prompt' must be a string, a list of token ids, or a list holding one of them "
+                            "(batches of several prompts are not supported: send one request each)", "prompt")
+
+
+# ---------------------------------------------------------------------------------------
+# The ASGI application
+
+
+def make_app(service: Service):
+    """The Starlette application over `service`."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request as HTTPRequest
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    def error(e: APIError, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(_error_body(e), status_code=e.status, headers=headers)
+
+    def authorised(request: HTTPRequest) -> bool:
+        if not service.api_key:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), service.api_key.encode())
+
+    def guarded(handler: Callable):
+        async def endpoint(request: HTTPRequest):
+            if not authorised(request):
+                return error(APIError(401, "incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                                      code="invalid_api_key"))
+            try:
+                return await handler(request)
+            except APIError as e:
+                return error(e)
+            except Exception as e:  # noqa: BLE001 -- a bug answers this request with a 500, the server lives on
+                service.log(f"server: internal error on {request.method} {request.url.path}:\n"
+                            f"{traceback.format_exc()}")
+                return error(APIError(500, f"internal server error ({type(e).__name__})", kind="server_error"))
+
+        return endpoint
+
+    async def read_json(request: HTTPRequest) -> Any:
+        """The body as JSON, at most MAX_BODY bytes, parsed off the event loop (a large
+        body must not stall the running streams)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise APIError(413, f"the request body is over the limit of {MAX_BODY} bytes")
+            chunks.append(chunk)
+        try:
+            return await run_in_threadpool(json.loads, b"".join(chunks))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({str(e)[:200] or type(e).__name__})") from None
+
+    def model_card() -> dict:
+        return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "lm"}
+
+    async def models(request: HTTPRequest):
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: HTTPRequest):
+        name = request.path_params["model"]
+        if name != service.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{service.model_name}'",
+                           "model", "model_not_found")
+        return JSONResponse(model_card())
+
+    async def health(request: HTTPRequest):
+        if not authorised(request):  # alive, but the counters are for key holders
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "model": service.model_name, **service.batcher.status()})
+
+    async def completions(request: HTTPRequest, chat: bool = False):
+        body = await read_json(request)
+        req = await run_in_threadpool(service.request, body, chat)  # tokenising a long prompt takes a while
+        stream = req.stream = _flag(body, "stream")
+        include_usage = _stream_usage(body, stream)
+        want_logprobs = _want_logprobs(body, chat)
+        context = list(req.prompt)  # the tokens before the next event's: each token's text follows them
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            handle = service.batcher.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        except RuntimeError as e:
+            raise APIError(503, str(e), kind="server_error") from None
+        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": service.model_name}
+
+        def choice(ev: Event) -> dict:
+            if chat:
+                c = {"index": 0, "delta": {"content": ev.text} if ev.text else {}, "finish_reason": ev.finish}
+            else:
+                c = {"index": 0, "text": ev.text, "finish_reason": ev.finish, "logprobs": None}
+            if want_logprobs:
+                c["logprobs"] = _logprobs(service.tok, context, ev, chat)
+                context.extend(ev.tokens)
+            return c
+
+        if stream:
+            async def events():
+                done = False
+                try:
+                    extra = {"usage": None} if include_usage else {}
+                    if chat:  # the first chunk names the role, as OpenAI's do
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                         "finish_reason": None}], **extra})
+                    while True:
+                        ev = await queue.get()
+                        if ev.error:
+                            yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
+                                                  "code": None}})
+                            break
+                        if ev.text or ev.finish or (want_logprobs and ev.tokens):
+                            yield _sse({**base, "choices": [choice(ev)], **extra})
+                        if ev.finish:
+                            if include_usage:
+                                yield _sse({**base, "choices": [], "usage": _usage(ev)})
+                            break
+                    done = True
+                    yield "data: [DONE]\n\n"
+                finally:
+                    if not done:  # the client went away (or the server stops): free the slot
+                        handle.cancel()
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        text, tokens, logps = [], [], []
+        checked = time.monotonic()
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK)
+                except asyncio.TimeoutError:
+                    ev = None
+                if ev is None or time.monotonic() - checked > DISCONNECT_CHECK:  # gone? (also while tokens flow)
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        return JSONResponse({}, status_code=499)
+                    if ev is None:
+                        continue
+                if ev.error:
+                    raise APIError(500, ev.error, kind="server_error")
+                text.append(ev.text)
+                tokens += ev.tokens
+                logps += ev.logprobs
+                if ev.finish:
+                    break
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+        final = Event(text="".join(text), tokens=tokens, logprobs=logps, finish=ev.finish)
+        if chat:
+            c = {"index": 0, "message": {"role": "assistant", "content": final.text}, "finish_reason": ev.finish}
+        else:
+            c = {"index": 0, "text": final.text, "finish_reason": ev.finish, "logprobs": None}
+        if want_logprobs:
+            c["logprobs"] = _logprobs(service.tok, context, final, chat)
+        return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion", "choices": [c],
+                             "usage": _usage(ev)})
+
+    async def chat_completions(request: HTTPRequest):
+        return await completions(request, chat=True)
+
+    async def not_found(request: HTTPRequest, exc: HTTPException):
+        status = exc.status_code
+        message = (f"{request.method} {request.url.path} is not allowed" if status == 405
+                   else f"no route {request.url.path} (try /v1/models, /v1/completions, /v1/chat/completions)"
+                   if status == 404 else str(exc.detail))
+        return error(APIError(status, message), headers=getattr(exc, "headers", None))
+
+    routes = [Route("/v1/models", guarded(models), methods=["GET"]),
+              Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/v1/completions", guarded(completions), methods=["POST"]),
+              Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(ev: Event) -> dict:
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+
+def _logprobs(tok, context: list[int], ev: Event, chat: bool) -> dict:
+    """The chosen tokens' log-probabilities; each token's text as it reads after the tokens
+    before it (`context`), so that they join into the answer."""
+    pieces = tok.token_texts(context, ev.tokens)
+    if chat:
+        return {"content": [{"token": p, "logprob": lp, "bytes": tok.token_bytes(t, p), "top_logprobs": []}
+                            for t, p, lp in zip(ev.tokens, pieces, ev.logprobs)]}
+    return {"tokens": pieces, "token_logprobs": ev.logprobs, "top_logprobs": None, "text_offset": None}
+
+
+# ---------------------------------------------------------------------------------------
+# Running it
+
+
+def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str | None = None,
+          model_name: str | None = None, log: Callable = print) -> tuple[Any, Batcher]:
+    """Load the run, start its batcher (compiling the decode programs) and make the app."""
+    run = load_run(run_dir, log=log)
+    if run.tokenizer is None:
+        raise UserError(f"{run_dir} has no tokenizer.model: the server needs the run's tokenizer")
+    cfg = run.cfg.model
+    if max_len is not None and not 2 <= max_len <= cfg.max_seq_len:
+        raise UserError(f"--max-len {max_len} must be in [2, {cfg.max_seq_len}] (the model's context)")
+    name = model_name or os.path.basename(os.path.abspath(run_dir))
+    batcher = Batcher(decode.prepare(run.graphdef, run.params), run.tokenizer.decode_after, slots=slots,
+                      max_len=max_len or cfg.max_seq_len, log=log).start()
+    chat = is_chat_model(run)
+    template = "chat template" if chat else "no chat template: /v1/completions only"
+    log(f"serving {run_dir} as '{name}' ({run.cfg.stage}, step {run.step}, {template}), {slots} slots of "
+        f"{batcher.max_len} tokens")
+    return make_app(Service(batcher, run.tokenizer, name, chat, api_key, log=log)), batcher
+
+
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,
+          api_key: str | None = None, model_name: str | None = None, log: Callable = print) -> int:
+    """`lm serve`: bind (port 0: any free port), build the app and serve until interrupted."""
+    import uvicorn
+
+    try:  # first, so a port in use is reported at once
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        app, batcher = build(run_dir, slots, max_len, api_key, model_name, log)
+    except BaseException:
+        sock.close()
+        raise
+    log(f"listening on http://{host}:{sock.getsockname()[1]}" + (" (API key required)" if api_key else "")
+        + " -- Ctrl-C stops")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        batcher.close()
+        sock.close()
+    return 0

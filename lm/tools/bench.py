@@ -1,0 +1,291 @@
+"""Benchmarks (`make bench`): training throughput and MFU, the data pipeline, decoding.
+
+Each figure is printed beside the reference it is measured against in the same run: on
+CPU the machine's measured float32 matmul peak. Machine-readable lines:
+`train_tokens_per_s=N mfu=M` for the fixed reference configuration
+(experiments/bench_reference.py), and `data_tokens_per_s=N`: tokens/s the input
+pipeline of the default run delivers (tokenizing on the fly, no worker processes), which
+must stay far above what training consumes; `decode_tokens_per_s_b1/_b8=N` and, with
+torch and transformers installed, `decode_ratio_vs_transformers_b1/_b8=R` against
+`transformers.generate` on the same model exported, measured alternately in the same run;
+`decode_b8_over_b1_bound=R`: the most batch 8 could give over batch 1 with the step's
+weight products as fast as they run alone (`weight_products_ms`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_pipeline import cache
+from data_pipeline.pipeline import text_data
+from data_pipeline.synthetic import packed_segment_ids, synthetic_batches
+from lm import experiment
+from lm.config import Config, MeshConfig
+from lm.interop.hf import export_llama
+from lm.model.sharding import make_mesh
+from lm.model.transformer import Transformer, flops_per_token, param_count
+from lm.sampling import decode
+from lm.sampling.sampler import generate
+from lm.tools import peer_torch
+from lm.train import perf
+from lm.train.engine import make_trainer
+
+
+def bench_batches(cfg: Config, n: int = 4, mean_doc: int = 0) -> list[dict]:
+    """`n` synthetic host batches; with `mean_doc` > 0 the rows are packed with documents
+    of about that many tokens (segment ids), as real pretraining batches are."""
+    d = cfg.data
+    out = []
+    for i, b in zip(range(n), synthetic_batches(cfg.model.vocab_size, d.seq_len, d.batch_size, seed=0)):
+        if mean_doc:
+            b["segment_ids"] = packed_segment_ids(d.batch_size, d.seq_len, mean_doc, seed=i)
+        out.append(b)
+    return out
+
+
+def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, repeats: int = 3, mean_doc: int = 0) -> dict:
+    """Median step time of the compiled train step on synthetic batches (one device)."""
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    state, _ = trainer.init_state(0)
+    step = trainer.compile_train_step()
+    d = cfg.data
+    batches = [{k: jax.device_put(b[k], trainer.batch_sharding[k]) for k in trainer.batch_sharding}
+               for b in bench_batches(cfg, 4, mean_doc)]
+    for i in range(warmup):
+        state, m = step(state, batches[i % 4])
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(steps):
+            state, m = step(state, batches[i % 4])
+        jax.block_until_ready(m)
+        times.append((time.perf_counter() - t) / steps)
+    step_time = float(np.median(times))
+    tokens = d.batch_size * d.seq_len
+    flops = flops_per_token(cfg.model, d.seq_len) * tokens / step_time
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"step_time_s": step_time, "tokens_per_s": tokens / step_time, "flops_per_s": flops,
+            "params": param_count(cfg.model), "peak_bytes": stats.get("peak_bytes_in_use"),
+            "loss": float(m["loss"])}
+
+
+def bench_data(cfg: Config, run_dir: str, batches: int = 300, log=print) -> dict:
+    """Tokens/s the data pipeline delivers (rows of the global batch, no training)."""
+    data = text_data(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches,
+                   log=lambda *_: None, process_index=0, process_count=1)
+    for _ in range(5):  # warm up: open files, fill the prefetch buffer
+        data.next_train()
+    t = time.perf_counter()
+    tokens = 0
+    for _ in range(batches):
+        b = data.next_train()
+        tokens += int((b["segment_ids"] > 0).sum())
+    return {"tokens_per_s": tokens / (time.perf_counter() - t)}
+
+
+def main_data(train_tokens_per_s: float | None = None) -> float:
+
+    base = experiment.load("pretrain_tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for workers in (0, 1):
+            cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, num_workers=workers))
+            r = bench_data(cfg, tmp)
+            results[("stream", workers)] = r["tokens_per_s"]
+            print(f"data[tokenize on the fly, {workers} worker(s)]: {r['tokens_per_s']:,.0f} tokens/s")
+        cache_dir = os.path.join(tmp, "cache")
+        t = time.perf_counter()
+        cache.build(base.data, base.model.vocab_size, tmp, cache_dir, progress=False)
+        print(f"data[pre-tokenise the corpus once]: {time.perf_counter() - t:.1f}s")
+        for workers in (0, 1):
+            cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, num_workers=workers, cache_dir=cache_dir))
+            r = bench_data(cfg, tmp)
+            results[("cache", workers)] = r["tokens_per_s"]
+            print(f"data[from the cache, {workers} worker(s)]: {r['tokens_per_s']:,.0f} tokens/s")
+    headline = results[("stream", 0)]  # what a default run uses
+    if train_tokens_per_s:
+        print(f"data/training ratio: {headline / train_tokens_per_s:.1f}x on the fly, "
+              f"{results[('cache', 0)] / train_tokens_per_s:.1f}x from the cache "
+              f"(training consumes {train_tokens_per_s:,.0f} tokens/s)")
+    print(f"data_tokens_per_s={headline:.0f}")
+    return headline
+
+
+def main_decode(rounds: int = 5) -> dict:
+    """New tokens/s of the decode engine at batch 1 and 8 (32-token prompts, 128 new, greedy,
+    prefill included), and, when torch and transformers import, of `transformers.generate`
+    (eager, greedy) on the same model exported, measured alternately in this run.
+
+    Each figure is the median of `rounds` runs, ours and the peer's interleaved, so a drift
+    of the machine's speed (other processes on a shared CPU) hits both alike. The peer runs
+    with torch's default threads and with one thread (on a CPU shared with other work its
+    threads can stall at every barrier); the ratio is against the faster of the two."""
+
+    cfg = experiment.load("bench_reference").model
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    weights = decode.prepare(graphdef, params)
+    peer = _decode_peer(cfg, params)
+    new = 128
+    ours, theirs = {}, {}
+    for b in (1, 8):
+        prompts = [list(range(4 + i, 36 + i)) for i in range(b)]
+        run = lambda: generate(graphdef, params, prompts, new, 256, temperature=0.0, weights=weights)  # noqa: E731
+        out = run()  # compile
+        assert all(len(o) == new for o in out)
+        modes = {} if peer is None else {f"{peer.default_threads} threads": None, "1 thread": 1}
+        times = {"ours": [], **{m: [] for m in modes}}
+        if peer is not None:
+            agree = _agreement(peer.generate(prompts, new), out)
+            print(f"decode[batch {b}]: greedy tokens equal to transformers' for the first {agree} of {new} "
+                  "(a random model's near-ties part them later)")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            run()
+            times["ours"].append(time.perf_counter() - t)
+            for mode, threads in modes.items():
+                t = time.perf_counter()
+                peer.generate(prompts, new, threads)
+                times[mode].append(time.perf_counter() - t)
+        rate = {k: b * new / float(np.median(v)) for k, v in times.items()}
+        ours[b] = rate.pop("ours")
+        line = f"decode[batch {b}]: {ours[b]:,.0f} new tokens/s ({b / ours[b] * 1e3:.2f} ms per step)"
+        if rate:
+            best = max(rate, key=rate.get)
+            theirs[b] = rate[best]
+            line += ("; transformers generate (eager): " + ", ".join(f"{v:,.0f} ({k})" for k, v in rate.items())
+                     + f"; ratio {ours[b] / theirs[b]:.2f}x")
+        print(line)
+    floor = {b: weight_products_ms(weights, b) for b in (1, 8)}
+    bound = 8 * (1e3 / ours[1]) / floor[8]
+    print(f"decode[weight products alone, no attention/norms/cache]: {floor[1]:.2f} ms per step at batch 1, "
+          f"{floor[8]:.2f} at batch 8 ({floor[8] / floor[1]:.1f}x): batch 8 can give at most {bound:.1f}x "
+          "batch 1's tokens/s with these matrix products")
+    print(f"decode_tokens_per_s_b1={ours[1]:.0f} decode_tokens_per_s_b8={ours[8]:.0f} "
+          f"decode_b8_over_b1={ours[8] / ours[1]:.2f} decode_b8_over_b1_bound={bound:.2f}")
+    if theirs:
+        print(f"decode_ratio_vs_transformers_b1={ours[1] / theirs[1]:.2f} "
+              f"decode_ratio_vs_transformers_b8={ours[8] / theirs[8]:.2f}")
+    return {"ours": ours, "peer": theirs}
+
+
+def weight_products_ms(w, batch: int, steps: int = 100, rounds: int = 5) -> float:
+    """Milliseconds per decode step spent in its weight products alone, on `batch` rows: per
+    layer q/k/v, output, gate/up and down, then the output head, chained as in a step but
+    without attention, norms or cache (one compiled loop of `steps`; median of `rounds`).
+    No decode step of that batch can take less with XLA's matrix products on this machine,
+    so 8 x (batch-1 step) / (this at batch 8) bounds what batch 8 gains over batch 1."""
+    cfg = w.cfg
+    nh, f = cfg.n_heads * cfg.head_size, cfg.d_ff
+    x0 = jnp.full((batch, cfg.d_model), 0.1, jnp.dtype(cfg.compute_dtype))
+
+    @jax.jit
+    def loop(w, x0):
+        def body(_, x):
+            for layer in w.layers:
+                x = x + (x @ layer["wqkv"])[:, :nh] @ layer["wo"]
+                y = x @ layer["w_gate_up"]
+                x = x + (y[:, :f] * y[:, f:]) @ layer["w_down"]
+            return x0 + (x @ w.out)[:, : x.shape[1]] * 1e-3  # bounded values: no denormals
+        return jax.lax.fori_loop(0, steps, body, x0)
+
+    jax.block_until_ready(loop(w, x0))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        jax.block_until_ready(loop(w, x0))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / steps * 1e3
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> int:
+    """Tokens from the start on which every row of a and b agree."""
+    n = 0
+    while all(n < len(x) and n < len(y) and x[n] == y[n] for x, y in zip(a, b)):
+        n += 1
+    return n
+
+
+def _decode_peer(cfg, params):
+    """`transformers.generate` on the reference model exported (None without torch/transformers)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("peer: torch/transformers not installed (pip install torch transformers); no decode ratio printed")
+        return None
+
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_llama(cfg, params, tmp)
+        return peer_torch.HFDecoder(tmp)
+
+
+def main(which: str = "all") -> int:
+    ref = main_train() if which in ("all", "train") else None
+    if which in ("all", "data"):
+        main_data(ref)
+    if which in ("all", "decode"):
+        main_decode()
+    return 0
+
+
+def main_train() -> float:
+    dev = jax.devices()[0]
+    peak, src = perf.peak_flops_per_device()
+    if dev.platform == "cpu":
+        peak = perf.measured_matmul_peak()  # the whole host: benchmarks use one device
+    print(f"device: {dev.device_kind} ({dev.platform}); peak {peak / 1e9:.1f} GFLOP/s ({src})")
+    results = {}
+    for name, spec in (("tiny", "pretrain_tiny"), ("reference", "bench_reference")):
+        cfg = experiment.load(spec)
+        r = bench_train(cfg)
+        r["mfu"] = r["flops_per_s"] / peak
+        results[name] = r
+        print(f"train[{name}]: {r['params'] / 1e6:.2f}M params, batch {cfg.data.batch_size}x{cfg.data.seq_len}, "
+              f"step {r['step_time_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['mfu']:.1%} of the {peak / 1e9:.1f} GFLOP/s peak")
+    ref = results["reference"]
+    print(f"train_tokens_per_s={ref['tokens_per_s']:.0f} mfu={ref['mfu']:.4f}")
+    if dev.platform == "cpu":
+        train_peer(experiment.load("bench_reference"), ref["tokens_per_s"])
+    return ref["tokens_per_s"]
+
+
+def train_peer(cfg: Config, ours: float) -> None:
+    """The PyTorch peer (Hugging Face LLaMA of the same shape, float32, AdamW), eager and
+    torch.compile, on the reference configuration, measured in this run; then ours again,
+    so that a drift of the machine's speed during the run shows."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("peer: torch/transformers not installed (pip install torch transformers); no ratio printed")
+        return
+
+    d = cfg.data
+    rates = {}
+    for mode, compiled in (("eager", False), ("torch.compile", True)):
+        try:
+            r = peer_torch.train_rate(cfg.model, d.batch_size, d.seq_len, compile=compiled,
+                                      grad_ckpt=cfg.model.remat != "none", steps=20, repeats=3)
+        except Exception as e:  # noqa: BLE001 -- e.g. no C++ compiler for torch.compile
+            print(f"peer[{mode}]: failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            continue
+        rates[mode] = r["tokens_per_s"]
+        print(f"peer[{mode}]: Hugging Face LLaMA, same shape and batch: {r['tokens_per_s']:,.0f} tokens/s")
+    again = bench_train(cfg)["tokens_per_s"]
+    ours = (ours + again) / 2  # mean of the two measurements around the peer
+    print(f"train[reference] again: {again:,.0f} tokens/s")
+    for mode, rate in rates.items():
+        print(f"train_ratio_vs_{mode.replace('.', '_')}={ours / rate:.2f}")

@@ -1,0 +1,64 @@
+"""Open a trained run: its config, its newest checkpoint's parameters and its tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+
+from data_pipeline.errors import NotFound
+from data_pipeline.tokenizer import Tokenizer
+from lm.config import Config, MeshConfig, from_dict
+from lm.model import lora
+from lm.model.sharding import make_mesh
+from lm.train.checkpoint import restore_params
+from lm.train.engine import make_engine
+from lm.train.init import load_base
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    cfg: Config
+    trainer: Any  # lm.engine.Trainer on the current devices
+    params: Any  # nnx.State of parameters
+    step: int
+    tokenizer: Any  # data_pipeline.tokenizer.Tokenizer, or None
+    run_dir: str | None = None  # where it was loaded from
+
+    @property
+    def graphdef(self):
+        return self.trainer.graphdef
+
+    def model(self):
+        return self.trainer.model(self.params)
+
+
+def load_run(run_dir: str, single_device: bool = True, log: Callable = print, step: int | None = None) -> LoadedRun:
+    """The parameters (only: never the optimiser state) of the newest readable checkpoint of
+    `run_dir`, or of `step`, onto one device by default. A LoRA run's adapters are merged
+    into its base model."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise NotFound(f"{run_dir} is not a run directory (no config.json); train one with `lm train`")
+    with open(path) as f:
+        cfg = from_dict(json.load(f))
+    devices = jax.devices()[:1] if single_device else jax.devices()
+    if single_device:
+        cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    run_cfg = cfg
+    # Sampling and scoring need the full model only: an engine without adapters.
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0))
+    engine = make_engine(cfg, make_mesh(cfg.mesh, devices))
+    if run_cfg.lora.rank:
+        lora_engine = make_engine(dataclasses.replace(run_cfg, mesh=cfg.mesh), engine.mesh)
+        adapters, step = restore_params(run_dir, lora_engine.abstract_state().params, step, log)
+        base, _ = load_base(run_cfg, engine.abstract_params(), run_dir, log, pin=False)
+        params = jax.jit(lambda b, a: lora.merge(b, a, run_cfg.lora))(base, adapters)
+    else:
+        params, step = restore_params(run_dir, engine.abstract_params(), step, log)
+    tok_path = os.path.join(run_dir, "tokenizer.model")
+    tokenizer = Tokenizer(tok_path) if os.path.exists(tok_path) else None
+    return LoadedRun(cfg=cfg, trainer=engine, params=params, step=step, tokenizer=tokenizer, run_dir=run_dir)
