@@ -43,7 +43,7 @@ rl: $(STAMP)
 
 # The test suite on CPU with 8 fake devices (slow tests excluded; `make test-all` runs them).
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests --durations=20 $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests --runslow $(ARGS)

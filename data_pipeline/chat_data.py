@@ -88,6 +88,37 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict], max_len: int,
     raise TooLong(f"longer than the row (its first reply needs more than {max_len} tokens)")
 
 
+class Drops:
+    """The unusable records of one source, as a rendering transform meets them: each is
+    counted in `stats` (a bad one raises with `strict`; a too-long one never does: it is a
+    length choice, not bad input), and more than `max_in_row` in a row raise, naming the
+    source: on an endless repeat of a source with nothing usable, grain's filter would
+    otherwise wait forever for a record."""
+
+    def __init__(self, source: str, stats: DataStats | None, strict: bool, max_in_row: int | None, what: str,
+                 fix: str):
+        self.source, self.stats, self.strict, self.max_in_row, self.what, self.fix = (
+            source, stats, strict, max_in_row, what, fix)
+        self.in_row = 0
+
+    def drop(self, record: Record, e: Exception, bad: bool = True) -> None:
+        if self.strict and bad:
+            raise DataError(f"source {self.source!r}: {record.where}: {e} "
+                            "(data.strict=true; set it false to skip and count bad records)") from e
+        if self.stats is not None:
+            self.stats.record_bad(self.source, record.where, str(e))
+        self.in_row += 1
+        if self.max_in_row is not None and self.in_row > self.max_in_row:
+            raise DataError(f"source {self.source!r}: {self.in_row} {self.what} in a row were unusable (more than "
+                            f"an epoch of this shard); {self.fix}"
+                            + (f"\n{self.stats.report()}" if self.stats else "")) from e
+
+    def kept(self, truncated: bool) -> None:
+        self.in_row = 0
+        if truncated and self.stats is not None:
+            self.stats.record_truncated(self.source)
+
+
 class RenderChat(grain.transforms.Map):
     """Record -> {"tokens": int32 [n], "mask": int32 [n]} with n <= max_len; n = 0 for a dropped record.
 
@@ -100,8 +131,8 @@ class RenderChat(grain.transforms.Map):
     def __init__(self, tokenizer_path: str, max_len: int, long: str, source: str,
                  stats: ChatStats | None, strict: bool, max_dropped_in_row: int | None = None):
         self.tokenizer_path, self.max_len, self.long = tokenizer_path, max_len, long
-        self.source, self.stats, self.strict = source, stats, strict
-        self.max_dropped_in_row, self._dropped_in_row = max_dropped_in_row, 0
+        self.drops = Drops(source, stats, strict, max_dropped_in_row, "conversations",
+                           "fix the data or its chat_format")
         self._tok = None
 
     def map(self, record: Record):
@@ -112,20 +143,9 @@ class RenderChat(grain.transforms.Map):
                 raise chat.ChatFormatError(record.error or "bad record")
             ids, mask, kept = fit_conversation(self._tok, json.loads(record.text), self.max_len, self.long)
         except (chat.ChatFormatError, TooLong, json.JSONDecodeError) as e:
-            if self.strict and not isinstance(e, TooLong):
-                raise DataError(f"source {self.source!r}: {record.where}: {e} "
-                                "(data.strict=true; set it false to skip and count bad records)") from e
-            if self.stats is not None:
-                self.stats.record_bad(self.source, record.where, str(e))
-            self._dropped_in_row += 1
-            if self.max_dropped_in_row is not None and self._dropped_in_row > self.max_dropped_in_row:
-                raise DataError(f"source {self.source!r}: {self._dropped_in_row} conversations in a row were "
-                                "unusable (more than an epoch of this shard); fix the data or its chat_format"
-                                + (f"\n{self.stats.report()}" if self.stats else "")) from e
+            self.drops.drop(record, e, bad=not isinstance(e, TooLong))
             return {"tokens": np.zeros((0,), np.int32), "mask": np.zeros((0,), np.int32)}
-        self._dropped_in_row = 0
-        if kept is not None and self.stats is not None:
-            self.stats.record_truncated(self.source)
+        self.drops.kept(kept is not None)
         return {"tokens": np.asarray(ids, np.int32), "mask": np.asarray(mask, np.int32)}
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from data_pipeline.chat import validate_messages  # the chat format's rules of role order
 from data_pipeline.config import SourceConfig
-from data_pipeline.sources import DataError, JsonLines, Record, _hash_split, _open_bytes, expand
+from data_pipeline.sources import DataError, JsonLines, Record, _open_bytes, expand, open_split
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "lima")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -190,8 +190,4 @@ def open_chat_source(cfg: SourceConfig) -> tuple[ConversationSource, object]:
     if cfg.chat_format not in FORMATS:
         raise DataError(f"source {cfg.name!r}: unknown chat_format {cfg.chat_format!r}; "
                         f"choose one of {', '.join(FORMATS)}")
-    open_ = lambda patterns: ConversationSource(expand(patterns), cfg.chat_format, cfg.system_prompt)  # noqa: E731
-    train = open_(cfg.paths)
-    if cfg.validation_paths:
-        return train, open_(cfg.validation_paths)
-    return _hash_split(train, cfg.heldout_fraction)
+    return open_split(cfg, lambda patterns: ConversationSource(expand(patterns), cfg.chat_format, cfg.system_prompt))

@@ -28,11 +28,11 @@ import grain
 import numpy as np
 
 from data_pipeline import chat, jsonl
-from data_pipeline.chat_data import READ, ChatStats
+from data_pipeline.chat_data import READ, ChatStats, Drops
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.conversations import ConversationSource, _sharegpt, _text
 from data_pipeline.pipeline import DataStats, Layout, Streams, shard_documents
-from data_pipeline.sources import DataError, DocumentSource, Record, _hash_split, expand, source_configs
+from data_pipeline.sources import DataError, DocumentSource, Record, expand, open_split, source_configs
 from data_pipeline.tokenizer import Tokenizer
 
 FORMATS = ("auto", "hh", "sharegpt", "prompt")
@@ -125,11 +125,7 @@ def open_preference_source(cfg: SourceConfig) -> tuple[PreferenceSource, object]
     if cfg.chat_format not in FORMATS:
         raise DataError(f"source {cfg.name!r}: chat_format {cfg.chat_format!r} is not a preference layout; "
                         f"choose one of {', '.join(FORMATS)}")
-    open_ = lambda patterns: PreferenceSource(expand(patterns), cfg.chat_format, cfg.system_prompt)  # noqa: E731
-    train = open_(cfg.paths)
-    if cfg.validation_paths:
-        return train, open_(cfg.validation_paths)
-    return _hash_split(train, cfg.heldout_fraction)
+    return open_split(cfg, lambda patterns: PreferenceSource(expand(patterns), cfg.chat_format, cfg.system_prompt))
 
 
 def render_pair(tokenizer: Tokenizer, pair: dict, seq_len: int) -> tuple[dict, bool]:
@@ -170,9 +166,9 @@ class RenderPair(grain.transforms.Map):
 
     def __init__(self, tokenizer_path: str, seq_len: int, source: str, source_id: int, stats: ChatStats | None,
                  strict: bool, max_dropped_in_row: int | None = None):
-        self.tokenizer_path, self.seq_len, self.source, self.source_id = tokenizer_path, seq_len, source, source_id
-        self.stats, self.strict, self.max_dropped_in_row = stats, strict, max_dropped_in_row
-        self._dropped_in_row, self._tok = 0, None
+        self.tokenizer_path, self.seq_len, self.source_id = tokenizer_path, seq_len, source_id
+        self.drops = Drops(source, stats, strict, max_dropped_in_row, "pairs", "fix the data or its chat_format")
+        self._tok = None
 
     def map(self, record: Record):
         if self._tok is None:
@@ -182,19 +178,9 @@ class RenderPair(grain.transforms.Map):
                 raise ValueError(record.error or "bad record")
             example, cut = render_pair(self._tok, json.loads(record.text), self.seq_len)
         except (ValueError, chat.ChatFormatError) as e:
-            if self.strict:
-                raise DataError(f"source {self.source!r}: {record.where}: {e} (data.strict=true)") from e
-            if self.stats is not None:
-                self.stats.record_bad(self.source, record.where, str(e))
-            self._dropped_in_row += 1
-            if self.max_dropped_in_row is not None and self._dropped_in_row > self.max_dropped_in_row:
-                raise DataError(f"source {self.source!r}: {self._dropped_in_row} pairs in a row were unusable "
-                                "(more than an epoch of this shard)"
-                                + (f"\n{self.stats.report()}" if self.stats else "")) from e
+            self.drops.drop(record, e)
             return {"empty": True}
-        self._dropped_in_row = 0
-        if cut and self.stats is not None:
-            self.stats.record_truncated(self.source)
+        self.drops.kept(cut)
         example["source_id"] = np.int32(self.source_id)
         return example
 

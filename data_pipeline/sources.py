@@ -29,7 +29,7 @@ import gzip
 import hashlib
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -308,7 +308,7 @@ class Parquet(DocumentSource):
     """Parquet files; a document per row of `text_field` (read by row group on demand)."""
 
     def __init__(self, files: Sequence[str], text_field: str = "text"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only Parquet sources need it
 
         self.files = list(files)
         self.text_field = text_field
@@ -330,7 +330,7 @@ class Parquet(DocumentSource):
         return f"{os.path.basename(self.files[fi])}#{g}.{r}"
 
     def __getitem__(self, i):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only Parquet sources need it
 
         fi, g, r = self.index[i]
         where = f"{self.files[fi]}#row-group{g}.row{r}"
@@ -347,6 +347,7 @@ class ArrayRecord(DocumentSource):
     """ArrayRecord files whose records are UTF-8 text or JSON objects with `text_field`."""
 
     def __init__(self, files: Sequence[str], text_field: str = "text"):
+        # optional: only ArrayRecord sources
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
         self.files = list(files)
@@ -371,7 +372,7 @@ class TFDS(DocumentSource):
     """A TFDS dataset prepared locally, read by random access (`tfds.data_source`)."""
 
     def __init__(self, name: str, split: str, text_field: str, data_dir: str | None):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (TensorFlow): only TFDS sources
 
         self.name, self.split, self.text_field = name, split, text_field
         try:
@@ -570,6 +571,15 @@ def open_source(cfg: SourceConfig) -> tuple[DocumentSource, DocumentSource]:
         if str(e).startswith("source "):
             raise
         raise DataError(f"source {cfg.name!r}: {e}") from None
+    return _hash_split(train, cfg.heldout_fraction)
+
+
+def open_split(cfg: SourceConfig, open_: Callable[[Sequence[str]], DocumentSource]):
+    """(train, held-out) of a record source opened by `open_(patterns)`: its
+    validation_paths, else a hash split of its paths (data.heldout_fraction)."""
+    train = open_(cfg.paths)
+    if cfg.validation_paths:
+        return train, open_(cfg.validation_paths)
     return _hash_split(train, cfg.heldout_fraction)
 
 

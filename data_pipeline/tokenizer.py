@@ -261,9 +261,9 @@ def tokenizer_for_run(sources, vocab_size: int, run_dir: str, path: str | None =
     if path is None and os.path.exists(stored):
         path = stored
     if path is not None:
+        tok = Tokenizer(path)  # (read first: a path that is not a tokenizer fails here, before any copy)
         if store:
-            path = _store(path, stored)
-        tok = Tokenizer(path)
+            _store(path, stored)
     else:
         t0 = time.time()
         tok = train_tokenizer(sample_texts(sources, sample_mb, seed), vocab_size, os.path.join(run_dir, "tokenizer"))

@@ -6,22 +6,21 @@ import argparse
 import errno
 import os
 import sys
+import threading
+import time
+
+from tqdm import tqdm
 
 from data_pipeline.errors import UserError
 
 
 def _log(msg: str) -> None:
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(str(msg))
-    except ImportError:
-        print(msg, flush=True)
+    tqdm.write(str(msg))
 
 
 def _distributed(args) -> None:
     """Join a multi-process job: explicit flags, or auto-detection (TPU pods, SLURM, ...)."""
-    import jax
+    import jax  # heavy: a command imports JAX when it runs
 
     if args.coordinator or os.environ.get("LM_DISTRIBUTED"):
         if args.cpu_collectives:
@@ -34,7 +33,7 @@ def _distributed(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from lm.train import interrupt
+    from lm.train import interrupt  # lazy: a command imports what it runs
 
     # SIGTERM/SIGINT end the run promptly in every phase (lm/interrupt.py). A run stopped by
     # one leaves with os._exit: threads of a data source that hangs must not keep the
@@ -58,8 +57,8 @@ def _exit_now(line: str | None, code: int) -> None:
 
 
 def _train(args) -> int:
-    from lm import experiment
-    from lm.stages.runner import train
+    from lm import experiment  # lazy: a command imports what it runs
+    from lm.stages.runner import train  # lazy: a command imports what it runs
 
     cfg = experiment.load(args.experiment, args.set)  # bad keys fail here, before any work
     cfg.check_inputs()  # and files it names that must exist
@@ -74,9 +73,9 @@ def _train(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from lm import experiment
-    from lm.config import all_keys
-    from lm.model.transformer import flops_per_token, param_count
+    from lm import experiment  # lazy: a command imports what it runs
+    from lm.config import all_keys  # lazy: a command imports what it runs
+    from lm.model.transformer import flops_per_token, param_count  # lazy: a command imports what it runs
 
     cfg = experiment.load(args.experiment, args.set)
     if args.keys:
@@ -102,7 +101,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lm.tools.compare import compare
+    from lm.tools.compare import compare  # lazy: a command imports what it runs
 
     text, png = compare(args.run_dirs, args.out, args.metric, args.clock)
     print(text)
@@ -111,27 +110,27 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from lm.tools.hf_runs import export_run
+    from lm.tools.hf_runs import export_run  # lazy: a command imports what it runs
 
     export_run(args.run_dir, args.out_dir, log=_log, force=args.force)
     return 0
 
 
 def cmd_import_hf(args) -> int:
-    from lm.tools.hf_runs import import_run
+    from lm.tools.hf_runs import import_run  # lazy: a command imports what it runs
 
     import_run(args.hf_dir, args.run_dir, log=_log, force=args.force)
     return 0
 
 
 def cmd_sample(args) -> int:
-    from lm.sampling.sampler import generate, stream
-    from lm.train.run import load_run
+    from lm.sampling.sampler import generate, stream  # lazy: a command imports what it runs
+    from lm.train.run import load_run  # lazy: a command imports what it runs
 
     run = load_run(args.run_dir, log=_log)
     tok = run.tokenizer
     if args.chat is not None:  # one question, answered with the chat template
-        from lm.serve.chat import Chat, is_chat_model
+        from lm.serve.chat import Chat, is_chat_model  # lazy: a command imports what it runs
 
         if not is_chat_model(run):
             raise UserError(f"{args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
@@ -173,8 +172,8 @@ def cmd_sample(args) -> int:
 
 def cmd_chat(args) -> int:
     """A multi-turn loop: the chat template for a fine-tuned run; a base model continues the text."""
-    from lm.serve.chat import Chat, is_chat_model
-    from lm.train.run import load_run
+    from lm.serve.chat import Chat, is_chat_model  # lazy: a command imports what it runs
+    from lm.train.run import load_run  # lazy: a command imports what it runs
 
     run = load_run(args.run_dir, log=_log)
     if not is_chat_model(run):
@@ -210,7 +209,7 @@ def cmd_chat(args) -> int:
 
 def _chat_base(run, args) -> int:
     """A base model has no chat template: it continues a plain-text transcript."""
-    from lm.sampling.sampler import stream
+    from lm.sampling.sampler import stream  # lazy: a command imports what it runs
 
     tok = run.tokenizer
     max_len = run.cfg.model.max_seq_len
@@ -253,20 +252,20 @@ def cmd_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UserError(f"lm serve needs starlette and uvicorn ({e}): pip install -e .[serve]") from None
-    from lm.serve.server import serve
+    from lm.serve.server import serve  # lazy: a command imports what it runs
 
     api_key = args.api_key or os.environ.get("LM_API_KEY") or None
     return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log)
 
 
 def cmd_eval(args) -> int:
-    from lm.eval.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table
-    from lm.stages.runner import evaluate_heldout
+    from lm.eval.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table  # lazy: a command imports what it runs
+    from lm.stages.runner import evaluate_heldout  # lazy: a command imports what it runs
 
     results = {}
     if args.harness:  # lm-evaluation-harness's own tasks, through the lm-jax adapter
         try:
-            from lm.eval.harness import evaluate_harness
+            from lm.eval.harness import evaluate_harness  # lazy: a command imports what it runs
         except ImportError as e:
             raise UserError(f"--harness needs lm-evaluation-harness ({e}); pip install lm-eval") from None
         names = [t.strip() for t in args.harness.split(",") if t.strip()]
@@ -294,8 +293,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_reward(args) -> int:
-    from lm.eval import reward_model as reward
-    from lm.train.run import load_run
+    from lm.eval import reward_model as reward  # lazy: a command imports what it runs
+    from lm.train.run import load_run  # lazy: a command imports what it runs
 
     loaded = load_run(args.run_dir, log=_log)
     r = reward.score_pairs(loaded, args.pairs, args.format, args.limit, log=_log)
@@ -306,17 +305,17 @@ def cmd_reward(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lm.tools import plan
+    from lm.tools import plan  # lazy: a command imports what it runs
 
     return plan.main(args.experiment, args.set, args.devices, args.hbm)
 
 
 def cmd_bench(args) -> int:
     if args.which == "accel":
-        from lm.tools import bench_accel
+        from lm.tools import bench_accel  # lazy: a command imports what it runs
 
         return bench_accel.main([])
-    from lm.tools import bench
+    from lm.tools import bench  # lazy: a command imports what it runs
 
     return bench.main(args.which)
 
@@ -381,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="memory per device in GiB (default 80: an H100)")
     pl.set_defaults(fn=cmd_plan)
 
-    from data_pipeline.cli import add_data_parser, add_tokenizer_parser
-    from lm.experiment import load as load_experiment
+    from data_pipeline.cli import add_data_parser, add_tokenizer_parser  # lazy: a command imports what it runs
+    from lm.experiment import load as load_experiment  # lazy: a command imports what it runs
 
     add_tokenizer_parser(sub, load_experiment)
     add_data_parser(sub, load_experiment)
@@ -494,8 +493,6 @@ def _leave_without_stragglers(code: int, wait_s: float = 10.0) -> None:
     """Python waits at exit for every non-daemon thread: one of a data source's reader
     threads stuck in a read that hangs (the run ended with an error) would keep `lm train`
     alive for ever. Give them `wait_s` seconds, then leave without them."""
-    import threading
-    import time
 
     deadline = time.monotonic() + wait_s
     for t in threading.enumerate():

@@ -166,7 +166,7 @@ def evaluate_harness(run_dir: str, tasks: Sequence[str | dict], limit: int | Non
     """Run harness tasks (names, or task config dicts) on a run; results per task under
     "harness:TASK" with the harness's metric names, task version and item count, merged into
     RUN_DIR/eval.json. `harness_kwargs` go to `lm_eval.simple_evaluate`."""
-    import lm_eval
+    import lm_eval  # optional extra [harness]
 
 
     model = JaxLM(run_dir, batch_size=batch_size, log=log, progress=progress)
@@ -190,7 +190,7 @@ def evaluate_harness(run_dir: str, tasks: Sequence[str | dict], limit: int | Non
 
 def main() -> None:
     """The harness's own command line, with "lm-jax" registered."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # optional extra [harness]
 
     cli_evaluate()
 

@@ -83,6 +83,7 @@ def _cudnn(q, k, v, segment_ids):
 
 
 def _pallas(q, k, v, segment_ids, interpret: bool):
+    # a platform's kernel: imported on that platform only
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 
     t = q.shape[1]
@@ -100,6 +101,7 @@ def _pallas(q, k, v, segment_ids, interpret: bool):
 
 
 def _splash(q, k, v, segment_ids, interpret: bool):
+    # TPU kernels: imported on that platform only
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 

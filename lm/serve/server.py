@@ -247,12 +247,12 @@ class Service:
 
 def make_app(service: Service):
     """The Starlette application over `service`."""
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request as HTTPRequest
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
+    from starlette.applications import Starlette  # optional extra [serve]
+    from starlette.concurrency import run_in_threadpool  # optional extra [serve]
+    from starlette.exceptions import HTTPException  # optional extra [serve]
+    from starlette.requests import Request as HTTPRequest  # optional extra [serve]
+    from starlette.responses import JSONResponse, StreamingResponse  # optional extra [serve]
+    from starlette.routing import Route  # optional extra [serve]
 
     def error(e: APIError, headers: dict | None = None) -> JSONResponse:
         return JSONResponse(_error_body(e), status_code=e.status, headers=headers)
@@ -469,7 +469,7 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,
           api_key: str | None = None, model_name: str | None = None, log: Callable = print) -> int:
     """`lm serve`: bind (port 0: any free port), build the app and serve until interrupted."""
-    import uvicorn
+    import uvicorn  # optional extra [serve]
 
     try:  # first, so a port in use is reported at once
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -81,7 +81,7 @@ def run_case(case: str, steps: int, repeats: int) -> dict:
     batch, mean_doc = cfg.data.batch_size, min(mean_doc, cfg.data.seq_len // 4)
     peak, _ = perf.peak_flops_per_device()
     if attention == "torch":
-        import torch
+        import torch  # optional: the PyTorch peer
 
 
         device = "cuda" if torch.cuda.is_available() else "cpu"

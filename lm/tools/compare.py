@@ -83,10 +83,10 @@ def table(curves: Sequence[Curve], clock: str = "wall") -> str:
 
 def plot(curves: Sequence[Curve], out: str, metric: str = "eval_loss", clock: str = "wall") -> str:
     """Held-out loss against steps, tokens and wall-clock seconds: three panels, one PNG."""
-    import matplotlib
+    import matplotlib  # heavy: imported when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: imported when a plot is drawn
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=110, sharey=True)
     for c in curves:

@@ -23,7 +23,7 @@ from lm.config import ModelConfig
 
 
 def hf_config(cfg: ModelConfig, seq_len: int):
-    import transformers
+    import transformers  # optional: the PyTorch peer
 
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
@@ -37,8 +37,8 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
                compile: bool = False, grad_ckpt: bool = False, steps: int = 10, warmup: int = 3,
                repeats: int = 3, threads: int | None = None) -> dict:
     """Training tokens/s of the Hugging Face LLaMA peer (and its peak device memory on GPU)."""
-    import torch
-    import transformers
+    import torch  # optional: the PyTorch peer
+    import transformers  # optional: the PyTorch peer
 
     if threads:
         torch.set_num_threads(threads)
@@ -90,8 +90,8 @@ class HFDecoder:
     """Greedy `transformers.generate` on an exported model (a folder written by export_llama)."""
 
     def __init__(self, hf_dir: str):
-        import torch
-        import transformers
+        import torch  # optional: the PyTorch peer
+        import transformers  # optional: the PyTorch peer
 
         self.torch = torch
         self.model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -29,7 +29,7 @@ class MetricsLogger:
             os.makedirs(run_dir, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # optional: TensorBoard scalars
 
                 self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), flush_secs=10)
             except ImportError:  # TensorBoard output is optional
@@ -79,10 +79,10 @@ def plot_loss(run_dir: str, out_name: str = "loss.png") -> str | None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if isinstance(r.get("eval_loss"), (int, float))]
     if not train:
         return None
-    import matplotlib
+    import matplotlib  # heavy: imported when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: imported when a plot is drawn
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     ax.plot(*zip(*train), label="train loss", lw=1.2)
@@ -107,10 +107,10 @@ def plot_metrics(run_dir: str, keys: dict[str, str], out_name: str, title: str =
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    import matplotlib
+    import matplotlib  # heavy: imported when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: imported when a plot is drawn
 
     fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.4), dpi=110, squeeze=False)
     for ax, (k, pts) in zip(axes[0], series.items()):
