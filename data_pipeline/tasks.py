@@ -14,7 +14,7 @@ are skipped; a line that is not valid UTF-8, not JSON, or lacks a field of the r
 is counted and skipped, with one warning per file naming the first few `file:line`s and
 why; a file with no usable record is one `DataError` line naming the file and what a
 record must look like; a missing file is `TaskFileNotFound` (a `NotFound`). `load_task`
-and `load_generation_task` read the files of lm/evaluate.py's tasks (HellaSwag, ARC, PIQA,
+and `load_generation_task` read the files of lm/eval/evaluate.py's tasks (HellaSwag, ARC, PIQA,
 Winogrande, LAMBADA, GSM8K, WMT22, Multi30k) this way into the same items it builds.
 `drop_long_prompts` drops (and counts) prompts too long for the model's context.
 """
@@ -237,7 +237,7 @@ def drop_long_prompts(problems: Sequence[dict], length: Callable[[dict], int], l
 
 
 # ---------------------------------------------------------------------------------------
-# The task files of `lm eval` (lm/evaluate.py): the same items, read as above
+# The task files of `lm eval` (lm/eval/evaluate.py): the same items, read as above
 
 EVAL_HINT = ": pass --data-dir DIR (or set LM_DATA) to the folder holding hellaswag/, arc/, ..."
 _MC_FILES = {"arc_easy": "arc/arc_easy.jsonl", "arc_challenge": "arc/arc_challenge.jsonl", "piqa": "piqa/piqa.jsonl",
@@ -303,7 +303,7 @@ def _hellaswag(path: str, log: Log | None) -> list[dict]:
 
 
 def load_task(name: str, data_dir: str = SHARED_DATA, log: Log | None = None) -> list[dict]:
-    """lm/evaluate.py's log-likelihood task items {"contexts", "continuations", "choices",
+    """lm/eval/evaluate.py's log-likelihood task items {"contexts", "continuations", "choices",
     "gold"}, with bad records skipped (one warning) and one-line errors (see read_jsonl)."""
     d = os.path.normpath(data_dir)
     if name == "hellaswag":
@@ -346,7 +346,7 @@ def _aligned(src: str, ref: str, log: Log | None) -> list[tuple[str, str]]:
 
 
 def load_generation_task(name: str, data_dir: str = SHARED_DATA, shots: int = 3, log: Log | None = None) -> list[dict]:
-    """lm/evaluate.py's generation task items {"prompt", "reference"} (GSM8K 3-shot from its
+    """lm/eval/evaluate.py's generation task items {"prompt", "reference"} (GSM8K 3-shot from its
     train split, translation zero-shot), with bad records skipped and one-line errors."""
     d = os.path.normpath(data_dir)
     if name == "gsm8k":

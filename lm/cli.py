@@ -35,7 +35,7 @@ def _distributed(args) -> None:
 def cmd_train(args) -> int:
     from lm.train import interrupt  # lazy: a command imports what it runs
 
-    # SIGTERM/SIGINT end the run promptly in every phase (lm/interrupt.py). A run stopped by
+    # SIGTERM/SIGINT end the run promptly in every phase (lm/train/interrupt.py). A run stopped by
     # one leaves with os._exit: threads of a data source that hangs must not keep the
     # process alive, nor native threads crash it on the way out.
     with interrupt.handling(watchdog=True) as signals:

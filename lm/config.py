@@ -26,7 +26,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer shape. Dimension names follow lm/model.py's alphabet."""
+    """Decoder-only transformer shape. Dimension names follow lm/model/transformer.py's alphabet."""
 
     vocab_size: int = 4096  # V
     d_model: int = 256  # D
@@ -48,7 +48,7 @@ class ModelConfig:
     # "none" keeps all activations, "full" recomputes the block,
     # "dots" saves matmul outputs only, "dots_no_batch" saves weight matmuls only.
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Training attention (lm/attention.py): "xla" our einsum attention over a (B, T, S) mask;
+    # Training attention (lm/model/attention.py): "xla" our einsum attention over a (B, T, S) mask;
     # "jax_dpa" jax.nn.dot_product_attention with that mask; fused kernels that take the
     # packed documents' segment ids and never build the mask: "pallas"
     # (Triton flash kernel), "splash" (TPU), "flash" = the platform's fused kernel with
@@ -99,7 +99,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    # "adamw"; or "muon": Muon on the attention/MLP kernels, AdamW on the rest (lm/optim.py)
+    # "adamw"; or "muon": Muon on the attention/MLP kernels, AdamW on the rest (lm/train/optim.py)
     name: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-3  # AdamW's peak learning rate
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -154,7 +154,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
-    """Reward models and DPO-family training on preference pairs (lm/preference.py)."""
+    """Reward models and DPO-family training on preference pairs (lm/objectives/preference.py)."""
 
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
     beta: float = 0.1  # DPO/IPO/SimPO temperature; the implicit rewards are beta x log-ratios
@@ -170,7 +170,7 @@ class PreferenceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Reinforcement learning from rewards: GRPO and PPO (lm/rl.py, lm/stages/grpo.py, lm/stages/ppo.py)."""
+    """Reinforcement learning from rewards: GRPO and PPO (lm/objectives/policy.py, lm/stages/grpo.py, lm/stages/ppo.py)."""
 
     task: str = "arith"  # prompts and answers: "arith" (synthetic additions), "gsm8k" (../shared/data/gsm8k)
     reward: str = "exact"  # "exact" (the reply is the answer), "number" (its last number), "gsm8k_strict"
@@ -222,7 +222,7 @@ class TrainerConfig:
     checkpoint_keep: int = 3  # keep the last K checkpoints (plus the best by held-out loss)
     max_bad_steps: int = 5  # stop after this many consecutive NaN/Inf steps (each one is skipped)
     # Downstream tasks scored at each evaluation and logged as task/<name>/<metric> (lm-
-    # evaluation-harness conventions, lm/evaluate.py), e.g. ("hellaswag",): the first
+    # evaluation-harness conventions, lm/eval/evaluate.py), e.g. ("hellaswag",): the first
     # `eval_task_items` items of each, read from eval_data_dir (default: LM_DATA or ../shared/data).
     eval_tasks: tuple[str, ...] = ()
     eval_task_items: int = 200

@@ -1,12 +1,12 @@
 """A run directory as an lm-evaluation-harness model: any harness task on a JAX checkpoint.
 
 `JaxLM(run_dir)` is a harness `LM`, registered as "lm-jax" when this module is imported:
-- `loglikelihood`: `lm.evaluate.loglikelihood_texts`, the scorer of `lm eval` (the
+- `loglikelihood`: `lm.eval.evaluate.loglikelihood_texts`, the scorer of `lm eval` (the
   harness's tokenization conventions, tested equal to its own), batched and sharded over
   the run's mesh;
-- `loglikelihood_rolling`: `lm.evaluate.loglikelihood_rolling` (the harness's rolling
+- `loglikelihood_rolling`: `lm.eval.evaluate.loglikelihood_rolling` (the harness's rolling
   windows over the text's tokens, the first predicted from BOS);
-- `generate_until`: the KV-cache sampler (lm/sampling.py), a batch of prompts at a time
+- `generate_until`: the KV-cache sampler (lm/sampling/sampler.py), a batch of prompts at a time
   (requests grouped by their generation settings), greedy unless the task asks for
   `do_sample` with a temperature; the text is cut at the first stop string.
 
@@ -38,7 +38,7 @@ from lm.train.rundir import merge_json
 
 @register_model("lm-jax")
 class JaxLM(TemplateLM):
-    """The newest checkpoint of a run (or `run`, an already loaded `lm.run.LoadedRun`)."""
+    """The newest checkpoint of a run (or `run`, an already loaded `lm.train.run.LoadedRun`)."""
 
     def __init__(self, run_dir: str | None = None, batch_size: int | str | None = 16, max_gen_toks: int = 256,
                  step: int | None = None, run=None, progress: bool = True, log: Callable = print,

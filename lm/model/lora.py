@@ -42,7 +42,7 @@ assert tuple(TARGETS) == LORA_TARGETS  # the names `lora.targets` accepts (lm/co
 # How many dimensions after the layer axis are the weight's input; the rest are output.
 _INPUT_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
-# Logical axis names (lm/sharding.py RULES) of each target's input and output, used for
+# Logical axis names (lm/model/sharding.py RULES) of each target's input and output, used for
 # the adapters' sharding. A flattened (N*H) is named like its leading (heads) dimension:
 # row-major flattening keeps whole heads together, so the split matches the weight's.
 _AXES = {

@@ -39,7 +39,7 @@ RULES: dict[str, Any] = {
     "norm": None,
 }
 
-# Named activation layouts (dimension alphabet of lm/model.py).
+# Named activation layouts (dimension alphabet of lm/model/transformer.py).
 ACTIVATIONS: dict[str, tuple[str | None, ...]] = {
     "act_bt": ("batch", "seq"),
     "act_btd": ("batch", "seq", None),  # residual stream: replicated over width

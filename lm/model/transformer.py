@@ -134,7 +134,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, batch: int):
         """x (B*T, D) -> (B*T, D). `mask` is (B, T, S), or for the fused kernels
-        (`model.attention`, lm/attention.py) the segment ids (B, T) or None."""
+        (`model.attention`, lm/model/attention.py) the segment ids (B, T) or None."""
         cfg = self.cfg
         cdt = jnp.dtype(cfg.compute_dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
@@ -219,7 +219,7 @@ class Transformer(nnx.Module):
 
     def forward(self, tokens, positions=None, segment_ids=None):
         """The one forward path, for training and scoring (cached decoding, with the
-        same math on weights laid out for it, is lm/decode.py).
+        same math on weights laid out for it, is lm/sampling/decode.py).
 
         tokens (B, T) int -> final normalised hidden states (B*T, D). Causal attention
         within documents (`segment_ids`); positions default to 0..T-1.

@@ -1,4 +1,4 @@
-"""Objectives: what a stage trains for (see `lm.engine.Objective`).
+"""Objectives: what a stage trains for (see `lm.train.engine.Objective`).
 
 `NextToken` is the cross-entropy of next-token prediction over the tokens the batch's
 `loss_mask` keeps: every token of a document in pretraining, the assistant turns (and

@@ -3,7 +3,7 @@
 GRPO (group-relative policy optimisation):
 
 A rollout batch holds P prompts x G samples (rows), each the prompt followed by the
-sampled completion. Per row: the reward r (a Python callable, lm/rewards.py) and the
+sampled completion. Per row: the reward r (a Python callable, lm/stages/rewards.py) and the
 per-token log-probabilities `old_logps` the sampler reported. Advantages are relative to
 the row's group (the G samples of one prompt):
 

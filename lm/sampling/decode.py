@@ -15,14 +15,14 @@ memory traffic rather than arithmetic:
   long as the longest sequence in the batch (`spans`): a program is compiled per bucket;
 - greedy rows skip sampling altogether (`pick`): no sort of the vocabulary, no random bits.
 
-The math is the model's (lm/model.py: `rms_norm`, `rope_tables`, `apply_rope`,
+The math is the model's (lm/model/transformer.py: `rms_norm`, `rope_tables`, `apply_rope`,
 `dot_product_attention` for the prefill), on these weights; the tests hold cached
 decoding to the full forward pass. Prefill runs a prompt's tokens through causal
 attention among themselves and returns their keys/values for slots 0..T-1; a step
 attends from position p to slots 0..p. A row's slots past its position hold stale values
 (padding, an earlier request's tokens) that are masked and overwritten before they are read.
 
-Dimension alphabet as in lm/model.py: B batch (rows or server slots), T new tokens, S
+Dimension alphabet as in lm/model/transformer.py: B batch (rows or server slots), T new tokens, S
 cache length, K key/value heads, G = N // K, H head size, D width, F MLP width, V vocabulary.
 """
 
@@ -177,7 +177,7 @@ def span_for(filled: int, length: int, bucket: int = SPAN_BUCKET) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# The forward pieces: the model's math (lm/model.py) on these weights
+# The forward pieces: the model's math (lm/model/transformer.py) on these weights
 
 
 def argmax(logits):

@@ -1,9 +1,9 @@
 """Sampling: `generate` (a batch, one compiled program), `rollout` (RL), `stream` (token
-by token), all on the decode engine of lm/decode.py.
+by token), all on the decode engine of lm/sampling/decode.py.
 
 `generate` runs prefill and the decode loop as one jit-compiled program (`lax.while_loop`s
 over new tokens, stopping early once every sequence has hit a stop token): no Python per
-token. The loop is split in segments by attention span (lm/decode.py `spans`): the cache
+token. The loop is split in segments by attention span (lm/sampling/decode.py `spans`): the cache
 grows from one bucket to the next between segments, and early steps never read the empty
 end of it. `stream` yields tokens as they come (one compiled step per token, the cache
 donated). Prompts of different lengths are batched: each sequence decodes from its own
@@ -119,7 +119,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, m
              stop_ids: Sequence[int] = (), seed: int = 0, bucket: int = 1, weights=None) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens; returns the new tokens of each,
     ending with the stop token (EOS or one of `stop_ids`) if one was produced. `weights`
-    (lm.decode.prepare(graphdef, params)) saves preparing them again on repeated calls."""
+    (lm.sampling.decode.prepare(graphdef, params)) saves preparing them again on repeated calls."""
     tokens, lengths = _pack(prompts, max_new, max_len, bucket)
     w = weights if weights is not None else decode.prepare(graphdef, params)
     out, count, _ = _generate(w, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),

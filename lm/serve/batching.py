@@ -1,6 +1,6 @@
 """Continuous batching: requests share one compiled decode step, joining and leaving between steps.
 
-`Batcher` owns a fixed number of slots over one preallocated cache (lm/decode.py: rows of
+`Batcher` owns a fixed number of slots over one preallocated cache (lm/sampling/decode.py: rows of
 `slots` sequences of up to `max_len` tokens) and a background thread that loops:
 
 1. admit waiting requests into free slots: each prompt is prefilled into its slot (one

@@ -9,7 +9,7 @@ tokens'). Not supported, and refused with a 400 rather than ignored: `n` > 1, `b
 `echo`, `suffix`, `tools`, `top_logprobs`, `logit_bias`, penalties, a non-text
 `response_format`.
 
-Every request runs in one slot of the `lm.batching.Batcher`, which steps all slots at
+Every request runs in one slot of the `lm.serve.batching.Batcher`, which steps all slots at
 once on its own thread; the event loop only queues and streams (bodies are parsed and
 prompts tokenised in a worker thread). Bad requests get OpenAI-style errors (`{"error":
 {"message", "type", "param", "code"}}`, status 400, 401, 404, 405, 413), never a
@@ -57,7 +57,7 @@ def _error_body(e: APIError) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Request parsing: JSON body -> lm.batching.Request
+# Request parsing: JSON body -> lm.serve.batching.Request
 
 
 def _number(body: dict, name: str, default, low=None, high=None, integer: bool = False, low_open: bool = False):

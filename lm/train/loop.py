@@ -4,7 +4,7 @@ A stage (`lm/stages/*.py`) hands the loop a `Setup`: the engine (objective, opti
 shardings), its data, where the parameters start, and extra hooks. The loop owns what
 every stage needs and must get right once: resuming the run exactly (state, data
 iterator, metrics), starting from another run's parameters (`trainer.init_from`),
-preemption (SIGTERM/SIGINT in any phase: see `lm/interrupt.py`), NaN/Inf steps, the
+preemption (SIGTERM/SIGINT in any phase: see `lm/train/interrupt.py`), NaN/Inf steps, the
 progress bar, metrics in JSON Lines and TensorBoard, periodic evaluation and checkpoints.
 
 The step is asynchronous: the host fetches metrics (and so waits for the device) only on
@@ -283,7 +283,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     # -- the loop ----------------------------------------------------------------------------
     # A signal stops the run at once during start-up, compilation and data waits (nothing
     # new to save, or the last step's state, saved below); during a step and its hooks it
-    # is noted, and the step finishes and saves first (lm/interrupt.py).
+    # is noted, and the step finishes and saves first (lm/train/interrupt.py).
     with interrupt.handling() as signals:
         saver = hooks[-1]
         data_state = None

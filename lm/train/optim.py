@@ -30,7 +30,7 @@ from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from lm.config import ConfigError, OptimConfig
 
 OPTIMIZERS = ("adamw", "muon")
-# The kernels Muon trains (names of the model's stacked block parameters, lm/model.py).
+# The kernels Muon trains (names of the model's stacked block parameters, lm/model/transformer.py).
 MUON_KERNELS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 

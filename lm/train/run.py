@@ -22,7 +22,7 @@ from lm.train.init import load_base
 @dataclasses.dataclass
 class LoadedRun:
     cfg: Config
-    trainer: Any  # lm.engine.Trainer on the current devices
+    trainer: Any  # lm.train.engine.Engine on the current devices
     params: Any  # nnx.State of parameters
     step: int
     tokenizer: Any  # data_pipeline.tokenizer.Tokenizer, or None

@@ -166,7 +166,7 @@ def fresh_start(run_dir: str, prepare: Callable[[], Any]) -> Any:
         shutil.rmtree(aside, ignore_errors=True)
 
     # A signal during the moves waits for them; one that must end the process while
-    # prepare() is stuck (see lm/interrupt.py) puts the old run back first.
+    # prepare() is stuck (see lm/train/interrupt.py) puts the old run back first.
     try:
         with interrupt.deferred():
             os.makedirs(aside, exist_ok=True)
