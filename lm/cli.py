@@ -259,8 +259,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lm.eval.evaluate import DEFAULT_DATA, TASKS, evaluate_run, format_table  # lazy: a command imports what it runs
-    from lm.stages.runner import evaluate_heldout  # lazy: a command imports what it runs
+    from lm.eval.evaluate import DEFAULT_DATA, TASKS, format_table  # lazy: a command imports what it runs
+    from lm.stages.runner import evaluate_run  # lazy: a command imports what it runs
 
     results = {}
     if args.harness:  # lm-evaluation-harness's own tasks, through the lm-jax adapter
@@ -283,7 +283,7 @@ def cmd_eval(args) -> int:
                         "tasks go in --harness)")
     if tasks:
         results.update(evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit,
-                                    args.batch_size, log=_log, heldout=evaluate_heldout))
+                                    args.batch_size, log=_log))
     print(format_table(results))
     for task, r in results.items():  # sacreBLEU says how its numbers were computed
         for metric, sig in (r.get("signature") or {}).items() if isinstance(r, dict) else ():

@@ -138,7 +138,7 @@ def test_rerunning_a_finished_run_keeps_its_figures_in_strict_json(finished):
 
 
 def test_eval_results_of_other_tasks_are_kept(finished):
-    from lm.eval.evaluate import evaluate_run
+    from lm.stages.runner import evaluate_run
 
     with open(finished / "eval.json", "w") as f:
         json.dump({"hellaswag": {"acc": 0.25, "step": 6}}, f)

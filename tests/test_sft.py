@@ -252,7 +252,7 @@ def test_cli_chat_and_sample(base_run, sft_run, monkeypatch, capsys):
 
 
 def test_eval_reports_assistant_token_loss(sft_run):
-    from lm.eval.evaluate import evaluate_run
+    from lm.stages.runner import evaluate_run
 
     r = evaluate_run(sft_run["run"], ["heldout"], log=lambda *_: None)
     assert r["heldout"]["tokens"] == "assistant"

@@ -16,6 +16,7 @@ import jax
 
 from lm import stages
 from lm.config import Config
+from lm.eval import evaluate as tasks
 from lm.model.sharding import make_mesh
 from lm.stages.common import check_tasks
 from lm.train import interrupt
@@ -68,3 +69,9 @@ def evaluate_heldout(run: LoadedRun, run_dir: str, log: Callable = print) -> dic
     if stage.heldout_tokens != "all":
         out["tokens"] = stage.heldout_tokens
     return out
+
+
+def evaluate_run(run_dir: str, task_names, *args, **kwargs) -> dict:
+    """`lm eval`: `lm.eval.evaluate.evaluate_run`, with the task "heldout" scored on the data
+    of the run's stage (`evaluate_heldout`)."""
+    return tasks.evaluate_run(run_dir, task_names, *args, heldout=evaluate_heldout, **kwargs)
