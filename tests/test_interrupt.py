@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _child(body: str) -> subprocess.Popen:
-    code = f"import gc, os, signal, sys, time\nsys.path.insert(0, {ROOT!r})\nfrom lm import interrupt\n{body}"
+    code = f"import gc, os, signal, sys, time\nsys.path.insert(0, {ROOT!r})\nfrom lm.train import interrupt\n{body}"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -50,8 +50,8 @@ def test_a_signal_inside_a_garbage_collection_callback_still_stops_the_run():
         "        hit.append(1)\n"
         "        os.kill(os.getpid(), signal.SIGINT)  # handled at once, inside the callback\n"
         "        for _ in range(1000): pass\n"
-        "gc.callbacks.append(callback)\n"
         "with interrupt.handling(watchdog=True, grace=30.0):\n"
+        "    gc.callbacks.append(callback)  # (here: an automatic collection before would signal too early)\n"
         "    try:\n"
         "        gc.collect()\n"
         "        t0 = time.time()\n"
