@@ -114,7 +114,7 @@ def test_a_second_process_on_the_run_directory_is_refused(tmp_path):
     # a killed holder leaves no stale lock: the kernel releases it with the process
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r)\n"
-        "from lm.rundir import RunLock\n"
+        "from lm.train.rundir import RunLock\n"
         "with RunLock(%r):\n    print('locked', flush=True); time.sleep(60)\n") % (ROOT, str(run))],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
