@@ -1,13 +1,34 @@
-"""Test setup: CPU with 8 fake devices (set before JAX is imported), and --runslow."""
+"""Test setup: CPU with 8 fake devices and one JAX compilation cache per session (both set
+before JAX is imported), --runslow, and the fixtures several test modules share."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TESTS))
+sys.path.insert(0, TESTS)
+
+# A persistent compilation cache, new for every test session and removed at its end, shared by
+# everything the session runs: tests compile the same train steps and models again and again
+# (each run jits its own step), and so do the `python -m lm ...` children they start (they
+# inherit the environment). Nothing outside the session writes to it, so no entry is stale.
+# A pytest-xdist worker uses its controller's cache (the controller set the variable).
+_CACHE_VAR = "LM_TESTS_JAX_CACHE"
+if not (os.environ.get("PYTEST_XDIST_WORKER") and os.path.isdir(os.environ.get(_CACHE_VAR, ""))):
+    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="lm-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_VAR]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, however quick to compile
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # and however small
 
 import pytest  # noqa: E402
+
+import helpers  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -25,3 +46,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# -- shared runs (built once per session, only by the sessions that use them) ---------------
+# Tests read these runs and never change them: a test that would change one copies it first
+# (shutil.copytree into its tmp_path).
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """A briefly pretrained base run with the real tokenizer (chat tokens), and a chat file:
+    {"dir", "run", "chat", "exp", "cfg"} (helpers.make_base_run)."""
+    return helpers.make_base_run(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="session")
+def sft_run(base_run, tmp_path_factory):
+    """A short full-parameter SFT run from the base run (60 steps, held-out evaluation at 30
+    and 60, two samples): {"run", "summary", "logs"}."""
+    from lm.stages.runner import train
+
+    logs = []
+    run = tmp_path_factory.mktemp("sft") / "run"
+    summary = train(helpers.sft_config(base_run, steps=60, eval_every=30, num_samples=2, sample_tokens=8), str(run),
+                    log=logs.append, progress=False)
+    return {"run": str(run), "summary": summary, "logs": "\n".join(map(str, logs))}

@@ -91,3 +91,152 @@ def write_task_files(directory, n: int = 12) -> str:
             f.write(json.dumps({"context": f"{phrase(3)}.\n\n\"{phrase(2)}\" {phrase(1)} the",
                                 "continuation": str(rng.choice(nouns))}) + "\n")
     return str(root)
+
+
+def quiet(*_):
+    """A log function that prints nothing."""
+
+
+# -- the small base run of the post-training tests (SFT, reward, DPO, RL) -------------------
+#
+# A briefly pretrained model on the embedded default corpus with the project's real tokenizer
+# (helpers.corpus_tokenizer: chat role tokens included). conftest.base_run trains it once per
+# session; experiment files written by tests load BASE (formatted) to get its config.
+
+BASE_VOCAB = 512
+
+BASE = """
+from lm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+
+def config():
+    return Config(
+        name="base",
+        model=ModelConfig(vocab_size={vocab}, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                          max_seq_len=64, attention_block=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        data=DataConfig(corpus="default", seq_len=64, batch_size=8, tokenizer={tok!r}, prefetch=2),
+        trainer=TrainerConfig(steps=20, log_every=5, checkpoint_every=10, eval_batches=2, num_samples=0))
+"""
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+
+
+def conversations(n: int, seed: int = 0) -> list[dict]:
+    """Learnable chats: the assistant repeats the user's words in reverse order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        turns = []
+        for _ in range(1 + i % 2):
+            words = list(rng.choice(WORDS, rng.integers(2, 5)))
+            turns += [{"role": "user", "content": "reverse: " + " ".join(words)},
+                      {"role": "assistant", "content": " ".join(words[::-1])}]
+        if i % 3 == 0:
+            turns = [{"role": "system", "content": "You reverse words."}] + turns
+        out.append({"messages": turns})
+    return out
+
+
+def make_base_run(directory) -> dict:
+    """Train the base run in `directory`: {"dir", "run", "chat" (a chat file of conversations()),
+    "exp" (its experiment file), "cfg"}."""
+    from lm import experiment
+    from lm.stages.runner import train
+
+    tok = corpus_tokenizer(directory, BASE_VOCAB)
+    exp = directory / "base.py"
+    exp.write_text(BASE.format(tok=tok.path, vocab=BASE_VOCAB))
+    cfg = experiment.load(str(exp))
+    run = directory / "base_run"
+    train(cfg, str(run), log=quiet, progress=False)
+    chat = directory / "chat.jsonl"
+    chat.write_text("".join(json.dumps(c) + "\n" for c in conversations(400)))
+    return {"dir": directory, "run": str(run), "chat": str(chat), "exp": str(exp), "cfg": cfg}
+
+
+def sft_config(base: dict, **trainer):
+    """An SFT run from the base run on its chat file (trainer settings overridable)."""
+    from lm.config import Config, DataConfig, OptimConfig, SourceConfig, TrainerConfig
+
+    t = dict(steps=30, log_every=1, eval_every=15, eval_batches=2, checkpoint_every=5, num_samples=0,
+             init_from=base["run"])
+    t.update(trainer)
+    return Config(
+        name="sft", stage="sft", model=base["cfg"].model,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        data=DataConfig(corpus="sources", seq_len=64, batch_size=8, prefetch=2,
+                        sources=(SourceConfig(name="chat", kind="chat", paths=(base["chat"],), heldout_fraction=0.1),)),
+        trainer=TrainerConfig(**t))
+
+
+def pair_file(path, n: int = 300, seed: int = 0) -> str:
+    """Pairs whose preferred reply follows a rule: it starts with "Yes" (and has the right sum)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.integers(0, 50, 2)
+            wrong = int(a + b + rng.integers(1, 9))
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "chosen": f"Yes: {a} + {b} = {a + b}.",
+                                "rejected": f"No: {a} + {b} = {wrong}."}) + "\n")
+    return str(path)
+
+
+def pref_config(base: dict, stage: str, path: str, **changes):
+    """A reward-model or DPO-family run from the base run on the pairs of `path`."""
+    import dataclasses
+
+    from lm.config import Config, DataConfig, OptimConfig, PreferenceConfig, SourceConfig, TrainerConfig
+
+    model = base["cfg"].model
+    if stage == "reward":
+        model = dataclasses.replace(model, scalar_heads=("reward",))
+    cfg = Config(name=stage, stage=stage, model=model, pref=PreferenceConfig(),
+                 optim=OptimConfig(lr=1e-3, warmup_steps=2, weight_decay=0.0),
+                 data=DataConfig(corpus="sources", seq_len=48, batch_size=8, prefetch=2,
+                                 sources=(SourceConfig(name="p", kind="preference", paths=(path,),
+                                                       heldout_fraction=0.1),)),
+                 trainer=TrainerConfig(steps=4, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=2,
+                                       num_samples=0, init_from=base["run"]))
+    return dataclasses.replace(cfg, **changes)
+
+
+# -- random models of a few Llama shapes (Hugging Face interop) ------------------------------
+
+def _shapes():
+    from lm.config import ModelConfig
+
+    return [
+        ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
+                    rope_theta=10000.0, norm_eps=1e-5),
+        ModelConfig(vocab_size=61, d_model=48, n_layers=3, n_heads=6, n_kv_heads=6, d_ff=40, max_seq_len=16,
+                    rope_theta=500000.0, norm_eps=1e-6, tie_embeddings=True),
+        ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=1, head_dim=16, d_ff=64,
+                    max_seq_len=16, rope_theta=1000.0),
+    ]
+
+
+# Three shapes: grouped-query attention; tied embeddings; one KV head with its own head size.
+SHAPES = _shapes()
+SHAPE_IDS = ["gqa", "tied", "mqa-headdim"]
+
+
+def random_model(cfg, seed: int = 0):
+    """A Transformer of `cfg` with random weights, its norm scales perturbed (a swapped norm shows)."""
+    import jax
+    from flax import nnx
+
+    from lm.model.transformer import Transformer
+
+    model = Transformer(cfg, nnx.Rngs(seed))
+    state = nnx.state(model, nnx.Param)
+    pure = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape),
+                        state.to_pure_dict())
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+def random_tokens(cfg, b: int = 2, t: int = 12):
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)), jnp.int32)

@@ -6,38 +6,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import SHAPE_IDS, SHAPES, random_model, random_tokens
 
-from lm.config import ModelConfig
 from lm.interop.hf import export_llama, import_llama, load_model, load_safetensors, save_safetensors
 from lm.model.transformer import Transformer
-
-SHAPES = [
-    ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16,
-                rope_theta=10000.0, norm_eps=1e-5),
-    ModelConfig(vocab_size=61, d_model=48, n_layers=3, n_heads=6, n_kv_heads=6, d_ff=40, max_seq_len=16,
-                rope_theta=500000.0, norm_eps=1e-6, tie_embeddings=True),
-    ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=1, head_dim=16, d_ff=64,
-                max_seq_len=16, rope_theta=1000.0),
-]
-
-
-def _random_model(cfg, seed=0):
-    model = Transformer(cfg, nnx.Rngs(seed))
-    # norms start at 1: perturb them so a swapped norm would show
-    state = nnx.state(model, nnx.Param)
-    pure = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape),
-                        state.to_pure_dict())
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    return model
-
-
-def _tokens(cfg, b=2, t=12):
-    return jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
 
 
 def test_safetensors_round_trip_and_layout(tmp_path):
@@ -55,14 +30,14 @@ def test_safetensors_round_trip_and_layout(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [SHAPES[0]] + [pytest.param(c, marks=pytest.mark.slow) for c in SHAPES[1:]],
-                         ids=["gqa", "tied", "mqa-headdim"])
+                         ids=SHAPE_IDS)
 def test_export_then_import_gives_the_same_model(cfg, tmp_path):
-    model = _random_model(cfg)
+    model = random_model(cfg)
     export_llama(cfg, nnx.state(model, nnx.Param), str(tmp_path))
     cfg2, params = import_llama(str(tmp_path))
     assert dataclasses.replace(cfg2, max_seq_len=cfg.max_seq_len) == dataclasses.replace(
         cfg, head_dim=cfg.head_size)
-    x = _tokens(cfg)
+    x = random_tokens(cfg)
     np.testing.assert_allclose(load_model(cfg2, params)(x), model(x), atol=1e-5)
 
 
@@ -104,6 +79,6 @@ def test_export_and_import_run_directories(tmp_path):
     state, _, _, step = ck.restore_latest(trainer.abstract_state())
     ck.close()
     _, params = import_llama(str(tmp_path / "hf"))
-    x = _tokens(SHAPES[0])
+    x = random_tokens(SHAPES[0])
     np.testing.assert_allclose(trainer.model(state.params)(x), load_model(icfg.model, params)(x), atol=1e-6)
     assert step == 0

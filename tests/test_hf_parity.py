@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_hf import SHAPES, _random_model, _tokens
+from helpers import SHAPE_IDS, SHAPES, random_model, random_tokens
 
 from lm.interop.hf import export_llama, import_llama, load_model
 
@@ -20,11 +20,11 @@ def _hf_logits(path, tokens):
         return hf(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
-@pytest.mark.parametrize("cfg", SHAPES, ids=["gqa", "tied", "mqa-headdim"])
+@pytest.mark.parametrize("cfg", SHAPES, ids=SHAPE_IDS)
 def test_exported_model_matches_transformers(cfg, tmp_path):
-    model = _random_model(cfg, seed=3)
+    model = random_model(cfg, seed=3)
     export_llama(cfg, nnx.state(model, nnx.Param), str(tmp_path))
-    x = _tokens(cfg)
+    x = random_tokens(cfg)
     np.testing.assert_allclose(_hf_logits(str(tmp_path), x), np.asarray(model(x)), atol=1e-4)
 
 
@@ -56,7 +56,7 @@ def test_tokenizer_and_greedy_continuation_match_transformers(tmp_path):
     tok = train_tokenizer(texts, 320, str(tmp_path / "sp"))
     cfg = SHAPES[0].__class__(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                               max_seq_len=64)
-    model = _random_model(cfg, seed=5)
+    model = random_model(cfg, seed=5)
     out = tmp_path / "hf"
     export_llama(cfg, nnx.state(model, nnx.Param), str(out), tokenizer_model=tok.path)
 
@@ -80,12 +80,12 @@ def test_post_trained_models_export_with_their_heads(tmp_path):
     import dataclasses
 
     base = dataclasses.replace(SHAPES[0], vocab_size=89)
-    policy = _random_model(dataclasses.replace(base, scalar_heads=("value",)), seed=7)
+    policy = random_model(dataclasses.replace(base, scalar_heads=("value",)), seed=7)
     export_llama(policy.cfg, nnx.state(policy, nnx.Param), str(tmp_path / "policy"))
     x = jnp.asarray(np.random.default_rng(2).integers(1, 89, (3, 12)), jnp.int32)
     np.testing.assert_allclose(_hf_logits(str(tmp_path / "policy"), x), np.asarray(policy(x)), atol=1e-4)
 
-    rm = _random_model(dataclasses.replace(base, scalar_heads=("reward",)), seed=8)
+    rm = random_model(dataclasses.replace(base, scalar_heads=("reward",)), seed=8)
     export_llama(rm.cfg, nnx.state(rm, nnx.Param), str(tmp_path / "rm"), pad_id=0)
     lengths = np.array([12, 7, 3])
     x = np.asarray(x).copy()

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_sft import base_run  # noqa: F401 (a fixture: a briefly pretrained run with chat tokens)
+from helpers import pair_file, pref_config
 
 from data_pipeline import preferences as P
-from data_pipeline.config import SHARED_DATA, DataConfig, SourceConfig
-from lm.config import Config, ConfigError, LoraConfig, OptimConfig, PreferenceConfig, TrainerConfig
+from data_pipeline.config import SHARED_DATA, SourceConfig
+from lm.config import ConfigError, LoraConfig, PreferenceConfig
 from lm.objectives import preference as L
 
 QUIET = dict(log=lambda *_: None)
@@ -79,7 +79,7 @@ def test_pair_layouts_parse_and_bad_records_say_why():
             P.to_pair(bad)
 
 
-def test_rendered_pair_masks_the_last_reply_only(base_run):  # noqa: F811
+def test_rendered_pair_masks_the_last_reply_only(base_run):
     from data_pipeline.chat import chat_token_ids, generation_prompt, render
     from data_pipeline.tokenizer import Tokenizer
 
@@ -120,32 +120,6 @@ def test_shared_preference_files_parse(tmp_path):
 
 # -- the stages -------------------------------------------------------------------------
 
-def pair_file(path, n=300, seed=0):
-    """Pairs whose preferred reply follows a rule: it starts with "Yes" (and has the right sum)."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.integers(0, 50, 2)
-            wrong = int(a + b + rng.integers(1, 9))
-            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "chosen": f"Yes: {a} + {b} = {a + b}.",
-                                "rejected": f"No: {a} + {b} = {wrong}."}) + "\n")
-    return str(path)
-
-
-def pref_config(base, stage, path, **changes):
-    model = base["cfg"].model
-    if stage == "reward":
-        model = dataclasses.replace(model, scalar_heads=("reward",))
-    cfg = Config(name=stage, stage=stage, model=model, pref=PreferenceConfig(),
-                 optim=OptimConfig(lr=1e-3, warmup_steps=2, weight_decay=0.0),
-                 data=DataConfig(corpus="sources", seq_len=48, batch_size=8, prefetch=2,
-                                 sources=(SourceConfig(name="p", kind="preference", paths=(path,),
-                                                       heldout_fraction=0.1),)),
-                 trainer=TrainerConfig(steps=4, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=2,
-                                       num_samples=0, init_from=base["run"]))
-    return dataclasses.replace(cfg, **changes)
-
-
 def _engine_batch(cfg):
     from lm.model.sharding import make_mesh
     from lm.objectives.preference import PreferenceObjective, RewardObjective
@@ -161,7 +135,7 @@ def _engine_batch(cfg):
     return engine, data
 
 
-def test_dpo_loss_is_ln2_at_the_start_and_references_are_built_only_when_needed(base_run, tmp_path):  # noqa: F811
+def test_dpo_loss_is_ln2_at_the_start_and_references_are_built_only_when_needed(base_run, tmp_path):
     from data_pipeline.pipeline import global_batch
     from lm.train.init import init_params_loader
 
@@ -190,7 +164,7 @@ def test_dpo_loss_is_ln2_at_the_start_and_references_are_built_only_when_needed(
 
 
 @pytest.mark.parametrize("loss_name", ["dpo"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("ipo", "simpo", "orpo")])
-def test_dpo_family_trains_and_raises_the_preference(base_run, tmp_path, loss_name):  # noqa: F811
+def test_dpo_family_trains_and_raises_the_preference(base_run, tmp_path, loss_name):
     from lm.stages.runner import train
 
     cfg = pref_config(base_run, "dpo", pair_file(tmp_path / "p.jsonl"), pref=PreferenceConfig(loss=loss_name))
@@ -201,7 +175,7 @@ def test_dpo_family_trains_and_raises_the_preference(base_run, tmp_path, loss_na
 
 
 @pytest.mark.slow  # make test time; CI's slow phase runs it
-def test_precomputed_reference_gives_the_online_run_without_a_second_copy(base_run, tmp_path):  # noqa: F811
+def test_precomputed_reference_gives_the_online_run_without_a_second_copy(base_run, tmp_path):
     """DPO with the reference's log-probabilities computed once before training: no frozen
     copy of the weights, and every step's loss and margin equal the online run's."""
     import os
@@ -237,7 +211,7 @@ def test_precomputed_reference_gives_the_online_run_without_a_second_copy(base_r
 
 
 @pytest.mark.slow  # make test-all / CI's slow phase
-def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
+def test_reward_model_learns_a_rule(base_run, tmp_path):
     from lm.stages.runner import train
 
     cfg = pref_config(base_run, "reward", pair_file(tmp_path / "p.jsonl"))
@@ -263,7 +237,7 @@ def test_reward_model_learns_a_rule(base_run, tmp_path):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
-def test_no_held_out_pairs_still_finishes(base_run, tmp_path, stage):  # noqa: F811
+def test_no_held_out_pairs_still_finishes(base_run, tmp_path, stage):
     """A held-out fraction of 0 leaves nothing to evaluate: the run warns at the start and
     reports n/a, and it finishes (summary.json), rather than failing at the very end."""
     from lm.stages.runner import train

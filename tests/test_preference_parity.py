@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_preference import pair_file, pref_config
-from test_sft import base_run  # noqa: F401 (a fixture: a briefly pretrained run with chat tokens)
+from helpers import pair_file, pref_config
 
 from lm.config import MeshConfig, PreferenceConfig
 
@@ -41,7 +40,7 @@ TOL = 1e-4
 pytestmark = pytest.mark.slow  # peer parity: run by .ci/run after make test
 
 # Pairs with longer prompts (a system prompt, several turns) and replies of unequal lengths, added
-# to the arithmetic pairs of test_preference.pair_file.
+# to the arithmetic pairs of helpers.pair_file.
 EXTRA_PAIRS = [
     {"prompt": [{"role": "system", "content": "You reverse words."},
                 {"role": "user", "content": "reverse: quick fox"}],
@@ -54,7 +53,7 @@ EXTRA_PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def setup(base_run, tmp_path_factory):  # noqa: F811
+def setup(base_run, tmp_path_factory):
     """The reference (the base run), a policy, a reward model (the policy's trunk and a head
     "reward"), all three exported to Hugging Face; the pairs and our batch of them."""
     from flax import nnx

@@ -109,24 +109,18 @@ def test_arith_task_split_is_disjoint_and_fixed():
 
 
 @pytest.mark.slow
-def test_grpo_trains_end_to_end(tmp_path):
+def test_grpo_trains_end_to_end(base_run, tmp_path):
     """A few GRPO steps from a small model with chat tokens: finite metrics, rollouts logged."""
-    from helpers import write_experiment
-    from test_sft import BASE  # the small base run's experiment
-
-    from lm import experiment
     from lm.stages.runner import train
     from lm.train.logger import read_metrics
 
-    base = tmp_path / "base"
-    train(experiment.load(write_experiment(tmp_path, BASE, "base")), str(base), progress=False, **QUIET)
-    bcfg = experiment.load(write_experiment(tmp_path, BASE, "base"))
+    bcfg = base_run["cfg"]
     cfg = Config(name="grpo", stage="grpo", model=bcfg.model,
                  rl=RLConfig(task="arith", group_size=4, max_new=6, eval_prompts=8, train_problems=100),
                  optim=dataclasses.replace(bcfg.optim, lr=1e-4, warmup_steps=1),
                  data=dataclasses.replace(bcfg.data, batch_size=8, seq_len=32),
                  trainer=dataclasses.replace(bcfg.trainer, steps=3, log_every=1, eval_every=2, checkpoint_every=2,
-                                             init_from=str(base), num_samples=0))
+                                             init_from=base_run["run"], num_samples=0))
     s = train(cfg, str(tmp_path / "grpo"), progress=False, **QUIET)
     assert 0.0 <= s["heldout_pass_at_1"] <= 1.0 and 0.0 <= s["base_heldout_pass_at_1"] <= 1.0
     rows = read_metrics(str(tmp_path / "grpo"))
@@ -136,8 +130,7 @@ def test_grpo_trains_end_to_end(tmp_path):
 
 
 GRPO_EXPERIMENT = """
-import dataclasses, sys
-sys.path.insert(0, {tests!r})
+import dataclasses
 from lm import experiment
 from lm.config import Config, RLConfig
 
@@ -156,7 +149,7 @@ def config():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
-def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path, stage):
+def test_sigkill_during_grpo_then_resume_reproduces_every_step(base_run, tmp_path, stage):
     """Rollouts resume exactly: the sampling keys derive from the rollout count, and a rollout
     batch still in use (updates_per_rollout=2) is saved with the data state (with PPO: in
     minibatches, and the adaptive KL coefficient too)."""
@@ -166,19 +159,12 @@ def test_sigkill_during_grpo_then_resume_reproduces_every_step(tmp_path, stage):
     import subprocess
     import time
 
-    from helpers import ROOT, cpu_env, train_cmd, write_experiment
-    from test_sft import BASE
+    from helpers import ROOT, cpu_env, train_cmd
 
-    from lm import experiment
-    from lm.stages.runner import train
-
-    base_exp = write_experiment(tmp_path, BASE, "base")
-    train(experiment.load(base_exp), str(tmp_path / "base"), progress=False, **QUIET)
     exp = tmp_path / "grpo_exp.py"
     template = GRPO_EXPERIMENT if stage == "grpo" else PPO_EXPERIMENT.replace("{steps}", "9").replace(
         "{eval_every}", "0")
-    exp.write_text(template.format(tests=os.path.dirname(os.path.abspath(__file__)), exp=base_exp,
-                                   run=str(tmp_path / "base")))
+    exp.write_text(template.format(exp=base_run["exp"], run=base_run["run"]))
 
     def steps(run):
         rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
@@ -293,8 +279,7 @@ def test_ppo_loss_starts_at_the_value_loss_and_moves_the_policy_along_the_advant
 
 
 PPO_EXPERIMENT = """
-import dataclasses, sys
-sys.path.insert(0, {tests!r})
+import dataclasses
 from lm import experiment
 from lm.config import Config, RLConfig
 
@@ -311,19 +296,15 @@ def config():
 """
 
 
-def test_ppo_trains_with_minibatches_and_an_adaptive_kl(base_run, tmp_path):  # noqa: F811
+def test_ppo_trains_with_minibatches_and_an_adaptive_kl(base_run, tmp_path):
     """PPO steps from a small base run: a rollout of 16 rows in 2 minibatches of 8, two passes
     (4 optimiser steps per rollout); value head, GAE and the adaptive KL coefficient logged."""
-    import os
-
     from lm import experiment
     from lm.stages.runner import train
     from lm.train.logger import read_metrics
 
     exp = tmp_path / "ppo_exp.py"
-    exp.write_text(PPO_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)),
-                                         exp=str(base_run["dir"] / "base.py"), run=base_run["run"], steps=5,
-                                         eval_every=4))
+    exp.write_text(PPO_EXPERIMENT.format(exp=base_run["exp"], run=base_run["run"], steps=5, eval_every=4))
     s = train(experiment.load(str(exp)), str(tmp_path / "ppo"), progress=False, **QUIET)
     assert 0.0 <= s["heldout_pass_at_1"] <= 1.0
     rows = [r for r in read_metrics(str(tmp_path / "ppo")) if "loss" in r]
@@ -334,16 +315,11 @@ def test_ppo_trains_with_minibatches_and_an_adaptive_kl(base_run, tmp_path):  # 
     assert "pass@1" in rows[3]
 
 
-from test_sft import base_run  # noqa: E402, F401 (a fixture: a briefly pretrained run with chat tokens)
-
-
 @pytest.mark.slow
-def test_ppo_with_a_reward_model_run(base_run, tmp_path):  # noqa: F811
+def test_ppo_with_a_reward_model_run(base_run, tmp_path):
     """rl.reward = "run:DIR": the reward model scores each reply (batched), and the held-out
     metric is its mean score of greedy replies."""
-    import os
-
-    from test_preference import pair_file, pref_config
+    from helpers import pair_file, pref_config
 
     from lm import experiment
     from lm.stages.runner import train
@@ -351,9 +327,7 @@ def test_ppo_with_a_reward_model_run(base_run, tmp_path):  # noqa: F811
     rcfg = pref_config(base_run, "reward", pair_file(tmp_path / "p.jsonl", 60))
     train(rcfg, str(tmp_path / "rm"), progress=False, **QUIET)
     exp = tmp_path / "ppo_exp.py"
-    exp.write_text(PPO_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)),
-                                         exp=str(base_run["dir"] / "base.py"), run=base_run["run"], steps=2,
-                                         eval_every=0).replace('task="arith",', f'task="arith", reward="run:{tmp_path / "rm"}",'))
+    exp.write_text(PPO_EXPERIMENT.format(exp=base_run["exp"], run=base_run["run"], steps=2, eval_every=0).replace('task="arith",', f'task="arith", reward="run:{tmp_path / "rm"}",'))
     s = train(experiment.load(str(exp)), str(tmp_path / "ppo"), progress=False, **QUIET)
     assert np.isfinite(s["heldout_reward"]) and np.isfinite(s["base_heldout_reward"])
     assert "heldout_pass_at_1" not in s

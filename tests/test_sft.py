@@ -16,69 +16,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from helpers import cpu_env, train_cmd, write_experiment  # noqa: E402
+from helpers import WORDS, cpu_env, sft_config, train_cmd  # noqa: E402
 
-from lm.config import Config, DataConfig, LoraConfig, OptimConfig, SourceConfig, TrainerConfig  # noqa: E402
-
-BASE = """
-from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
-
-def config():
-    return Config(
-        name="base",
-        model=ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                          max_seq_len=64, attention_block=16),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        data=DataConfig(corpus="sources", seq_len=64, batch_size=8, tokenizer={tok!r}, prefetch=2,
-                        sources=(SourceConfig(name="a", kind="jsonl", paths=({a!r},)),)),
-        trainer=TrainerConfig(steps=20, log_every=5, checkpoint_every=10, eval_batches=2, num_samples=0))
-"""
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
-
-
-def _conversations(n: int, seed: int = 0) -> list[dict]:
-    """Learnable chats: the assistant repeats the user's words in reverse order."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        turns = []
-        for _ in range(1 + i % 2):
-            words = list(rng.choice(WORDS, rng.integers(2, 5)))
-            turns += [{"role": "user", "content": "reverse: " + " ".join(words)},
-                      {"role": "assistant", "content": " ".join(words[::-1])}]
-        if i % 3 == 0:
-            turns = [{"role": "system", "content": "You reverse words."}] + turns
-        out.append({"messages": turns})
-    return out
-
-
-@pytest.fixture(scope="session")
-def base_run(tmp_path_factory):
-    """A briefly pretrained base run (with a tokenizer that has the chat role tokens) and chat data."""
-    from lm import experiment
-    from lm.stages.runner import train
-
-    d = tmp_path_factory.mktemp("sft")
-    exp = write_experiment(d, BASE, "base")
-    cfg = experiment.load(exp)
-    run = d / "base_run"
-    train(cfg, str(run), log=lambda *_: None, progress=False)
-    chat = d / "chat.jsonl"
-    chat.write_text("".join(json.dumps(c) + "\n" for c in _conversations(400)))
-    return {"dir": d, "run": str(run), "chat": str(chat), "cfg": cfg}
-
-
-def sft_config(base, **trainer) -> Config:
-    t = dict(steps=30, log_every=1, eval_every=15, eval_batches=2, checkpoint_every=5, num_samples=0,
-             init_from=base["run"])
-    t.update(trainer)
-    return Config(
-        name="sft", stage="sft", model=base["cfg"].model,
-        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
-        data=DataConfig(corpus="sources", seq_len=64, batch_size=8, prefetch=2,
-                        sources=(SourceConfig(name="chat", kind="chat", paths=(base["chat"],), heldout_fraction=0.1),)),
-        trainer=TrainerConfig(**t))
+from lm.config import LoraConfig  # noqa: E402
 
 
 def _engine_and_batch(base, cfg=None):
@@ -186,26 +126,20 @@ def test_init_from_reads_parameters_only(base_run, tmp_path):
     ckpt.close()
 
 
-@pytest.fixture(scope="module")
-def sft_run(base_run):
+def test_sft_run_learns_records_origin_and_resumes_itself(base_run, sft_run, tmp_path):
+    import shutil
+
     from lm.stages.runner import train
 
-    logs = []
-    run = base_run["dir"] / "sft_run"
-    summary = train(sft_config(base_run, steps=60, eval_every=30, num_samples=2, sample_tokens=8), str(run),
-                    log=logs.append, progress=False)
-    return {"run": str(run), "summary": summary, "logs": "\n".join(map(str, logs))}
-
-
-def test_sft_run_learns_records_origin_and_resumes_itself(base_run, sft_run):
-    from lm.stages.runner import train
-
-    summary, text, run = sft_run["summary"], sft_run["logs"], sft_run["run"]
+    summary, text = sft_run["summary"], sft_run["logs"]
     assert summary["base_heldout_loss"] > summary["heldout_loss"] + 0.5, text
     assert "before SFT" in text and "parameters from" in text
     assert summary["init_from"]["path"] == base_run["run"]
-    assert os.path.exists(os.path.join(run, "tokenizer.model"))
-    # a second run of the same command resumes the SFT run itself (not the base again)
+    assert os.path.exists(os.path.join(sft_run["run"], "tokenizer.model"))
+    # a second run of the same command resumes the SFT run itself (not the base again); on a
+    # copy: other tests read the shared run
+    run = str(tmp_path / "sft")
+    shutil.copytree(sft_run["run"], run)
     logs2 = []
     summary2 = train(sft_config(base_run, steps=60, eval_every=30), run, log=logs2.append, progress=False)
     assert any("already complete" in str(m) for m in logs2)
@@ -345,9 +279,9 @@ def test_a_run_keeps_the_base_step_it_started_from(base_run, tmp_path):
 
 
 SFT_EXPERIMENT = """
-import dataclasses, sys
+import sys
 sys.path.insert(0, {tests!r})
-from test_sft import sft_config
+from helpers import sft_config
 from lm import experiment
 
 def config():
@@ -360,7 +294,7 @@ def config():
 def test_sigkill_during_sft_then_resume_gives_identical_losses(base_run, tmp_path):
     exp = tmp_path / "sft_exp.py"
     exp.write_text(SFT_EXPERIMENT.format(tests=os.path.dirname(os.path.abspath(__file__)), run=base_run["run"],
-                                         chat=base_run["chat"], exp=str(base_run["dir"] / "base.py")))
+                                         chat=base_run["chat"], exp=base_run["exp"]))
 
     def losses(run):
         rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_sft import _conversations, base_run, sft_config  # noqa: F401 (base_run is a fixture)
+from helpers import conversations, sft_config
 
 from lm.config import LoraConfig
 
@@ -31,17 +31,13 @@ def _hf_model(path):
 
 
 @pytest.fixture(scope="module")
-def sft_run(base_run, tmp_path_factory):  # noqa: F811
-    """A short full-parameter SFT run and its Hugging Face export."""
-    from lm.stages.runner import train
+def exported(sft_run, tmp_path_factory):
+    """The shared short full-parameter SFT run (conftest.sft_run), loaded, and its Hugging Face export."""
     from lm.tools.hf_runs import export_run
     from lm.train.run import load_run
 
-    d = tmp_path_factory.mktemp("sft_parity")
-    run = str(d / "run")
-    train(sft_config(base_run, steps=60, eval_every=60), run, progress=False, **QUIET)
-    hf = export_run(run, str(d / "hf"), **QUIET)
-    return {"dir": d, "run": run, "hf": hf, "loaded": load_run(run, **QUIET)}
+    hf = export_run(sft_run["run"], str(tmp_path_factory.mktemp("sft_parity") / "hf"), **QUIET)
+    return {"run": sft_run["run"], "hf": hf, "loaded": load_run(sft_run["run"], **QUIET)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,13 +123,13 @@ def _our_loss(run, batch) -> tuple[float, float]:
     return float(aux["loss"]), float(aux["weight"])
 
 
-def test_sft_loss_matches_trl_assistant_only_loss(sft_run, tmp_path):
+def test_sft_loss_matches_trl_assistant_only_loss(exported, tmp_path):
     pytest.importorskip("trl", minversion="1.16", reason="trl>=1.16 not installed (CI installs it)")
     from data_pipeline.chat import render
 
-    run = sft_run["loaded"]
-    convs = _conversations(8, seed=7)
-    trl_batch, trl_loss, hf_loss = _trl_batch_and_loss(sft_run["hf"], convs, tmp_path / "trl")
+    run = exported["loaded"]
+    convs = conversations(8, seed=7)
+    trl_batch, trl_loss, hf_loss = _trl_batch_and_loss(exported["hf"], convs, tmp_path / "trl")
     rendered = [render(run.tokenizer, c["messages"]) for c in convs]
 
     # the same token ids, row by row (TRL pads on the right)
@@ -169,7 +165,7 @@ def test_sft_loss_matches_trl_assistant_only_loss(sft_run, tmp_path):
 # 2. LoRA: the merged export against the un-merged model
 
 
-def test_lora_merged_export_matches_unmerged_model(base_run, tmp_path):  # noqa: F811
+def test_lora_merged_export_matches_unmerged_model(base_run, tmp_path):
     from lm.model.sharding import make_mesh
     from lm.stages.runner import train
     from lm.tools.hf_runs import export_run
@@ -221,13 +217,13 @@ PROMPTS = [
 ]
 
 
-def test_exported_chat_template_and_greedy_generation_match(sft_run):
+def test_exported_chat_template_and_greedy_generation_match(exported):
     from data_pipeline.chat import chat_token_ids, generation_prompt
     from lm.sampling.sampler import generate
 
-    run = sft_run["loaded"]
-    tok = transformers.AutoTokenizer.from_pretrained(sft_run["hf"])
-    hf = _hf_model(sft_run["hf"])
+    run = exported["loaded"]
+    tok = transformers.AutoTokenizer.from_pretrained(exported["hf"])
+    hf = _hf_model(exported["hf"])
     stops = [chat_token_ids(run.tokenizer)["end"], run.tokenizer.eos_id]
     prompts = [generation_prompt(run.tokenizer, m) for m in PROMPTS]
     for messages, ids in zip(PROMPTS, prompts):
