@@ -46,10 +46,19 @@ def _snapshot(run):
     return out
 
 
-@pytest.fixture
-def finished(tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished run of tiny(), trained once for the module; tests use copies of it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
     _train(tiny(), run)
+    return run
+
+
+@pytest.fixture
+def finished(trained, tmp_path):
+    """A copy of the finished run, this test's to change."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
     return run
 
 
@@ -300,12 +309,10 @@ def test_checksums_detect_a_changed_array_and_nan_states_are_not_saved(tmp_path)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(trained, tmp_path_factory):
     from lm.tools.hf_runs import export_run
 
-    d = tmp_path_factory.mktemp("exported")
-    _train(tiny(), d / "run")
-    return export_run(str(d / "run"), str(d / "hf"), log=lambda *_: None)
+    return export_run(str(trained), str(tmp_path_factory.mktemp("exported") / "hf"), log=lambda *_: None)
 
 
 @pytest.mark.parametrize("damage", ["no_config", "bad_json", "missing_key", "missing_layer", "extra_layer",
