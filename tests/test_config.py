@@ -55,12 +55,19 @@ def test_cli_reports_bad_override_before_any_work(capsys):
 
 
 @pytest.mark.parametrize("name", experiment.list_experiments())
-def test_every_experiment_builds(name):
+def test_every_experiment_loads_validates_and_round_trips(name, tmp_path):
+    """Each experiment's config is valid, named after its module, loads the same by name and
+    by path, and comes back equal from the config.json a run stores (as `lm train
+    RUN/config.json` reads it). Its engine and state are built in test_experiments.py."""
+    import json
+
+    from lm.config import to_dict
+
     cfg = experiment.load(name)
-    assert isinstance(cfg, Config) and dataclasses.is_dataclass(cfg)
-    cfg.validate()
-    # the path form loads the same config
+    assert cfg.validate() == cfg and cfg.name == name
     assert experiment.load(f"experiments/{name}.py") == cfg
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert experiment.load(str(tmp_path / "config.json")) == cfg
 
 
 def test_unknown_experiment_lists_available():

@@ -252,9 +252,49 @@ def test_resume_from_iterator_state_is_bit_identical(tmp_path, tokenizer, packin
         got = again.next_train()
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
-    if packing == "first_fit":  # packed rows never exceed the row length and keep documents whole
-        b = expected[0]
-        assert b["inputs"].shape == (8, 64) and (b["segment_ids"] > 0).mean() > 0.5
+
+
+def _whole_segments(row: dict, documents: list[list[int]]) -> list[bool]:
+    """For each segment of a packed row: is it the whole of the document the row names for it
+    (its tokens BOS to EOS, positions from 0)? A row holds seq_len + 1 tokens: a segment that
+    reaches the end of the inputs may end in the last target."""
+    inputs, targets, seg, pos = row["inputs"], row["targets"], row["segment_ids"], row["positions"]
+    out = []
+    for s in sorted(set(seg[seg > 0].tolist())):
+        idx = np.flatnonzero(seg == s)
+        want = documents[int(row["doc_ids"][s - 1]) - 1]
+        got = inputs[idx].tolist()
+        if got != want and idx[-1] == len(inputs) - 1:  # may end in the row's last token, the last target
+            got.append(int(targets[-1]))
+        contiguous = np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx)))
+        out.append(contiguous and got == want and np.array_equal(pos[idx], np.arange(len(idx))))
+    return out
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "concat"])
+def test_first_fit_packing_keeps_every_document_whole(tmp_path, tokenizer, packing):
+    """First-fit packing puts each document (all shorter than a row) whole into one row, every
+    document once: each segment is exactly the tokens of the document the row names for it.
+    Concatenate-and-split packing, the contrast, cuts documents across rows: the same check
+    finds cut ones there."""
+    rng = np.random.default_rng(7)
+    texts = [make_text(rng, int(n)) for n in rng.integers(2, 13, 60)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    documents = [tokenizer.encode(t, bos=True, eos=True) for t in texts]
+    seq_len = 48
+    assert max(map(len, documents)) <= seq_len + 1 < sum(map(len, documents)) // 10  # each fits; rows hold several
+    rows = list(packed_rows(JsonLines([str(path)], "text"), tokenizer.path, seq_len, packing=packing,
+                            shuffle=False, repeat=False))
+    assert all(r["inputs"].shape == (seq_len,) for r in rows)
+    whole = [w for r in rows for w in _whole_segments(r, documents)]
+    if packing == "concat":
+        assert not all(whole)
+        return
+    assert all(whole) and len(whole) == len(documents)
+    placed = sorted(int(r["doc_ids"][s - 1]) for r in rows for s in set(r["segment_ids"][r["segment_ids"] > 0].tolist()))
+    assert placed == list(range(1, len(documents) + 1))  # every document once
+    assert len(rows) < 0.75 * len(documents)  # and packed: documents share rows
 
 
 def test_source_overrides_by_name(tmp_path, tokenizer):

@@ -52,8 +52,19 @@ def test_eight_fake_devices():
     assert jax.device_count() == 8
 
 
-def test_splits_cover_every_factorisation_of_8():
-    assert len(SPLITS) == 10 and all(d * f * t == 8 for d, f, t in SPLITS)
+def test_every_factorisation_of_8_is_a_mesh_of_all_devices():
+    """The layouts tested below are every (data, fsdp, tensor) with d * f * t = 8, counted
+    independently of how SPLITS is written; each is a mesh of that shape holding each of the
+    8 devices once, and -1 on any axis takes the devices the other two leave."""
+    every = {(d, f, t) for d in range(1, 9) for f in range(1, 9) for t in range(1, 9) if d * f * t == 8}
+    assert sorted(SPLITS) == sorted(every) and len(SPLITS) == 10
+    for d, f, t in SPLITS:
+        mesh = make_mesh(MeshConfig(data=d, fsdp=f, tensor=t))
+        assert dict(mesh.shape) == {"data": d, "fsdp": f, "tensor": t}
+        assert sorted(x.id for x in mesh.devices.flat) == sorted(x.id for x in jax.devices())
+        for rest in ({"data": -1, "fsdp": f, "tensor": t}, {"data": d, "fsdp": -1, "tensor": t},
+                     {"data": d, "fsdp": f, "tensor": -1}):
+            assert dict(make_mesh(MeshConfig(**rest)).shape) == {"data": d, "fsdp": f, "tensor": t}
 
 
 # Four layouts in `make test` (pure data, pure FSDP, pure tensor, all three mixed); the other
