@@ -283,7 +283,7 @@ def cmd_eval(args) -> int:
                         "tasks go in --harness)")
     if tasks:
         results.update(evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit,
-                                    args.batch_size, log=_log))
+                                    args.batch_size, log=_log, all_tasks=args.tasks in (None, "all")))
     print(format_table(results))
     for task, r in results.items():  # sacreBLEU says how its numbers were computed
         for metric, sig in (r.get("signature") or {}).items() if isinstance(r, dict) else ():

@@ -347,7 +347,9 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
         if task == "heldout":
             if heldout is None:
                 raise ValueError("the task 'heldout' needs the run's stage: pass heldout=evaluate_heldout")
-            results[task] = heldout(run, run_dir, log)
+            r = heldout(run, run_dir, log)
+            if r is not None:  # (None: the run's stage has no such measure, and it was not asked for by name)
+                results[task] = r
             continue
         if task in GEN_TASKS:
             items = load_generation_task(task, data_dir, log=log)
@@ -363,7 +365,8 @@ def evaluate_run(run_dir: str, tasks: Sequence[str], data_dir: str = DEFAULT_DAT
         results[task] = score_task(task, logits_fn, run.params, run.tokenizer, max_len, data_dir, limit, batch_size,
                                    progress, sharding)
     for task in tasks:  # each task's figures say which checkpoint they are of
-        results[task]["step"] = run.step
+        if task in results:
+            results[task]["step"] = run.step
     # Earlier results of other tasks are kept (merged per task); strict JSON.
 
     merge_json(os.path.join(run_dir, "eval.json"), results)

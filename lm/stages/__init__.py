@@ -35,10 +35,12 @@ class Stage:
 
     # (cfg, run_dir, mesh, log) -> lm.train.loop.Setup: engine (objective), data, hooks, report
     setup: Callable
-    # (cfg, run_dir, tokenizer, log) -> the DataSource whose held-out batches `lm eval` scores
-    heldout_data: Callable
+    # (cfg, run_dir, tokenizer, log) -> the DataSource whose held-out batches `lm eval --tasks
+    # heldout` scores with the next-token loss; None: that loss is not this stage's measure
+    heldout_data: Callable | None
     chat: bool  # its runs are fine-tuned on the chat template (lm chat/serve use the template)
     heldout_tokens: str = "all"  # which tokens its held-out loss counts ("assistant": the replies only)
+    measure: str = ""  # where its held-out measure is, when heldout_data is None
 
 
 def get(name: str) -> Stage:

@@ -42,10 +42,21 @@ def tokenizer_path(cfg: Config, run_dir: str) -> str:
 
 
 def run_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
-    """`tokenizer_path`'s tokenizer, copied into the run directory (`lm chat RUN_DIR` finds it
-    there) and checked against model.vocab_size."""
-    return tokenizer_for_run([], cfg.model.vocab_size, run_dir, tokenizer_path(cfg, run_dir),
-                             fix="take the model config from the base run")
+    """`tokenizer_path`'s tokenizer, checked against the base model's (`check_base_tokenizer`)
+    and model.vocab_size, and copied into the run directory (`lm chat RUN_DIR` finds it there)."""
+    path = tokenizer_path(cfg, run_dir)
+    check_base_tokenizer(cfg, path)
+    return tokenizer_for_run([], cfg.model.vocab_size, run_dir, path, fix="take the model config from the base run")
+
+
+def check_base_tokenizer(cfg: Config, path: str) -> None:
+    """A run that starts from another model (`trainer.init_from`) reads text with that model's
+    tokenizer: another one, even of the same size, gives its token ids other meanings."""
+    base = cfg.trainer.init_from and source_tokenizer(cfg.trainer.init_from)
+    if base and checkpoint.file_sha256(base) != checkpoint.file_sha256(path):
+        raise ConfigError(f"the tokenizer {path} is not the one trainer.init_from={cfg.trainer.init_from!r} was "
+                          f"trained with ({base}): its token ids would mean other pieces to that model; leave "
+                          "data.tokenizer unset to use the base's, or start from a model of this tokenizer")
 
 
 def run_meta(cfg: Config, tokenizer: Tokenizer | None) -> dict:

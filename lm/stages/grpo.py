@@ -16,7 +16,6 @@ from typing import Callable
 from lm.config import Config
 from lm.objectives.policy import GRPOObjective
 from lm.stages import Stage, rewards, rollouts
-from lm.stages.common import text_heldout
 from lm.train.loop import Setup
 
 
@@ -27,4 +26,5 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
                                   "entropy": "entropy"})
 
 
-STAGE = Stage(setup=setup, heldout_data=text_heldout, chat=True)
+STAGE = Stage(setup=setup, heldout_data=None, chat=True,
+              measure="held-out pass@1 in summary.json and metrics.jsonl")

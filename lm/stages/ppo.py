@@ -26,7 +26,6 @@ from lm.eval.reward_model import score
 from lm.objectives.policy import AdaptiveKL, PPOObjective, gae, whiten
 from lm.sampling.sampler import token_logps
 from lm.stages import Stage, rewards, rollouts
-from lm.stages.common import text_heldout
 from lm.train.loop import Setup
 from lm.train.run import load_run
 
@@ -118,4 +117,5 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
                                   "entropy": "entropy"})
 
 
-STAGE = Stage(setup=setup, heldout_data=text_heldout, chat=True)
+STAGE = Stage(setup=setup, heldout_data=None, chat=True,
+              measure="held-out pass@1 (or mean reward) in summary.json and metrics.jsonl")

@@ -8,6 +8,8 @@ a few samples.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Callable
 
 import numpy as np
@@ -16,9 +18,9 @@ from data_pipeline.pipeline import text_data, unigram_entropy
 from lm.config import Config
 from lm.objectives.next_token import NextToken
 from lm.stages import Stage
-from lm.stages.common import evaluators, print_samples, run_meta, text_heldout
+from lm.stages.common import check_base_tokenizer, evaluators, print_samples, run_meta, text_heldout
 from lm.train.engine import make_engine
-from lm.train.init import init_params_loader
+from lm.train.init import init_params_loader, source_tokenizer
 from lm.train.loop import Setup
 
 SAMPLE_PROMPTS = ("def ", "import os\n\n", "The ", "class ")
@@ -26,8 +28,15 @@ SAMPLE_PROMPTS = ("def ", "import os\n\n", "The ", "class ")
 
 def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
     engine = make_engine(cfg, mesh, NextToken(cfg))
-    data = text_data(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches,
-                     log=log)
+    d = cfg.data
+    base_tok = cfg.trainer.init_from and source_tokenizer(cfg.trainer.init_from)
+    if base_tok and not d.tokenizer and not os.path.exists(os.path.join(run_dir, "tokenizer.model")):
+        d = dataclasses.replace(d, tokenizer=base_tok)  # continued pretraining reads text as its base did
+    if base_tok and d.tokenizer:
+        check_base_tokenizer(cfg, d.tokenizer)
+    data = text_data(d, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches, log=log)
+    if base_tok and data.tokenizer is not None:
+        check_base_tokenizer(cfg, data.tokenizer.path)
     return Setup(engine=engine, data=data, meta=run_meta(cfg, data.tokenizer),
                  init_params=init_params_loader(cfg, engine, log, run_dir), finish=finish,
                  evaluators=evaluators(cfg, engine, data.tokenizer, log))

@@ -11,7 +11,6 @@ from typing import Callable
 from lm.config import Config
 from lm.objectives.preference import RewardObjective
 from lm.stages import Stage, pairs
-from lm.stages.common import text_heldout
 from lm.train.loop import Setup
 
 
@@ -27,4 +26,5 @@ def _finish(init_params):
     return finish
 
 
-STAGE = Stage(setup=setup, heldout_data=text_heldout, chat=True)
+STAGE = Stage(setup=setup, heldout_data=None, chat=True,
+              measure="held-out pairwise accuracy and margin in summary.json; `lm reward RUN_DIR --pairs FILE` scores other pairs")

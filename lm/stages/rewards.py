@@ -15,6 +15,9 @@ import importlib
 import re
 from typing import Callable
 
+import numpy as np
+
+from data_pipeline.errors import UserError
 from lm.config import ConfigError
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -64,3 +67,57 @@ def get(name: str) -> Callable[[str, dict], float]:
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"rl.reward={name!r}: {e}") from None
     raise ConfigError(f"rl.reward={name!r}: choose one of {', '.join(REWARDS)} or 'module:function'")
+
+
+class RewardError(UserError, ValueError):
+    """A reward function that raised, or returned something other than a finite number."""
+
+
+def _name(fn: Callable) -> str:
+    mod, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or repr(fn)
+    return f"{mod}:{name}" if mod else name
+
+
+def _short(x, n: int = 80) -> str:
+    text = repr(x)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def checked(value, fn: Callable, completion: str, example: dict) -> float:
+    """`value` as a float if it is a finite real number (bool, int, float or a NumPy scalar of
+    those); anything else is a RewardError naming the function, the value and the example."""
+    where = f"the reward function {_name(fn)} returned {_short(value)} for the reply {_short(completion)} " \
+            f"to {_short(example)}"
+    if value is None:
+        raise RewardError(f"{where}: a reward is a finite number (does the function forget to `return`?)")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if not isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
+        raise RewardError(f"{where}: a reward is one finite number (bool, int or float), not "
+                          f"{type(value).__name__}")
+    if not np.isfinite(float(value)):
+        raise RewardError(f"{where}: a reward must be finite")
+    return float(value)
+
+
+def score_all(fn: Callable, pairs: list[tuple[str, dict]]) -> np.ndarray:
+    """Rewards of (completion, example) pairs, each checked (`checked`): in one call when the
+    function scores batches (`fn.batched`, e.g. a reward model), else one by one. A function
+    that raises is a RewardError naming it and the example."""
+    batched = getattr(fn, "batched", None)
+    try:
+        if batched is not None:
+            values = list(batched(pairs))
+            if len(values) != len(pairs):
+                raise RewardError(f"the reward function {_name(fn)} scored {len(values)} of {len(pairs)} replies")
+        else:
+            values = []
+            for c, e in pairs:
+                values.append(fn(c, e))
+    except RewardError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's function: say which, on what
+        c, ex = pairs[len(values)] if batched is None else pairs[0]
+        raise RewardError(f"the reward function {_name(fn)} raised {type(e).__name__}: {str(e)[:200]} "
+                          f"(on the reply {_short(c)} to {_short(ex)})") from None
+    return np.asarray([checked(v, fn, c, e) for v, (c, e) in zip(values, pairs)], np.float32)

@@ -25,6 +25,7 @@ from lm.config import Config, ConfigError
 from lm.objectives.policy import group_advantages
 from lm.sampling.sampler import rollout
 from lm.stages.common import evaluators, problems, run_meta, run_tokenizer
+from lm.stages.rewards import score_all
 from lm.train.engine import make_engine
 from lm.train.init import init_params_loader
 from lm.train.logger import plot_metrics
@@ -137,7 +138,7 @@ class RolloutData:
         tokens, lengths, out, count, logps = sample(self.graphdef, self.ctx.model_params, self.sampler, idx, key,
                                                     rl.temperature)
         t1 = time.perf_counter()
-        rewards = reward_all(self.reward_fn, [(self.sampler.text(out[r], count[r]), self.sampler.items[i])
+        rewards = score_all(self.reward_fn, [(self.sampler.text(out[r], count[r]), self.sampler.items[i])
                                               for r, i in enumerate(idx)])
         t2 = time.perf_counter()
         self.current, extra = self.score(tokens, lengths, out, count, logps, rewards)
@@ -172,25 +173,19 @@ class RolloutData:
 INT_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
 
-def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: int = 100) -> float:
-    """Mean reward of greedy replies to every prompt of `sampler` (pass@1 for 0/1 rewards)."""
+def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: int = 100, mean: bool = False) -> float:
+    """The share of the prompts of `sampler` whose greedy reply earns a reward of at least 1 (a
+    pass; for 0/1 rewards, their mean), or with `mean` the mean reward (a reward model's)."""
     total = 0.0
     n = len(sampler.items)
     for lo in range(0, n, batch):
         idx = list(range(lo, min(n, lo + batch)))
         idx += [idx[-1]] * (batch - len(idx))  # one compiled shape
         _, _, out, count, _ = sample(graphdef, params, sampler, idx, jax.random.PRNGKey(0), 0.0)
-        total += float(reward_all(reward_fn, [(sampler.text(out[r], count[r]), sampler.items[i])
-                                              for r, i in enumerate(idx[: min(batch, n - lo)])]).sum())
+        r = score_all(reward_fn, [(sampler.text(out[k], count[k]), sampler.items[i])
+                                          for k, i in enumerate(idx[: min(batch, n - lo)])])
+        total += float(r.sum() if mean else (r >= 1.0).sum())
     return total / n
-
-
-def reward_all(reward_fn: Callable, pairs: list[tuple[str, dict]]) -> np.ndarray:
-    """Rewards of (completion, example) pairs: in one call when the function scores batches
-    (`reward_fn.batched`, e.g. a reward model), else one by one."""
-    if hasattr(reward_fn, "batched"):
-        return np.asarray(reward_fn.batched(pairs), np.float32)
-    return np.asarray([reward_fn(c, e) for c, e in pairs], np.float32)
 
 
 def setup(cfg: Config, run_dir: str, mesh, log: Callable, *, objective, data_cls: type, reward_fn: Callable,
@@ -212,11 +207,12 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable, *, objective, data_cls
     metric, key = ("reward@greedy", "reward") if model_reward else ("pass@1", "pass_at_1")
 
     def evaluation(ctx, m):
-        m[metric] = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn)
+        m[metric] = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn, mean=model_reward)
 
     def finish(ctx, summary: dict) -> None:
-        end = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn)
-        start = pass_at_1(engine.graphdef, jax.device_put(loader(), engine.param_sharding), held, reward_fn)
+        end = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn, mean=model_reward)
+        start = pass_at_1(engine.graphdef, jax.device_put(loader(), engine.param_sharding), held, reward_fn,
+                          mean=model_reward)
         summary.update({f"heldout_{key}": end, f"base_heldout_{key}": start})
         fmt = "{:.3f}" if model_reward else "{:.1%}"
         log(f"held-out {metric} on {len(held.items)} {cfg.rl.task} prompts (greedy): {fmt.format(start)} before -> "

@@ -14,6 +14,7 @@ from typing import Callable
 
 import jax
 
+from data_pipeline.errors import UserError
 from lm import stages
 from lm.config import Config
 from lm.eval import evaluate as tasks
@@ -59,10 +60,19 @@ def train(cfg: Config, run_dir: str, log: Callable = print, progress: bool = Tru
     return summary
 
 
-def evaluate_heldout(run: LoadedRun, run_dir: str, log: Callable = print) -> dict:
+def evaluate_heldout(run: LoadedRun, run_dir: str, log: Callable = print, required: bool = True) -> dict | None:
     """Held-out loss of a run on its stage's held-out data (pretraining text; for SFT runs
-    the loss on the assistant tokens of the held-out conversations)."""
+    the loss on the assistant tokens of the held-out conversations). Stages measured
+    otherwise (reward, DPO, GRPO, PPO): a UserError saying where their measure is, or None
+    unless `required`."""
     stage = stages.get(run.cfg.stage)
+    if stage.heldout_data is None:
+        if not required:
+            log(f"(no task 'heldout' for a {run.cfg.stage} run: its measure is its {stage.measure})")
+            return None
+        raise UserError(f"the task 'heldout' is the next-token loss on held-out text (pretraining) or replies "
+                        f"(SFT); {run_dir} is a {run.cfg.stage} run, whose measure is its {stage.measure}; "
+                        "the other tasks (hellaswag, arc_easy, ...) apply to every run")
     data = stage.heldout_data(run.cfg, run_dir, run.tokenizer, lambda *_: None)
     out = evaluate(run.trainer, run.trainer.compile_eval_step(), run.params, {}, data.heldout, data.heldout_bytes)
     out["ppl"] = math.exp(out["eval_loss"])
@@ -71,7 +81,11 @@ def evaluate_heldout(run: LoadedRun, run_dir: str, log: Callable = print) -> dic
     return out
 
 
-def evaluate_run(run_dir: str, task_names, *args, **kwargs) -> dict:
+def evaluate_run(run_dir: str, task_names, *args, all_tasks: bool = False, **kwargs) -> dict:
     """`lm eval`: `lm.eval.evaluate.evaluate_run`, with the task "heldout" scored on the data
-    of the run's stage (`evaluate_heldout`)."""
-    return tasks.evaluate_run(run_dir, task_names, *args, heldout=evaluate_heldout, **kwargs)
+    of the run's stage (`evaluate_heldout`). With `all_tasks` (no task named), "heldout" is
+    left out for the stages it does not measure."""
+    def heldout(run, run_dir, log):
+        return evaluate_heldout(run, run_dir, log, required=not all_tasks)
+
+    return tasks.evaluate_run(run_dir, task_names, *args, heldout=heldout, **kwargs)

@@ -1,0 +1,98 @@
+"""Post-training that never gives a wrong answer silently (the hostile-user cases): rewards
+that are not finite numbers, pass@1 above 100%, `lm eval --tasks heldout` on stages it does
+not measure, and a base model read with another tokenizer."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from data_pipeline.errors import UserError
+from lm.config import Config, ConfigError, TrainerConfig
+from lm.stages import common, rollouts
+from lm.stages.rewards import RewardError, exact, score_all
+from lm.stages.runner import evaluate_heldout
+
+PAIRS = [("12", {"answer": 12}), ("3", {"answer": 4})]
+
+
+def score_tuple(completion, example):
+    return 1.0, len(completion)
+
+
+def forgets_return(completion, example):
+    float(completion == example["answer"])
+
+
+def sometimes_nan(completion, example):
+    return float("nan") if completion == "3" else 1.0
+
+
+def raises(completion, example):
+    raise KeyError("solution")
+
+
+@pytest.mark.parametrize("fn, says", [
+    (score_tuple, "returned (1.0, 2) for the reply '12'"),
+    (forgets_return, "returned None for the reply '12'"),
+    (sometimes_nan, "returned nan for the reply '3'"),
+    (raises, "raised KeyError: 'solution' (on the reply '12'"),
+])
+def test_a_reward_that_is_not_one_finite_number_is_a_one_line_error_naming_it(fn, says):
+    with pytest.raises(RewardError) as e:
+        score_all(fn, PAIRS)
+    msg = str(e.value)
+    assert f"test_hardening:{fn.__name__}" in msg and says in msg and "\n" not in msg, msg
+    assert isinstance(e.value, UserError)  # the CLI prints it in one line
+
+
+def test_numbers_of_every_kind_are_rewards():
+    assert score_all(exact, PAIRS).tolist() == [1.0, 0.0]
+    kinds = [True, 1, 0.5, np.float32(0.25), np.int64(2), np.bool_(False), np.asarray(0.75)]
+    for value in kinds:
+        assert score_all(lambda c, e, v=value: v, PAIRS[:1]).tolist() == [float(value)]
+    batched = types.SimpleNamespace(batched=lambda pairs: [0.5])  # a reward model that scored one of two
+    with pytest.raises(RewardError, match="scored 1 of 2 replies"):
+        score_all(batched, PAIRS)
+
+
+def test_pass_at_1_counts_passes_and_never_exceeds_one(monkeypatch):
+    """A reward above 1 (a graded reward, or (score, length) summed) counts one pass per prompt."""
+    n = 5
+    sampler = types.SimpleNamespace(items=[{"answer": i} for i in range(n)], text=lambda out, count: "x")
+    monkeypatch.setattr(rollouts, "sample", lambda *a, **k: (None, None, np.zeros((4, 1)), np.ones(4), None))
+    generous = lambda c, e: 2.75  # noqa: E731
+    assert rollouts.pass_at_1(None, None, sampler, generous, batch=4) == 1.0
+    half = lambda c, e: 0.5  # noqa: E731
+    assert rollouts.pass_at_1(None, None, sampler, half, batch=4) == 0.0  # no full pass
+    assert rollouts.pass_at_1(None, None, sampler, half, batch=4, mean=True) == pytest.approx(0.5)  # a reward model
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo", "grpo", "ppo"])
+def test_heldout_is_refused_for_stages_it_does_not_measure(stage):
+    run = types.SimpleNamespace(cfg=Config(stage=stage))
+    with pytest.raises(UserError, match=f"is a {stage} run, whose measure is its held-out"):
+        evaluate_heldout(run, "runs/x")
+    said = []
+    assert evaluate_heldout(run, "runs/x", log=said.append, required=False) is None  # `lm eval` with every task
+    assert said and stage in said[0]
+
+
+def test_a_base_model_is_not_read_with_another_tokenizer(tmp_path):
+    base = tmp_path / "base"
+    (base / "checkpoints").mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps({"name": "base"}))
+    (base / "tokenizer.model").write_bytes(b"the base's pieces")
+    other = tmp_path / "other.model"
+    other.write_bytes(b"other pieces, same size")
+    copy = tmp_path / "copy.model"
+    copy.write_bytes(b"the base's pieces")
+    cfg = Config(stage="sft", trainer=TrainerConfig(init_from=str(base)))
+    with pytest.raises(ConfigError, match="is not the one trainer.init_from=.* was trained with") as e:
+        common.check_base_tokenizer(cfg, str(other))
+    assert "\n" not in str(e.value)
+    common.check_base_tokenizer(cfg, str(copy))  # the same tokenizer, copied: fine
+    common.check_base_tokenizer(Config(stage="sft"), str(other))  # no base: nothing to compare
