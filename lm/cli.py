@@ -137,7 +137,10 @@ def cmd_sample(args) -> int:
                             "use --prompt to continue text, or fine-tune it (make sft)")
         chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        try:
+            chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        except ValueError as e:  # a question (with --max-new) the context cannot hold: as `lm chat` says it
+            raise UserError(f"not sent: {e}") from None
         sys.stdout.write("\n")
         return 0
     stops = [tok.eos_id]
@@ -479,6 +482,10 @@ def _refused(e: OSError) -> str:
 def _run(args) -> int:
     try:
         return args.fn(args)
+    except BrokenPipeError:  # the reader of our output left (`lm chat ... | head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (Python would complain flushing stdout at exit)
+        return 0
     except (UserError, OSError) as e:  # the one place user errors end: one line, exit code 2
         if not isinstance(e, UserError) and e.errno not in _PATH_ERRNOS:
             raise  # not a path the system refused (permissions, a read-only or full disk): a bug

@@ -96,3 +96,27 @@ def test_a_base_model_is_not_read_with_another_tokenizer(tmp_path):
     assert "\n" not in str(e.value)
     common.check_base_tokenizer(cfg, str(copy))  # the same tokenizer, copied: fine
     common.check_base_tokenizer(Config(stage="sft"), str(other))  # no base: nothing to compare
+
+
+def test_sample_chat_with_a_question_the_context_cannot_hold_is_one_line(sft_run, capsys):
+    from lm.cli import main
+
+    assert main(["sample", sft_run["run"], "--chat", "word " * 400, "--max-new", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lm: error: not sent: the message is") and "\n" not in err, err
+    assert main(["sample", sft_run["run"], "--chat", "hi", "--max-new", "100000"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_output_to_a_reader_that_leaves_is_not_an_error(sft_run):
+    """`lm sample ... | head -c 1`: the pipe closes under the stream; exit 0, no traceback."""
+    import subprocess
+    import sys
+
+    from helpers import cpu_env
+
+    cmd = f"{sys.executable} -m lm sample {sft_run['run']} --prompt 'the' --max-new 200 --temperature 0 | head -c 1"
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=cpu_env(1),
+                       timeout=300)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[-2000:]
