@@ -120,3 +120,43 @@ def test_output_to_a_reader_that_leaves_is_not_an_error(sft_run):
                        timeout=300)
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr[-2000:]
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_reward_model_scores_within_the_model_context_and_says_what_it_cut(base_run):
+    """Replies that differ only after the run's training rows (data.seq_len) get different
+    rewards; longer than the model's context, they are scored on their last tokens, said once."""
+    import dataclasses
+
+    import jax
+
+    from data_pipeline.tokenizer import Tokenizer
+    from lm.eval.reward_model import score
+    from lm.model.sharding import make_mesh
+    from lm.train.engine import make_engine
+    from lm.train.run import LoadedRun
+
+    base = base_run["cfg"]
+    cfg = dataclasses.replace(base, stage="reward", model=dataclasses.replace(base.model, scalar_heads=("reward",)),
+                              data=dataclasses.replace(base.data, seq_len=16))
+    engine = make_engine(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    state, _ = engine.init_state(0)
+    leaves, tree = jax.tree.flatten(state.params)  # (the fresh reward head is zero: give it weights)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    run = LoadedRun(cfg=cfg, trainer=engine, params=params, step=0,
+                    tokenizer=Tokenizer(base_run["run"] + "/tokenizer.model"), run_dir="rm")
+    from data_pipeline.chat import render
+
+    prompt = [{"role": "user", "content": "Say it."}]
+    head = "The module reads files, "
+    replies = [head + "good", head + "shuffled words these are", head + "zz qq xx"]
+    ids = [render(run.tokenizer, prompt + [{"role": "assistant", "content": r}])[0] for r in replies]
+    assert all(16 < len(x) <= 64 for x in ids) and ids[0][:16] == ids[1][:16] == ids[2][:16]  # (cut at 16: equal)
+    said = []
+    rewards = score(run, [(prompt, r) for r in replies], log=said.append)
+    assert len(set(rewards)) == 3, rewards  # read at each reply's own end, past the 16-token rows
+    assert said == []
+    long = [(prompt, head * 20 + end) for end in ("good", "bad")]
+    rewards = score(run, long, log=said.append) + score(run, long, log=said.append)
+    assert rewards[0] != rewards[1] and rewards[:2] == rewards[2:]
+    assert len(said) == 1 and "scored 2 conversation(s) longer than its context of 64 tokens" in said[0], said

@@ -10,6 +10,7 @@ the reward stage trains it.
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -43,20 +44,36 @@ def _rewards_fn(loaded):
     return lambda *a: rewards(params, *a)
 
 
-def score(loaded, conversations: Sequence[tuple[list[dict], str]], batch: int = 16) -> list[float]:
-    """Rewards of (prompt messages, reply) conversations under the run's reward model."""
-    tok, t = loaded.tokenizer, loaded.cfg.data.seq_len
+def score(loaded, conversations: Sequence[tuple[list[dict], str]], batch: int = 16,
+          log: Callable | None = None) -> list[float]:
+    """Rewards of (prompt messages, reply) conversations under the run's reward model, within
+    the model's context (model.max_seq_len). A conversation longer than that is scored on its
+    last tokens, the ones the reward head reads (the reply's end): counted, and said once
+    per run through `log`."""
+    tok, max_len = loaded.tokenizer, loaded.cfg.model.max_seq_len
     fn = loaded.__dict__.get("_reward_fn") or loaded.__dict__.setdefault("_reward_fn", _rewards_fn(loaded))
     out = []
     for i in range(0, len(conversations), batch):
         part = conversations[i: i + batch]
+        rendered = [chat.render(tok, list(prompt) + [{"role": "assistant", "content": reply}])[0]
+                    for prompt, reply in part]
+        longest = max(len(ids) for ids in rendered)
+        # rows as wide as the run's training rows, or the next power of two the batch needs (few shapes)
+        t = min(max_len, max(loaded.cfg.data.seq_len, 2 ** math.ceil(math.log2(max(longest, 8)))))
         inputs = np.zeros((batch, t), np.int32)
         seg = np.zeros((batch, t), np.int32)
-        for r, (prompt, reply) in enumerate(part):
-            ids = chat.render(tok, list(prompt) + [{"role": "assistant", "content": reply}])[0][:t]
+        for r, ids in enumerate(rendered):
+            if len(ids) > t:
+                loaded.__dict__["_reward_cut"] = loaded.__dict__.get("_reward_cut", 0) + 1
+                ids = ids[-t:]
             inputs[r, :len(ids)], seg[r, :len(ids)] = ids, 1
         pos = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t))
         out += [float(x) for x in np.asarray(fn(inputs, pos, seg))[:len(part)]]
+    cut = loaded.__dict__.get("_reward_cut", 0)
+    if cut and log is not None and not loaded.__dict__.get("_reward_cut_said"):
+        loaded.__dict__["_reward_cut_said"] = True
+        log(f"WARNING: the reward model {loaded.run_dir or ''} scored {cut} conversation(s) longer than its "
+            f"context of {max_len} tokens on their last {max_len} tokens (the reply's end, where the reward is read)")
     return out
 
 
@@ -65,7 +82,7 @@ def score_pairs(loaded, path: str, fmt: str = "auto", limit: int | None = None, 
     src, _ = open_preference_source(SourceConfig(name="pairs", kind="preference", paths=(path,), chat_format=fmt,
                                                  heldout_fraction=0.0))
 
-    tok, t = loaded.tokenizer, loaded.cfg.data.seq_len
+    tok, t = loaded.tokenizer, loaded.cfg.model.max_seq_len
     pairs, bad, long, first = [], 0, 0, []
     for i in range(len(src)):
         r = src[i]

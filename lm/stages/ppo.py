@@ -102,9 +102,9 @@ def reward_function(cfg: Config, log: Callable) -> Callable:
                           "from the same base run")
 
     def rm(completion: str, example: dict) -> float:
-        return score(loaded, [(example["messages"], completion)])[0]
+        return score(loaded, [(example["messages"], completion)], log=log)[0]
 
-    rm.batched = lambda pairs: score(loaded, [(e["messages"], c) for c, e in pairs], batch=64)  # noqa: E731
+    rm.batched = lambda pairs: score(loaded, [(e["messages"], c) for c, e in pairs], batch=64, log=log)  # noqa: E731
     return rm
 
 
