@@ -160,3 +160,31 @@ def test_reward_model_scores_within_the_model_context_and_says_what_it_cut(base_
     rewards = score(run, long, log=said.append) + score(run, long, log=said.append)
     assert rewards[0] != rewards[1] and rewards[:2] == rewards[2:]
     assert len(said) == 1 and "scored 2 conversation(s) longer than its context of 64 tokens" in said[0], said
+
+
+@pytest.mark.slow
+def test_a_lora_run_is_read_from_any_directory_onto_its_pinned_base(base_run, tmp_path, monkeypatch):
+    """A LoRA run started with a relative init_from, read from another directory and through a
+    symlink, merges onto the base step it recorded."""
+    import dataclasses
+    import os
+
+    import jax.numpy as jnp
+
+    from helpers import sft_config
+    from lm.config import LoraConfig
+    from lm.stages.runner import train
+    from lm.train.run import load_run
+
+    quiet = lambda *_: None  # noqa: E731
+    monkeypatch.chdir(os.path.dirname(base_run["run"]))
+    cfg = dataclasses.replace(sft_config({**base_run, "run": os.path.basename(base_run["run"])}, steps=4,
+                                         eval_every=4, checkpoint_every=4), lora=LoraConfig(rank=4, alpha=8.0))
+    run = tmp_path / "lora"
+    train(cfg, str(run), log=quiet, progress=False)
+    x = jnp.asarray(np.arange(16).reshape(1, 16) % 300 + 4)
+    here = np.asarray(load_run(str(run), log=quiet).model()(x))
+    monkeypatch.chdir(tmp_path)  # init_from ("base_run") means nothing here
+    (tmp_path / "link").symlink_to(run)
+    for path in (str(run), "link"):
+        np.testing.assert_array_equal(np.asarray(load_run(path, log=quiet).model()(x)), here)

@@ -153,6 +153,21 @@ def base_step(cfg: Config, run_dir: str | None) -> int | None:
     return rec.get("step")
 
 
+def pinned(cfg: Config, run_dir: str) -> Config:
+    """`cfg` with trainer.init_from as RUN_DIR/init_from.json recorded it (an absolute path,
+    beside the step the run started from), when it has one: reading a finished run must not
+    depend on the directory it is read from, nor on the path it is reached by."""
+    try:
+        with open(os.path.join(run_dir, PIN_FILE)) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return cfg
+    if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+        return cfg
+    # (base_step then reads the recorded step: the pin's path is now init_from's)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, init_from=rec["path"]))
+
+
 def _pin(cfg: Config, run_dir: str | None, step: int | None) -> None:
     if not run_dir or step is None or cfg.trainer.init_step is not None:
         return

@@ -16,7 +16,7 @@ from lm.model import lora
 from lm.model.sharding import make_mesh
 from lm.train.checkpoint import restore_params
 from lm.train.engine import make_engine
-from lm.train.init import load_base
+from lm.train.init import load_base, pinned
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ def load_run(run_dir: str, single_device: bool = True, log: Callable = print, st
     if run_cfg.lora.rank:
         lora_engine = make_engine(dataclasses.replace(run_cfg, mesh=cfg.mesh), engine.mesh)
         adapters, step = restore_params(run_dir, lora_engine.abstract_state().params, step, log)
-        base, _ = load_base(run_cfg, engine.abstract_params(), run_dir, log, pin=False)
+        base, _ = load_base(pinned(run_cfg, run_dir), engine.abstract_params(), run_dir, log, pin=False)
         params = jax.jit(lambda b, a: lora.merge(b, a, run_cfg.lora))(base, adapters)
     else:
         params, step = restore_params(run_dir, engine.abstract_params(), step, log)
