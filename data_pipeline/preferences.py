@@ -195,15 +195,23 @@ def pair_rows(docs: DocumentSource, tokenizer_path: str, seq_len: int, *, source
     return ds.map(render).to_iter_dataset(READ).filter(lambda x: "empty" not in x)
 
 
-def check_usable(docs: DocumentSource, tokenizer: Tokenizer, seq_len: int, name: str) -> None:
+def check_usable(docs: DocumentSource, tokenizer: Tokenizer, seq_len: int, name: str) -> float:
+    """Fail now, with the reasons, if none of up to CHECK_RECORDS pairs spread over `docs` is
+    usable; else the share of the usable ones whose chosen and rejected replies are the same
+    (such a pair teaches nothing)."""
     stats = PairStats([name])
     render = RenderPair(tokenizer.path, seq_len, name, 0, stats, strict=False)
     render._tok = tokenizer
+    usable = same = 0
     for i in np.unique(np.linspace(0, len(docs) - 1, min(len(docs), CHECK_RECORDS)).astype(int)):
-        if "empty" not in render.map(docs[int(i)]):
-            return
-    raise DataError(f"source {name!r}: none of the {stats.bad[name]} preference pairs checked is usable; "
-                    f"check its paths and chat_format. {stats.report()}")
+        ex = render.map(docs[int(i)])
+        if "empty" not in ex:
+            usable += 1
+            same += bool(np.array_equal(ex["inputs"][0], ex["inputs"][1]))
+    if not usable:
+        raise DataError(f"source {name!r}: none of the {stats.bad[name]} preference pairs checked is usable; "
+                        f"check its paths and chat_format. {stats.report()}")
+    return same / usable
 
 
 def preference_data(data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eval_batches: int = 16,
@@ -227,7 +235,10 @@ def preference_data(data: DataConfig, run_dir: str, *, tokenizer: Tokenizer, eva
     for c, (train, _) in zip(configs, opened):
         if len(train) == 0:
             raise DataError(f"source {c.name!r}: no training pairs found")
-        check_usable(train, tokenizer, d.seq_len, c.name)
+        same = check_usable(train, tokenizer, d.seq_len, c.name)
+        if same >= 0.5:
+            log(f"WARNING: source {c.name!r}: in {same:.0%} of the pairs checked the chosen and the rejected "
+                "reply are the same (within the rows' length): such pairs teach nothing; check the data")
 
     def rows(docs, k: int, shard: int | None, num_shards: int):
         c = configs[k]

@@ -258,6 +258,8 @@ def cmd_serve(args) -> int:
     from lm.serve.server import serve  # lazy: a command imports what it runs
 
     api_key = args.api_key or os.environ.get("LM_API_KEY") or None
+    if api_key is not None and (not api_key.isascii() or not api_key.isprintable() or " " in api_key):
+        raise UserError("the API key must be printable ASCII without spaces (HTTP clients send it in a header)")
     return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log)
 
 
@@ -280,12 +282,17 @@ def cmd_eval(args) -> int:
     if not os.access(args.run_dir, os.W_OK) and os.path.isdir(args.run_dir):  # before the work, not after
         raise UserError(f"cannot write {os.path.join(args.run_dir, 'eval.json')} (the run directory is not "
                         "writable): evaluate a copy of the run")
+    data_dir = args.data_dir or DEFAULT_DATA
+    if tasks and args.tasks in (None, "all") and not os.path.isdir(data_dir):  # every task: those that need no files
+        _log(f"note: no task files ({os.path.normpath(data_dir)} does not exist; --data-dir or LM_DATA names "
+             "them): evaluating the held-out data only")
+        tasks = ["heldout"]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)} (lm-evaluation-harness "
                         "tasks go in --harness)")
     if tasks:
-        results.update(evaluate_run(args.run_dir, tasks, args.data_dir or DEFAULT_DATA, args.limit,
+        results.update(evaluate_run(args.run_dir, tasks, data_dir, args.limit,
                                     args.batch_size, log=_log, all_tasks=args.tasks in (None, "all")))
     print(format_table(results))
     for task, r in results.items():  # sacreBLEU says how its numbers were computed

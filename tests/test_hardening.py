@@ -188,3 +188,50 @@ def test_a_lora_run_is_read_from_any_directory_onto_its_pinned_base(base_run, tm
     (tmp_path / "link").symlink_to(run)
     for path in (str(run), "link"):
         np.testing.assert_array_equal(np.asarray(load_run(path, log=quiet).model()(x)), here)
+
+
+def test_a_reward_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    import sys
+
+    from lm.stages import rewards
+
+    (tmp_path / "my_rewards_wd.py").write_text("def length(completion, example):\n    return len(completion)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as under `lm ...`
+    assert rewards.get("my_rewards_wd:length")("abc", {}) == 3
+
+
+def test_pairs_whose_replies_are_the_same_are_warned_about(base_run, tmp_path):
+    from data_pipeline.config import DataConfig, SourceConfig
+    from data_pipeline.preferences import preference_data
+    from data_pipeline.tokenizer import Tokenizer
+
+    pairs = tmp_path / "same.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"question {i}?", "chosen": f"answer {i}", "rejected": f"answer {i}"})
+                             + "\n" for i in range(40)))
+    d = DataConfig(corpus="sources", seq_len=64, batch_size=8, prefetch=0,
+                   sources=(SourceConfig(name="same", kind="preference", paths=(str(pairs),), chat_format="prompt"),))
+    said = []
+    preference_data(d, str(tmp_path / "run"), tokenizer=Tokenizer(base_run["run"] + "/tokenizer.model"),
+                    eval_batches=1, log=said.append, process_index=0, process_count=1)
+    assert any("in 100% of the pairs checked the chosen and the rejected reply are the same" in m for m in said), said
+
+
+def test_a_non_ascii_api_key_is_refused(base_run, capsys):
+    pytest.importorskip("starlette")
+    from lm.cli import main
+
+    assert main(["serve", base_run["run"], "--api-key", "clé secrète"]) == 2
+    assert "printable ASCII" in capsys.readouterr().err
+
+
+def test_eval_without_task_files_scores_the_held_out_data(base_run, tmp_path, capsys):
+    import shutil
+
+    from lm.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run["run"], run)
+    assert main(["eval", str(run), "--data-dir", str(tmp_path / "absent")]) == 0
+    out = capsys.readouterr()
+    assert "| heldout | eval_loss |" in out.out and "evaluating the held-out data only" in out.err + out.out

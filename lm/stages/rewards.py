@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from typing import Callable
 
 import numpy as np
@@ -62,6 +64,8 @@ def get(name: str) -> Callable[[str, dict], float]:
                           f"takes a rule: one of {', '.join(REWARDS)} or 'module:function'")
     if ":" in name:
         module, fn = name.split(":", 1)
+        if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: the working directory's modules
+            sys.path.insert(0, os.getcwd())
         try:
             return getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
