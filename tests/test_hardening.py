@@ -235,3 +235,30 @@ def test_eval_without_task_files_scores_the_held_out_data(base_run, tmp_path, ca
     assert main(["eval", str(run), "--data-dir", str(tmp_path / "absent")]) == 0
     out = capsys.readouterr()
     assert "| heldout | eval_loss |" in out.out and "evaluating the held-out data only" in out.err + out.out
+
+
+def test_the_server_refuses_a_prompt_over_the_context_before_tokenising_it(base_run, monkeypatch):
+    """A 4 MB prompt is refused (400, context_length_exceeded) without being tokenised: the
+    tokeniser's memory grows with what it encodes (gigabytes for a burst of such prompts)."""
+    pytest.importorskip("starlette")
+    from data_pipeline.tokenizer import Tokenizer
+    from lm.serve.server import APIError, Service
+
+    tok = Tokenizer(base_run["run"] + "/tokenizer.model")
+    batcher = types.SimpleNamespace(max_len=64, w=types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=1024)))
+    service = Service(batcher, tok, "m", chat=True)
+    encoded = []
+    real_encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, **kw: encoded.append(len(text)) or real_encode(text, **kw))
+    monkeypatch.setattr(tok.sp, "encode", lambda *a, **kw: encoded.append(a) or [])
+    huge = "word " * (4 << 18)
+    for body, chat in (({"model": "m", "prompt": huge}, False),
+                       ({"model": "m", "messages": [{"role": "user", "content": huge}]}, True)):
+        with pytest.raises(APIError) as e:
+            service.request(body, chat)
+        assert e.value.status == 400 and e.value.code == "context_length_exceeded", e.value.message
+        assert "characters, more than 64 tokens" in e.value.message
+    assert encoded == []
+    monkeypatch.undo()
+    with pytest.raises(APIError, match="but the prompt has"):  # a shorter one over the context: after tokenising
+        service.request({"model": "m", "prompt": "word " * 200}, False)

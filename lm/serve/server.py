@@ -171,6 +171,10 @@ class Service:
         if chat:
             self.chat_stop_ids = (chat_token_ids(tokenizer)["end"], tokenizer.eos_id)
         self.created = int(time.time())
+        # No token covers more characters than its piece has (a byte piece "<0x41>" covers one):
+        # a text longer than max_len times this is over the context, known without tokenising it
+        # (SentencePiece needs hundreds of bytes per character of what it encodes).
+        self.chars_per_token = max(len(tokenizer.sp.id_to_piece(i)) for i in range(tokenizer.vocab_size))
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -199,6 +203,7 @@ class Service:
                 if not isinstance(m, dict):
                     raise APIError(400, "each message must be an object with 'role' and 'content'", "messages")
                 msgs.append({"role": m.get("role"), "content": _message_text(m.get("content"))})
+            self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
             try:
                 prompt = generation_prompt(self.tok, msgs)
             except UserError as e:
@@ -226,10 +231,19 @@ class Service:
                        seed=secrets.randbits(31) if seed is None else seed, stop_ids=stop_ids,
                        stop_text=_stops(body))
 
+    def _check_chars(self, n: int, param: str) -> None:
+        """Refuse a text that cannot fit the context, before tokenising it."""
+        max_len = self.batcher.max_len
+        if n > max_len * self.chars_per_token:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens, but the {param} has "
+                                f"{n:,} characters, more than {max_len} tokens of at most {self.chars_per_token} "
+                                "characters each: shorten it", param, "context_length_exceeded")
+
     def _prompt(self, prompt) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
+            self._check_chars(len(prompt), "prompt")
             return self.tok.encode(_text(prompt, "prompt"), bos=True)
         if (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             if not all(0 <= t < self.batcher.w.cfg.vocab_size for t in prompt):
