@@ -115,7 +115,8 @@ def config():
                           max_seq_len=64, attention_block=16),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
         data=DataConfig(corpus="default", seq_len=64, batch_size=8, tokenizer={tok!r}, prefetch=2),
-        trainer=TrainerConfig(steps=20, log_every=5, checkpoint_every=10, eval_batches=2, num_samples=0))
+        trainer=TrainerConfig(steps=20, log_every=5, checkpoint_every=10, eval_batches=2, num_samples=0,
+                              peak_flops_per_device=1e9))
 """
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
@@ -159,7 +160,7 @@ def sft_config(base: dict, **trainer):
     from lm.config import Config, DataConfig, OptimConfig, SourceConfig, TrainerConfig
 
     t = dict(steps=30, log_every=1, eval_every=15, eval_batches=2, checkpoint_every=5, num_samples=0,
-             init_from=base["run"])
+             init_from=base["run"], peak_flops_per_device=1e9)  # (a child need not measure the CPU's peak)
     t.update(trainer)
     return Config(
         name="sft", stage="sft", model=base["cfg"].model,

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from helpers import cpu_env, train_cmd, write_experiment  # noqa: E402
 
+# (peak_flops_per_device: a `lm train` child skips measuring the CPU's matmul peak, seconds each)
 EXPERIMENT = """
 from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
 
@@ -32,7 +33,7 @@ def config():
                                  SourceConfig(name="b", kind="text", doc_per="block", paths=({b!r},),
                                               weight=0.3))),
         trainer=TrainerConfig(steps=16, log_every=1, checkpoint_every=2, checkpoint_keep=3,
-                              eval_every=8, eval_batches=2, num_samples=0))
+                              eval_every=8, eval_batches=2, num_samples=0, peak_flops_per_device=1e9))
 """
 
 
@@ -225,7 +226,9 @@ def test_sigint_while_preparing_the_data_ends_at_once_in_one_line(experiment, tm
 
 def test_sigterm_while_compiling_ends_at_once_in_one_line(tmp_path):
     (tmp_path / "tiny.py").write_text(TINY)
-    p = _Watched(train_cmd(str(tmp_path / "tiny.py"), tmp_path / "run"))
+    # without the session's compilation cache: a cached step would be "compiled" before the signal
+    p = _Watched(train_cmd(str(tmp_path / "tiny.py"), tmp_path / "run"),
+                 env={**_env(), "JAX_ENABLE_COMPILATION_CACHE": "false"})
     p.wait_for("compiling the train step")
     elapsed = p.stop(signal.SIGTERM)
     assert p.proc.returncode == 143, p.out
@@ -478,7 +481,8 @@ def config():
         model=ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=16),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
         data=DataConfig(corpus="synthetic", seq_len=16, batch_size=8),
-        trainer=TrainerConfig(steps=4, log_every=1, checkpoint_every=2, eval_batches=1, num_samples=0))
+        trainer=TrainerConfig(steps=4, log_every=1, checkpoint_every=2, eval_batches=1, num_samples=0,
+                              peak_flops_per_device=1e9))
 """
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import default_corpus
+from data_pipeline.config import SHARED_DATA
 from data_pipeline.pipeline import DataStats, packed_rows, text_data, to_example
 from data_pipeline.sources import DataError, JsonLines, TextFiles, open_source
 from data_pipeline.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
@@ -397,10 +398,8 @@ def test_token_cache_matches_streaming_and_resumes(tmp_path, tokenizer):
                                                                   tokenizer=None)), str(tmp_path / "r3"), **quiet)
 
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-
-
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="optional: needs ../shared/data (absent on a fresh clone)")
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA),
+                    reason="optional: needs the shared data folder (LM_DATA, else ../shared/data; absent on a fresh clone)")
 def test_pretrain_mixture_experiment_shares_on_real_corpora(tmp_path):
     from lm import experiment
 

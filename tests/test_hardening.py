@@ -170,8 +170,8 @@ def test_a_lora_run_is_read_from_any_directory_onto_its_pinned_base(base_run, tm
     import os
 
     import jax.numpy as jnp
-
     from helpers import sft_config
+
     from lm.config import LoraConfig
     from lm.stages.runner import train
     from lm.train.run import load_run

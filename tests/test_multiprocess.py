@@ -20,7 +20,7 @@ def config():
     return Config(name="two_process", model=ModelConfig(vocab_size=384, max_seq_len=32),
                   optim=OptimConfig(lr=3e-3, warmup_steps=2),
                   data=DataConfig(corpus="sources", sources=sources, tokenizer={tok!r}, num_shards=2),
-                  trainer=TrainerConfig(num_samples=0))
+                  trainer=TrainerConfig(num_samples=0, peak_flops_per_device=1e9))
 """
 
 SETTINGS = [

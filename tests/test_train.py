@@ -118,7 +118,7 @@ def test_tiny_experiment_on_default_corpus_lowers_loss(tmp_path):
     cfg = experiment.load("pretrain_tiny", [
         "model.n_layers=2", "model.d_model=128", "model.d_ff=352", "model.vocab_size=1024",
         "data.seq_len=128", "data.batch_size=8", "data.tokenizer_sample_mb=1",
-        "trainer.steps=120", "trainer.eval_every=60", "trainer.eval_batches=16",
+        "trainer.steps=60", "trainer.eval_every=30", "trainer.eval_batches=4",
         "trainer.num_samples=2", "trainer.sample_tokens=16", "optim.warmup_steps=10"])
     logs = []
     summary = train(cfg, str(tmp_path), log=logs.append, progress=False)
