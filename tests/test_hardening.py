@@ -262,3 +262,30 @@ def test_the_server_refuses_a_prompt_over_the_context_before_tokenising_it(base_
     monkeypatch.undo()
     with pytest.raises(APIError, match="but the prompt has"):  # a shorter one over the context: after tokenising
         service.request({"model": "m", "prompt": "word " * 200}, False)
+
+
+def test_the_server_answers_its_own_name_json_and_the_options_it_has(base_run):
+    """Without an API key a loopback server answers only requests addressed to a loopback name
+    (DNS rebinding), reads only JSON bodies, and refuses other servers' sampling options."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from data_pipeline.tokenizer import Tokenizer
+    from lm.serve.server import Service, make_app
+
+    tok = Tokenizer(base_run["run"] + "/tokenizer.model")
+    batcher = types.SimpleNamespace(max_len=64, w=types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=1024)))
+    client = TestClient(make_app(Service(batcher, tok, "m", chat=False, log=lambda *_: None)),
+                        base_url="http://127.0.0.1:8000")
+    body = {"model": "m", "prompt": "x", "top_k": 5}
+    r = client.post("/v1/completions", json=body, headers={"Host": "rebound.example:8000"})
+    assert r.status_code == 421 and "rebound.example" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=json.dumps(body), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+    r = client.post("/v1/completions", json={**body, "top_k": None, "min_tokens": 3}, headers={"Host": "localhost"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    keyed = TestClient(make_app(Service(batcher, tok, "m", chat=False, api_key="k", log=lambda *_: None)))
+    r = keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer k", "Host": "my.host"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"  # with a key: any name

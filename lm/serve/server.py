@@ -40,6 +40,7 @@ from lm.train.run import load_run
 
 MAX_STOPS = 4  # as OpenAI
 DISCONNECT_CHECK = 0.05  # seconds between checks that a non-streaming client is still there
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BODY = 4 << 20  # bytes of a request body (a prompt that long exceeds any context anyway)
 
 
@@ -115,6 +116,10 @@ def _unsupported(body: dict) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0:
             raise APIError(400, f"{name} is not supported (leave it 0)", name)
+    for name in ("top_k", "min_tokens", "min_p", "repetition_penalty"):  # other servers' extensions
+        if body.get(name) is not None:
+            raise APIError(400, f"'{name}' is not supported by this server (it samples with temperature, top_p, "
+                                "seed, stop and max_tokens)", name)
     if body.get("logit_bias"):
         raise APIError(400, "logit_bias is not supported", "logit_bias")
     fmt = body.get("response_format")
@@ -163,8 +168,9 @@ class Service:
     """The protocol side of the server: requests -> batcher, events -> OpenAI answers."""
 
     def __init__(self, batcher: Batcher, tokenizer, model_name: str, chat: bool, api_key: str | None = None,
-                 log: Callable = print):
+                 log: Callable = print, host: str = "127.0.0.1"):
         self.batcher, self.tok, self.model_name, self.chat, self.api_key = batcher, tokenizer, model_name, chat, api_key
+        self.host = host  # the address it listens on
         self.log = log
         self.stop_ids = (tokenizer.eos_id,)
         self.chat_stop_ids = self.stop_ids
@@ -264,8 +270,9 @@ def make_app(service: Service):
     from starlette.applications import Starlette  # optional extra [serve]
     from starlette.concurrency import run_in_threadpool  # optional extra [serve]
     from starlette.exceptions import HTTPException  # optional extra [serve]
+    from starlette.requests import ClientDisconnect  # optional extra [serve]
     from starlette.requests import Request as HTTPRequest  # optional extra [serve]
-    from starlette.responses import JSONResponse, StreamingResponse  # optional extra [serve]
+    from starlette.responses import JSONResponse, Response, StreamingResponse  # optional extra [serve]
     from starlette.routing import Route  # optional extra [serve]
 
     def error(e: APIError, headers: dict | None = None) -> JSONResponse:
@@ -277,13 +284,29 @@ def make_app(service: Service):
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), service.api_key.encode())
 
+    def local_host(request: HTTPRequest) -> bool:
+        """Without an API key, a server on a loopback address answers only requests addressed to
+        it by a loopback name: a web page cannot reach it by DNS rebinding (its Host would be the
+        page's domain)."""
+        if service.api_key or service.host not in LOOPBACK:
+            return True
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
+        return name in LOOPBACK
+
     def guarded(handler: Callable):
         async def endpoint(request: HTTPRequest):
+            if not local_host(request):
+                return error(APIError(421, f"this server answers requests to {service.host} (Host "
+                                           f"{request.headers.get('host', '')!r} is not it); use an API key "
+                                           "(--api-key) to serve other names", code="misdirected_request"))
             if not authorised(request):
                 return error(APIError(401, "incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                       code="invalid_api_key"))
             try:
                 return await handler(request)
+            except ClientDisconnect:  # the client left before its request was read: nobody to answer
+                return Response(status_code=400)
             except APIError as e:
                 return error(e)
             except Exception as e:  # noqa: BLE001 -- a bug answers this request with a 500, the server lives on
@@ -296,6 +319,10 @@ def make_app(service: Service):
     async def read_json(request: HTTPRequest) -> Any:
         """The body as JSON, at most MAX_BODY bytes, parsed off the event loop (a large
         body must not stall the running streams)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(415, f"the request body must be JSON with 'Content-Type: application/json' (got "
+                                f"{ctype or 'none'!r})")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY:
             raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}")
@@ -462,7 +489,7 @@ def _logprobs(tok, context: list[int], ev: Event, chat: bool) -> dict:
 
 
 def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str | None = None,
-          model_name: str | None = None, log: Callable = print) -> tuple[Any, Batcher]:
+          model_name: str | None = None, log: Callable = print, host: str = "127.0.0.1") -> tuple[Any, Batcher]:
     """Load the run, start its batcher (compiling the decode programs) and make the app."""
     run = load_run(run_dir, log=log)
     if run.tokenizer is None:
@@ -477,7 +504,7 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
     template = "chat template" if chat else "no chat template: /v1/completions only"
     log(f"serving {run_dir} as '{name}' ({run.cfg.stage}, step {run.step}, {template}), {slots} slots of "
         f"{batcher.max_len} tokens")
-    return make_app(Service(batcher, run.tokenizer, name, chat, api_key, log=log)), batcher
+    return make_app(Service(batcher, run.tokenizer, name, chat, api_key, log=log, host=host)), batcher
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,
@@ -492,7 +519,7 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
-        app, batcher = build(run_dir, slots, max_len, api_key, model_name, log)
+        app, batcher = build(run_dir, slots, max_len, api_key, model_name, log, host=host)
     except BaseException:
         sock.close()
         raise
