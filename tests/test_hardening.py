@@ -289,3 +289,22 @@ def test_the_server_answers_its_own_name_json_and_the_options_it_has(base_run):
     keyed = TestClient(make_app(Service(batcher, tok, "m", chat=False, api_key="k", log=lambda *_: None)))
     r = keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer k", "Host": "my.host"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"  # with a key: any name
+
+
+def test_harness_data_sets_out_of_reach_are_one_line(base_run, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm.eval import harness
+
+    def offline(**kwargs):
+        try:
+            raise OSError("LocalEntryNotFoundError: offline")
+        except OSError as e:
+            raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)") from e
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(UserError, match="could not load the data sets of arc_easy .*HF_DATASETS_OFFLINE") as e:
+        harness.evaluate_harness(base_run["run"], ["arc_easy"], log=lambda *_: None, progress=False)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: 1 / 0)  # a bug stays a bug
+    with pytest.raises(ZeroDivisionError):
+        harness.evaluate_harness(base_run["run"], ["arc_easy"], log=lambda *_: None, progress=False)

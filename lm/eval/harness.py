@@ -30,6 +30,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from data_pipeline.errors import UserError
 from lm.eval.evaluate import loglikelihood_rolling, loglikelihood_texts, loglikelihoods, model_logits
 from lm.sampling.sampler import generate
 from lm.train.run import load_run
@@ -170,8 +171,17 @@ def evaluate_harness(run_dir: str, tasks: Sequence[str | dict], limit: int | Non
 
 
     model = JaxLM(run_dir, batch_size=batch_size, log=log, progress=progress)
-    out = lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
-                                  **{"log_samples": False, "bootstrap_iters": 0, **harness_kwargs})
+    try:
+        out = lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                      **{"log_samples": False, "bootstrap_iters": 0, **harness_kwargs})
+    except Exception as e:  # noqa: BLE001 -- the harness fetching its data sets: say so in one line
+        if not _unreachable(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"lm-evaluation-harness could not load the data sets of {', '.join(map(str, tasks))} "
+                        f"({type(e).__name__}: {first}): it downloads them from the Hugging Face Hub; without a "
+                        "network, use data sets it cached before (HF_DATASETS_OFFLINE=1) or local task YAMLs "
+                        "(lm_eval --include-path)") from None
     results: dict = {"run": run_dir, "step": model.run.step}
     for task, metrics in out["results"].items():
         r = {}
@@ -186,6 +196,19 @@ def evaluate_harness(run_dir: str, tasks: Sequence[str | dict], limit: int | Non
         results[f"harness:{task}"] = r
     merge_json(os.path.join(run_dir, "eval.json"), results)
     return results
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a data set the harness could not download."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names = {t.__name__ for t in type(e).__mro__}
+        if names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "HfHubHTTPError"} \
+                or "Couldn't reach" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def main() -> None:
