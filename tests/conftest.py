@@ -53,11 +53,37 @@ def pytest_collection_modifyitems(config, items):
 # (shutil.copytree into its tmp_path).
 
 
+def _once_per_session(tmp_path_factory, name: str, build):
+    """`build(directory) -> JSON-able dict`, run once per test session: under pytest-xdist the
+    first worker that needs it builds it in the folder the workers share, the others wait for
+    it (a file lock) and read what it returned."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    import fcntl
+    import json
+
+    shared = tmp_path_factory.getbasetemp().parent  # the session's folder, above each worker's
+    result = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not result.exists():
+            directory = shared / name
+            directory.mkdir()
+            result.write_text(json.dumps(build(directory)))
+    return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory):
     """A briefly pretrained base run with the real tokenizer (chat tokens), and a chat file:
     {"dir", "run", "chat", "exp", "cfg"} (helpers.make_base_run)."""
-    return helpers.make_base_run(tmp_path_factory.mktemp("base"))
+    import pathlib
+
+    from lm import experiment
+
+    made = _once_per_session(tmp_path_factory, "base", lambda d: {
+        k: str(v) for k, v in helpers.make_base_run(d).items() if k != "cfg"})
+    return {**made, "dir": pathlib.Path(made["dir"]), "cfg": experiment.load(made["exp"])}
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +92,11 @@ def sft_run(base_run, tmp_path_factory):
     and 60, two samples): {"run", "summary", "logs"}."""
     from lm.stages.runner import train
 
-    logs = []
-    run = tmp_path_factory.mktemp("sft") / "run"
-    summary = train(helpers.sft_config(base_run, steps=60, eval_every=30, num_samples=2, sample_tokens=8), str(run),
-                    log=logs.append, progress=False)
-    return {"run": str(run), "summary": summary, "logs": "\n".join(map(str, logs))}
+    def build(directory):
+        logs = []
+        run = directory / "run"
+        summary = train(helpers.sft_config(base_run, steps=60, eval_every=30, num_samples=2, sample_tokens=8),
+                        str(run), log=logs.append, progress=False)
+        return {"run": str(run), "summary": summary, "logs": "\n".join(map(str, logs))}
+
+    return _once_per_session(tmp_path_factory, "sft", build)
