@@ -308,3 +308,15 @@ def test_harness_data_sets_out_of_reach_are_one_line(base_run, monkeypatch):
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: 1 / 0)  # a bug stays a bug
     with pytest.raises(ZeroDivisionError):
         harness.evaluate_harness(base_run["run"], ["arc_easy"], log=lambda *_: None, progress=False)
+
+
+def test_seeds_differing_above_32_bits_draw_differently():
+    import jax
+
+    from lm.sampling import decode
+
+    same = lambda a, b: bool((np.asarray(a) == np.asarray(b)).all())  # noqa: E731
+    assert same(decode.seed_key(7), jax.random.PRNGKey(7))  # the seeds people use draw as before
+    assert not same(decode.seed_key(7 + (1 << 32)), decode.seed_key(7))
+    assert not same(decode.request_base((1 << 63) - 1), decode.request_base((1 << 31) - 1))
+    assert same(decode.request_base(5), jax.random.fold_in(decode.seed_key(5), 0))

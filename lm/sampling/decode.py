@@ -100,11 +100,19 @@ def step_keys(bases, steps):
     return jax.vmap(jax.random.fold_in)(bases, steps)
 
 
+def seed_key(seed: int):
+    """The PRNG key of a seed of any 64 bits (`lm sample --seed`, a request's "seed"):
+    PRNGKey of its low 32 bits, folded with its high 32 bits when they are not zero (without
+    jax_enable_x64, PRNGKey alone keeps only the low 32 bits: seeds 1 and 2**32 + 1 drew alike)."""
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    high = (seed >> 32) & 0xFFFFFFFF
+    return jax.random.fold_in(key, high) if high else key
+
+
 def request_base(seed: int):
     """A request's base key (uint32 (2,), on the host) from any seed `lm sample --seed` takes:
-    fold_in(PRNGKey(seed), 0), so a seeded request draws what the sampler draws.
-    (PRNGKey takes 64-bit seeds; without jax_enable_x64 only their low 32 bits count.)"""
-    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), 0))
+    fold_in(seed_key(seed), 0), so a seeded request draws what the sampler draws."""
+    return np.asarray(jax.random.fold_in(seed_key(seed), 0))
 
 
 # ---------------------------------------------------------------------------------------

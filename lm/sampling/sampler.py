@@ -122,7 +122,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, m
     (lm.sampling.decode.prepare(graphdef, params)) saves preparing them again on repeated calls."""
     tokens, lengths = _pack(prompts, max_new, max_len, bucket)
     w = weights if weights is not None else decode.prepare(graphdef, params)
-    out, count, _ = _generate(w, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+    out, count, _ = _generate(w, jnp.asarray(tokens), jnp.asarray(lengths), decode.seed_key(seed),
                               jnp.float32(temperature), jnp.float32(top_p), _stops(stop_ids, eos_id),
                               max_new=max_new, top_k=top_k)
     out, count = np.asarray(out), np.asarray(count)
@@ -161,7 +161,7 @@ def stream(graphdef, params, prompt: Sequence[int], max_new: int, max_len: int, 
     w = weights if weights is not None else decode.prepare(graphdef, params)
     last, kvs = _prefill_jit(w, jnp.asarray(tokens), jnp.asarray(lengths))
     cache = _grow(kvs, tokens.shape[1] + max_new)
-    bases = _bases(jax.random.PRNGKey(seed), 1)
+    bases = _bases(decode.seed_key(seed), 1)
     t, p = jnp.full((1,), temperature, jnp.float32), jnp.full((1,), top_p, jnp.float32)
     for i in range(max_new):
         pos = int(lengths[0]) + i
