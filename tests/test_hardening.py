@@ -320,3 +320,13 @@ def test_seeds_differing_above_32_bits_draw_differently():
     assert not same(decode.seed_key(7 + (1 << 32)), decode.seed_key(7))
     assert not same(decode.request_base((1 << 63) - 1), decode.request_base((1 << 31) - 1))
     assert same(decode.request_base(5), jax.random.fold_in(decode.seed_key(5), 0))
+
+
+def test_mfu_is_never_claimed_above_one():
+    from lm.train.loop import _Meter
+
+    meter = _Meter(tokens_per_step=1000, fpt=1e6, peak=1e9 / 8, remeasure=lambda: 4e9 / 8)  # (8 fake devices)
+    assert meter.mfu(2000.0) == pytest.approx(0.5)  # 2e9 FLOP/s of a peak measured again at 4e9
+    assert meter.remeasure is None and meter.mfu(1000.0) == pytest.approx(0.25)
+    assert meter.mfu(8000.0) is None  # beats even the new measurement: no figure
+    assert _Meter(1000, 1e6, 1e9 / 8).mfu(2000.0) is None  # a peak that cannot be measured again

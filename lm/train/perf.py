@@ -57,3 +57,9 @@ def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
         if key.lower() in dev.device_kind.lower():
             return value, f"table ({dev.device_kind})"
     return float("nan"), f"unknown device {dev.device_kind!r}: set trainer.peak_flops_per_device"
+
+
+def remeasured_peak() -> float:
+    """`peak_flops_per_device`'s measured peak, measured again (the machine may have been busy)."""
+    measured_matmul_peak.cache_clear()
+    return peak_flops_per_device()[0]
