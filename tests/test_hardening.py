@@ -330,3 +330,36 @@ def test_mfu_is_never_claimed_above_one():
     assert meter.remeasure is None and meter.mfu(1000.0) == pytest.approx(0.25)
     assert meter.mfu(8000.0) is None  # beats even the new measurement: no figure
     assert _Meter(1000, 1e6, 1e9 / 8).mfu(2000.0) is None  # a peak that cannot be measured again
+
+
+def test_export_then_import_keeps_a_chat_model_a_chat_model(base_run, sft_run, tmp_path):
+    from lm.serve.chat import Chat, is_chat_model
+    from lm.tools.hf_runs import export_run, import_run
+    from lm.train.run import load_run
+
+    quiet = lambda *_: None  # noqa: E731
+    for name, src, chat in (("sft", sft_run["run"], True), ("base", base_run["run"], False)):
+        export_run(src, str(tmp_path / f"{name}_hf"), log=quiet)
+        import_run(str(tmp_path / f"{name}_hf"), str(tmp_path / f"{name}_run"), log=quiet)
+        assert is_chat_model(load_run(str(tmp_path / f"{name}_run"), log=quiet)) is chat
+    replies = []
+    for run_dir in (sft_run["run"], str(tmp_path / "sft_run")):
+        c = Chat(load_run(run_dir, log=quiet), max_new=8, temperature=0.0)
+        replies.append(c.reply("reverse: lazy dog"))
+    assert replies[0] == replies[1]
+
+
+def test_importing_a_reward_model_export_says_what_it_is(tmp_path):
+    import jax
+    from flax import nnx
+
+    from lm.config import ModelConfig
+    from lm.interop.hf import HFFormatError, export_llama, import_llama
+    from lm.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=16,
+                      scalar_heads=("reward",))
+    params = nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+    export_llama(cfg, jax.device_get(params), str(tmp_path / "rm"))
+    with pytest.raises(HFFormatError, match="is a reward model .*LlamaForSequenceClassification"):
+        import_llama(str(tmp_path / "rm"))

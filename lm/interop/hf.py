@@ -107,7 +107,7 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: str | None = None,
-                 bos_id: int = 2, eos_id: int = 3, pad_id: int = 0) -> str:
+                 bos_id: int = 2, eos_id: int = 3, pad_id: int = 0, chat_template: bool = True) -> str:
     """Write a Hugging Face LLaMA checkpoint of `params` (a pure dict or nnx.State).
 
     A model with a "reward" head (a reward model, lm/stages/reward.py) is written as
@@ -159,7 +159,7 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
     # Generation stops at EOS, and in a chat model also at the end-of-turn token.
     stops = [eos_id]
     if tokenizer_model:
-        _export_tokenizer(tokenizer_model, out_dir)
+        _export_tokenizer(tokenizer_model, out_dir, chat_template)
 
         end = _chat_tokens(spm.SentencePieceProcessor(model_file=tokenizer_model))
         stops += [i for i, piece in end.items() if piece == "<|end|>"]
@@ -169,13 +169,15 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
     return out_dir
 
 
-def _export_tokenizer(model_path: str, out_dir: str) -> None:
+def _export_tokenizer(model_path: str, out_dir: str, chat_template: bool = True) -> None:
     """tokenizer.json (+ tokenizer.model, tokenizer_config.json) that `AutoTokenizer` loads
     with exactly our ids: see `tokenizer_json` for how SentencePiece is reproduced.
 
     When the model has the chat role tokens (data_pipeline.chat), they are exported as special
     added tokens (so HF keeps each one a single id when it meets its text) together with the chat
-    template, so `apply_chat_template` gives the ids of `data_pipeline.chat.render`.
+    template, so `apply_chat_template` gives the ids of `data_pipeline.chat.render`
+    (`chat_template` false: a model not fine-tuned to chat gets no template; `lm import-hf`
+    reads its presence as "a chat model").
     """
     sp = spm.SentencePieceProcessor(model_file=model_path)
     shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))  # for SentencePiece users and import-hf
@@ -191,7 +193,7 @@ def _export_tokenizer(model_path: str, out_dir: str) -> None:
     if chat:
         # "additional_special_tokens" (transformers 4; read as "extra_special_tokens" by 5)
         special["additional_special_tokens"] = list(chat.values())
-        config.update(special, chat_template=CHAT_TEMPLATE, added_tokens_decoder={
+        config.update(special, **({"chat_template": CHAT_TEMPLATE} if chat_template else {}), added_tokens_decoder={
             str(i): {"content": piece, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
                      "single_word": False} for i, piece in chat.items()})
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
@@ -411,6 +413,11 @@ def _import_llama(hf_dir: str) -> tuple[ModelConfig, dict]:
         },
     }
     if not tied:
+        if "lm_head.weight" not in t and "score.weight" in t:
+            raise HFFormatError(f"{hf_dir} is a reward model (a 'score' head, no language-model head: "
+                                f"{', '.join(c.get('architectures') or ['LlamaForSequenceClassification'])}); "
+                                "import-hf reads language models: score with the run it was exported from "
+                                "(lm reward RUN_DIR --pairs FILE)")
         params["head"] = t["lm_head.weight"].T
     return cfg, _as_float32(params)
 

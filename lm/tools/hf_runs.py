@@ -14,9 +14,11 @@ import shutil
 import jax
 from flax import nnx
 
+from lm import stages
 from lm.config import Config, ConfigError, DataConfig, MeshConfig, to_dict
 from lm.interop.hf import export_llama, import_llama
 from lm.model.sharding import make_mesh
+from lm.stages import STAGES
 from lm.train import checkpoint
 from lm.train.engine import make_trainer
 from lm.train.run import load_run
@@ -40,7 +42,8 @@ def export_run(run_dir: str, out_dir: str, log=print, force: bool = False) -> st
                           "a new folder, or add --force to replace the files an export writes there")
     run = load_run(run_dir, log=log)
     tok = run.tokenizer.path if run.tokenizer is not None else None
-    export_llama(run.cfg.model, jax.device_get(run.params), out_dir, tok)
+    chat = run.cfg.stage in STAGES and stages.get(run.cfg.stage).chat
+    export_llama(run.cfg.model, jax.device_get(run.params), out_dir, tok, chat_template=chat)
     log(f"exported step {run.step} of {run_dir} to {out_dir} (config.json, model.safetensors"
         + (", tokenizer files)" if tok else ")"))
     return out_dir
@@ -69,7 +72,10 @@ def import_run(hf_dir: str, run_dir: str, log=print, force: bool = False) -> str
     tok = os.path.join(run_dir, "tokenizer.model")
     if os.path.exists(tok_src):
         shutil.copyfile(tok_src, tok)
-    cfg = Config(name=os.path.basename(os.path.abspath(run_dir)), model=mcfg,
+    # a folder exported with a chat template holds a chat model: the run is an SFT run, which
+    # `lm chat`, `lm sample --chat` and `lm serve` talk to with the template
+    chat = _has_chat_template(hf_dir)
+    cfg = Config(name=os.path.basename(os.path.abspath(run_dir)), stage="sft" if chat else "pretrain", model=mcfg,
                  mesh=MeshConfig(),  # all devices on the data axis: any machine evaluates or trains it
                  data=DataConfig(seq_len=min(mcfg.max_seq_len, 256), tokenizer=tok if os.path.exists(tok) else None))
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
@@ -84,6 +90,14 @@ def import_run(hf_dir: str, run_dir: str, log=print, force: bool = False) -> str
     ckpt = checkpoint.Checkpointer(run_dir, log=log)
     ckpt.save(0, state, None, meta)
     ckpt.close()
-    log(f"imported {hf_dir} ({mcfg.n_layers} layers, D={mcfg.d_model}, N={mcfg.n_heads}, K={mcfg.n_kv_heads}, "
+    log(f"imported {hf_dir} ({'a chat model, ' if chat else ''}{mcfg.n_layers} layers, D={mcfg.d_model}, N={mcfg.n_heads}, K={mcfg.n_kv_heads}, "
         f"V={mcfg.vocab_size}) into {run_dir}; continue with: lm train {run_dir}/config.json --run-dir {run_dir}")
     return run_dir
+
+
+def _has_chat_template(hf_dir: str) -> bool:
+    try:
+        with open(os.path.join(hf_dir, "tokenizer_config.json")) as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
