@@ -363,3 +363,66 @@ def test_importing_a_reward_model_export_says_what_it_is(tmp_path):
     export_llama(cfg, jax.device_get(params), str(tmp_path / "rm"))
     with pytest.raises(HFFormatError, match="is a reward model .*LlamaForSequenceClassification"):
         import_llama(str(tmp_path / "rm"))
+
+
+@pytest.mark.slow
+def test_the_server_stops_in_order_on_sigterm(tmp_path):
+    """SIGTERM: admissions end at once (queued and new requests get 503 with Retry-After), the
+    running requests finish (or end with an error event and [DONE]), nothing is cut, exit 0."""
+    pytest.importorskip("starlette")
+    httpx = pytest.importorskip("httpx")
+    import concurrent.futures as cf
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flax import nnx
+    from helpers import corpus_tokenizer, cpu_env
+
+    from lm.config import ModelConfig
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import Transformer
+    from lm.tools.hf_runs import import_run
+
+    tok = corpus_tokenizer(tmp_path, 1024)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=256, init_std=0.2)
+    export_llama(cfg, nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param), str(tmp_path / "hf"), tokenizer_model=tok.path)
+    import_run(str(tmp_path / "hf"), str(tmp_path / "run"), log=lambda *_: None)
+    proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", str(tmp_path / "run"), "--port", "0", "--slots", "1"],
+                            env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = None
+    while url is None:
+        line = proc.stdout.readline()
+        assert line, "lm serve exited before listening"
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        url = m.group(1) if m else None
+    body = {"model": "run", "prompt": "def f(x):", "max_tokens": 240, "temperature": 1.0, "seed": 1}
+
+    def plain(i):
+        r = httpx.post(url + "/v1/completions", json={**body, "seed": i}, timeout=60)
+        return ("plain", r.status_code, r.headers.get("retry-after"), r.text)
+
+    def streamed(i):
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "seed": i, "stream": True}, timeout=60) as r:
+            text = "".join(r.iter_text())
+        return ("stream", r.status_code, r.headers.get("retry-after"), text)
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(streamed if i % 3 == 0 else plain, i) for i in range(24)]
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late = pool.submit(plain, 99)
+        results = [f.result() for f in futures]
+        late_result = late.result() if not isinstance(late.exception(), httpx.ConnectError) else None
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # (uvicorn re-raises the signal once it has stopped)
+    refused = [r for r in results if r[1] == 503]
+    assert refused and all(r[2] == "5" and "shutting down" in r[3] for r in refused)
+    for kind, status, _, text in results:
+        assert status in (200, 503), (kind, status, text[:300])
+        if kind == "stream" and status == 200:
+            assert text.rstrip().endswith("data: [DONE]"), text[-300:]  # finished, or an error event then [DONE]
+    assert late_result is None or late_result[1] == 503

@@ -140,6 +140,8 @@ class Batcher:
         self.waiting: collections.deque[Handle] = collections.deque()
         self.lock = threading.Condition()
         self.closed = False
+        self.draining: str | None = None  # (`drain`: no more admissions, the reason)
+        self.fail_message: str | None = None  # (`fail_running`: end the running requests)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "steps": 0, "tokens": 0}
         self.thread = threading.Thread(target=self._loop, name="lm-batcher", daemon=True)
 
@@ -174,12 +176,29 @@ class Batcher:
                              f"must be within 1..{self.max_len}")
         handle = Handle(request, emit)
         with self.lock:
-            if self.closed:
-                raise RuntimeError("the server is shutting down")
+            if self.closed or self.draining:
+                raise RuntimeError(self.draining or "the server is shutting down")
             self.waiting.append(handle)
             self.stats["requests"] += 1
             self.lock.notify()
         return handle
+
+    def drain(self, message: str) -> None:
+        """Stop admitting (a later `submit` raises RuntimeError with `message`), and end every
+        queued request with an error event saying `message`; the running ones go on."""
+        with self.lock:
+            self.draining = message
+            handles = list(self.waiting)
+            self.waiting.clear()
+            self.stats["errors"] += len(handles)
+        for h in handles:
+            h.emit(Event(error=message))
+
+    def fail_running(self, message: str) -> None:
+        """End the running requests with an error event (on the batcher's thread, between steps)."""
+        with self.lock:
+            self.fail_message = message
+            self.lock.notify()
 
     def close(self) -> None:
         with self.lock:
@@ -199,11 +218,16 @@ class Batcher:
         pending = None  # the step in flight: (its results on the device, the slots it ran for)
         while True:
             with self.lock:
-                while (not self.closed and not self.waiting and pending is None
+                while (not self.closed and not self.waiting and pending is None and self.fail_message is None
                        and all(s is None for s in self.active)):
                     self.lock.wait()
                 if self.closed:
                     break
+                fail, self.fail_message = self.fail_message, None
+            if fail is not None:
+                pending = None
+                self._fail_all(fail)
+                continue
             try:
                 self._admit()
                 # Dispatch the next step before reading the last one's tokens: the host's

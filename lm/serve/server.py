@@ -27,6 +27,7 @@ import math
 import os
 import secrets
 import socket
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -39,6 +40,8 @@ from lm.serve.chat import is_chat_model
 from lm.train.run import load_run
 
 MAX_STOPS = 4  # as OpenAI
+SHUTTING_DOWN = "the server is shutting down: retry on another server, or here when it is back"
+RETRY_AFTER = "5"  # seconds, in 503 answers while the server stops
 DISCONNECT_CHECK = 0.05  # seconds between checks that a non-streaming client is still there
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BODY = 4 << 20  # bytes of a request body (a prompt that long exceeds any context anyway)
@@ -48,9 +51,10 @@ class APIError(Exception):
     """An OpenAI-style error answer."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", retry_after: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.retry_after = retry_after
 
 
 def _error_body(e: APIError) -> dict:
@@ -276,6 +280,8 @@ def make_app(service: Service):
     from starlette.routing import Route  # optional extra [serve]
 
     def error(e: APIError, headers: dict | None = None) -> JSONResponse:
+        if e.retry_after:
+            headers = {**(headers or {}), "Retry-After": e.retry_after}
         return JSONResponse(_error_body(e), status_code=e.status, headers=headers)
 
     def authorised(request: HTTPRequest) -> bool:
@@ -369,7 +375,7 @@ def make_app(service: Service):
         try:
             handle = service.batcher.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         except RuntimeError as e:
-            raise APIError(503, str(e), kind="server_error") from None
+            raise APIError(503, str(e), kind="server_error", retry_after=RETRY_AFTER) from None
         base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": service.model_name}
 
@@ -428,6 +434,8 @@ def make_app(service: Service):
                     if ev is None:
                         continue
                 if ev.error:
+                    if ev.error == SHUTTING_DOWN:
+                        raise APIError(503, ev.error, kind="server_error", retry_after=RETRY_AFTER)
                     raise APIError(500, ev.error, kind="server_error")
                 text.append(ev.text)
                 tokens += ev.tokens
@@ -525,10 +533,49 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 
         raise
     log(f"listening on http://{host}:{sock.getsockname()[1]}" + (" (API key required)" if api_key else "")
         + " -- Ctrl-C stops")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE + 2)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        _Server(config, batcher, log).run(sockets=[sock])
     finally:
         batcher.close()
         sock.close()
     return 0
+
+
+GRACE = 5.0  # seconds the running requests get to finish after SIGTERM/SIGINT
+
+
+def _server_class():
+    import uvicorn  # optional extra [serve]
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, stopping in order on SIGTERM/SIGINT: admissions end at once (new and
+        queued requests get 503 with Retry-After), the running ones have GRACE seconds to finish
+        and are then ended with an error event (and [DONE] for streams), then it exits."""
+
+        def __init__(self, config, batcher: Batcher, log: Callable):
+            super().__init__(config)
+            self.batcher, self.log, self.stopping = batcher, log, False
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.stopping:  # a second signal: at once
+                return super().handle_exit(sig, frame)
+            self.stopping = True
+            self.batcher.drain(SHUTTING_DOWN)
+            self.log(f"stopping: no new requests; the running ones get {GRACE:.0f}s to finish")
+
+            def later():
+                deadline = time.monotonic() + GRACE
+                while time.monotonic() < deadline and self.batcher.status()["active"]:
+                    time.sleep(0.05)
+                self.batcher.fail_running(SHUTTING_DOWN)
+                time.sleep(0.5)  # (their error events reach the clients)
+                super(Server, self).handle_exit(sig, None)
+
+            threading.Thread(target=later, daemon=True).start()
+
+    return Server
+
+
+def _Server(config, batcher: Batcher, log: Callable):
+    return _server_class()(config, batcher, log)
