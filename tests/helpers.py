@@ -101,9 +101,10 @@ def quiet(*_):
 #
 # A briefly pretrained model on the embedded default corpus with the project's real tokenizer
 # (helpers.corpus_tokenizer: chat role tokens included). conftest.base_run trains it once per
-# session; experiment files written by tests load BASE (formatted) to get its config.
+# session; experiment files written by tests load BASE (formatted) to get its config. Its
+# context (128) holds every conversation of conversations() whole; it trains on rows of 64.
 
-BASE_VOCAB = 512
+BASE_VOCAB = 1024
 
 BASE = """
 from lm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig

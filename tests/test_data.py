@@ -228,7 +228,7 @@ def test_mixture_realised_token_shares_match_weights(tmp_path, tokenizer):
     data = RunData(mixture_config(root, tokenizer), str(tmp_path / "run"), log=lambda *_: None,
                    process_index=0, process_count=1)
     tokens = np.zeros(3)
-    for _ in range(1000):
+    for _ in range(200):  # 1,600 rows
         b = data.next_train()
         np.add.at(tokens, b["source_id"], (b["segment_ids"] > 0).sum(1))
     share = tokens / tokens.sum()
@@ -407,7 +407,7 @@ def test_pretrain_mixture_experiment_shares_on_real_corpora(tmp_path):
                                                "data.seq_len=64", "model.max_seq_len=64"])
     data = RunData(cfg, str(tmp_path), log=lambda *_: None, process_index=0, process_count=1)
     tokens = np.zeros(len(data.names))
-    for _ in range(1000):
+    for _ in range(200):  # 1,600 rows
         b = data.next_train()
         np.add.at(tokens, b["source_id"], (b["segment_ids"] > 0).sum(1))
     weights = np.asarray(data.weights) / sum(data.weights)

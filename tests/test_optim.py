@@ -150,6 +150,7 @@ def test_muon_with_fsdp_on_eight_devices_matches_one_device(one_device, data, fs
     assert moments and all(x.sharding.spec == spec for x in moments)
 
 
+@pytest.mark.slow  # make test trains the default job, which uses Muon (test_train); CI's slow phase runs this
 def test_muon_run_learns(tmp_path):
     import json
 

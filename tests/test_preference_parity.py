@@ -80,9 +80,10 @@ def setup(base_run, tmp_path_factory):
     policy = reference
     for _ in range(3):
         policy = step(policy)
-    # the reward model: the policy's trunk and a random head "reward" (rewards of order 1)
+    # the reward model: the policy's trunk and a random head "reward" (rewards of a few units, so
+    # that the Bradley-Terry loss of the pairs is well away from ln 2)
     rm_engine, _ = _objective(base_run, path, "reward")
-    head = np.random.default_rng(2).standard_normal(mcfg.d_model).astype(np.float32) * 10 / mcfg.d_model ** 0.5
+    head = np.random.default_rng(2).standard_normal(mcfg.d_model).astype(np.float32) * 30 / mcfg.d_model ** 0.5
     reward = rm_engine.abstract_params()
     nnx.replace_by_pure_dict(reward, dict(policy.to_pure_dict(), scalar_heads={"reward": jnp.asarray(head)}))
 

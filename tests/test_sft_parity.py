@@ -128,7 +128,10 @@ def test_sft_loss_matches_trl_assistant_only_loss(exported, tmp_path):
     from data_pipeline.chat import render
 
     run = exported["loaded"]
-    convs = conversations(8, seed=7)
+    row_len = run.cfg.model.max_seq_len + 1
+    # 8 conversations that fit a row whole, with and without a system prompt, of one and two turns
+    convs = [c for c in conversations(40, seed=7) if len(render(run.tokenizer, c["messages"])[0]) <= row_len][:8]
+    assert len(convs) == 8 and {len(c["messages"]) for c in convs} >= {2, 3, 4}
     trl_batch, trl_loss, hf_loss = _trl_batch_and_loss(exported["hf"], convs, tmp_path / "trl")
     rendered = [render(run.tokenizer, c["messages"]) for c in convs]
 
@@ -145,14 +148,14 @@ def test_sft_loss_matches_trl_assistant_only_loss(exported, tmp_path):
     theirs = {(r, t) for r, t in zip(*np.nonzero(labels != -100))}
     for r, t in theirs:
         assert labels[r, t] == trl_batch["input_ids"][r, t]
-    unpacked = _rows(rendered, run.cfg.model.max_seq_len + 1, packed=False)
+    unpacked = _rows(rendered, row_len, packed=False)
     ours = {(r, j + 1) for r, j in zip(*np.nonzero(unpacked["loss_mask"] > 0))}
     assert ours == theirs
     assert ours == {(r, t) for r, (_, mask) in enumerate(rendered) for t, m in enumerate(mask) if m}
 
     # the same mean loss over all supervised tokens of the batch, one conversation per row or packed
     loss, weight = _our_loss(run, unpacked)
-    packed = _rows(rendered, run.cfg.model.max_seq_len + 1, packed=True)
+    packed = _rows(rendered, row_len, packed=True)
     assert (packed["segment_ids"] == 0).all(axis=1).any()  # several conversations share a row
     packed_loss, packed_weight = _our_loss(run, packed)
     assert weight == packed_weight == len(theirs)
