@@ -1,5 +1,6 @@
-"""Test setup: CPU with 8 fake devices and one JAX compilation cache per session (both set
-before JAX is imported), --runslow, and the fixtures several test modules share."""
+"""Test setup: CPU with 8 fake devices, quick compiles and one JAX compilation cache per
+session (all set before JAX is imported), --runslow, and the fixtures several test modules
+share."""
 
 import atexit
 import os
@@ -7,11 +8,16 @@ import shutil
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))
 sys.path.insert(0, TESTS)
+
+import helpers  # noqa: E402 (imports no JAX)
+
+_flags = os.environ.get("XLA_FLAGS", "").split()
+_flags += [f for f in ["--xla_force_host_platform_device_count=8", *helpers.XLA_TEST_FLAGS.split()] if f not in _flags]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # A persistent compilation cache, new for every test session and removed at its end, shared by
 # everything the session runs: tests compile the same train steps and models again and again
@@ -27,8 +33,6 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program,
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # and however small
 
 import pytest  # noqa: E402
-
-import helpers  # noqa: E402
 
 
 def pytest_addoption(parser):

@@ -8,6 +8,13 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# XLA flags of every test process and of the `python -m lm ...` children they start: the CPU
+# backend's code generation without LLVM's optimisation passes. The tests' models are tiny, so
+# their programs run about as fast either way, and compiling them (most of a test's time) takes
+# about half as long. Results stay deterministic; they may differ from an optimised build's in
+# the last bits, so a test compares runs made under the same flags.
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
+
 
 def write_experiment(directory, template: str, name: str) -> str:
     """A two-source corpus (JSON Lines + blank-line text), a 384-piece tokenizer, and an
@@ -29,7 +36,7 @@ def write_experiment(directory, template: str, name: str) -> str:
 def cpu_env(devices: int) -> dict:
     """Environment for a child process with `devices` fake CPU devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env

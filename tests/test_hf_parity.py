@@ -20,7 +20,9 @@ def _hf_logits(path, tokens):
         return hf(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
-@pytest.mark.parametrize("cfg", SHAPES, ids=SHAPE_IDS)
+# one shape in `make test`, the other two in CI's slow phase (as test_hf's round trips)
+@pytest.mark.parametrize("cfg", [SHAPES[0]] + [pytest.param(c, marks=pytest.mark.slow) for c in SHAPES[1:]],
+                         ids=SHAPE_IDS)
 def test_exported_model_matches_transformers(cfg, tmp_path):
     model = random_model(cfg, seed=3)
     export_llama(cfg, nnx.state(model, nnx.Param), str(tmp_path))
@@ -28,7 +30,9 @@ def test_exported_model_matches_transformers(cfg, tmp_path):
     np.testing.assert_allclose(_hf_logits(str(tmp_path), x), np.asarray(model(x)), atol=1e-4)
 
 
-@pytest.mark.parametrize("kv,tied,theta", [(2, False, 10000.0), (4, True, 250000.0), (1, False, 500000.0), (4, False, 250000.0), (4, True, 10000.0), (2, False, 250000.0)])
+@pytest.mark.parametrize("kv,tied,theta", [(2, False, 10000.0), (4, True, 250000.0)] + [
+    pytest.param(*c, marks=pytest.mark.slow)
+    for c in ((1, False, 500000.0), (4, False, 250000.0), (4, True, 10000.0), (2, False, 250000.0))])
 def test_imported_transformers_model_matches(kv, tied, theta, tmp_path):
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(vocab_size=89, hidden_size=32, intermediate_size=56, num_hidden_layers=2,

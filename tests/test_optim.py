@@ -69,11 +69,11 @@ def test_muon_takes_the_kernels_layer_by_layer_and_adamw_the_rest():
 
 def test_muon_update_orthogonalises_each_layer_and_routes_the_learning_rates():
     tr = engine()
-    params = tr._init_params(0)
+    params = jax.jit(tr._init_params, static_argnums=0)(0)
     rng = np.random.default_rng(0)
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
     opt = make_optimizer(dataclasses.replace(MUON, weight_decay=0.0), params, 10)
-    updates, _ = opt.update(grads, opt.init(params), params)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
     u, g = flat(updates), flat(grads)
     key = "['blocks']['mlp']['w_gate'].value"  # (L, D, F) = (2, 64, 96): width scale sqrt(96/64)
     for layer in range(2):
@@ -95,13 +95,14 @@ def test_muon_update_orthogonalises_each_layer_and_routes_the_learning_rates():
 
 def test_muon_weight_decay_is_decoupled_scaled_by_its_learning_rate_and_spares_the_rest():
     tr = engine()
-    params = tr._init_params(0)
+    params = jax.jit(tr._init_params, static_argnums=0)(0)
     zero = jax.tree.map(jnp.zeros_like, params)
     cfg = dataclasses.replace(MUON, muon_weight_decay=0.5, schedule="cosine", warmup_steps=4, min_lr_ratio=0.0)
     opt = make_optimizer(cfg, params, 10)
     state = opt.init(params)
+    update = jax.jit(opt.update)
     for step in range(6):  # zero gradients: only weight decay moves the weights
-        updates, state = opt.update(zero, state, params)
+        updates, state = update(zero, state, params)
         lr = float(optax.warmup_cosine_decay_schedule(0.0, 0.05, 4, 10, 0.0)(step))
         u, p = flat(updates), flat(params)
         for name in ("['blocks']['attn']['wq'].value", "['blocks']['mlp']['w_down'].value"):

@@ -257,20 +257,22 @@ def test_ppo_loss_starts_at_the_value_loss_and_moves_the_policy_along_the_advant
     batch["old_values"] = np.zeros((b, t), np.float32)  # the fresh value head reads 0
     batch["returns"] = (batch["loss_mask"] * 2.0).astype(np.float32)
     batch["ref_logps"] = batch["old_logps"]
-    loss, aux = obj.loss(model, batch, {})
+    graphdef, params = nnx.split(model)
+    loss_of = jax.jit(lambda p: obj.loss(nnx.merge(graphdef, p), batch, {}))  # one compiled program each
+    loss, aux = loss_of(params)
     m = batch["loss_mask"] > 0
     assert float(aux["pg_loss"]) == pytest.approx(-batch["advantages"][m].mean(), abs=1e-6)
     assert float(aux["value_loss"]) == pytest.approx(0.5 * 4.0, rel=1e-6)
     assert float(loss) == pytest.approx(-batch["advantages"][m].mean() + 0.5 * 2.0, abs=1e-5)
     assert float(aux["ratio"]) == pytest.approx(1.0, abs=1e-6)
-    graphdef, params = nnx.split(model)
 
-    def surrogate(p):
-        return obj.loss(nnx.merge(graphdef, p), batch, {})[1]["pg_loss"]
+    @jax.jit
+    def step_and_logps(p):  # a step down the surrogate's gradient, and the log-probabilities after it
+        grads = jax.grad(lambda q: obj.loss(nnx.merge(graphdef, q), batch, {})[1]["pg_loss"])(p)
+        new = jax.tree.map(lambda w, g: w - 0.1 * g, p, grads)
+        return token_logps(nnx.merge(graphdef, new)(jnp.asarray(inputs)), jnp.asarray(batch["targets"]), 1.0)
 
-    grads = jax.grad(surrogate)(params)
-    new = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-    new_logps = np.asarray(token_logps(nnx.merge(graphdef, new)(jnp.asarray(inputs)), jnp.asarray(batch["targets"]), 1.0))
+    new_logps = np.asarray(step_and_logps(params))
     gain = ((new_logps - batch["old_logps"]) * batch["advantages"])[m].sum()
     assert gain > 0
     with pytest.raises(Exception, match="value head"):
