@@ -19,7 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(steps=6, **model) -> Config:
-    m = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=16)
+    """A one-layer model on synthetic data. Its vocabulary fits a SentencePiece tokenizer, so a
+    run on text (test_a_run_given_a_tokenizer_keeps_a_checked_copy) compiles the same programs."""
+    m = dict(vocab_size=300, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=16)
     m.update(model)
     return Config(name="guard", model=ModelConfig(**m), optim=OptimConfig(lr=1e-3, warmup_steps=1),
                   data=DataConfig(corpus="synthetic", seq_len=16, batch_size=8),
@@ -259,7 +261,7 @@ def test_a_run_given_a_tokenizer_keeps_a_checked_copy(tmp_path, capsys):
     src = tmp_path / "a.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tok = train_tokenizer(texts, 300, str(tmp_path / "sp"))
-    cfg = dataclasses.replace(tiny(vocab_size=300), data=DataConfig(
+    cfg = dataclasses.replace(tiny(), data=DataConfig(
         corpus="sources", seq_len=16, batch_size=8, tokenizer=tok.path,
         sources=(SourceConfig(name="a", kind="jsonl", paths=(str(src),)),)))
     run = tmp_path / "run"
