@@ -158,7 +158,8 @@ def test_chat_with_the_template_keeps_history_within_the_context(base_run, sft_r
     assert not is_chat_model(load_run(base_run["run"], log=lambda *_: None))
     chat = Chat(loaded, max_new=12, temperature=0.0)
     reply = chat.reply("reverse: quick fox")
-    assert isinstance(reply, str) and len(chat.history) == 2
+    assert chat.history == [{"role": "user", "content": "reverse: quick fox"}, {"role": "assistant", "content": reply}]
+    assert reply == Chat(loaded, max_new=12, temperature=0.0).reply("reverse: quick fox")  # greedy: the same again
     # the context is 64 tokens: long exchanges push the oldest ones out of the prompt
     for _ in range(4):
         chat.reply("reverse: " + " ".join(WORDS[:6]))

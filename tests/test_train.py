@@ -130,7 +130,12 @@ def test_tiny_experiment_on_default_corpus_lowers_loss(tmp_path):
     for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json", "tokenizer.model", "checkpoints"):
         assert os.path.exists(tmp_path / name), name
     assert os.listdir(tmp_path / "tensorboard")
-    assert len(summary["samples"]) == 2 and all(isinstance(s, str) for s in summary["samples"])
+    # the samples continue the stage's prompts
+    from lm.stages.pretrain import SAMPLE_PROMPTS
+
+    samples = summary["samples"]
+    assert len(samples) == 2 and all(s.startswith(p) for s, p in zip(samples, SAMPLE_PROMPTS))
+    assert any(len(s) > len(p) for s, p in zip(samples, SAMPLE_PROMPTS))
     assert any("held-out loss" in str(m) for m in logs)
 
 
