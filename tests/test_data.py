@@ -17,9 +17,10 @@ from data_pipeline.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, Tokeniz
 from lm.config import Config, DataConfig, ModelConfig, SourceConfig, TrainerConfig, apply_overrides
 
 
-def RunData(cfg, run_dir, **kw):
+def pretraining_data(cfg, run_dir, **kw):
     """The data of experiment config `cfg` (as the pretraining stage opens it)."""
     return text_data(cfg.data, run_dir, vocab_size=cfg.model.vocab_size, eval_batches=cfg.trainer.eval_batches, **kw)
+
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega").split()
@@ -225,7 +226,7 @@ def mixture_config(root, tokenizer, weights=(0.6, 0.3, 0.1), **data):
 
 def test_mixture_realised_token_shares_match_weights(tmp_path, tokenizer):
     root = corpus_dir(tmp_path, np.random.default_rng(1))
-    data = RunData(mixture_config(root, tokenizer), str(tmp_path / "run"), log=lambda *_: None,
+    data = pretraining_data(mixture_config(root, tokenizer), str(tmp_path / "run"), log=lambda *_: None,
                    process_index=0, process_count=1)
     tokens = np.zeros(3)
     for _ in range(200):  # 1,600 rows
@@ -241,13 +242,13 @@ def test_resume_from_iterator_state_is_bit_identical(tmp_path, tokenizer, packin
     root = corpus_dir(tmp_path, np.random.default_rng(2))
     cfg = mixture_config(root, tokenizer, packing=packing)
     run = str(tmp_path / "run")
-    first = RunData(cfg, run, log=lambda *_: None, process_index=0, process_count=1)
+    first = pretraining_data(cfg, run, log=lambda *_: None, process_index=0, process_count=1)
     for _ in range(7):
         first.next_train()
     state = first.get_state()
     expected = [first.next_train() for _ in range(5)]
 
-    again = RunData(cfg, run, log=lambda *_: None, process_index=0, process_count=1)
+    again = pretraining_data(cfg, run, log=lambda *_: None, process_index=0, process_count=1)
     again.set_state(json.loads(json.dumps(state)))  # as a checkpoint stores it
     for want in expected:
         got = again.next_train()
@@ -313,8 +314,8 @@ def test_two_processes_together_produce_the_global_batches_of_one(tmp_path, toke
     cfg = mixture_config(root, tokenizer, num_shards=2)
     run = str(tmp_path / "run")
     quiet = dict(log=lambda *_: None)
-    one = RunData(cfg, run, process_index=0, process_count=1, **quiet)
-    two = [RunData(cfg, run, process_index=i, process_count=2, **quiet) for i in range(2)]
+    one = pretraining_data(cfg, run, process_index=0, process_count=1, **quiet)
+    two = [pretraining_data(cfg, run, process_index=i, process_count=2, **quiet) for i in range(2)]
     for _ in range(6):
         g = one.next_train()
         parts = [p.next_train() for p in two]
@@ -323,13 +324,13 @@ def test_two_processes_together_produce_the_global_batches_of_one(tmp_path, toke
     # the state saved by the two processes restores a single process exactly
     merged = {"num_shards": 2, "shards": {**two[0].get_state()["shards"], **two[1].get_state()["shards"]}}
     expected = one.next_train()
-    resumed = RunData(cfg, run, process_index=0, process_count=1, **quiet)
+    resumed = pretraining_data(cfg, run, process_index=0, process_count=1, **quiet)
     resumed.set_state(merged)
     got = resumed.next_train()
     for k in expected:
         np.testing.assert_array_equal(got[k], expected[k])
     with pytest.raises(DataError, match="num_shards"):
-        RunData(mixture_config(root, tokenizer, num_shards=3), run, process_index=0, process_count=2, **quiet)
+        pretraining_data(mixture_config(root, tokenizer, num_shards=3), run, process_index=0, process_count=2, **quiet)
 
 
 def test_tokenizer_cli_trains_from_files(tmp_path, capsys):
@@ -372,9 +373,9 @@ def test_token_cache_matches_streaming_and_resumes(tmp_path, tokenizer):
     # whole: the cache cuts long ones by their exact token counts, streaming by estimates)
     quiet = dict(log=lambda *_: None, process_index=0, process_count=1)
     whole = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chunk_tokens=0))
-    streamed = RunData(whole, str(tmp_path / "run"), **quiet)
+    streamed = pretraining_data(whole, str(tmp_path / "run"), **quiet)
     cached_cfg = dataclasses.replace(whole, data=dataclasses.replace(whole.data, cache_dir=str(cache_dir), tokenizer=None))
-    cached = RunData(cached_cfg, str(tmp_path / "run2"), **quiet)
+    cached = pretraining_data(cached_cfg, str(tmp_path / "run2"), **quiet)
     for _ in range(5):
         a, b = streamed.next_train(), cached.next_train()
         for k in a:
@@ -394,7 +395,7 @@ def test_token_cache_matches_streaming_and_resumes(tmp_path, tokenizer):
         np.testing.assert_array_equal(np.concatenate(by_doc[i]), docs[i].tokens)
     assert os.path.exists(tmp_path / "run2" / "tokenizer.model")
     with pytest.raises(DataError, match="lm data cache"):
-        RunData(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "none"),
+        pretraining_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "none"),
                                                                   tokenizer=None)), str(tmp_path / "r3"), **quiet)
 
 
@@ -405,7 +406,7 @@ def test_pretrain_mixture_experiment_shares_on_real_corpora(tmp_path):
 
     cfg = experiment.load("pretrain_mixture", ["model.vocab_size=2048", "data.tokenizer_sample_mb=2",
                                                "data.seq_len=64", "model.max_seq_len=64"])
-    data = RunData(cfg, str(tmp_path), log=lambda *_: None, process_index=0, process_count=1)
+    data = pretraining_data(cfg, str(tmp_path), log=lambda *_: None, process_index=0, process_count=1)
     tokens = np.zeros(len(data.names))
     for _ in range(200):  # 1,600 rows
         b = data.next_train()
@@ -508,7 +509,7 @@ def test_no_document_fills_a_batch_when_long_documents_are_cut(tmp_path, tokeniz
     quiet = dict(log=lambda *_: None, process_index=0, process_count=1)
 
     def top_shares(c, n=60):
-        data = RunData(c, str(tmp_path / "run"), **quiet)
+        data = pretraining_data(c, str(tmp_path / "run"), **quiet)
         batches = [data.next_train() for _ in range(n)]
         m = data.metrics()
         assert m["batch_top_doc_share"] == pytest.approx(np.mean([batch_diversity(b)[1] for b in batches]))
