@@ -260,7 +260,8 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("LM_API_KEY") or None
     if api_key is not None and (not api_key.isascii() or not api_key.isprintable() or " " in api_key):
         raise UserError("the API key must be printable ASCII without spaces (HTTP clients send it in a header)")
-    return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log)
+    return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log,
+                 request_timeout=args.request_timeout)
 
 
 def cmd_eval(args) -> int:
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: the LM_API_KEY environment "
                                       "variable; none if unset)")
     sv.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    sv.add_argument("--request-timeout", type=_number(float, 0.0, low_open=True, what="positive"), default=30.0,
+                    help="seconds a client has to send a request's headers, then its body (default 30); a "
+                         "stalled connection is closed, a stalled body answered 408")
     sv.set_defaults(fn=cmd_serve)
     ev = sub.add_parser("eval", help="evaluate a run: held-out loss and downstream tasks")
     ev.add_argument("run_dir")

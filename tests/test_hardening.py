@@ -63,7 +63,8 @@ def test_pass_at_1_counts_passes_and_never_exceeds_one(monkeypatch):
     """A reward above 1 (a graded reward, or (score, length) summed) counts one pass per prompt."""
     n = 5
     sampler = types.SimpleNamespace(items=[{"answer": i} for i in range(n)], text=lambda out, count: "x")
-    monkeypatch.setattr(rollouts, "sample", lambda *a, **k: (None, None, np.zeros((4, 1)), np.ones(4), None))
+    monkeypatch.setattr(rollouts, "sample", lambda *a, **k: rollouts.Sample(None, None, np.zeros((4, 1)), np.ones(4),
+                                                                            None, np.ones(4, bool)))
     generous = lambda c, e: 2.75  # noqa: E731
     assert rollouts.pass_at_1(None, None, sampler, generous, batch=4) == 1.0
     half = lambda c, e: 0.5  # noqa: E731
@@ -426,3 +427,48 @@ def test_the_server_stops_in_order_on_sigterm(tmp_path):
         if kind == "stream" and status == 200:
             assert text.rstrip().endswith("data: [DONE]"), text[-300:]  # finished, or an error event then [DONE]
     assert late_result is None or late_result[1] == 503
+
+
+def test_bytes_in_flight_are_bounded(base_run):
+    """While one request's body is being read, another that would take the bytes in flight over
+    the bound is answered 503 (Retry-After) at once; when the first is done, room is back."""
+    pytest.importorskip("starlette")
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+
+    from data_pipeline.tokenizer import Tokenizer
+    from lm.serve.server import Service, make_app
+
+    tok = Tokenizer(base_run["run"] + "/tokenizer.model")
+    batcher = types.SimpleNamespace(max_len=64, w=types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=1024)))
+    service = Service(batcher, tok, "m", chat=False, log=lambda *_: None, max_in_flight=1000)
+    body = json.dumps({"model": "m", "prompt": "word " * 150, "max_tokens": 0}).encode()
+    assert 600 < len(body) < 1000
+
+    async def main():
+        release = asyncio.Event()
+
+        async def slow_body():
+            yield body[:10]
+            await release.wait()
+            yield body[10:]
+
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(service)), base_url="http://127.0.0.1")
+        headers = {"Content-Type": "application/json"}
+        first = asyncio.create_task(client.post("/v1/completions", content=slow_body(),
+                                                headers={**headers, "Content-Length": str(len(body))}))
+        await asyncio.sleep(0.2)
+        assert service.in_flight == len(body)
+        second = await client.post("/v1/completions", content=body, headers=headers)
+        release.set()
+        first = await first
+        third = await client.post("/v1/completions", content=body, headers=headers)
+        await client.aclose()
+        return first, second, third
+
+    first, second, third = asyncio.run(main())
+    assert second.status_code == 503 and second.headers["retry-after"] == "1", second.text
+    assert second.json()["error"]["code"] == "too_many_bytes_in_flight"
+    for r in (first, third):  # read whole, then refused for its own reason (over this fake's context)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert service.in_flight == 0

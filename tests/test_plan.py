@@ -50,3 +50,19 @@ def test_advice_when_activations_do_not_fit():
     advice = plan.advice(r2, cfg)
     assert any("model.remat=full" in a for a in advice)
     assert any("trainer.microbatches=4" in a for a in advice)  # a quarter of the temporaries fits a third
+
+
+def test_three_devices_name_the_divisibility_and_the_fsdp_that_shards_nothing():
+    """`lm plan --devices 3`: a batch that does not divide is named as such (not "smaller"), and
+    FSDP over 3 devices, which no dimension of the model divides by, says that it shards nothing."""
+    cfg = tiny(data=1, fsdp=-1, tensor=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=16))
+    logged = []
+    r = plan.plan(cfg, 3, hbm_gib=80, log=logged.append)
+    text = "\n".join(logged)
+    assert "does not divide over 3 data-parallel devices" in text and "smaller" not in text, text
+    assert "data.batch_size=18" in text
+    assert "mesh.fsdp=3 shards none of the parameters" in text, text
+    assert r["param_bytes"] == plan.param_count(cfg.model) * 4  # whole on each device, as the note says
+    _, notes = plan.fit_batch(cfg, 32)
+    assert "smaller than the 32 data-parallel devices" in notes[0]

@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -52,7 +53,8 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     run = _make_run(d)
     env = {**cpu_env(1), "LM_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", run, "--port", "0", "--slots", "8"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", run, "--port", "0", "--slots", "8",
+                             "--request-timeout", "2"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -70,7 +72,7 @@ def server(tmp_path_factory):
         from lm.train.run import load_run
 
         loaded = load_run(run, log=lambda *_: None)
-        yield {"url": url, "run": run, "loaded": loaded, "log": lines,
+        yield {"url": url, "run": run, "loaded": loaded, "log": lines, "pid": proc.pid,
                "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=60, max_retries=0)}
     finally:
         proc.send_signal(signal.SIGINT)
@@ -292,6 +294,35 @@ def test_stop_strings_seeds_and_mixed_sampling(server):
     assert a == tok.decode_after(prompt_ids, ids)
 
 
+def test_with_stop_strings_logprobs_end_with_the_answer(server):
+    """The tokens returned with `logprobs` are the answer's: none of them begins inside or
+    after the stop string (the text they join into runs at most one token past the answer)."""
+    client = server["client"]
+    for prompt in PROMPTS:  # (the random model writes byte pieces too: one whose first 11 pieces are text)
+        full = client.completions.create(model="chat_run", prompt=prompt, max_tokens=30, temperature=0,
+                                         logprobs=1).choices[0]
+        pieces = full.logprobs.tokens
+        head = "".join(pieces[:11])
+        if len(pieces) >= 12 and full.text.startswith(head) and "\ufffd" not in head and len(head.strip()) > 6:
+            break
+    else:
+        pytest.fail("no greedy answer starts with 11 text pieces")
+    stop = "".join(pieces[8:11])[-3:]  # ends inside the 11th token: 8 to 10 tokens belong to the answer
+    for stream in (False, True):
+        r = client.completions.create(model="chat_run", prompt=prompt, max_tokens=30, temperature=0,
+                                      stop=[stop], logprobs=1, stream=stream)
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].text for c in chunks)
+            got = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        else:
+            text, got = r.choices[0].text, r.choices[0].logprobs.tokens
+        assert text == full.text[: full.text.index(stop)], stream
+        assert "".join(got).startswith(text), (stream, text, got)
+        assert len("".join(got[:-1])) < len(text) if text else got == [], (stream, text, got)
+        assert got == pieces[: len(got)]
+
+
 def test_logprobs_are_the_samplers(server):
     r = server["client"].completions.create(model="chat_run", prompt=PROMPTS[4], max_tokens=8, temperature=0.7,
                                             seed=5, logprobs=1)
@@ -424,3 +455,64 @@ def test_disconnect_without_streaming_frees_the_slot(server):
         time.sleep(0.05)
     assert h["cancelled"] - before["cancelled"] == 4 and h["finished"] == before["finished"], (before, h)
     assert h["tokens"] - before["tokens"] < 4 * 250 / 2, (before, h)  # stopped well before the end
+
+
+def _connect(server) -> socket.socket:
+    host, port = server["url"].split("//")[1].split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+HEAD = ("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY +
+        "\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+
+
+def test_stalled_connections_time_out_and_a_hang_up_mid_upload_is_no_error(server):
+    """(--request-timeout 2) A connection that sends nothing, or half its headers, is closed; one
+    that stalls in its body gets a 408; one that hangs up mid-upload is not logged as an error."""
+    start = time.monotonic()
+    silent, half, slow = _connect(server), _connect(server), _connect(server)
+    half.sendall(HEAD[:40])
+    slow.sendall(HEAD + b'{"model": "chat_run", ')
+    assert silent.recv(100) == b"" and half.recv(100) == b""  # closed by the server
+    reply = b""
+    while chunk := slow.recv(65536):  # (closed after the answer)
+        reply += chunk
+    reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply, reply
+    assert time.monotonic() - start < 8
+    for sock in (silent, half, slow):
+        sock.close()
+    logged = len(server["log"])
+    gone = _connect(server)
+    gone.sendall(HEAD + b'{"model": ')
+    gone.close()
+    time.sleep(0.5)
+    r = server["client"].completions.create(model="chat_run", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert not [line for line in server["log"][logged:] if "error" in line.lower()], server["log"][logged:]
+
+
+def _rss(pid: int) -> dict:
+    status = open(f"/proc/{pid}/status").read()
+    return {k: int(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) >> 10 for k in ("VmRSS", "VmHWM")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
+def test_a_burst_of_prompts_over_the_context_leaves_the_memory_as_it_was(server):
+    """24 concurrent 4 MB prompts (each refused: longer than the context; or 503 while other
+    bodies fill the bytes in flight) raise the server's peak memory by well under a gigabyte
+    (it was 4.6 GB when they were tokenised) and leave it near where it was."""
+    before = _rss(server["pid"])
+    body = json.dumps({"model": "chat_run", "prompt": "word " * ((4 << 20) // 5 - 40)})
+
+    def post(_):
+        r = httpx.post(server["url"] + "/v1/completions", content=body, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        return r.status_code, r.json()["error"].get("code")
+
+    for _ in range(2):
+        with cf.ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(post, range(24)))
+        assert set(answers) <= {(400, "context_length_exceeded"), (503, "too_many_bytes_in_flight")}, answers
+    after = _rss(server["pid"])
+    assert after["VmHWM"] - before["VmHWM"] < 1024 and after["VmRSS"] - before["VmRSS"] < 400, (before, after)

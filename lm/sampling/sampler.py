@@ -22,13 +22,18 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lm.sampling import decode
 from lm.sampling.decode import filter_logits, token_logps  # noqa: F401  (the sampling API: lm.rl uses token_logps)
 
 
-def _bases(key, rows: int):
-    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
+@partial(jax.jit, static_argnums=1, static_argnames="out_shardings")
+def _bases(key, rows: int, out_shardings=None):
+    """Row r's key: fold_in(key, r) (a row draws the same whatever batch or device it is on)."""
+    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
+    return keys if out_shardings is None else jax.lax.with_sharding_constraint(keys, out_shardings)
 
 
 def _fold(bases, i):
@@ -47,9 +52,10 @@ def _grow(cache, length: int):
     return [{n: pad(c[n]) for n in ("k", "v")} for c in cache]
 
 
-@partial(jax.jit, static_argnames=("max_new", "top_k", "samples"))
-def _generate(w, tokens, lengths, key, temperature, top_p, stop_ids, *, max_new: int, top_k: int, samples: int = 1):
-    """Prefill P prompts once, `samples` rows each, then decode; see `generate`."""
+def _decode_rows(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, max_new: int, top_k: int,
+                 samples: int = 1):
+    """Prefill P prompts once, `samples` rows each, then decode; row r draws with the key
+    `bases[r]` (P*samples keys); see `generate`."""
     p, width = tokens.shape
     last, kvs = decode.prefill(w, tokens, lengths)
     if samples > 1:  # P prompts x G samples: rows p*G .. p*G+G-1 share prompt p's prefill
@@ -59,7 +65,6 @@ def _generate(w, tokens, lengths, key, temperature, top_p, stop_ids, *, max_new:
     b = p * samples
     temperature = jnp.broadcast_to(temperature, (b,))
     top_p = jnp.broadcast_to(top_p, (b,))
-    bases = _bases(key, b)
     out = jnp.zeros((b, max_new), jnp.int32)
     logps = jnp.zeros((b, max_new), jnp.float32)
     done = jnp.zeros((b,), jnp.bool_)
@@ -95,6 +100,22 @@ def _generate(w, tokens, lengths, key, temperature, top_p, stop_ids, *, max_new:
     return out, count, logps
 
 
+_generate = jax.jit(_decode_rows, static_argnames=("max_new", "top_k", "samples"))
+
+
+@partial(jax.jit, static_argnames=("mesh", "max_new", "top_k", "samples"))
+def _generate_split(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, mesh, max_new: int, top_k: int,
+                    samples: int):
+    """`_decode_rows` with the prompts (and their rows) split over every device of `mesh`:
+    each device prefills and decodes its own prompts with a whole copy of the weights (the
+    sharded parameters are gathered once, on entry). Prompts stay with their samples."""
+    rows = P(tuple(mesh.axis_names))
+    body = partial(_decode_rows, max_new=max_new, top_k=top_k, samples=samples)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), rows, rows, rows, P(), P(), P()),
+                         out_specs=(rows, rows, rows), check_vma=False)(w, tokens, lengths, bases, temperature,
+                                                                         top_p, stop_ids)
+
+
 def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int, bucket: int = 1):
     """Left-aligned, zero-padded prompts (keeping each one's last tokens if too long); the
     width is rounded up to a multiple of `bucket` so varied prompts share compilations."""
@@ -122,7 +143,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, m
     (lm.sampling.decode.prepare(graphdef, params)) saves preparing them again on repeated calls."""
     tokens, lengths = _pack(prompts, max_new, max_len, bucket)
     w = weights if weights is not None else decode.prepare(graphdef, params)
-    out, count, _ = _generate(w, jnp.asarray(tokens), jnp.asarray(lengths), decode.seed_key(seed),
+    out, count, _ = _generate(w, jnp.asarray(tokens), jnp.asarray(lengths), _bases(decode.seed_key(seed), len(tokens)),
                               jnp.float32(temperature), jnp.float32(top_p), _stops(stop_ids, eos_id),
                               max_new=max_new, top_k=top_k)
     out, count = np.asarray(out), np.asarray(count)
@@ -130,15 +151,33 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new: int, m
 
 
 def rollout(graphdef, params, tokens, lengths, key, *, max_new: int, temperature: float = 1.0,
-            stop_ids: Sequence[int] = (), samples: int = 1):
+            stop_ids: Sequence[int] = (), samples: int = 1, mesh: Mesh | None = None):
     """Sampling for RL, on device arrays from end to end (no host round trip):
     left-aligned prompts `tokens` (P, W) of `lengths` (P,), `samples` rows each ->
     (new tokens (P*samples, max_new), counts (P*samples,), log-probabilities
     (P*samples, max_new) of each sampled token under softmax(logits / temperature)).
     Row p*samples + g is sample g of prompt p; each prompt is prefilled once. No
-    top-k/top-p: the sampling distribution is the policy's."""
-    return _generate(decode.prepare(graphdef, params), tokens, lengths, key, jnp.float32(temperature),
-                     jnp.float32(1.0), _stops(stop_ids), max_new=max_new, top_k=0, samples=samples)
+    top-k/top-p: the sampling distribution is the policy's.
+
+    With a `mesh` of several devices the prompts are split over all of them (P must be a
+    multiple of the device count; `tokens` and `lengths` may be global arrays sharded so,
+    as `rows_sharding(mesh)`), and so are the outputs: each device decodes P/N prompts. Row r
+    draws with the same key either way, so the samples do not depend on the device count."""
+    w = decode.prepare(graphdef, params)
+    p = tokens.shape[0]
+    args = (jnp.float32(temperature), jnp.float32(1.0), _stops(stop_ids))
+    if mesh is None or mesh.size == 1:
+        return _generate(w, tokens, lengths, _bases(key, p * samples), *args, max_new=max_new, top_k=0,
+                         samples=samples)
+    if p % mesh.size:
+        raise ValueError(f"{p} prompts do not split over {mesh.size} devices: pad them to a multiple")
+    bases = _bases(key, p * samples, out_shardings=rows_sharding(mesh))
+    return _generate_split(w, tokens, lengths, bases, *args, mesh=mesh, max_new=max_new, top_k=0, samples=samples)
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over every device of the mesh (a rollout's prompts and samples)."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 @jax.jit

@@ -334,14 +334,34 @@ class Batcher:
         if len(s.ids) >= r.max_tokens:
             return self._finish(i, s, "length", len(text))
         safe = max(s.sent, _safe_length(text, r.stop_text))
-        s.handle.emit(Event(text=text[s.sent: safe], tokens=[token], logprobs=[logp]))
-        s.sent, s.tokens_sent = safe, len(s.ids)
+        k = len(s.ids) if safe == len(text) else self._tokens_within(s, safe)
+        s.handle.emit(Event(text=text[s.sent: safe], tokens=s.ids[s.tokens_sent: k],
+                            logprobs=s.logprobs[s.tokens_sent: k]))
+        s.sent, s.tokens_sent = safe, k
+
+    def _tokens_within(self, s: _Slot, limit: int) -> int:
+        """How many of the slot's tokens have all their text within `limit` characters of
+        the answer (a token held back with text that may begin a stop string is not sent)."""
+        prompt, k = s.handle.request.prompt, s.tokens_sent
+        while k < len(s.ids) and len(self.decode_text(prompt, s.ids[: k + 1])) <= limit:
+            k += 1
+        return k
+
+    def _tokens_before(self, s: _Slot, end: int) -> int:
+        """How many of the slot's tokens begin before character `end` of the answer (the
+        tokens of a stop string and after it are not part of the answer)."""
+        prompt, k = s.handle.request.prompt, s.tokens_sent
+        while k < len(s.ids) and len(self.decode_text(prompt, s.ids[:k])) < end:
+            k += 1
+        return k
 
     def _finish(self, i: int, s: _Slot, reason: str, end: int | None, extra_tokens: int = 0) -> None:
         """The last event: the rest of the text up to `end` (None: all), the tokens not yet
-        sent (all of them, even past a stop string), the usage."""
+        sent that begin before `end` (with their log-probabilities), the usage (every token
+        generated, those past a stop string too)."""
         text = self.decode_text(s.handle.request.prompt, s.ids)[:end]
-        s.handle.emit(Event(text=text[s.sent:], tokens=s.ids[s.tokens_sent:], logprobs=s.logprobs[s.tokens_sent:],
+        k = len(s.ids) if end is None else self._tokens_before(s, end)
+        s.handle.emit(Event(text=text[s.sent:], tokens=s.ids[s.tokens_sent: k], logprobs=s.logprobs[s.tokens_sent: k],
                             finish=reason, prompt_tokens=len(s.handle.request.prompt),
                             completion_tokens=len(s.ids) + extra_tokens))
         self._free(i, reason)

@@ -22,6 +22,7 @@ Starlette on uvicorn. `--api-key` (or LM_API_KEY) makes every request need
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -45,6 +46,8 @@ RETRY_AFTER = "5"  # seconds, in 503 answers while the server stops
 DISCONNECT_CHECK = 0.05  # seconds between checks that a non-streaming client is still there
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BODY = 4 << 20  # bytes of a request body (a prompt that long exceeds any context anyway)
+MAX_IN_FLIGHT = 64 << 20  # bytes of request bodies being read or parsed at once; more wait (503)
+REQUEST_TIMEOUT = 30.0  # seconds a client has to send a request's headers, and then its body
 
 
 class APIError(Exception):
@@ -172,9 +175,12 @@ class Service:
     """The protocol side of the server: requests -> batcher, events -> OpenAI answers."""
 
     def __init__(self, batcher: Batcher, tokenizer, model_name: str, chat: bool, api_key: str | None = None,
-                 log: Callable = print, host: str = "127.0.0.1"):
+                 log: Callable = print, host: str = "127.0.0.1", request_timeout: float = REQUEST_TIMEOUT,
+                 max_in_flight: int = MAX_IN_FLIGHT):
         self.batcher, self.tok, self.model_name, self.chat, self.api_key = batcher, tokenizer, model_name, chat, api_key
         self.host = host  # the address it listens on
+        self.request_timeout, self.max_in_flight = request_timeout, max_in_flight
+        self.in_flight = 0  # bytes of bodies being read, parsed or tokenised (event loop only)
         self.log = log
         self.stop_ids = (tokenizer.eos_id,)
         self.chat_stop_ids = self.stop_ids
@@ -282,6 +288,8 @@ def make_app(service: Service):
     def error(e: APIError, headers: dict | None = None) -> JSONResponse:
         if e.retry_after:
             headers = {**(headers or {}), "Retry-After": e.retry_after}
+        if e.status == 408:  # the rest of the body may still come: not this connection's next request
+            headers = {**(headers or {}), "Connection": "close"}
         return JSONResponse(_error_body(e), status_code=e.status, headers=headers)
 
     def authorised(request: HTTPRequest) -> bool:
@@ -322,24 +330,48 @@ def make_app(service: Service):
 
         return endpoint
 
+    @contextlib.asynccontextmanager
+    async def body_bytes(request: HTTPRequest):
+        """Room for the request's body among the bytes in flight (MAX_IN_FLIGHT), held while it
+        is read, parsed and its prompt tokenised: a burst of large bodies waits its turn (503)
+        instead of taking the server's memory."""
+        length = request.headers.get("content-length", "")
+        size = int(length) if length.isdigit() else MAX_BODY  # (a chunked body may be up to the limit)
+        if size > MAX_BODY:
+            raise APIError(413, f"the request body is {size} bytes; the limit is {MAX_BODY}")
+        if service.in_flight and service.in_flight + size > service.max_in_flight:
+            raise APIError(503, f"the server is busy reading {service.in_flight:,} bytes of other requests: retry "
+                                "shortly", kind="server_error", code="too_many_bytes_in_flight", retry_after="1")
+        service.in_flight += size
+        try:
+            yield
+        finally:
+            service.in_flight -= size
+
     async def read_json(request: HTTPRequest) -> Any:
-        """The body as JSON, at most MAX_BODY bytes, parsed off the event loop (a large
-        body must not stall the running streams)."""
+        """The body as JSON, at most MAX_BODY bytes, all of it within the request timeout,
+        parsed off the event loop (a large body must not stall the running streams)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise APIError(415, f"the request body must be JSON with 'Content-Type: application/json' (got "
                                 f"{ctype or 'none'!r})")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY:
-            raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise APIError(413, f"the request body is over the limit of {MAX_BODY} bytes")
-            chunks.append(chunk)
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise APIError(413, f"the request body is over the limit of {MAX_BODY} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
         try:
-            return await run_in_threadpool(json.loads, b"".join(chunks))
+            data = await asyncio.wait_for(read(), service.request_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {service.request_timeout:g}s",
+                           code="request_timeout") from None
+        try:
+            return await run_in_threadpool(json.loads, data)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON ({str(e)[:200] or type(e).__name__})") from None
 
@@ -362,8 +394,9 @@ def make_app(service: Service):
         return JSONResponse({"status": "ok", "model": service.model_name, **service.batcher.status()})
 
     async def completions(request: HTTPRequest, chat: bool = False):
-        body = await read_json(request)
-        req = await run_in_threadpool(service.request, body, chat)  # tokenising a long prompt takes a while
+        async with body_bytes(request):
+            body = await read_json(request)
+            req = await run_in_threadpool(service.request, body, chat)  # tokenising a long prompt takes a while
         stream = req.stream = _flag(body, "stream")
         include_usage = _stream_usage(body, stream)
         want_logprobs = _want_logprobs(body, chat)
@@ -497,7 +530,8 @@ def _logprobs(tok, context: list[int], ev: Event, chat: bool) -> dict:
 
 
 def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str | None = None,
-          model_name: str | None = None, log: Callable = print, host: str = "127.0.0.1") -> tuple[Any, Batcher]:
+          model_name: str | None = None, log: Callable = print, host: str = "127.0.0.1",
+          request_timeout: float = REQUEST_TIMEOUT) -> tuple[Any, Batcher]:
     """Load the run, start its batcher (compiling the decode programs) and make the app."""
     run = load_run(run_dir, log=log)
     if run.tokenizer is None:
@@ -512,11 +546,13 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
     template = "chat template" if chat else "no chat template: /v1/completions only"
     log(f"serving {run_dir} as '{name}' ({run.cfg.stage}, step {run.step}, {template}), {slots} slots of "
         f"{batcher.max_len} tokens")
-    return make_app(Service(batcher, run.tokenizer, name, chat, api_key, log=log, host=host)), batcher
+    service = Service(batcher, run.tokenizer, name, chat, api_key, log=log, host=host, request_timeout=request_timeout)
+    return make_app(service), batcher
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,
-          api_key: str | None = None, model_name: str | None = None, log: Callable = print) -> int:
+          api_key: str | None = None, model_name: str | None = None, log: Callable = print,
+          request_timeout: float = REQUEST_TIMEOUT) -> int:
     """`lm serve`: bind (port 0: any free port), build the app and serve until interrupted."""
     import uvicorn  # optional extra [serve]
 
@@ -527,13 +563,15 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
-        app, batcher = build(run_dir, slots, max_len, api_key, model_name, log, host=host)
+        app, batcher = build(run_dir, slots, max_len, api_key, model_name, log, host=host,
+                             request_timeout=request_timeout)
     except BaseException:
         sock.close()
         raise
     log(f"listening on http://{host}:{sock.getsockname()[1]}" + (" (API key required)" if api_key else "")
         + " -- Ctrl-C stops")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE + 2)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE + 2,
+                            http=_protocol_class(request_timeout))
     try:
         _Server(config, batcher, log).run(sockets=[sock])
     finally:
@@ -575,6 +613,50 @@ def _server_class():
             threading.Thread(target=later, daemon=True).start()
 
     return Server
+
+
+def _protocol_class(timeout: float):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request's
+    headers within `timeout` seconds of opening (or of its first byte after an answer): uvicorn
+    waits for them forever, so idle sockets would pile up. The body's time is the app's."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol  # optional extra [serve]
+
+    class Protocol(H11Protocol):
+        header_timer = None
+
+        def waiting(self) -> bool:  # for a request's headers
+            return self.cycle is None or self.cycle.response_complete
+
+        def arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(timeout, self.expire)
+
+        def disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def expire(self) -> None:
+            self.header_timer = None
+            if self.waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.waiting():
+                self.arm()
+            super().data_received(data)
+            if not self.waiting():  # a request has begun: its headers are in
+                self.disarm()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+    return Protocol
 
 
 def _Server(config, batcher: Batcher, log: Callable):

@@ -57,8 +57,9 @@ class PPOData(rollouts.RolloutData):
         rl = self.rl
         batch = rollouts.training_rows(tokens, lengths, out, count, logps, np.zeros(len(rewards)), rl.max_new)
         del batch["advantages"]
-        device = {k: jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids", "targets")}
-        values, ref_logps = (np.asarray(a) for a in _values_and_ref(
+        device = {k: jax.make_array_from_callback(batch[k].shape, self.batch_sharding[k], lambda i, a=batch[k]: a[i])
+                  for k in ("inputs", "positions", "segment_ids", "targets")}  # the rows split as in training
+        values, ref_logps = (rollouts.host(a) for a in _values_and_ref(
             self.graphdef, self.ctx.model_params, self._reference(), device, temperature=rl.temperature))
         mask = batch["loss_mask"]
         values = values * mask

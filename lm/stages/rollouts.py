@@ -13,19 +13,20 @@ use is saved with the data state.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data_pipeline.chat import chat_token_ids, generation_prompt
 from data_pipeline.pipeline import DataStats
 from lm.config import Config, ConfigError
 from lm.objectives.policy import group_advantages
-from lm.sampling.sampler import rollout
+from lm.sampling.sampler import rollout, rows_sharding
 from lm.stages.common import evaluators, problems, run_meta, run_tokenizer
-from lm.stages.rewards import score_all
+from lm.stages.rewards import RewardError, score_all
 from lm.train.engine import make_engine
 from lm.train.init import init_params_loader
 from lm.train.logger import plot_metrics
@@ -53,11 +54,68 @@ class Sampler:
         return self.tok.decode(ids)
 
 
-def sample(graphdef, params, sampler: Sampler, idx: list[int], key, temperature: float):
-    tokens, lengths = sampler.arrays(idx)
-    out, count, logps = rollout(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), key,
-                                max_new=sampler.max_new, temperature=temperature, stop_ids=sampler.stops)
-    return tokens, lengths, np.asarray(out), np.asarray(count), np.asarray(logps)
+class Sample(NamedTuple):
+    """A rollout's rows on the host (every process has all of them): prompts, new tokens,
+    their count and log-probabilities; `local` marks the rows this process sampled."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    out: np.ndarray
+    count: np.ndarray
+    logps: np.ndarray
+    local: np.ndarray
+
+
+def sample(graphdef, params, sampler: Sampler, idx: list[int], key, temperature: float, mesh=None) -> Sample:
+    """Sample one row per entry of `idx` (a prompt index), the rows split over every device of
+    `mesh` (and so over the processes): each device decodes its share (padded to a multiple
+    of the device count with copies of the last row, dropped after)."""
+    n = len(idx)
+    devices = 1 if mesh is None else mesh.size
+    padded = idx + [idx[-1]] * (-n % devices)
+    tokens, lengths = sampler.arrays(padded)
+    if devices == 1:
+        out, count, logps = rollout(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), key,
+                                    max_new=sampler.max_new, temperature=temperature, stop_ids=sampler.stops)
+        local = np.ones(len(padded), bool)
+    else:
+        rows = rows_sharding(mesh)
+        put = lambda a: jax.make_array_from_callback(a.shape, rows, lambda i: a[i])  # noqa: E731
+        out, count, logps = rollout(graphdef, params, put(tokens), put(lengths), key, max_new=sampler.max_new,
+                                    temperature=temperature, stop_ids=sampler.stops, mesh=mesh)
+        local = np.zeros(len(padded), bool)
+        for sl in rows.addressable_devices_indices_map((len(padded),)).values():
+            local[sl[0]] = True
+    out, count, logps = (host(a)[:n] for a in (out, count, logps))
+    return Sample(tokens[:n], lengths[:n], out, count, logps, local[:n])
+
+
+def host(a) -> np.ndarray:
+    """A global array's value on every process."""
+    if getattr(a, "is_fully_addressable", True):
+        return np.asarray(a)
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
+def score_rows(reward_fn: Callable, pairs: list[tuple], local: np.ndarray) -> np.ndarray:
+    """The rewards of (completion, example) `pairs`, each computed by the process that sampled
+    it and shared with all: (len(pairs),) float64. A reward error on any process stops all
+    of them with one line."""
+    rewards, error = np.zeros(len(pairs)), None
+    mine = np.flatnonzero(local)
+    try:
+        if len(mine):
+            rewards[mine] = score_all(reward_fn, [pairs[i] for i in mine])
+    except RewardError as e:
+        if jax.process_count() == 1:
+            raise
+        error = str(e)
+    if jax.process_count() == 1:
+        return rewards
+    failed = np.asarray(multihost_utils.process_allgather(np.asarray([error is not None])))
+    if failed.any():
+        raise RewardError(error or f"the reward function failed on process {int(np.argmax(failed))} (see its log)")
+    return np.asarray(multihost_utils.process_allgather(rewards)).sum(axis=0)
 
 
 def training_rows(tokens, lengths, out, count, logps, advantages, max_new: int) -> dict:
@@ -89,13 +147,14 @@ class RolloutData:
     training batch (`score`).
     """
 
-    def __init__(self, cfg: Config, tokenizer, train: list[dict], graphdef, reward_fn: Callable, log: Callable):
+    def __init__(self, cfg: Config, tokenizer, train: list[dict], engine, reward_fn: Callable, log: Callable):
         rl = cfg.rl
         rows = cfg.data.batch_size * rl.minibatches
         if rows % rl.group_size:
             raise ConfigError(f"data.batch_size x rl.minibatches = {rows} must be a multiple of rl.group_size="
                               f"{rl.group_size} (rows = prompts x samples per prompt)")
-        self.cfg, self.rl, self.reward_fn, self.graphdef, self.log = cfg, rl, reward_fn, graphdef, log
+        self.cfg, self.rl, self.reward_fn, self.log = cfg, rl, reward_fn, log
+        self.graphdef, self.mesh, self.batch_sharding = engine.graphdef, engine.mesh, engine.batch_sharding
         self.tokenizer = tokenizer
         self.sampler = Sampler(tokenizer, train, rl.max_new)
         self.names, self.weights = [rl.task], [1.0]
@@ -120,7 +179,15 @@ class RolloutData:
         if not self.plan:
             self._rollout()
         rows = self.plan.pop(0)
-        return {k: v[rows] for k, v in self.current.items()}
+        return {k: v[rows][self._mine(k, len(rows))] for k, v in self.current.items()}
+
+    def _mine(self, key: str, rows: int) -> slice:
+        """This process's rows of a training batch of `rows` rows (all of them in one process)."""
+        if jax.process_count() == 1 or key not in self.batch_sharding:
+            return slice(None)
+        starts = sorted({sl[0].indices(rows)[:2] for sl in
+                         self.batch_sharding[key].addressable_devices_indices_map((rows, 1)).values()})
+        return slice(starts[0][0], starts[-1][1])
 
     def score(self, tokens, lengths, out, count, logps, rewards) -> tuple[dict, dict]:
         """The training batch of a rollout and its metrics: GRPO's group-relative advantages."""
@@ -135,11 +202,11 @@ class RolloutData:
         prompts = [self._order(start + j) for j in range(self.prompts_per_rollout)]
         idx = [p for p in prompts for _ in range(g)]
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.trainer.seed + 17), self.rollouts)
-        tokens, lengths, out, count, logps = sample(self.graphdef, self.ctx.model_params, self.sampler, idx, key,
-                                                    rl.temperature)
+        tokens, lengths, out, count, logps, local = sample(self.graphdef, self.ctx.model_params, self.sampler, idx,
+                                                           key, rl.temperature, self.mesh)
         t1 = time.perf_counter()
-        rewards = score_all(self.reward_fn, [(self.sampler.text(out[r], count[r]), self.sampler.items[i])
-                                              for r, i in enumerate(idx)])
+        rewards = score_rows(self.reward_fn, [(self.sampler.text(out[r], count[r]), self.sampler.items[i])
+                                              for r, i in enumerate(idx)], local)
         t2 = time.perf_counter()
         self.current, extra = self.score(tokens, lengths, out, count, logps, rewards)
         b = self.cfg.data.batch_size
@@ -173,17 +240,20 @@ class RolloutData:
 INT_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
 
-def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: int = 100, mean: bool = False) -> float:
+def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: int = 100, mean: bool = False,
+              mesh=None) -> float:
     """The share of the prompts of `sampler` whose greedy reply earns a reward of at least 1 (a
-    pass; for 0/1 rewards, their mean), or with `mean` the mean reward (a reward model's)."""
+    pass; for 0/1 rewards, their mean), or with `mean` the mean reward (a reward model's).
+    The prompts are split over the devices of `mesh` (and its processes), as rollouts are."""
     total = 0.0
     n = len(sampler.items)
     for lo in range(0, n, batch):
         idx = list(range(lo, min(n, lo + batch)))
         idx += [idx[-1]] * (batch - len(idx))  # one compiled shape
-        _, _, out, count, _ = sample(graphdef, params, sampler, idx, jax.random.PRNGKey(0), 0.0)
-        r = score_all(reward_fn, [(sampler.text(out[k], count[k]), sampler.items[i])
-                                          for k, i in enumerate(idx[: min(batch, n - lo)])])
+        s = sample(graphdef, params, sampler, idx, jax.random.PRNGKey(0), 0.0, mesh)
+        real = min(batch, n - lo)
+        r = score_rows(reward_fn, [(sampler.text(s.out[k], s.count[k]), sampler.items[i])
+                                   for k, i in enumerate(idx[:real])], s.local[:real])
         total += float(r.sum() if mean else (r >= 1.0).sum())
     return total / n
 
@@ -198,7 +268,7 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable, *, objective, data_cls
     tok = run_tokenizer(cfg, run_dir)
     engine = make_engine(cfg, mesh, objective)
     train, heldout = problems(cfg, tok, log)
-    data = data_cls(cfg, tok, train, engine.graphdef, reward_fn, log)
+    data = data_cls(cfg, tok, train, engine, reward_fn, log)
     held = Sampler(tok, heldout, cfg.rl.max_new)
     loader = init_params_loader(cfg, engine, log, run_dir)
     if loader is None:
@@ -207,12 +277,12 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable, *, objective, data_cls
     metric, key = ("reward@greedy", "reward") if model_reward else ("pass@1", "pass_at_1")
 
     def evaluation(ctx, m):
-        m[metric] = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn, mean=model_reward)
+        m[metric] = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn, mean=model_reward, mesh=mesh)
 
     def finish(ctx, summary: dict) -> None:
-        end = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn, mean=model_reward)
+        end = pass_at_1(engine.graphdef, ctx.model_params, held, reward_fn, mean=model_reward, mesh=mesh)
         start = pass_at_1(engine.graphdef, jax.device_put(loader(), engine.param_sharding), held, reward_fn,
-                          mean=model_reward)
+                          mean=model_reward, mesh=mesh)
         summary.update({f"heldout_{key}": end, f"base_heldout_{key}": start})
         fmt = "{:.3f}" if model_reward else "{:.1%}"
         log(f"held-out {metric} on {len(held.items)} {cfg.rl.task} prompts (greedy): {fmt.format(start)} before -> "

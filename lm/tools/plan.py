@@ -66,6 +66,9 @@ def plan(cfg, devices: int | None = None, hbm_gib: float = 80.0, log=print) -> d
         log(f"plan: {note}")
     engine = make_engine(cfg, mesh)
     state = engine.abstract_state()
+    for note in sharding_notes(cfg, mesh, state.params):
+        notes.append(note)
+        log(f"plan: {note}")
     host = bench_batches(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1)), 1)[0]
     b = cfg.data.batch_size
     batch = {k: jax.ShapeDtypeStruct((b,) + np.asarray(host[k]).shape[1:], np.asarray(host[k]).dtype, sharding=sh)
@@ -105,10 +108,37 @@ def fit_batch(cfg, ways: int):
             return (dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, microbatches=mm)),
                     [f"trainer.microbatches={mm} (not {m}) so that each micro-batch divides over {ways} devices"])
     b2 = -(-b // ways) * ways
+    why = (f"the batch of {b} rows is smaller than the {ways} data-parallel devices" if b < ways else
+           f"the batch of {b} rows does not divide over {ways} data-parallel devices, so training would refuse "
+           f"it: planned with the next multiple; a batch size that is a multiple of {ways}, or a device count "
+           f"that divides {b}, runs as planned")
     return (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b2),
                                 trainer=dataclasses.replace(cfg.trainer, microbatches=1)),
-            [f"data.batch_size={b2}, trainer.microbatches=1 (the batch of {b} rows is smaller than {ways} "
-             "data-parallel devices)"])
+            [f"data.batch_size={b2}, trainer.microbatches=1 ({why})"])
+
+
+def sharding_notes(cfg, mesh, params) -> list[str]:
+    """What the parameter-sharding axes (fsdp, tensor) actually split: a dimension that does
+    not divide by its axis is replicated, so an axis of 3 devices may shard nothing."""
+    notes = []
+    leaves = jax.tree.leaves(params)
+    full = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+    for axis in ("fsdp", "tensor"):
+        n = mesh.shape[axis]
+        if n <= 1 or not full:
+            continue
+        split = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves
+                    if x.sharding is not None and any(axis == a or (isinstance(a, tuple) and axis in a)
+                                                      for a in x.sharding.spec))
+        m = cfg.model
+        dims = f"d_model={m.d_model}, d_ff={m.d_ff}, vocab_size={m.vocab_size}, n_heads={m.n_heads}"
+        if split == 0:
+            notes.append(f"mesh.{axis}={n} shards none of the parameters (no dimension of theirs divides by {n}: "
+                         f"{dims}): every device holds them whole; use an axis size that divides them")
+        elif split < 0.9 * full:
+            notes.append(f"mesh.{axis}={n} shards {split / full:.0%} of the parameter bytes; the rest (dimensions "
+                         f"that do not divide by {n}: {dims}) is replicated on every device")
+    return notes
 
 
 def xla_flops(cfg, mesh, state, batch) -> float:
