@@ -41,12 +41,14 @@ rl: $(STAMP)
 	$(PY) -m lm train experiments/grpo_arith.py $(ARGS)
 	$(PY) -m lm train experiments/ppo_arith.py $(ARGS)
 
-# The test suite on CPU with 8 fake devices (slow tests excluded; `make test-all` runs them).
+# The test suite on CPU with 8 fake devices (slow tests excluded; `make test-all` runs them),
+# on JOBS pytest-xdist workers (JOBS=0: in this process, e.g. to use a debugger).
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests --durations=20 $(ARGS)
+	$(PY) -m pytest -q tests -n $(JOBS) --durations=20 $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests --runslow $(ARGS)
+	$(PY) -m pytest -q tests -n $(JOBS) --runslow $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m lm bench all

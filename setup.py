@@ -23,8 +23,9 @@ setup(
         "sacrebleu>=2.3,<3",  # BLEU and chrF as the field computes them (lm eval translation tasks)
     ],
     extras_require={
-        # the official OpenAI client and httpx drive a live `lm serve` in tests/test_server.py
-        "test": ["pytest>=8", "openai>=1.40", "httpx>=0.27"],
+        # the official OpenAI client and httpx drive a live `lm serve` in tests/test_server.py;
+        # pytest-xdist runs the suite on two workers (`make test`: the tests are mostly one-core)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.40", "httpx>=0.27"],
         # `lm serve`: Starlette (the ASGI toolkit FastAPI is built on) on uvicorn
         "serve": ["starlette>=0.40", "uvicorn>=0.30"],
         # Hugging Face parity tests (optional): a CPU build of torch and transformers; sentencepiece

@@ -144,3 +144,42 @@ def shard(x: jax.Array, layout: str) -> jax.Array:
         return x
     spec = logical_to_spec(ACTIVATIONS[layout], x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ---------------------------------------------------------------------------------------
+# Rows of a batch across processes
+
+
+def put_rows(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, as a global array laid out by `sharding`
+    (each process places only the pieces its devices hold)."""
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def to_host(a: jax.Array) -> np.ndarray:
+    """A global array's whole value, on every process (a gather across processes when it
+    spans several)."""
+    from jax.experimental import multihost_utils  # (imports jax's distributed runtime)
+
+    if getattr(a, "is_fully_addressable", True):
+        return np.asarray(a)
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
+def process_rows(sharding: NamedSharding, rows: int) -> slice:
+    """This process's rows of a batch of `rows` rows laid out by `sharding` (the rows of its
+    devices, one contiguous block: the mesh puts each process's devices together)."""
+    if jax.process_count() == 1:
+        return slice(0, rows)
+    spans = sorted({sl[0].indices(rows)[:2] for sl in sharding.addressable_devices_indices_map((rows, 1)).values()})
+    return slice(spans[0][0], spans[-1][1])
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True on every process if `flag` is true on every process (a decision all must share)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # (imports jax's distributed runtime)
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([bool(flag)]))).all())

@@ -16,9 +16,11 @@ from flax import nnx
 
 from data_pipeline import default_preferences
 from data_pipeline.config import SourceConfig
+from data_pipeline.pipeline import global_batch
 from data_pipeline.preferences import open_preference_source, pair_rows, preference_data
 from data_pipeline.sources import source_configs
 from lm.config import Config, ConfigError
+from lm.model.sharding import all_processes_agree, process_rows, put_rows, to_host
 from lm.objectives.preference import reply_logps
 from lm.stages.common import base_evals, evaluators, run_meta, run_tokenizer
 from lm.train.engine import make_engine
@@ -90,6 +92,9 @@ def before_after(ctx, summary: dict, init_params, keys: dict[str, str]) -> None:
             ctx.log(f"held-out {label}: {after[k]:.4f}")
 
 
+SCORED = ("inputs", "targets", "segment_ids", "positions", "loss_mask")  # what the reference reads
+
+
 def _key(pair_inputs) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(pair_inputs, np.int32).tobytes(), digest_size=16).digest()
 
@@ -98,27 +103,29 @@ class ReferenceTable:
     """Preference data whose batches carry the reference's log-probabilities ("ref_logps",
     (B, 2)), computed once before training over every training and held-out pair, keyed by
     the pair's tokens, and kept in the run directory so that a resumed run reads them back.
-    Everything else is the wrapped data's."""
+    Everything else is the wrapped data's.
+
+    The reference runs on the whole mesh, its batches split over every device as the
+    training batches are (across processes too: each process computes its devices' rows,
+    and every process ends with the whole table; process 0 writes the file)."""
 
     def __init__(self, data, cfg: Config, engine, loader: Callable, path: str, log: Callable):
-        if jax.process_count() > 1:
-            raise ConfigError("pref.reference='precomputed' runs in one process for now; use 'online'")
         self._data, self.path, self._loader = data, path, loader
         self.names, self.weights, self.stats, self.tokenizer = data.names, data.weights, data.stats, data.tokenizer
         self.heldout, self.heldout_bytes = data.heldout, data.heldout_bytes
         meta = f"{cfg.trainer.init_from}|{cfg.trainer.init_step}|{cfg.data.seq_len}"
+        stored = None
         if os.path.exists(path):
             try:
                 z = np.load(path, allow_pickle=False)
                 stored, keys, values = str(z["meta"]), z["keys"], z["values"]
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged: compute it again
                 log(f"WARNING: {path} is unreadable ({type(e).__name__}); computing the reference again")
-                stored = None
-            if stored == meta:
-                self.table = dict(zip((bytes(k) for k in keys), values))
-                log(f"reference log-probabilities: {len(self.table)} pairs read from {path}")
-                self._heldout(engine, None)
-                return
+        if all_processes_agree(stored == meta):  # (every process reads it, or every process computes)
+            self.table = dict(zip((bytes(k) for k in keys), values))
+            log(f"reference log-probabilities: {len(self.table)} pairs read from {path}")
+            self._heldout(engine, None)
+            return
         self.table = {}
         fn, params = self._scorer(engine)
         b = cfg.data.batch_size
@@ -128,37 +135,43 @@ class ReferenceTable:
             rows = iter(pair_rows(train, data.tokenizer.path, cfg.data.seq_len, source=c.name, shuffle=False,
                                   repeat=False))
             while chunk := list(itertools.islice(rows, b)):
-                batch = {k: np.stack([e[k] for e in chunk] + [np.zeros_like(chunk[0][k])] * (b - len(chunk)))
-                         for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-                ref = np.asarray(fn(params, batch))
+                batch = {k: put_rows(np.stack([e[k] for e in chunk] + [np.zeros_like(chunk[0][k])] * (b - len(chunk))),
+                                     engine.batch_sharding[k]) for k in SCORED}
+                ref = to_host(fn(params, batch))
                 for r, e in enumerate(chunk):
                     self.table[_key(e["inputs"])] = ref[r]
         self._heldout(engine, (fn, params))
-        keys = np.frombuffer(b"".join(self.table), np.uint8).reshape(len(self.table), 16)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, keys=keys, values=np.stack(list(self.table.values())).astype(np.float32), meta=np.str_(meta))
-        os.replace(tmp, path)
+        if jax.process_index() == 0:
+            keys = np.frombuffer(b"".join(self.table), np.uint8).reshape(len(self.table), 16)
+            tmp = path + ".tmp.npz"
+            np.savez(tmp, keys=keys, values=np.stack(list(self.table.values())).astype(np.float32),
+                     meta=np.str_(meta))
+            os.replace(tmp, path)
         log(f"reference log-probabilities: {len(self.table)} training pairs computed once, kept in {path}")
 
     def _scorer(self, engine):
-
         graphdef = engine.graphdef
-        return jax.jit(lambda p, batch: reply_logps(nnx.merge(graphdef, p), batch)[0]), self._loader()
+        fn = jax.jit(lambda p, batch: reply_logps(nnx.merge(graphdef, p), batch)[0])
+        return fn, jax.device_put(self._loader(), engine.param_sharding)
 
     def _heldout(self, engine, scorer) -> None:
-        """Held-out batches get their reference log-probabilities (stored with the table)."""
-        for batches in self._data.heldout.values():
+        """Held-out batches (this process's rows of each) get their reference log-probabilities
+        (stored with the table), computed together by all processes when any lacks one."""
+        batches = [batch for batches in self._data.heldout.values() for batch in batches]
+        known = all(_key(x) in self.table for batch in batches
+                    for x, v in zip(batch["inputs"], batch["segment_ids"]) if v.any())
+        if all_processes_agree(known):
             for batch in batches:
-                if all(_key(x) in self.table for x, v in zip(batch["inputs"], batch["segment_ids"]) if v.any()):
-                    batch["ref_logps"] = self._lookup(batch)
-                    continue
-                if scorer is None:
-                    scorer = self._scorer(engine)
-                fn, params = scorer
-                batch["ref_logps"] = np.asarray(fn(params, batch))
-                for x, v, r in zip(batch["inputs"], batch["segment_ids"], batch["ref_logps"]):
-                    if v.any():
-                        self.table[_key(x)] = r
+                batch["ref_logps"] = self._lookup(batch)
+            return
+        fn, params = scorer or self._scorer(engine)
+        for batch in batches:
+            shardings = {k: engine.batch_sharding[k] for k in SCORED}
+            ref = to_host(fn(params, global_batch({k: batch[k] for k in SCORED}, shardings)))
+            batch["ref_logps"] = ref[process_rows(engine.batch_sharding["inputs"], len(ref))]
+            for x, v, r in zip(batch["inputs"], batch["segment_ids"], batch["ref_logps"]):
+                if v.any():
+                    self.table[_key(x)] = r
 
     def _lookup(self, batch: dict) -> np.ndarray:
         out = np.zeros(batch["inputs"].shape[:2], np.float32)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from lm.config import Config, ConfigError
 from lm.eval.reward_model import score
+from lm.model.sharding import put_rows, to_host
 from lm.objectives.policy import AdaptiveKL, PPOObjective, gae, whiten
 from lm.sampling.sampler import token_logps
 from lm.stages import Stage, rewards, rollouts
@@ -57,9 +58,9 @@ class PPOData(rollouts.RolloutData):
         rl = self.rl
         batch = rollouts.training_rows(tokens, lengths, out, count, logps, np.zeros(len(rewards)), rl.max_new)
         del batch["advantages"]
-        device = {k: jax.make_array_from_callback(batch[k].shape, self.batch_sharding[k], lambda i, a=batch[k]: a[i])
+        device = {k: put_rows(batch[k], self.batch_sharding[k])
                   for k in ("inputs", "positions", "segment_ids", "targets")}  # the rows split as in training
-        values, ref_logps = (rollouts.host(a) for a in _values_and_ref(
+        values, ref_logps = (to_host(a) for a in _values_and_ref(
             self.graphdef, self.ctx.model_params, self._reference(), device, temperature=rl.temperature))
         mask = batch["loss_mask"]
         values = values * mask

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from data_pipeline.chat import chat_token_ids, generation_prompt
 from data_pipeline.pipeline import DataStats
 from lm.config import Config, ConfigError
+from lm.model.sharding import process_rows, put_rows, to_host
 from lm.objectives.policy import group_advantages
 from lm.sampling.sampler import rollout, rows_sharding
 from lm.stages.common import evaluators, problems, run_meta, run_tokenizer
@@ -80,21 +81,14 @@ def sample(graphdef, params, sampler: Sampler, idx: list[int], key, temperature:
         local = np.ones(len(padded), bool)
     else:
         rows = rows_sharding(mesh)
-        put = lambda a: jax.make_array_from_callback(a.shape, rows, lambda i: a[i])  # noqa: E731
-        out, count, logps = rollout(graphdef, params, put(tokens), put(lengths), key, max_new=sampler.max_new,
+        out, count, logps = rollout(graphdef, params, put_rows(tokens, rows), put_rows(lengths, rows), key,
+                                    max_new=sampler.max_new,
                                     temperature=temperature, stop_ids=sampler.stops, mesh=mesh)
         local = np.zeros(len(padded), bool)
         for sl in rows.addressable_devices_indices_map((len(padded),)).values():
             local[sl[0]] = True
-    out, count, logps = (host(a)[:n] for a in (out, count, logps))
+    out, count, logps = (to_host(a)[:n] for a in (out, count, logps))
     return Sample(tokens[:n], lengths[:n], out, count, logps, local[:n])
-
-
-def host(a) -> np.ndarray:
-    """A global array's value on every process."""
-    if getattr(a, "is_fully_addressable", True):
-        return np.asarray(a)
-    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
 def score_rows(reward_fn: Callable, pairs: list[tuple], local: np.ndarray) -> np.ndarray:
@@ -179,15 +173,8 @@ class RolloutData:
         if not self.plan:
             self._rollout()
         rows = self.plan.pop(0)
-        return {k: v[rows][self._mine(k, len(rows))] for k, v in self.current.items()}
-
-    def _mine(self, key: str, rows: int) -> slice:
-        """This process's rows of a training batch of `rows` rows (all of them in one process)."""
-        if jax.process_count() == 1 or key not in self.batch_sharding:
-            return slice(None)
-        starts = sorted({sl[0].indices(rows)[:2] for sl in
-                         self.batch_sharding[key].addressable_devices_indices_map((rows, 1)).values()})
-        return slice(starts[0][0], starts[-1][1])
+        mine = process_rows(self.batch_sharding["inputs"], len(rows))  # (all of them in one process)
+        return {k: v[rows][mine] for k, v in self.current.items()}
 
     def score(self, tokens, lengths, out, count, logps, rewards) -> tuple[dict, dict]:
         """The training batch of a rollout and its metrics: GRPO's group-relative advantages."""
