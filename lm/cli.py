@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 from tqdm import tqdm
 
@@ -16,6 +17,9 @@ from data_pipeline.errors import UserError
 
 def _log(msg: str) -> None:
     tqdm.write(str(msg))
+
+
+HEARTBEAT_S = 30
 
 
 def _distributed(args) -> None:
@@ -29,11 +33,21 @@ def _distributed(args) -> None:
         if args.coordinator:
             kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
                           process_id=args.process_id)
-        jax.distributed.initialize(**kwargs)
+        # a process that stops answering (killed, its host gone) is noticed by the others in
+        # HEARTBEAT_S, not the default 100 s
+        jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=HEARTBEAT_S)
 
 
 def cmd_train(args) -> int:
-    from lm.train import interrupt  # lazy: a command imports what it runs
+    from lm.train import interrupt, supervise  # lazy: a command imports what it runs
+
+    if (args.coordinator or os.environ.get("LM_DISTRIBUTED")) and not supervise.is_worker():
+        # one process of several: run the work in a watched child (lm/train/supervise.py)
+        from lm import experiment  # lazy: a command imports what it runs
+
+        cfg = experiment.load(args.experiment, args.set)  # bad keys fail here, in one line
+        process = f"process {args.process_id}" if args.process_id is not None else f"process on {os.uname()[1]}"
+        return supervise.run(args.argv, args.run_dir or os.path.join("runs", cfg.name), process)
 
     # SIGTERM/SIGINT end the run promptly in every phase (lm/train/interrupt.py). A run stopped by
     # one leaves with os._exit: threads of a data source that hangs must not keep the
@@ -43,6 +57,13 @@ def cmd_train(args) -> int:
             code = _train(args)
         except interrupt.Interrupted as e:  # nothing new to save
             _exit_now(interrupt.message(e.signum, e.phase), e.exit_code)
+        except (UserError, OSError):
+            raise  # one line (or a bug's traceback) in _run
+        except Exception:  # noqa: BLE001 -- in a watched child: a collective failed (a peer died?)
+            if not supervise.is_worker():
+                raise
+            traceback.print_exc()  # for the watcher's report, then out at once: jax.distributed's
+            _exit_now(None, 1)  # shutdown barrier would wait for the dead peer's heartbeat timeout
         if signals.received:
             _exit_now(None, code)
     return code
@@ -475,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     code = _run(args)
     if argv is None and args.command == "train":  # this process is `lm train`
         _leave_without_stragglers(code)

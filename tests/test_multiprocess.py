@@ -223,3 +223,51 @@ def test_dpo_with_a_reference_computed_ahead_on_two_processes_matches_one(base_r
     one, two = ({bytes(k): v for k, v in zip(t["keys"], t["values"])} for t in tables)
     assert set(two) <= set(one) and len(two) >= 180
     np.testing.assert_allclose([two[k] for k in two], [one[k] for k in two], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_in_one_line_and_the_rerun_resumes(base_run, tmp_path):
+    """GRPO on 2 processes: SIGKILL one mid-run; the other exits 1 within 60 s with one line that
+    says a peer went away (the runtime's dump kept in the run directory, not on the screen);
+    the same two commands again resume from the last checkpoint and finish."""
+    import signal
+    import time
+
+    exp = tmp_path / "grpo.py"
+    exp.write_text(RL_EXPERIMENT.format(exp=base_run["exp"], run=base_run["run"], stage="grpo")
+                   .replace("steps=4,", "steps=10,"))
+    (tmp_path / "spread_reward.py").write_text(SPREAD_REWARD)
+    env = {**_env(4), "PYTHONPATH": str(tmp_path)}
+    run = tmp_path / "run"
+    port = _free_port()
+    cmd = train_cmd(str(exp), run) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                      "--cpu-collectives"]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    metrics, start = run / "metrics.jsonl", time.monotonic()
+    while not (metrics.exists() and sum(1 for _ in open(metrics)) >= 5):
+        assert time.monotonic() - start < 300 and procs[0].poll() is None, "the run did not get going"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        out, _ = procs[0].communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("the surviving process did not stop within 60 s of its peer's death")
+    procs[1].wait()
+    assert procs[0].returncode == 1 and time.monotonic() - killed < 60
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("lm: error: process 0 stopped because another process of the run went away"), out[-2000:]
+    assert "Traceback" not in out and "Check failure" not in out and "terminate called" not in out, out[-3000:]
+    assert (run / "crash-process-0.log").exists()
+    port = _free_port()
+    again = [c if not c.startswith("127.0.0.1:") else f"127.0.0.1:{port}" for c in cmd]
+    procs = [subprocess.Popen(again + ["--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "resumed from the checkpoint of step" in outs[0]
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    assert steps[-1] == 10 and sorted(set(steps)) == list(range(1, 11))

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -160,8 +161,6 @@ def put_rows(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def to_host(a: jax.Array) -> np.ndarray:
     """A global array's whole value, on every process (a gather across processes when it
     spans several)."""
-    from jax.experimental import multihost_utils  # (imports jax's distributed runtime)
-
     if getattr(a, "is_fully_addressable", True):
         return np.asarray(a)
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))
@@ -180,6 +179,4 @@ def all_processes_agree(flag: bool) -> bool:
     """True on every process if `flag` is true on every process (a decision all must share)."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils  # (imports jax's distributed runtime)
-
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray([bool(flag)]))).all())

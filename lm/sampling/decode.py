@@ -28,6 +28,7 @@ cache length, K key/value heads, G = N // K, H head size, D width, F MLP width, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -35,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lm.model.transformer import apply_rope, dot_product_attention, rms_norm, rope_tables
 
@@ -130,7 +133,8 @@ class Weights:
     out: jax.Array  # (D, V) output projection (the embedding transposed, if tied)
     final_norm: jax.Array  # (D,)
     layers: list  # L dicts: attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down (+ q_norm, k_norm)
-    cfg: object = struct.field(pytree_node=False)  # lm.config.ModelConfig
+    cfg: object = struct.field(pytree_node=False)  # lm.config.ModelConfig (one device's share, if split)
+    mesh: object = struct.field(pytree_node=False, default=None)  # tensor parallel over its axis TP, if set
 
 
 @partial(jax.jit, static_argnums=0)
@@ -156,12 +160,125 @@ def _layout(cfg, params) -> Weights:
                    layers=layers, cfg=cfg)
 
 
-def prepare(graphdef, params) -> Weights:
+def prepare(graphdef, params, tensor: int = 1, devices=None) -> Weights:
     """Decode weights from a model's (graphdef, params) (the params of `nnx.split(model)` or
-    `nnx.split(model, nnx.Param)`; sharded or not): one copy of the weights."""
+    `nnx.split(model, nnx.Param)`; sharded or not): one copy of the weights.
+
+    With `tensor` > 1 the weights are split over that many devices (`devices`, default the
+    first ones), Megatron-style: each device holds the query heads, key/value heads and
+    MLP columns of its share (and the matching rows of the output projections; the
+    embeddings and norms whole), and the functions below run on each device as on a model
+    of N/T heads, K/T key/value heads and F/T MLP width, adding the devices' partial
+    outputs after each attention and MLP block. The cache is split by key/value heads."""
     model = nnx.merge(graphdef, params)
     state = nnx.state(model, nnx.Param)
-    return _layout(model.cfg, nnx.to_pure_dict(state))
+    w = _layout(model.cfg, nnx.to_pure_dict(state))
+    return w if tensor == 1 else split(w, tensor, devices)
+
+
+TP = "tensor"  # the mesh axis of a split decode engine
+
+
+def split(w: Weights, tensor: int, devices=None) -> Weights:
+    """`w` split over `tensor` devices (see `prepare`): each device's share of the fused
+    matrices side by side, so that a device's block of columns (rows) is its own layout."""
+    cfg = w.cfg
+    n, k, h, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff
+    bad = [f"{name}={v}" for name, v in (("model.n_heads", n), ("model.n_kv_heads", k), ("model.d_ff", f))
+           if v % tensor]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must divide by the {tensor} tensor-parallel devices (each holds "
+                         f"whole heads); use a tensor count that divides them")
+    devices = list(devices if devices is not None else jax.devices()[:tensor])
+    if len(devices) < tensor:
+        raise ValueError(f"{tensor} tensor-parallel devices asked for, {len(devices)} available")
+    mesh = Mesh(np.asarray(devices[:tensor]), (TP,))
+    nt, kt, ft = n // tensor, k // tensor, f // tensor
+    on = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+
+    def qkv_share(m):  # (D, (N + 2K) H) -> per device [q_t | k_t | v_t]
+        q, kk, v = m[:, : n * h], m[:, n * h: (n + k) * h], m[:, (n + k) * h:]
+        return jnp.concatenate([jnp.concatenate([q[:, t * nt * h: (t + 1) * nt * h], kk[:, t * kt * h: (t + 1) * kt * h],
+                                                 v[:, t * kt * h: (t + 1) * kt * h]], axis=1)
+                                for t in range(tensor)], axis=1)
+
+    def gate_up_share(m):  # (D, 2F) -> per device [gate_t | up_t]
+        g, u = m[:, :f], m[:, f:]
+        return jnp.concatenate([jnp.concatenate([g[:, t * ft: (t + 1) * ft], u[:, t * ft: (t + 1) * ft]], axis=1)
+                                for t in range(tensor)], axis=1)
+
+    cols, rows, whole = on(P(None, TP)), on(P(TP, None)), on(P())
+    layers = []
+    for layer in w.layers:
+        out = {name: jax.device_put(a, whole) for name, a in layer.items()}
+        out["wqkv"] = jax.device_put(qkv_share(layer["wqkv"]), cols)
+        out["w_gate_up"] = jax.device_put(gate_up_share(layer["w_gate_up"]), cols)
+        out["wo"] = jax.device_put(layer["wo"], rows)  # (N H, D): query heads in order, a device's are its rows
+        out["w_down"] = jax.device_put(layer["w_down"], rows)
+        layers.append(out)
+    local = dataclasses.replace(cfg, n_heads=nt, n_kv_heads=kt, d_ff=ft, head_dim=h)
+    return Weights(embed=jax.device_put(w.embed, whole), out=jax.device_put(w.out, whole),
+                   final_norm=jax.device_put(w.final_norm, whole), layers=layers, cfg=local, mesh=mesh)
+
+
+def specs(w: Weights):
+    """The shard_map specs of a split `w` (a pytree of PartitionSpecs like it)."""
+    def layer_spec(layer):
+        return {name: (P(None, TP) if name in ("wqkv", "w_gate_up") else P(TP, None) if name in ("wo", "w_down")
+                       else P()) for name in layer}
+
+    return Weights(embed=P(), out=P(), final_norm=P(), layers=[layer_spec(x) for x in w.layers], cfg=w.cfg,
+                   mesh=w.mesh)
+
+
+def on_devices(fn, w: Weights, args: tuple, arg_specs: tuple, out_specs):
+    """Run `fn(w, *args)` on each device of a split `w` (inside a jit): shard_map with the
+    weights' specs, `arg_specs` for the rest (P(TP) for a cache: split by key/value heads;
+    P() for what every device holds whole)."""
+    return jax.shard_map(fn, mesh=w.mesh, in_specs=(specs(w), *arg_specs), out_specs=out_specs,
+                         check_vma=False)(w, *args)
+
+
+CACHE = P(TP)  # a split cache's spec: the (B*K, S, H) rows of each device's key/value heads
+
+
+def each_device(fn, arg_specs: tuple, out_specs):
+    """`fn(w, *args, **static)` as is for one device's weights, and run on every device
+    (`on_devices`) for split ones: the engine's entry points are written once."""
+    def run(w, *args, **static):
+        body = partial(fn, **static) if static else fn
+        if w.mesh is None:
+            return body(w, *args)
+        return on_devices(body, w, args, arg_specs, out_specs)
+
+    return run
+
+
+def new_cache(w: Weights, batch: int, length: int) -> list[dict]:
+    """An empty cache for `w` (`init_cache`; for split weights, every device's share side by
+    side on the first axis, each on its device)."""
+    if w.mesh is None:
+        return init_cache(w.cfg, batch, length)
+    t = w.mesh.size
+    shape = (t * batch * w.cfg.n_kv_heads, length, w.cfg.head_size)
+    zeros = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(w.cfg.compute_dtype)),
+                    out_shardings=NamedSharding(w.mesh, CACHE))
+    return [{"k": zeros(), "v": zeros()} for _ in range(w.cfg.n_layers)]
+
+
+def weight_bytes(w: Weights) -> tuple[int, int]:
+    """(bytes of the weights on one device, bytes in all): a split engine's share."""
+    total = per_device = 0
+    for leaf in jax.tree.leaves(w):
+        total += leaf.size * leaf.dtype.itemsize
+        shard = leaf.sharding.shard_shape(leaf.shape) if w.mesh is not None else leaf.shape
+        per_device += math.prod(shard) * leaf.dtype.itemsize
+    return per_device, total
+
+
+def _add_shares(w: Weights, y):
+    """The devices' partial outputs of a split block, added (nothing to add on one device)."""
+    return y if w.mesh is None else jax.lax.psum(y, TP)
 
 
 def init_cache(cfg, batch: int, length: int) -> list[dict]:
@@ -210,10 +327,11 @@ def _qkv(cfg, layer, x, positions):
     return apply_rope(q, cos, sin), apply_rope(kk, cos, sin), v
 
 
-def _mlp(cfg, layer, x):
+def _mlp(w: Weights, layer, x):
+    cfg = w.cfg
     f = cfg.d_ff
     y = rms_norm(x, layer["mlp_norm"], cfg.norm_eps) @ layer["w_gate_up"]
-    return x + (jax.nn.silu(y[:, :f]) * y[:, f:]) @ layer["w_down"]
+    return x + _add_shares(w, (jax.nn.silu(y[:, :f]) * y[:, f:]) @ layer["w_down"])
 
 
 def _logits(w: Weights, x):
@@ -233,7 +351,7 @@ def prefill(w: Weights, tokens, lengths):
     for layer in w.layers:
         q, k, v = _qkv(cfg, layer, x, positions)
         o = dot_product_attention(q, k, v, causal)  # (B, T, N, H)
-        x = _mlp(cfg, layer, x + o.reshape(b * t, -1) @ layer["wo"])
+        x = _mlp(w, layer, x + _add_shares(w, o.reshape(b * t, -1) @ layer["wo"]))
         rows = lambda a: a.transpose(0, 2, 1, 3).reshape(b * cfg.n_kv_heads, t, cfg.head_size)  # noqa: E731
         kvs.append({"k": rows(k), "v": rows(v)})
     last = x.reshape(b, t, -1)[jnp.arange(b), lengths - 1]  # (B, D)
@@ -279,5 +397,5 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
         scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         o = jnp.einsum("RGS,RSH->RGH", probs, vs.astype(q.dtype)).reshape(b, n * h)
-        x = _mlp(cfg, layer, x + o @ layer["wo"])
+        x = _mlp(w, layer, x + _add_shares(w, o @ layer["wo"]))
     return _logits(w, x), new

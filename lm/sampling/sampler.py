@@ -100,7 +100,8 @@ def _decode_rows(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, max
     return out, count, logps
 
 
-_generate = jax.jit(_decode_rows, static_argnames=("max_new", "top_k", "samples"))
+_generate = jax.jit(decode.each_device(_decode_rows, (P(),) * 6, (P(),) * 3),
+                    static_argnames=("max_new", "top_k", "samples"))
 
 
 @partial(jax.jit, static_argnames=("mesh", "max_new", "top_k", "samples"))
@@ -180,16 +181,17 @@ def rows_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
-@jax.jit
-def _prefill_jit(w, tokens, lengths):
-    return decode.prefill(w, tokens, lengths)
+_prefill_jit = jax.jit(decode.each_device(decode.prefill, (P(), P()), (P(), decode.CACHE)))
 
 
-@partial(jax.jit, static_argnames=("span", "top_k"), donate_argnames=("cache",))
-def _step_jit(w, last, cache, positions, bases, i, temperature, top_p, *, span: int, top_k: int):
+def _step_one(w, last, cache, positions, bases, i, temperature, top_p, *, span: int, top_k: int):
     nxt, _ = decode.pick(last, _fold(bases, i), temperature, top_p, top_k)
     logits, cache = decode.step(w, nxt, positions, cache, span)
     return nxt, logits, cache
+
+
+_step_jit = jax.jit(decode.each_device(_step_one, (P(), decode.CACHE) + (P(),) * 5, (P(), P(), decode.CACHE)),
+                    static_argnames=("span", "top_k"), donate_argnums=(2,))
 
 
 def stream(graphdef, params, prompt: Sequence[int], max_new: int, max_len: int, temperature: float = 0.8,

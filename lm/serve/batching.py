@@ -34,6 +34,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lm.sampling import decode
 
@@ -94,15 +96,17 @@ def _prefill_width(n: int, max_len: int) -> int:
     return min(width, max_len)
 
 
-@partial(jax.jit, donate_argnames=("last", "cache"))
-def _prefill(w, last, cache, tokens, length, slot):
+def _prefill_one(w, last, cache, tokens, length, slot):
     logits, kvs = decode.prefill(w, tokens, length)
     cache = decode.write_prefill(w.cfg, cache, kvs, slot)
     return jax.lax.dynamic_update_slice(last, logits, (slot, 0)), cache
 
 
-@partial(jax.jit, static_argnames=("span",), donate_argnames=("last", "cache", "rows"))
-def _step(w, last, cache, rows, *, span: int):
+_prefill = jax.jit(decode.each_device(_prefill_one, (P(), decode.CACHE, P(), P(), P()), (P(), decode.CACHE)),
+                   donate_argnums=(1, 2))
+
+
+def _step_one(w, last, cache, rows, *, span: int):
     """One token for every slot. `rows` holds each slot's position, step, base key, temperature,
     top-p and whether it is active; positions and steps advance on the device, so the host
     uploads `rows` only when a slot changes hands. Returns the tokens and their
@@ -113,6 +117,10 @@ def _step(w, last, cache, rows, *, span: int):
     logits, cache = decode.step(w, nxt, rows["position"] * active, cache, span)
     rows = {**rows, "position": rows["position"] + active, "step": rows["step"] + active}
     return jnp.stack([nxt.astype(jnp.float32), logps]), logits, cache, rows
+
+
+_step = jax.jit(decode.each_device(_step_one, (P(), decode.CACHE, P()), (P(), P(), decode.CACHE, P())),
+                static_argnames=("span",), donate_argnums=(1, 2, 3))
 
 
 class Batcher:
@@ -126,8 +134,10 @@ class Batcher:
         # one device, plain placement: weights committed to a mesh would give the step's
         # outputs a sharding its uploaded inputs lack, and a compilation per combination
         # (every array committed to it, so the first calls compile what later calls run)
-        self.device = jax.devices()[0]
-        weights = jax.device_put(weights, self.device)
+        # (split weights: every device of theirs holds the small arrays whole)
+        self.device = jax.devices()[0] if weights.mesh is None else NamedSharding(weights.mesh, P())
+        if weights.mesh is None:
+            weights = jax.device_put(weights, self.device)
         self.w, self.decode_text, self.slots, self.log = weights, decode_text, slots, log
         self.max_len = max_len or cfg.max_seq_len
         self._fresh_buffers()
@@ -256,7 +266,9 @@ class Batcher:
 
     def _fresh_buffers(self) -> None:
         cfg = self.w.cfg
-        self.cache = jax.device_put(decode.init_cache(cfg, self.slots, self.max_len), self.device)
+        self.cache = decode.new_cache(self.w, self.slots, self.max_len)
+        if self.w.mesh is None:
+            self.cache = jax.device_put(self.cache, self.device)
         self.last = jax.device_put(jnp.zeros((self.slots, cfg.vocab_size), jnp.float32), self.device)
 
     def _admit(self) -> None:

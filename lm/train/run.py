@@ -45,7 +45,7 @@ def load_run(run_dir: str, single_device: bool = True, log: Callable = print, st
         raise NotFound(f"{run_dir} is not a run directory (no config.json); train one with `lm train`")
     with open(path) as f:
         cfg = from_dict(json.load(f))
-    devices = jax.devices()[:1] if single_device else jax.devices()
+    devices = jax.local_devices()[:1] if single_device else jax.devices()  # (this process's first)
     if single_device:
         cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
     run_cfg = cfg
