@@ -148,7 +148,8 @@ def cmd_sample(args) -> int:
     from lm.sampling.sampler import generate, stream  # lazy: a command imports what it runs
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
-    run = load_run(args.run_dir, log=_log)
+    run = load_run(args.run_dir, log=_log, tensor=args.tensor)
+    weights = run.decode_weights(_log) if args.tensor > 1 else None
     tok = run.tokenizer
     if args.chat is not None:  # one question, answered with the chat template
         from lm.serve.chat import Chat, is_chat_model  # lazy: a command imports what it runs
@@ -157,7 +158,7 @@ def cmd_sample(args) -> int:
             raise UserError(f"{args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
                             "use --prompt to continue text, or fine-tune it (make sft)")
         chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, weights=weights)
         try:
             chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         except ValueError as e:  # a question (with --max-new) the context cannot hold: as `lm chat` says it
@@ -174,7 +175,7 @@ def cmd_sample(args) -> int:
               f"keeps only its last {max(1, max_len - args.max_new)}", file=sys.stderr)
     if args.num > 1:  # a batch, all at once
         outs = generate(run.graphdef, run.params, [prompt_ids] * args.num, args.max_new,
-                        max_len, stop_ids=stops, seed=args.seed, **kw)
+                        max_len, stop_ids=stops, seed=args.seed, weights=weights, **kw)
         for i, o in enumerate(outs):
             print(f"--- sample {i} ---\n{args.prompt}{tok.decode_after(prompt_ids, [t for t in o if t not in stops])}")
         return 0
@@ -182,7 +183,7 @@ def cmd_sample(args) -> int:
     ids: list[int] = []
     shown = ""
     for t in stream(run.graphdef, run.params, prompt_ids, args.max_new, max_len,
-                    stop_ids=stops, seed=args.seed, **kw):
+                    stop_ids=stops, seed=args.seed, weights=weights, **kw):
         if t in stops:
             break
         ids.append(t)
@@ -199,11 +200,12 @@ def cmd_chat(args) -> int:
     from lm.serve.chat import Chat, is_chat_model  # lazy: a command imports what it runs
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
-    run = load_run(args.run_dir, log=_log)
+    run = load_run(args.run_dir, log=_log, tensor=args.tensor)
+    weights = run.decode_weights(_log) if args.tensor > 1 else None
     if not is_chat_model(run):
-        return _chat_base(run, args)
+        return _chat_base(run, args, weights)
     chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed)
+                top_p=args.top_p, seed=args.seed, weights=weights)
     print(f"chatting with {args.run_dir} ({run.cfg.stage}, step {run.step}, context {run.cfg.model.max_seq_len} "
           "tokens)" + (f", system prompt {args.system!r}" if args.system else "")
           + ". /reset starts over; an empty line, /quit or Ctrl-D ends.")
@@ -231,7 +233,7 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _chat_base(run, args) -> int:
+def _chat_base(run, args, weights=None) -> int:
     """A base model has no chat template: it continues a plain-text transcript."""
     from lm.sampling.sampler import stream  # lazy: a command imports what it runs
 
@@ -252,7 +254,7 @@ def _chat_base(run, args) -> int:
         context = tok.encode(transcript, bos=True)
         for t in stream(run.graphdef, run.params, context, args.max_new, max_len,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=[tok.eos_id],
-                        seed=args.seed):
+                        seed=args.seed, weights=weights):
             if t == tok.eos_id:
                 break
             ids.append(t)
@@ -282,7 +284,7 @@ def cmd_serve(args) -> int:
     if api_key is not None and (not api_key.isascii() or not api_key.isprintable() or " " in api_key):
         raise UserError("the API key must be printable ASCII without spaces (HTTP clients send it in a header)")
     return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log,
-                 request_timeout=args.request_timeout)
+                 request_timeout=args.request_timeout, tensor=args.tensor)
 
 
 def cmd_eval(args) -> int:
@@ -426,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--top-k", type=_number(int, 0, what="0 (off) or more"), default=0)
         sp.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.95)
         sp.add_argument("--seed", type=int, default=0)
+        tensor_arg(sp)
+
+    def tensor_arg(sp):
+        sp.add_argument("--tensor", type=_number(int, 1, 4096, what="1 to 4096"), default=1,
+                        help="split the model over this many devices (tensor parallel: heads and MLP width; "
+                             "default 1). They must divide model.n_heads, n_kv_heads and d_ff")
 
     sp = sub.add_parser("sample", help="continue a prompt with a trained run (streams tokens)")
     decoding_args(sp)
@@ -452,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: the LM_API_KEY environment "
                                       "variable; none if unset)")
     sv.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    tensor_arg(sv)
     sv.add_argument("--request-timeout", type=_number(float, 0.0, low_open=True, what="positive"), default=30.0,
                     help="seconds a client has to send a request's headers, then its body (default 30); a "
                          "stalled connection is closed, a stalled body answered 408")

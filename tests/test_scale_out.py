@@ -89,3 +89,73 @@ def test_prompts_that_do_not_split_are_refused_and_rollouts_pad_them():
     alone = rollouts.sample(engine.graphdef, params, sampler, [0, 1, 2, 3, 4, 5], jax.random.PRNGKey(0), 1.0)
     assert s.out.shape == (6, 5) and s.local.all()
     np.testing.assert_array_equal(s.out, alone.out)
+
+
+# -- the decode engine split over tensor-parallel devices -----------------------------------
+
+TP_CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=16, n_kv_heads=8, d_ff=128, max_seq_len=64,
+                     init_std=0.2)
+TP_PROMPTS = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("tensor", [2, 4, 8])
+def test_split_decoding_is_token_for_token_one_devices(tensor):
+    """Greedy batches (generate), token streams (stream) and the server's batcher with the
+    weights split over 2, 4 and 8 devices give one device's tokens; each device holds 1/N of
+    the attention and MLP matrices and 1/N of the cache."""
+    from lm.model.transformer import Transformer
+    from lm.sampling import decode
+    from lm.sampling.sampler import generate, stream
+    from lm.serve.batching import Batcher, Request
+
+    graphdef, params = nnx.split(Transformer(TP_CFG, nnx.Rngs(0)), nnx.Param)
+    one = generate(graphdef, params, TP_PROMPTS, 12, 64, temperature=0.0)
+    w = decode.prepare(graphdef, params, tensor=tensor)
+    for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+        a = w.layers[0][name]
+        assert len(a.addressable_shards) == tensor and a.addressable_shards[0].data.size * tensor == a.size
+    assert generate(graphdef, params, TP_PROMPTS, 12, 64, temperature=0.0, weights=w) == one
+    assert list(stream(graphdef, params, TP_PROMPTS[2], 12, 64, temperature=0.0, weights=w)) == one[2]
+    sampled = dict(temperature=1.0, top_p=0.9, seed=3)
+    assert (generate(graphdef, params, TP_PROMPTS, 12, 64, weights=w, **sampled)
+            == generate(graphdef, params, TP_PROMPTS, 12, 64, **sampled))
+    cache = decode.new_cache(w, 4, 64)
+    assert cache[0]["k"].addressable_shards[0].data.shape[0] * tensor == 4 * TP_CFG.n_kv_heads
+    got = {}
+    batcher = Batcher(w, lambda prompt, ids: " ".join(map(str, ids)), slots=4, max_len=64, log=lambda *_: None)
+    batcher.start(warm=False)
+    try:
+        done = []
+        for i, p in enumerate(TP_PROMPTS):
+            batcher.submit(Request(p, 12, stream=False), lambda ev, i=i: ev.finish and (got.setdefault(i, ev.tokens),
+                                                                                      done.append(i)))
+        import time
+
+        deadline = time.monotonic() + 120
+        while len(done) < len(TP_PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        batcher.close()
+    assert [got[i] for i in range(len(TP_PROMPTS))] == one
+
+
+def test_split_decoding_refuses_heads_that_do_not_divide():
+    from lm.model.transformer import Transformer
+    from lm.sampling import decode
+
+    graphdef, params = nnx.split(Transformer(TP_CFG, nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match="^model.n_kv_heads=8 must divide by the 16 tensor-parallel devices"):
+        decode.prepare(graphdef, params, tensor=16)
+
+
+def test_lm_sample_with_tensor_parallel_weights_writes_what_one_device_writes(base_run, capsys):
+    from lm.cli import main
+
+    outs = []
+    for tensor in ("1", "2"):
+        assert main(["sample", base_run["run"], "--prompt", "def read(path):", "--temperature", "0", "--max-new", "24",
+                     "--tensor", tensor]) == 0
+        outs.append(capsys.readouterr())
+    text = [[line for line in o.out.splitlines() if not line.startswith("decode weights")] for o in outs]
+    assert text[0] == text[1] and len("".join(text[0])) >= len("def read(path):")
+    assert "decode weights split over 2 devices" in outs[1].out + outs[1].err

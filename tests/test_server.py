@@ -48,13 +48,16 @@ def _make_run(d):
     return str(run)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-device", "tensor2"])
+def server(tmp_path_factory, request):
+    """A live server; again (slow phase) with the model split over 2 tensor-parallel devices:
+    every test below then holds the split engine to one device's answers."""
+    tensor = request.param
     d = tmp_path_factory.mktemp("serve")
     run = _make_run(d)
-    env = {**cpu_env(1), "LM_API_KEY": KEY}
+    env = {**cpu_env(tensor), "LM_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", run, "--port", "0", "--slots", "8",
-                             "--request-timeout", "2"], env=env,
+                             "--request-timeout", "2", "--tensor", str(tensor)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:

@@ -207,18 +207,18 @@ def split(w: Weights, tensor: int, devices=None) -> Weights:
         return jnp.concatenate([jnp.concatenate([g[:, t * ft: (t + 1) * ft], u[:, t * ft: (t + 1) * ft]], axis=1)
                                 for t in range(tensor)], axis=1)
 
-    cols, rows, whole = on(P(None, TP)), on(P(TP, None)), on(P())
-    layers = []
-    for layer in w.layers:
-        out = {name: jax.device_put(a, whole) for name, a in layer.items()}
-        out["wqkv"] = jax.device_put(qkv_share(layer["wqkv"]), cols)
-        out["w_gate_up"] = jax.device_put(gate_up_share(layer["w_gate_up"]), cols)
-        out["wo"] = jax.device_put(layer["wo"], rows)  # (N H, D): query heads in order, a device's are its rows
-        out["w_down"] = jax.device_put(layer["w_down"], rows)
-        layers.append(out)
+    def shares(w):  # (wo (N H, D) and w_down (F, D) keep their order: a device's rows are its heads, columns)
+        return [{**layer, "wqkv": qkv_share(layer["wqkv"]), "w_gate_up": gate_up_share(layer["w_gate_up"])}
+                for layer in w.layers]
+
     local = dataclasses.replace(cfg, n_heads=nt, n_kv_heads=kt, d_ff=ft, head_dim=h)
-    return Weights(embed=jax.device_put(w.embed, whole), out=jax.device_put(w.out, whole),
-                   final_norm=jax.device_put(w.final_norm, whole), layers=layers, cfg=local, mesh=mesh)
+    split_w = Weights(embed=w.embed, out=w.out, final_norm=w.final_norm, layers=w.layers, cfg=local, mesh=mesh)
+    placement = jax.tree.map(on, specs(split_w))
+    # one program, its outputs laid out as they will be used: no device holds more than its
+    # share of the large matrices (besides what it already held)
+    layers = jax.jit(shares, out_shardings=placement.layers)(w)
+    small = jax.device_put((w.embed, w.out, w.final_norm), on(P()))
+    return Weights(embed=small[0], out=small[1], final_norm=small[2], layers=layers, cfg=local, mesh=mesh)
 
 
 def specs(w: Weights):

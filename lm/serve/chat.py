@@ -31,8 +31,9 @@ def is_chat_model(run: LoadedRun) -> bool:
 
 class Chat:
     def __init__(self, run: LoadedRun, system: str = "", max_new: int = 256, temperature: float = 0.7,
-                 top_k: int = 0, top_p: float = 0.95, seed: int = 0):
+                 top_k: int = 0, top_p: float = 0.95, seed: int = 0, weights=None):
         self.run, self.system = run, system
+        self.weights = weights  # split decode weights (LoadedRun.decode_weights), or None: prepared per call
         self.tok = run.tokenizer
         ids = chat_token_ids(self.tok)
         self.stops = [ids["end"], self.tok.eos_id]
@@ -78,7 +79,7 @@ class Chat:
     def _stream(self, ids: list[int]) -> Iterator[str]:
         out: list[int] = []
         for t in stream(self.run.graphdef, self.run.params, ids, self.max_new, self.run.cfg.model.max_seq_len,
-                        stop_ids=self.stops, seed=self.seed, **self.kw):
+                        stop_ids=self.stops, seed=self.seed, weights=self.weights, **self.kw):
             if t in self.stops:
                 self.ended = True
                 return

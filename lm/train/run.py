@@ -9,11 +9,12 @@ from typing import Any, Callable
 
 import jax
 
-from data_pipeline.errors import NotFound
+from data_pipeline.errors import NotFound, UserError
 from data_pipeline.tokenizer import Tokenizer
 from lm.config import Config, MeshConfig, from_dict
 from lm.model import lora
 from lm.model.sharding import make_mesh
+from lm.sampling import decode
 from lm.train.checkpoint import restore_params
 from lm.train.engine import make_engine
 from lm.train.init import load_base, pinned
@@ -32,21 +33,43 @@ class LoadedRun:
     def graphdef(self):
         return self.trainer.graphdef
 
+    def decode_weights(self, log: Callable | None = None) -> decode.Weights:
+        """The decode engine's weights, split over the devices the run was loaded onto with
+        `tensor` > 1 (each device its share of the heads and MLP width)."""
+        mesh = self.trainer.mesh
+        tensor = mesh.shape["tensor"]
+        try:
+            w = decode.prepare(self.graphdef, self.params, tensor=tensor, devices=list(mesh.devices.flat))
+        except ValueError as e:  # heads that do not divide
+            raise UserError(f"--tensor {tensor}: {e}") from None
+        if log is not None and tensor > 1:
+            per, total = decode.weight_bytes(w)
+            log(f"decode weights split over {tensor} devices: {per / 2**20:,.1f} MiB on each of {total / 2**20:,.1f} "
+                "MiB in all (the embeddings and norms whole on each)")
+        return w
+
     def model(self):
         return self.trainer.model(self.params)
 
 
-def load_run(run_dir: str, single_device: bool = True, log: Callable = print, step: int | None = None) -> LoadedRun:
+def load_run(run_dir: str, single_device: bool = True, log: Callable = print, step: int | None = None,
+             tensor: int = 1) -> LoadedRun:
     """The parameters (only: never the optimiser state) of the newest readable checkpoint of
-    `run_dir`, or of `step`, onto one device by default. A LoRA run's adapters are merged
-    into its base model."""
+    `run_dir`, or of `step`, onto one device by default, or split over this process's first
+    `tensor` devices by the tensor-parallel rules (for a decode engine split so: no device
+    holds the whole model). A LoRA run's adapters are merged into its base model."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise NotFound(f"{run_dir} is not a run directory (no config.json); train one with `lm train`")
     with open(path) as f:
         cfg = from_dict(json.load(f))
     devices = jax.local_devices()[:1] if single_device else jax.devices()  # (this process's first)
-    if single_device:
+    if tensor > 1:
+        devices = jax.local_devices()[:tensor]
+        if len(devices) < tensor:
+            raise UserError(f"{tensor} tensor-parallel devices asked for; this process has {len(devices)}")
+        cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=tensor))
+    elif single_device:
         cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
     run_cfg = cfg
     # Sampling and scoring need the full model only: an engine without adapters.
