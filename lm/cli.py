@@ -341,6 +341,16 @@ def cmd_reward(args) -> int:
 def cmd_plan(args) -> int:
     from lm.tools import plan  # lazy: a command imports what it runs
 
+    if args.serve:  # shapes only: no devices needed
+        from lm import experiment  # lazy: a command imports what it runs
+
+        cfg = experiment.load(args.experiment, args.set)
+        try:
+            r = plan.serve_plan(cfg.model, args.devices, args.slots, args.max_len, args.hbm)
+        except ValueError as e:
+            raise UserError(f"--devices {args.devices}: {e}") from None
+        print(plan.serve_report(r))
+        return 0
     return plan.main(args.experiment, args.set, args.devices, args.hbm)
 
 
@@ -412,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="number of devices (fake CPU devices stand in for them; default 8)")
     pl.add_argument("--hbm", type=_number(float, 0.0, low_open=True, what="more than 0"), default=80.0,
                     help="memory per device in GiB (default 80: an H100)")
+    pl.add_argument("--serve", action="store_true",
+                    help="plan `lm serve --tensor DEVICES` instead: decode weights, key/value cache and logits per "
+                         "device (from the shapes; nothing compiled)")
+    pl.add_argument("--slots", type=_number(int, 1, 1 << 20, what="at least 1"), default=8,
+                    help="with --serve: sequences decoded together (default 8)")
+    pl.add_argument("--max-len", type=_number(int, 2, what="at least 2"),
+                    help="with --serve: tokens per sequence (default: the model's context)")
     pl.set_defaults(fn=cmd_plan)
 
     from data_pipeline.cli import add_data_parser, add_tokenizer_parser  # lazy: a command imports what it runs

@@ -66,3 +66,32 @@ def test_three_devices_name_the_divisibility_and_the_fsdp_that_shards_nothing():
     assert r["param_bytes"] == plan.param_count(cfg.model) * 4  # whole on each device, as the note says
     _, notes = plan.fit_batch(cfg, 32)
     assert "smaller than the 32 data-parallel devices" in notes[0]
+
+
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_serve_plan_of_base_against_a_hand_computation(devices):
+    """`lm plan --serve`: base (D 2048, L 22, N 16, K 8, H 128, F 5632, V 32000, bfloat16, untied)
+    with 8 slots of 4096 tokens. Weights: the embedding and the output projection whole on
+    every device (V*D each), per layer q/k/v (D*(N+2K)*H), the output projection (N*H*D) and
+    the MLP (3*D*F) split N ways, two norms whole; the final norm in float32. Cache: keys and
+    values per layer, slot, token and key/value head, split N ways."""
+    cfg = experiment.load("pretrain_base")
+    m = cfg.model
+    d, layers, n, k, h, f, v = 2048, 22, 16, 8, 128, 5632, 32000
+    assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_size, m.d_ff, m.vocab_size) == (d, layers, n, k, h,
+                                                                                                   f, v)
+    split = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    weights = 2 * (2 * v * d + layers * (split // devices + 2 * d)) + 4 * d
+    cache = 2 * layers * 8 * (k // devices) * 4096 * h * 2
+    r = plan.serve_plan(m, devices, slots=8, max_len=4096)
+    assert r["weight_bytes"] == weights and r["cache_bytes"] == cache
+    assert r["logits_bytes"] == 8 * v * 4 and r["fits"]
+    if devices == 1:  # 88 KiB of cache per token: 22 layers x 8 heads x 128 x (key, value) x 2 bytes
+        assert r["weight_bytes_all"] == weights and cache == 8 * 4096 * 88 * 1024
+    assert "--tensor %d" % devices in plan.serve_report(r)
+
+
+def test_serve_plan_refuses_a_split_that_cuts_heads():
+    cfg = experiment.load("pretrain_base")
+    with pytest.raises(ValueError, match="model.n_kv_heads=8 must divide by the 16"):
+        plan.serve_plan(cfg.model, 16)

@@ -184,11 +184,7 @@ def split(w: Weights, tensor: int, devices=None) -> Weights:
     matrices side by side, so that a device's block of columns (rows) is its own layout."""
     cfg = w.cfg
     n, k, h, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff
-    bad = [f"{name}={v}" for name, v in (("model.n_heads", n), ("model.n_kv_heads", k), ("model.d_ff", f))
-           if v % tensor]
-    if bad:
-        raise ValueError(f"{', '.join(bad)} must divide by the {tensor} tensor-parallel devices (each holds "
-                         f"whole heads); use a tensor count that divides them")
+    check_split(cfg, tensor)
     devices = list(devices if devices is not None else jax.devices()[:tensor])
     if len(devices) < tensor:
         raise ValueError(f"{tensor} tensor-parallel devices asked for, {len(devices)} available")
@@ -219,6 +215,15 @@ def split(w: Weights, tensor: int, devices=None) -> Weights:
     layers = jax.jit(shares, out_shardings=placement.layers)(w)
     small = jax.device_put((w.embed, w.out, w.final_norm), on(P()))
     return Weights(embed=small[0], out=small[1], final_norm=small[2], layers=layers, cfg=local, mesh=mesh)
+
+
+def check_split(cfg, tensor: int) -> None:
+    """Refuse a split that would cut a head (or the MLP width) across devices."""
+    bad = [f"{name}={v}" for name, v in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.n_kv_heads),
+                                         ("model.d_ff", cfg.d_ff)) if v % tensor]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must divide by the {tensor} tensor-parallel devices (each holds "
+                         f"whole heads); use a tensor count that divides them")
 
 
 def specs(w: Weights):

@@ -215,3 +215,58 @@ def main(experiment: str, overrides: list[str], devices: int, hbm_gib: float) ->
     for o in overrides or []:
         cmd += ["--set", o]
     return subprocess.call(cmd, env=env)
+
+
+# ---------------------------------------------------------------------------------------
+# Serving: the decode engine's memory per device (`lm plan --serve`)
+
+
+def serve_plan(model, devices: int = 1, slots: int = 8, max_len: int | None = None, hbm_gib: float = 80.0) -> dict:
+    """Bytes per device of what `lm serve --tensor DEVICES --slots SLOTS --max-len MAX_LEN`
+    holds: the decode weights (lm/sampling/decode.py's layout, in the compute dtype, split as
+    `decode.split` splits them), the key/value cache (split by key/value heads) and the
+    logits buffer. From the shapes alone (`jax.eval_shape`): nothing is allocated."""
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from lm.model.transformer import Transformer
+    from lm.sampling import decode
+
+    max_len = max_len or model.max_seq_len
+    if devices > 1:
+        decode.check_split(model, devices)
+    abstract = nnx.eval_shape(lambda: Transformer(model, nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    w = jax.eval_shape(lambda p: decode._layout(model, p), params)
+    leaves = jax.tree.leaves(w)
+    spec_leaves = jax.tree.leaves(decode.specs(w), is_leaf=lambda x: isinstance(x, P))
+    total = per_device = 0
+    for leaf, spec in zip(leaves, spec_leaves, strict=True):
+        size = math.prod(leaf.shape) * leaf.dtype.itemsize
+        total += size
+        per_device += size // devices if decode.TP in tuple(spec) else size
+    itemsize = np.dtype(model.compute_dtype).itemsize
+    cache = 2 * model.n_layers * slots * (model.n_kv_heads // devices) * max_len * model.head_size * itemsize
+    logits = slots * model.vocab_size * 4
+    out = {"devices": devices, "slots": slots, "max_len": max_len, "params": param_count(model),
+           "dtype": model.compute_dtype, "weight_bytes": per_device, "weight_bytes_all": total, "cache_bytes": cache,
+           "logits_bytes": logits, "total_bytes": per_device + cache + logits, "hbm_bytes": int(hbm_gib * GiB)}
+    out["fits"] = out["total_bytes"] <= out["hbm_bytes"]
+    return out
+
+
+def serve_report(r: dict) -> str:
+    g = lambda x: f"{x / GiB:,.2f} GiB"  # noqa: E731
+    per_token = r["cache_bytes"] / (r["slots"] * r["max_len"])
+    return "\n".join([
+        f"serve plan: {r['params'] / 1e9:.2f}B parameters on {r['devices']} device(s) (lm serve --tensor "
+        f"{r['devices']} --slots {r['slots']} --max-len {r['max_len']}), {r['dtype']}",
+        "per device:",
+        f"  weights           {g(r['weight_bytes'])}  (of {g(r['weight_bytes_all'])} in all: attention and MLP split, "
+        "embeddings and norms whole)",
+        f"  key/value cache   {g(r['cache_bytes'])}  ({r['slots']} slots x {r['max_len']} tokens, "
+        f"{per_token / 2**10:,.1f} KiB per token)",
+        f"  logits            {g(r['logits_bytes'])}",
+        f"  total             {g(r['total_bytes'])}  of {g(r['hbm_bytes'])}: " + ("fits" if r["fits"] else "DOES NOT FIT")
+        + " (plus the runtime's workspace; while loading, the run's parameters too)",
+    ])
