@@ -361,7 +361,12 @@ def cmd_bench(args) -> int:
         return bench_accel.main([])
     from lm.tools import bench  # lazy: a command imports what it runs
 
-    return bench.main(args.which)
+    code = bench.main(args.which) if args.which != "serve" else 0
+    if args.which in ("all", "serve"):
+        from lm.serve import bench as serve_bench  # lazy: a command imports what it runs
+
+        serve_bench.main_serve()
+    return code
 
 
 def _number(kind, low=None, high=None, low_open=False, what=""):
@@ -517,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     cp.set_defaults(fn=cmd_compare)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode", "accel"],
+    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode", "serve", "accel"],
                    help="accel: the accelerator benchmark (python -m lm.tools.bench_accel --help for its options)")
     b.set_defaults(fn=cmd_bench)
 

@@ -98,7 +98,7 @@ TP_CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=16, n_kv_he
 TP_PROMPTS = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6, 7]]
 
 
-@pytest.mark.parametrize("tensor", [2, 4, 8])
+@pytest.mark.parametrize("tensor", [2, pytest.param(4, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)])
 def test_split_decoding_is_token_for_token_one_devices(tensor):
     """Greedy batches (generate), token streams (stream) and the server's batcher with the
     weights split over 2, 4 and 8 devices give one device's tokens; each device holds 1/N of
@@ -148,6 +148,7 @@ def test_split_decoding_refuses_heads_that_do_not_divide():
         decode.prepare(graphdef, params, tensor=16)
 
 
+@pytest.mark.slow
 def test_lm_sample_with_tensor_parallel_weights_writes_what_one_device_writes(base_run, capsys):
     from lm.cli import main
 

@@ -374,7 +374,9 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
     """One new token per row: tokens (B,) at positions (B,) -> (logits (B, V), cache).
 
     Each row's key/value is written at its position; attention covers slots
-    0..position, read from the first `span` slots (static; every position < span)."""
+    0..position, read from the first `span` slots (static; every position < span). The
+    cache may hold more rows than B (a server's idle slots): the first B are the batch's,
+    the rest are left as they are."""
     cfg = w.cfg
     b = tokens.shape[0]
     n, kh, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
@@ -389,14 +391,17 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
         q, k, v = _qkv(cfg, layer, x, positions[:, None])  # (B, 1, N|K, H)
         kc, vc = c["k"], c["v"]
         k, v = k.reshape(b * kh, h).astype(kc.dtype), v.reshape(b * kh, h).astype(vc.dtype)
-        if b == 1:  # one row: a dynamic-update-slice
+        if b == 1 and kh == kc.shape[0]:  # one row (the whole cache): a dynamic-update-slice
             kc = jax.lax.dynamic_update_slice(kc, k[:, None], (0, positions[0], 0))
             vc = jax.lax.dynamic_update_slice(vc, v[:, None], (0, positions[0], 0))
         else:
             kc = kc.at[rows, cols].set(k, mode="promise_in_bounds")
             vc = vc.at[rows, cols].set(v, mode="promise_in_bounds")
         new.append({"k": kc, "v": vc})
-        ks, vs = (kc, vc) if span == kc.shape[1] else (kc[:, :span], vc[:, :span])
+        if span == kc.shape[1] and b * kh == kc.shape[0]:
+            ks, vs = kc, vc
+        else:  # the first b rows' first span slots (a cache may have rows past the batch: idle slots)
+            ks, vs = kc[: b * kh, :span], vc[: b * kh, :span]
         q = q.reshape(b * kh, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)  # (B*K, G, H)
         scores = jnp.einsum("RGH,RSH->RGS", q, ks.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)

@@ -5,8 +5,10 @@
 
 1. admit waiting requests into free slots: each prompt is prefilled into its slot (one
    compiled program per prompt-length bucket), its last logits kept for the first draw;
-2. run one step for all slots at once (one compiled program per attention span): every
-   active slot draws its next token with its own temperature, top-p and seed, writes its
+2. run one step for all slots at once, or for the first slot alone when it is the only busy
+   one (a new request takes the lowest free slot, so a lone client pays for one slot, not
+   all of them; one compiled program per attention span and slot count): every active
+   slot draws its next token with its own temperature, top-p and seed, writes its
    key/value and gets the logits of the next position; idle slots compute garbage that no
    one reads;
 3. hand each request its token (text decoded incrementally), and free the slot on a stop
@@ -106,11 +108,24 @@ _prefill = jax.jit(decode.each_device(_prefill_one, (P(), decode.CACHE, P(), P()
                    donate_argnums=(1, 2))
 
 
-def _step_one(w, last, cache, rows, *, span: int):
-    """One token for every slot. `rows` holds each slot's position, step, base key, temperature,
-    top-p and whether it is active; positions and steps advance on the device, so the host
-    uploads `rows` only when a slot changes hands. Returns the tokens and their
-    log-probabilities as one (2, slots) array (one transfer), the logits, cache and rows."""
+def _step_one(w, last, cache, rows, *, span: int, live: int):
+    """One token for each of the first `live` slots (the others are idle: no work for them).
+    `rows` holds each slot's position, step, base key, temperature, top-p and whether it is
+    active; positions and steps advance on the device, so the host uploads `rows` only when
+    a slot changes hands. Returns the tokens and their log-probabilities as one (2, slots)
+    array (one transfer), the logits, cache and rows."""
+    slots = last.shape[0]
+    if live == slots:
+        return _step_rows(w, last, cache, rows, span)
+    # the whole cache goes in (written in place at the first `live` slots' positions); the
+    # small per-slot arrays are cut to those slots and put back
+    out, sub_last, cache, sub_rows = _step_rows(w, last[:live], cache, {n: v[:live] for n, v in rows.items()}, span)
+    rows = {n: jax.lax.dynamic_update_slice(v, sub_rows[n], (0,) * v.ndim) for n, v in rows.items()}
+    last = jax.lax.dynamic_update_slice(last, sub_last, (0, 0))
+    return jnp.pad(out, ((0, 0), (0, slots - live))), last, cache, rows
+
+
+def _step_rows(w, last, cache, rows, span: int):
     active = rows["active"]
     nxt, logps = decode.pick(last, decode.step_keys(rows["key"], rows["step"]), rows["temperature"], rows["top_p"])
     nxt = jnp.where(active > 0, nxt, 0)
@@ -120,7 +135,13 @@ def _step_one(w, last, cache, rows, *, span: int):
 
 
 _step = jax.jit(decode.each_device(_step_one, (P(), decode.CACHE, P()), (P(), P(), decode.CACHE, P())),
-                static_argnames=("span",), donate_argnums=(1, 2, 3))
+                static_argnames=("span", "live"), donate_argnums=(1, 2, 3))
+
+
+def _live_buckets(slots: int) -> list[int]:
+    """The slot counts a step is compiled for: one (a lone client), and all of them. (Each
+    count multiplies the programs compiled at start by the number of attention spans.)"""
+    return sorted({1, slots})
 
 
 class Batcher:
@@ -140,6 +161,7 @@ class Batcher:
             weights = jax.device_put(weights, self.device)
         self.w, self.decode_text, self.slots, self.log = weights, decode_text, slots, log
         self.max_len = max_len or cfg.max_seq_len
+        self.live_buckets = _live_buckets(slots)  # a step computes only the slots up to the last busy one
         self._fresh_buffers()
         self.active: list[_Slot | None] = [None] * slots
         # each slot's row of the step's inputs: on the host (the truth) and on the device
@@ -152,7 +174,8 @@ class Batcher:
         self.closed = False
         self.draining: str | None = None  # (`drain`: no more admissions, the reason)
         self.fail_message: str | None = None  # (`fail_running`: end the running requests)
-        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "steps": 0, "tokens": 0}
+        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "steps": 0, "tokens": 0,
+                      "slot_steps": 0}  # slot_steps: the slots the steps computed (busy or not)
         self.thread = threading.Thread(target=self._loop, name="lm-batcher", daemon=True)
 
     # -- the submitter's side ------------------------------------------------------------
@@ -169,14 +192,15 @@ class Batcher:
         t = time.perf_counter()
         spans = decode.spans(self.max_len)
         for span in spans:
-            np.asarray(self._launch(span)[0])
+            for live in self.live_buckets:
+                np.asarray(self._launch(span, live)[0])
         widths = sorted({_prefill_width(n, self.max_len) for n in range(1, self.max_len)})
         for width in widths:
             self._admit_one(Handle(Request([0] * width, 0), lambda e: None), 0)
         self._free(0, "warm-up")
         self.stats = {k: 0 for k in self.stats}
-        self.log(f"compiled the decode step (attention spans {spans}) and the prefill (prompt buckets {widths}) "
-                 f"in {time.perf_counter() - t:.1f}s")
+        self.log(f"compiled the decode step (attention spans {spans}, busy slots {self.live_buckets}) and the "
+                 f"prefill (prompt buckets {widths}) in {time.perf_counter() - t:.1f}s")
 
     def submit(self, request: Request, emit: Callable[[Event], None]) -> Handle:
         """Queue `request`; events go to `emit` (on the batcher's thread). Prompts must fit:
@@ -301,7 +325,7 @@ class Batcher:
         h["temperature"][i], h["top_p"][i], h["active"][i] = r.temperature, r.top_p, 1
         self.rows = None
 
-    def _launch(self, span: int | None = None):
+    def _launch(self, span: int | None = None, live: int | None = None):
         """Dispatch one step for the active slots; returns (its results, the slots it ran for)."""
         if self.rows is None:
             # copies: on a CPU the device array may share the numpy buffer, which the
@@ -310,10 +334,14 @@ class Batcher:
         h = self.host
         if span is None:  # every active slot writes at its position and reads slots up to it
             span = decode.span_for(int((h["position"] * h["active"]).max()) + 1, self.max_len)
-        out, self.last, self.cache, self.rows = _step(self.w, self.last, self.cache, self.rows, span=span)
+        if live is None:  # the slots up to the last active one (new requests take the lowest free slot)
+            used = int(np.flatnonzero(h["active"])[-1]) + 1 if h["active"].any() else 1
+            live = next(b for b in self.live_buckets if b >= used)
+        out, self.last, self.cache, self.rows = _step(self.w, self.last, self.cache, self.rows, span=span, live=live)
         h["position"] += h["active"]
         h["step"] += h["active"]
         self.stats["steps"] += 1
+        self.stats["slot_steps"] += live
         return out, list(self.active)
 
     def _collect(self, out, slots: list) -> None:

@@ -30,11 +30,14 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lm import experiment as exp
 from lm.model import attention
 from lm.model.sharding import make_mesh
-from lm.model.transformer import flops_per_token, param_count
+from lm.model.transformer import Transformer, flops_per_token, param_count
+from lm.sampling import decode
 from lm.tools.bench import bench_batches
 from lm.train.engine import make_engine
 
@@ -226,12 +229,6 @@ def serve_plan(model, devices: int = 1, slots: int = 8, max_len: int | None = No
     holds: the decode weights (lm/sampling/decode.py's layout, in the compute dtype, split as
     `decode.split` splits them), the key/value cache (split by key/value heads) and the
     logits buffer. From the shapes alone (`jax.eval_shape`): nothing is allocated."""
-    from flax import nnx
-    from jax.sharding import PartitionSpec as P
-
-    from lm.model.transformer import Transformer
-    from lm.sampling import decode
-
     max_len = max_len or model.max_seq_len
     if devices > 1:
         decode.check_split(model, devices)

@@ -1,0 +1,56 @@
+"""`lm bench serve`: what the server's engine gives one client and many (lm/serve/batching.py).
+
+Decoding only (no HTTP, no tokenizer): the reference model of `lm bench decode`
+(experiments/bench_reference.py) with random weights, requests submitted straight to a
+`Batcher`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from flax import nnx
+
+from lm import experiment
+from lm.model.transformer import Transformer
+from lm.sampling import decode
+from lm.serve.batching import Batcher, Request
+
+
+def main_serve(new: int = 128, rounds: int = 7) -> dict:
+    """The server's engine (lm/serve/batching.py) on the reference model: new tokens/s of one
+    client on a 1-slot and on an 8-slot batcher, and of 8 concurrent clients on the 8-slot
+    one (32-token prompts, `new` tokens each, greedy; median of `rounds`, the cases
+    interleaved; no HTTP)."""
+    cfg = experiment.load("bench_reference").model
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+    weights = decode.prepare(graphdef, params)
+    batchers = {slots: Batcher(weights, lambda prompt, ids: "", slots=slots, max_len=256,
+                               log=lambda *_: None).start() for slots in (1, 8)}
+    cases = [(1, 1), (8, 1), (8, 8)]  # (slots, clients)
+    times: dict = {c: [] for c in cases}
+    try:
+        for r in range(rounds + 1):  # interleaved, so a drift of the machine hits all alike; the first warms up
+            for slots, clients in cases:
+                done = [threading.Event() for _ in range(clients)]
+                t = time.perf_counter()
+                for i in range(clients):
+                    batchers[slots].submit(Request(list(range(4 + i, 36 + i)), new, stream=False),
+                                           lambda ev, e=done[i]: ev.finish and e.set())
+                for e in done:
+                    e.wait()
+                if r:
+                    times[(slots, clients)].append(time.perf_counter() - t)
+    finally:
+        for b in batchers.values():
+            b.close()
+    rates = {(slots, clients): clients * new / float(np.median(times[(slots, clients)]))
+             for slots, clients in cases}
+    one = rates[(1, 1)]
+    print(f"serve[1-slot engine, 1 client]: {one:,.0f} tokens/s; [8 slots, 1 client]: {rates[(8, 1)]:,.0f} "
+          f"({rates[(8, 1)] / one:.2f}x); [8 slots, 8 clients]: {rates[(8, 8)]:,.0f} ({rates[(8, 8)] / one:.2f}x)")
+    print(f"serve_lone_client_8_slots_over_1_slot={rates[(8, 1)] / one:.2f} "
+          f"serve_8_clients_over_1_slot={rates[(8, 8)] / one:.2f}")
+    return rates
