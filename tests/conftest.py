@@ -99,7 +99,8 @@ def sft_run(base_run, tmp_path_factory):
     def build(directory):
         logs = []
         run = directory / "run"
-        summary = train(helpers.sft_config(base_run, steps=60, eval_every=30, num_samples=2, sample_tokens=8),
+        summary = train(helpers.sft_config(base_run, steps=60, eval_every=30, checkpoint_every=30, num_samples=2,
+                                           sample_tokens=8),
                         str(run), log=logs.append, progress=False)
         return {"run": str(run), "summary": summary, "logs": "\n".join(map(str, logs))}
 

@@ -309,6 +309,7 @@ def test_source_overrides_by_name(tmp_path, tokenizer):
         apply_overrides(cfg, ["data.sources.long.weigth=1"])
 
 
+@pytest.mark.slow
 def test_two_processes_together_produce_the_global_batches_of_one(tmp_path, tokenizer):
     root = corpus_dir(tmp_path, np.random.default_rng(5))
     cfg = mixture_config(root, tokenizer, num_shards=2)
@@ -425,6 +426,7 @@ def test_split_text_cuts_at_boundaries_and_loses_nothing():
     assert all(p.endswith((" ", "\n")) for p in pieces[:-20])  # cut after a space or a newline where possible
 
 
+@pytest.mark.slow
 def test_a_huge_single_line_document_is_tokenized_in_bounded_memory(tmp_path):
     """A 50 MB one-line document (as in the issue, which ran out of 24 GB): encoded whole,
     SentencePiece needs gigabytes, and a Python list of its 46M token ids 2.6 GB; encoded

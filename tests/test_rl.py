@@ -298,6 +298,7 @@ def config():
 """
 
 
+@pytest.mark.slow  # (the PPO loss and GAE are checked by hand above; PPO runs in the slow phase)
 def test_ppo_trains_with_minibatches_and_an_adaptive_kl(base_run, tmp_path):
     """PPO steps from a small base run: a rollout of 16 rows in 2 minibatches of 8, two passes
     (4 optimiser steps per rollout); value head, GAE and the adaptive KL coefficient logged."""

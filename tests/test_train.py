@@ -113,6 +113,7 @@ def test_short_run_on_synthetic_data_learns(tmp_path):
     assert summary["heldout_loss"] < summary["heldout_unigram_entropy"]
 
 
+@pytest.mark.slow  # (32 s: `make pretrain`'s own experiment, shortened)
 def test_tiny_experiment_on_default_corpus_lowers_loss(tmp_path):
     """The default job, shortened: tokenizer, grain pipeline, training, eval, samples, outputs."""
     cfg = experiment.load("pretrain_tiny", [
