@@ -149,7 +149,7 @@ def cmd_sample(args) -> int:
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
     run = load_run(args.run_dir, log=_log, tensor=args.tensor)
-    weights = run.decode_weights(_log) if args.tensor > 1 else None
+    weights = run.decode_weights(_log, args.quantize) if args.tensor > 1 or args.quantize else None
     tok = run.tokenizer
     if args.chat is not None:  # one question, answered with the chat template
         from lm.serve.chat import Chat, is_chat_model  # lazy: a command imports what it runs
@@ -201,11 +201,14 @@ def cmd_chat(args) -> int:
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
     run = load_run(args.run_dir, log=_log, tensor=args.tensor)
-    weights = run.decode_weights(_log) if args.tensor > 1 else None
+    weights = run.decode_weights(_log, args.quantize) if args.tensor > 1 or args.quantize else None
     if not is_chat_model(run):
         return _chat_base(run, args, weights)
     chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, weights=weights)
+    # every program a conversation runs, compiled while the first message is typed (a turn
+    # that needs one waits for it: no turn stalls to compile later)
+    threading.Thread(target=chat.warm_up, name="lm-chat-warm-up", daemon=True).start()
     print(f"chatting with {args.run_dir} ({run.cfg.stage}, step {run.step}, context {run.cfg.model.max_seq_len} "
           "tokens)" + (f", system prompt {args.system!r}" if args.system else "")
           + ". /reset starts over; an empty line, /quit or Ctrl-D ends.")
@@ -284,7 +287,7 @@ def cmd_serve(args) -> int:
     if api_key is not None and (not api_key.isascii() or not api_key.isprintable() or " " in api_key):
         raise UserError("the API key must be printable ASCII without spaces (HTTP clients send it in a header)")
     return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log,
-                 request_timeout=args.request_timeout, tensor=args.tensor)
+                 request_timeout=args.request_timeout, tensor=args.tensor, quantize=args.quantize)
 
 
 def cmd_eval(args) -> int:
@@ -456,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--tensor", type=_number(int, 1, 4096, what="1 to 4096"), default=1,
                         help="split the model over this many devices (tensor parallel: heads and MLP width; "
                              "default 1). They must divide model.n_heads, n_kv_heads and d_ff")
+        sp.add_argument("--quantize", choices=["int8"],
+                        help="hold the weight matrices in int8 (per-output-channel scales; about a quarter of "
+                             "float32's bytes)")
 
     sp = sub.add_parser("sample", help="continue a prompt with a trained run (streams tokens)")
     decoding_args(sp)

@@ -170,6 +170,23 @@ def test_chat_with_the_template_keeps_history_within_the_context(base_run, sft_r
     assert chat.history == [] and chat.dropped == 0
 
 
+def test_a_warmed_up_chat_compiles_nothing_in_its_turns(sft_run):
+    """`lm chat` compiles every program of a conversation ahead (Chat.warm_up, while the first
+    message is typed): turns of growing length then run only programs already compiled (they
+    once stalled seconds to compile a new prompt width and cache length)."""
+    from lm.sampling import sampler
+    from lm.serve.chat import Chat
+    from lm.train.run import load_run
+
+    loaded = load_run(sft_run["run"], log=lambda *_: None)
+    chat = Chat(loaded, max_new=10, temperature=0.7, seed=1)
+    assert chat.warm_up() >= 4
+    sizes = sampler._prefill_jit._cache_size(), sampler._step_jit._cache_size()
+    for words in (2, 5, 9, 3, 12):
+        chat.reply("reverse: " + " ".join(WORDS[:words]))
+    assert (sampler._prefill_jit._cache_size(), sampler._step_jit._cache_size()) == sizes
+
+
 def test_cli_chat_and_sample(base_run, sft_run, monkeypatch, capsys):
     from lm.cli import main
 

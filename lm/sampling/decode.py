@@ -160,7 +160,7 @@ def _layout(cfg, params) -> Weights:
                    layers=layers, cfg=cfg)
 
 
-def prepare(graphdef, params, tensor: int = 1, devices=None) -> Weights:
+def prepare(graphdef, params, tensor: int = 1, devices=None, int8: bool = False) -> Weights:
     """Decode weights from a model's (graphdef, params) (the params of `nnx.split(model)` or
     `nnx.split(model, nnx.Param)`; sharded or not): one copy of the weights.
 
@@ -169,10 +169,16 @@ def prepare(graphdef, params, tensor: int = 1, devices=None) -> Weights:
     MLP columns of its share (and the matching rows of the output projections; the
     embeddings and norms whole), and the functions below run on each device as on a model
     of N/T heads, K/T key/value heads and F/T MLP width, adding the devices' partial
-    outputs after each attention and MLP block. The cache is split by key/value heads."""
+    outputs after each attention and MLP block. The cache is split by key/value heads.
+
+    With `int8` the matrices are held in int8 with per-column scales (`quantize`)."""
+    if int8 and tensor > 1:
+        raise ValueError("int8 weights split over several devices are not supported yet: use one or the other")
     model = nnx.merge(graphdef, params)
     state = nnx.state(model, nnx.Param)
     w = _layout(model.cfg, nnx.to_pure_dict(state))
+    if int8:
+        return quantize(w)
     return w if tensor == 1 else split(w, tensor, devices)
 
 
@@ -281,6 +287,41 @@ def weight_bytes(w: Weights) -> tuple[int, int]:
     return per_device, total
 
 
+@struct.dataclass
+class Int8:
+    """A (D_in, D_out) matrix as int8 with one float32 scale per output column (symmetric:
+    q = round(m / scale), scale = max |m| of the column / 127); products are taken with
+    the int8 values converted to the input's dtype, then scaled (`_mm`)."""
+
+    q: jax.Array  # (D_in, D_out) int8
+    scale: jax.Array  # (D_out,) float32
+
+
+QUANTIZED = ("wqkv", "wo", "w_gate_up", "w_down")  # each layer's matrices (and the output projection)
+
+
+def _int8(m) -> Int8:
+    m32 = m.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(m32), axis=0), 1e-12) / 127.0
+    return Int8(q=jnp.clip(jnp.round(m32 / scale), -127, 127).astype(jnp.int8), scale=scale)
+
+
+@jax.jit
+def quantize(w: Weights) -> Weights:
+    """`w` with every layer's matrices and the output projection in int8 (per-output-channel
+    symmetric scales); the embedding (a lookup) and the norms as they were. About a
+    quarter of the float32 weights' bytes (half of bfloat16's)."""
+    layers = [{n: (_int8(a) if n in QUANTIZED else a) for n, a in layer.items()} for layer in w.layers]
+    return w.replace(layers=layers, out=_int8(w.out))
+
+
+def _mm(x, m):
+    """x @ m, for a plain or an int8 matrix (converted in the product, scaled per column after)."""
+    if isinstance(m, Int8):
+        return (x @ m.q.astype(x.dtype)) * m.scale.astype(x.dtype)
+    return x @ m
+
+
 def _add_shares(w: Weights, y):
     """The devices' partial outputs of a split block, added (nothing to add on one device)."""
     return y if w.mesh is None else jax.lax.psum(y, TP)
@@ -322,7 +363,7 @@ def _qkv(cfg, layer, x, positions):
     """Normed hidden states (B*T, D) at positions (B, T) -> q (B, T, N, H), k, v (B, T, K, H)."""
     b, t = positions.shape
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
-    y = rms_norm(x, layer["attn_norm"], cfg.norm_eps) @ layer["wqkv"]
+    y = _mm(rms_norm(x, layer["attn_norm"], cfg.norm_eps), layer["wqkv"])
     q = y[:, : n * h].reshape(b, t, n, h)
     kk = y[:, n * h: (n + k) * h].reshape(b, t, k, h)
     v = y[:, (n + k) * h:].reshape(b, t, k, h)
@@ -335,18 +376,38 @@ def _qkv(cfg, layer, x, positions):
 def _mlp(w: Weights, layer, x):
     cfg = w.cfg
     f = cfg.d_ff
-    y = rms_norm(x, layer["mlp_norm"], cfg.norm_eps) @ layer["w_gate_up"]
-    return x + _add_shares(w, (jax.nn.silu(y[:, :f]) * y[:, f:]) @ layer["w_down"])
+    y = _mm(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer["w_gate_up"])
+    return x + _add_shares(w, _mm(jax.nn.silu(y[:, :f]) * y[:, f:], layer["w_down"]))
 
 
 def _logits(w: Weights, x):
     h = rms_norm(x, w.final_norm, w.cfg.norm_eps)
+    if isinstance(w.out, Int8):
+        return jnp.dot(h, w.out.q.astype(h.dtype), preferred_element_type=jnp.float32) * w.out.scale
     return jnp.dot(h, w.out, preferred_element_type=jnp.float32)
 
 
 def prefill(w: Weights, tokens, lengths):
     """Prompts (B, T), left-aligned and zero-padded, of `lengths` (B,), from position 0 ->
     (logits after each prompt's last token (B, V), keys/values per layer (B*K, T, H))."""
+    x, kvs = _forward(w, tokens)
+    b, t = tokens.shape
+    last = x.reshape(b, t, -1)[jnp.arange(b), lengths - 1]  # (B, D)
+    return _logits(w, last), kvs
+
+
+@jax.jit
+def next_token_nll(w: Weights, tokens, mask):
+    """The mean negative log-likelihood of tokens[:, 1:] given what precedes them, where `mask`
+    (B, T-1) is 1 (these weights' held-out loss: float32 against int8, for instance)."""
+    x, _ = _forward(w, tokens[:, :-1])
+    logp = jax.nn.log_softmax(_logits(w, x), axis=-1).reshape(*tokens[:, 1:].shape, -1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return (nll * mask).sum() / mask.sum()
+
+
+def _forward(w: Weights, tokens):
+    """Tokens (B, T) from position 0 -> (hidden states (B*T, D), keys/values per layer)."""
     cfg = w.cfg
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -356,11 +417,10 @@ def prefill(w: Weights, tokens, lengths):
     for layer in w.layers:
         q, k, v = _qkv(cfg, layer, x, positions)
         o = dot_product_attention(q, k, v, causal)  # (B, T, N, H)
-        x = _mlp(w, layer, x + _add_shares(w, o.reshape(b * t, -1) @ layer["wo"]))
+        x = _mlp(w, layer, x + _add_shares(w, _mm(o.reshape(b * t, -1), layer["wo"])))
         rows = lambda a: a.transpose(0, 2, 1, 3).reshape(b * cfg.n_kv_heads, t, cfg.head_size)  # noqa: E731
         kvs.append({"k": rows(k), "v": rows(v)})
-    last = x.reshape(b, t, -1)[jnp.arange(b), lengths - 1]  # (B, D)
-    return _logits(w, last), kvs
+    return x, kvs
 
 
 def write_prefill(cfg, cache: list[dict], kvs: list[dict], slot) -> list[dict]:
@@ -407,5 +467,5 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
         scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         o = jnp.einsum("RGS,RSH->RGH", probs, vs.astype(q.dtype)).reshape(b, n * h)
-        x = _mlp(w, layer, x + _add_shares(w, o @ layer["wo"]))
+        x = _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"])))
     return _logits(w, x), new

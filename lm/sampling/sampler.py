@@ -117,15 +117,17 @@ def _generate_split(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, 
                                                                          top_p, stop_ids)
 
 
-def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int, bucket: int = 1):
+def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int, bucket: int = 1, pow2: bool = False):
     """Left-aligned, zero-padded prompts (keeping each one's last tokens if too long); the
-    width is rounded up to a multiple of `bucket` so varied prompts share compilations."""
+    width is rounded up to a multiple of `bucket` (`pow2`: to a power of two at least
+    `bucket`) so varied prompts share compilations."""
     room = max(1, max_len - max_new)
     prompts = [list(p)[-room:] for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     width = max(len(p) for p in prompts)
-    width = min(max(room, width), -(-width // bucket) * bucket)
+    rounded = _pow2(width, bucket) if pow2 else -(-width // bucket) * bucket
+    width = min(max(room, width), rounded)
     buf = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         buf[i, : len(p)] = p
@@ -194,14 +196,28 @@ _step_jit = jax.jit(decode.each_device(_step_one, (P(), decode.CACHE) + (P(),) *
                     static_argnames=("span", "top_k"), donate_argnums=(2,))
 
 
+def _pow2(n: int, least: int) -> int:
+    width = least
+    while width < n:
+        width *= 2
+    return width
+
+
+STREAM_BUCKET = 16  # stream's prompts are padded to a power of two at least this long
+
+
 def stream(graphdef, params, prompt: Sequence[int], max_new: int, max_len: int, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
            weights=None) -> Iterator[int]:
-    """Yield new tokens of one prompt as they are produced (stops after a stop token)."""
-    tokens, lengths = _pack([prompt], max_new, max_len, bucket=16)
+    """Yield new tokens of one prompt as they are produced (stops after a stop token).
+
+    The prompt is padded to a power of two and the cache holds `max_len` slots whatever
+    the prompt: a conversation compiles one prefill per power of two and one step per
+    attention span, all of which `warm_up_stream` can compile ahead."""
+    tokens, lengths = _pack([prompt], max_new, max_len, bucket=STREAM_BUCKET, pow2=True)
     w = weights if weights is not None else decode.prepare(graphdef, params)
     last, kvs = _prefill_jit(w, jnp.asarray(tokens), jnp.asarray(lengths))
-    cache = _grow(kvs, tokens.shape[1] + max_new)
+    cache = _grow(kvs, max(max_len, tokens.shape[1] + max_new))
     bases = _bases(decode.seed_key(seed), 1)
     t, p = jnp.full((1,), temperature, jnp.float32), jnp.full((1,), top_p, jnp.float32)
     for i in range(max_new):
@@ -213,3 +229,26 @@ def stream(graphdef, params, prompt: Sequence[int], max_new: int, max_len: int, 
         yield tok
         if tok in stop_ids:
             return
+
+
+def warm_up_stream(w, max_len: int, max_new: int, top_k: int = 0) -> int:
+    """Compile what `stream` runs for a context of `max_len` and `max_new` new tokens (the
+    prefill of every prompt width, the step of every attention span) on dummy inputs, so
+    that no later turn of a conversation waits for a compilation. Returns the number of
+    programs run."""
+    n = 0
+    widths = sorted({_pack([[1] * k], max_new, max_len, STREAM_BUCKET, pow2=True)[0].shape[1]
+                     for k in range(1, max_len + 1)})
+    for width in widths:
+        _prefill_jit(w, jnp.zeros((1, width), jnp.int32), jnp.ones((1,), jnp.int32))
+        n += 1
+    last, kvs = _prefill_jit(w, jnp.zeros((1, widths[0]), jnp.int32), jnp.ones((1,), jnp.int32))
+    cache = _grow(kvs, max(max_len, widths[-1] + max_new))
+    bases = _bases(decode.seed_key(0), 1)
+    one = jnp.ones((1,), jnp.float32)
+    for span in decode.spans(cache[0]["k"].shape[1]):
+        _, last, cache = _step_jit(w, last, cache, jnp.zeros((1,), jnp.int32), bases, jnp.int32(0), one, one,
+                                   span=span, top_k=top_k)
+        n += 1
+    jax.block_until_ready(cache)
+    return n

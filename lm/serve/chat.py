@@ -13,7 +13,8 @@ from typing import Callable, Iterator
 
 from data_pipeline.chat import ChatFormatError, chat_token_ids, generation_prompt
 from lm import stages
-from lm.sampling.sampler import stream
+from lm.sampling import decode
+from lm.sampling.sampler import stream, warm_up_stream
 from lm.stages import STAGES
 from lm.train.run import LoadedRun
 
@@ -42,6 +43,12 @@ class Chat:
         self.seed = seed
         self.history: list[dict] = []
         self.dropped = 0  # turns left out of the prompt to fit the context
+
+    def warm_up(self) -> int:
+        """Compile every program a conversation will run (lm/sampling/sampler.py
+        `warm_up_stream`): `lm chat` does it while the user types the first message."""
+        w = self.weights if self.weights is not None else decode.prepare(self.run.graphdef, self.run.params)
+        return warm_up_stream(w, self.run.cfg.model.max_seq_len, self.max_new, self.kw["top_k"])
 
     def reset(self) -> None:
         self.history, self.dropped = [], 0

@@ -530,7 +530,8 @@ def _logprobs(tok, context: list[int], ev: Event, chat: bool) -> dict:
 
 def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str | None = None,
           model_name: str | None = None, log: Callable = print, host: str = "127.0.0.1",
-          request_timeout: float = REQUEST_TIMEOUT, tensor: int = 1) -> tuple[Any, Batcher]:
+          request_timeout: float = REQUEST_TIMEOUT, tensor: int = 1,
+          quantize: str | None = None) -> tuple[Any, Batcher]:
     """Load the run (split over `tensor` devices), start its batcher (compiling the decode
     programs) and make the app."""
     run = load_run(run_dir, log=log, tensor=tensor)
@@ -540,7 +541,7 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
     if max_len is not None and not 2 <= max_len <= cfg.max_seq_len:
         raise UserError(f"--max-len {max_len} must be in [2, {cfg.max_seq_len}] (the model's context)")
     name = model_name or os.path.basename(os.path.abspath(run_dir))
-    batcher = Batcher(run.decode_weights(log), run.tokenizer.decode_after, slots=slots,
+    batcher = Batcher(run.decode_weights(log, quantize), run.tokenizer.decode_after, slots=slots,
                       max_len=max_len or cfg.max_seq_len, log=log).start()
     chat = is_chat_model(run)
     template = "chat template" if chat else "no chat template: /v1/completions only"
@@ -552,7 +553,7 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,
           api_key: str | None = None, model_name: str | None = None, log: Callable = print,
-          request_timeout: float = REQUEST_TIMEOUT, tensor: int = 1) -> int:
+          request_timeout: float = REQUEST_TIMEOUT, tensor: int = 1, quantize: str | None = None) -> int:
     """`lm serve`: bind (port 0: any free port), build the app and serve until interrupted."""
     import uvicorn  # optional extra [serve]
 
@@ -564,7 +565,7 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
         app, batcher = build(run_dir, slots, max_len, api_key, model_name, log, host=host,
-                             request_timeout=request_timeout, tensor=tensor)
+                             request_timeout=request_timeout, tensor=tensor, quantize=quantize)
     except BaseException:
         sock.close()
         raise

@@ -33,15 +33,20 @@ class LoadedRun:
     def graphdef(self):
         return self.trainer.graphdef
 
-    def decode_weights(self, log: Callable | None = None) -> decode.Weights:
+    def decode_weights(self, log: Callable | None = None, quantize: str | None = None) -> decode.Weights:
         """The decode engine's weights, split over the devices the run was loaded onto with
-        `tensor` > 1 (each device its share of the heads and MLP width)."""
+        `tensor` > 1 (each device its share of the heads and MLP width), in int8 with
+        `quantize="int8"`."""
         mesh = self.trainer.mesh
         tensor = mesh.shape["tensor"]
         try:
-            w = decode.prepare(self.graphdef, self.params, tensor=tensor, devices=list(mesh.devices.flat))
-        except ValueError as e:  # heads that do not divide
-            raise UserError(f"--tensor {tensor}: {e}") from None
+            w = decode.prepare(self.graphdef, self.params, tensor=tensor, devices=list(mesh.devices.flat),
+                               int8=quantize == "int8")
+        except ValueError as e:  # heads that do not divide; int8 and a split together
+            raise UserError(f"--tensor {tensor}{' --quantize ' + quantize if quantize else ''}: {e}") from None
+        if log is not None and quantize:
+            log(f"decode weights in {quantize}: {decode.weight_bytes(w)[1] / 2**20:,.1f} MiB (the embedding and "
+                "norms as they were)")
         if log is not None and tensor > 1:
             per, total = decode.weight_bytes(w)
             log(f"decode weights split over {tensor} devices: {per / 2**20:,.1f} MiB on each of {total / 2**20:,.1f} "
