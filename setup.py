@@ -32,7 +32,7 @@ setup(
         # and protobuf let AutoTokenizer also read the exported tokenizer.model (slow tokenizers)
         "hf": ["torch>=2.4", "transformers>=4.45", "sentencepiece>=0.2", "protobuf>=3.20"],
         # lm-evaluation-harness: lm eval --harness, the lm-jax adapter and the harness-parity tests
-        "harness": ["lm-eval>=0.4.8", "torch>=2.4", "transformers>=4.45"],
+        "harness": ["lm-eval[api]>=0.4.8", "torch>=2.4", "transformers>=4.45"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
     },

@@ -525,3 +525,45 @@ def test_a_burst_of_prompts_over_the_context_leaves_the_memory_as_it_was(server)
         assert set(answers) <= {(400, "context_length_exceeded"), (503, "too_many_bytes_in_flight")}, answers
     after = _rss(server["pid"])
     assert after["VmHWM"] - before["VmHWM"] < 1024 and after["VmRSS"] - before["VmRSS"] < 400, (before, after)
+
+
+def test_echo_gives_the_prompt_log_probabilities_the_harness_scores(server):
+    """`echo` with `logprobs` (what lm-evaluation-harness's `local-completions` model sends for
+    log-likelihood tasks): the prompt's tokens with the model's own log-probabilities (the
+    first has none), the most likely token at each position, then any generated token; and
+    the harness itself scores a continuation through the server as the model does."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    client, loaded = server["client"], server["loaded"]
+    tok = loaded.tokenizer
+    ids = tok.encode(PROMPTS[6] + " x + 1", bos=True)
+    r = client.completions.create(model="chat_run", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(lp.tokens) == len(ids)
+    logits = nnx.merge(loaded.graphdef, loaded.params)(jnp.asarray([ids[:-1]]))
+    own = np.asarray(jax.nn.log_softmax(logits, -1))[0, np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(lp.token_logprobs[1:], own, atol=2e-4)
+    assert all(max(t.values()) >= c - 1e-5 for t, c in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert r.usage.completion_tokens == 0 and r.choices[0].text == tok.decode(ids)
+    one = client.completions.create(model="chat_run", prompt=PROMPTS[6], max_tokens=1, echo=True, logprobs=1,
+                                    temperature=0).choices[0]
+    assert one.text.startswith(PROMPTS[6]) and len(one.logprobs.tokens) == len(tok.encode(PROMPTS[6], bos=True)) + 1
+
+    api = pytest.importorskip("lm_eval.models.openai_completions", reason="lm-eval not installed")
+    from lm_eval.api.instance import Instance
+
+    import pathlib
+
+    hf = pathlib.Path(server["run"]).parent / "hf"
+    model = api.LocalCompletionsAPI(base_url=server["url"] + "/v1/completions", model="chat_run", tokenizer=str(hf),
+                                    tokenizer_backend="huggingface", max_length=256, header={
+                                        "Authorization": f"Bearer {KEY}"}, max_retries=1)
+    context, continuation = PROMPTS[7], " x + 1"
+    (score, _greedy_flag), = model.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    whole = model.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(model.tokenizer(context, add_special_tokens=False)["input_ids"])
+    logits = nnx.merge(loaded.graphdef, loaded.params)(jnp.asarray([whole[:-1]]))
+    own = np.asarray(jax.nn.log_softmax(logits, -1))[0, np.arange(len(whole) - 1), whole[1:]]
+    assert score == pytest.approx(float(own[n_ctx - 1:].sum()), abs=1e-3)

@@ -406,6 +406,18 @@ def next_token_nll(w: Weights, tokens, mask):
     return (nll * mask).sum() / mask.sum()
 
 
+def _prompt_logprobs(w: Weights, tokens):
+    """Tokens (B, T) -> for positions 1..T-1: each token's log-probability given the tokens
+    before it, the most likely token there and its log-probability ((B, T-1) each)."""
+    x, _ = _forward(w, tokens[:, :-1])
+    logp = jax.nn.log_softmax(_logits(w, x), axis=-1).reshape(*tokens[:, 1:].shape, -1)
+    chosen = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return chosen, argmax(logp), jnp.max(logp, axis=-1)
+
+
+prompt_logprobs = jax.jit(each_device(_prompt_logprobs, (P(),), (P(), P(), P())))
+
+
 def _forward(w: Weights, tokens):
     """Tokens (B, T) from position 0 -> (hidden states (B*T, D), keys/values per layer)."""
     cfg = w.cfg

@@ -5,9 +5,11 @@ Endpoints: `GET /v1/models` (and `/v1/models/ID`), `POST /v1/completions`, `POST
 and is refused there), and `GET /health` (slots in use, queue, counters: for key holders).
 Options: `max_tokens` (`max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`,
 `stream` (server-sent events, with `stream_options.include_usage`), `logprobs` (the chosen
-tokens'). Not supported, and refused with a 400 rather than ignored: `n` > 1, `best_of`,
-`echo`, `suffix`, `tools`, `top_logprobs`, `logit_bias`, penalties, a non-text
-`response_format`.
+tokens'), `echo` on /v1/completions (the prompt first, with its tokens' log-probabilities
+and the most likely token at each position; `max_tokens` 0 for the prompt alone: what
+lm-evaluation-harness's `local-completions` model sends). Not supported, and refused with
+a 400 rather than ignored: `n` > 1, `best_of`, `echo` with `stream`, `suffix`, `tools`,
+`top_logprobs`, `logit_bias`, penalties, a non-text `response_format`.
 
 Every request runs in one slot of the `lm.serve.batching.Batcher`, which steps all slots at
 once on its own thread; the event loop only queues and streams (bodies are parsed and
@@ -33,8 +35,11 @@ import time
 import traceback
 from typing import Any, Callable
 
+import numpy as np
+
 from data_pipeline.chat import chat_token_ids, generation_prompt
 from data_pipeline.errors import UserError
+from lm.sampling import decode
 from lm.serve.batching import Batcher, Event, Request
 from lm.serve.chat import is_chat_model
 from lm.train.run import load_run
@@ -108,13 +113,15 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(_text(s, "stop") for s in stops if s)
 
 
-def _unsupported(body: dict) -> None:
+def _unsupported(body: dict, chat: bool = False) -> None:
     if _number(body, "n", 1, 1, integer=True) != 1:
         raise APIError(400, "only n=1 is supported (send the request n times, with different seeds)", "n")
     if body.get("best_of", 1) not in (None, 1):
         raise APIError(400, "best_of is not supported", "best_of")
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported", "echo")
+    if body.get("echo") and chat:
+        raise APIError(400, "echo is for /v1/completions", "echo")
+    if body.get("echo") and body.get("stream"):
+        raise APIError(400, "echo with stream is not supported: echo without streaming", "echo")
     if body.get("suffix"):
         raise APIError(400, "suffix is not supported", "suffix")
     if body.get("tools") or body.get("functions"):
@@ -204,7 +211,7 @@ class Service:
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         self.check_model(body)
-        _unsupported(body)
+        _unsupported(body, chat)
         if chat:
             if not self.chat:
                 raise APIError(400, f"'{self.model_name}' is a base model without chat fine-tuning (no chat "
@@ -234,7 +241,8 @@ class Service:
                            "context_length_exceeded")
         name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         room = max_len - len(prompt)
-        max_tokens = _number(body, name, room if chat else min(16, room), 1, integer=True)
+        echo = not chat and _flag(body, "echo")  # (max_tokens 0: the prompt's log-probabilities only)
+        max_tokens = _number(body, name, room if chat else min(16, room), 0 if echo else 1, integer=True)
         if len(prompt) + max_tokens > max_len:
             raise APIError(400, f"this model's maximum context length is {max_len} tokens; the prompt has "
                                 f"{len(prompt)} and {name} asks for {max_tokens} more: lower {name} to at most "
@@ -245,6 +253,16 @@ class Service:
                        top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
                        seed=secrets.randbits(31) if seed is None else seed, stop_ids=stop_ids,
                        stop_text=_stops(body))
+
+    def prompt_logprobs(self, prompt: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(each prompt token's log-probability after the ones before it, the most likely
+        token there, its log-probability), for tokens 1.. of `prompt` (one forward pass on the
+        server's weights; the prompt padded to a power of two)."""
+        width = min(self.batcher.max_len, _pow2(len(prompt)))
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(prompt)] = prompt
+        out = decode.prompt_logprobs(self.batcher.w, tokens)
+        return tuple(np.asarray(a)[0, : len(prompt) - 1] for a in out)
 
     def _check_chars(self, n: int, param: str) -> None:
         """Refuse a text that cannot fit the context, before tokenising it."""
@@ -402,6 +420,19 @@ def make_app(service: Service):
         context = list(req.prompt)  # the tokens before the next event's: each token's text follows them
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
+        echo = None  # with `echo`: (the prompt's text, its tokens' logprobs or None)
+        if not chat and _flag(body, "echo"):
+            p = body.get("prompt")
+            p = p[0] if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)) else p
+            lps = await run_in_threadpool(service.prompt_logprobs, req.prompt) if want_logprobs else None
+            echo = (p if isinstance(p, str) else service.tok.decode(req.prompt),
+                    _echo_logprobs(service.tok, req.prompt, lps) if lps is not None else None)
+            if req.max_tokens == 0:  # the prompt alone (what evaluation harnesses score)
+                c = {"index": 0, "text": echo[0], "finish_reason": "length", "logprobs": echo[1]}
+                return JSONResponse({"id": rid, "object": "text_completion", "created": created,
+                                     "model": service.model_name, "choices": [c],
+                                     "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": 0,
+                                               "total_tokens": len(req.prompt)}})
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
@@ -484,6 +515,14 @@ def make_app(service: Service):
             c = {"index": 0, "text": final.text, "finish_reason": ev.finish, "logprobs": None}
         if want_logprobs:
             c["logprobs"] = _logprobs(service.tok, context, final, chat)
+        if echo is not None:  # the prompt first: its text, tokens and log-probabilities
+            c["text"] = echo[0] + c["text"]
+            if echo[1] is not None:
+                mine = c["logprobs"]
+                top = [{t: lp} for t, lp in zip(mine["tokens"], mine["token_logprobs"])]  # (the chosen: see README)
+                c["logprobs"] = {"tokens": echo[1]["tokens"] + mine["tokens"],
+                                 "token_logprobs": echo[1]["token_logprobs"] + mine["token_logprobs"],
+                                 "top_logprobs": echo[1]["top_logprobs"] + top, "text_offset": None}
         return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion", "choices": [c],
                              "usage": _usage(ev)})
 
@@ -503,6 +542,23 @@ def make_app(service: Service):
               Route("/v1/completions", guarded(completions), methods=["POST"]),
               Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    width = least
+    while width < n:
+        width *= 2
+    return width
+
+
+def _echo_logprobs(tok, prompt: list[int], lps) -> dict:
+    """Completions' `logprobs` for the prompt's tokens (OpenAI's shape with echo: the first
+    token has none; `top_logprobs` holds the most likely token at each position)."""
+    chosen, top, top_lp = lps
+    pieces = tok.token_texts([], prompt)
+    top_pieces = [tok.token_texts(prompt[: i + 1], [int(t)])[0] for i, t in enumerate(top)]
+    return {"tokens": pieces, "token_logprobs": [None] + [float(x) for x in chosen],
+            "top_logprobs": [None] + [{p: float(x)} for p, x in zip(top_pieces, top_lp)], "text_offset": None}
 
 
 def _sse(obj: dict) -> str:
