@@ -552,6 +552,7 @@ def test_echo_gives_the_prompt_log_probabilities_the_harness_scores(server):
     assert one.text.startswith(PROMPTS[6]) and len(one.logprobs.tokens) == len(tok.encode(PROMPTS[6], bos=True)) + 1
 
     api = pytest.importorskip("lm_eval.models.openai_completions", reason="lm-eval not installed")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need its [api] extra (pip install lm-eval[api])")
     from lm_eval.api.instance import Instance
 
     import pathlib
