@@ -57,8 +57,16 @@ def cmd_train(args) -> int:
             code = _train(args)
         except interrupt.Interrupted as e:  # nothing new to save
             _exit_now(interrupt.message(e.signum, e.phase), e.exit_code)
-        except (UserError, OSError):
-            raise  # one line (or a bug's traceback) in _run
+        except (UserError, OSError) as e:
+            if not supervise.is_worker():
+                raise  # one line (or a bug's traceback) in _run
+            # one process of several: its line (or the bug's traceback), then out at once (an
+            # interpreter exit would wait at jax.distributed's shutdown barrier for peers stuck
+            # in the next collective)
+            if isinstance(e, UserError) or e.errno in _PATH_ERRNOS:
+                _exit_now(f"lm: error: {e if isinstance(e, UserError) else _refused(e)}", 2)
+            traceback.print_exc()
+            _exit_now(None, 1)
         except Exception:  # noqa: BLE001 -- in a watched child: a collective failed (a peer died?)
             if not supervise.is_worker():
                 raise
@@ -349,12 +357,12 @@ def cmd_plan(args) -> int:
 
         cfg = experiment.load(args.experiment, args.set)
         try:
-            r = plan.serve_plan(cfg.model, args.devices, args.slots, args.max_len, args.hbm)
+            r = plan.serve_plan(cfg.model, args.devices or 1, args.slots, args.max_len, args.hbm)
         except ValueError as e:
-            raise UserError(f"--devices {args.devices}: {e}") from None
+            raise UserError(f"--devices {args.devices or 1}: {e}") from None
         print(plan.serve_report(r))
         return 0
-    return plan.main(args.experiment, args.set, args.devices, args.hbm)
+    return plan.main(args.experiment, args.set, args.devices or 8, args.hbm)
 
 
 def cmd_bench(args) -> int:
@@ -426,8 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "per device, and whether it fits")
     experiment_args(pl)
     pl.add_argument("--devices", type=_number(int, 1, 4096, what="1 to 4096 (each is a fake CPU device in this process)"),
-                    default=8,
-                    help="number of devices (fake CPU devices stand in for them; default 8)")
+                    help="number of devices (fake CPU devices stand in for them; default 8, or 1 with --serve)")
     pl.add_argument("--hbm", type=_number(float, 0.0, low_open=True, what="more than 0"), default=80.0,
                     help="memory per device in GiB (default 80: an H100)")
     pl.add_argument("--serve", action="store_true",

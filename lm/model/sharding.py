@@ -172,6 +172,9 @@ def process_rows(sharding: NamedSharding, rows: int) -> slice:
     if jax.process_count() == 1:
         return slice(0, rows)
     spans = sorted({sl[0].indices(rows)[:2] for sl in sharding.addressable_devices_indices_map((rows, 1)).values()})
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"this process's rows of the batch are not one block ({spans}): the mesh must put each "
+                         "process's devices together (lm.model.sharding.make_mesh over jax.devices() does)")
     return slice(spans[0][0], spans[-1][1])
 
 

@@ -400,7 +400,7 @@ class Batcher:
         sent that begin before `end` (with their log-probabilities), the usage (every token
         generated, those past a stop string too)."""
         text = self.decode_text(s.handle.request.prompt, s.ids)[:end]
-        k = len(s.ids) if end is None else self._tokens_before(s, end)
+        k = len(s.ids) if end is None or reason != "stop" else self._tokens_before(s, end)
         s.handle.emit(Event(text=text[s.sent:], tokens=s.ids[s.tokens_sent: k], logprobs=s.logprobs[s.tokens_sent: k],
                             finish=reason, prompt_tokens=len(s.handle.request.prompt),
                             completion_tokens=len(s.ids) + extra_tokens))

@@ -349,23 +349,20 @@ def make_app(service: Service):
 
     @contextlib.asynccontextmanager
     async def body_bytes(request: HTTPRequest):
-        """Room for the request's body among the bytes in flight (MAX_IN_FLIGHT), held while it
-        is read, parsed and its prompt tokenised: a burst of large bodies waits its turn (503)
-        instead of taking the server's memory."""
+        """The bytes of the request's body received so far (`held[0]`), counted among the bytes
+        in flight (MAX_IN_FLIGHT) until it is parsed and its prompt tokenised: a burst of large
+        bodies waits its turn (503) instead of taking the server's memory. Bytes are counted as
+        they arrive, so a client that declares a large body and stalls holds only what it sent."""
         length = request.headers.get("content-length", "")
-        size = int(length) if length.isdigit() else MAX_BODY  # (a chunked body may be up to the limit)
-        if size > MAX_BODY:
-            raise APIError(413, f"the request body is {size} bytes; the limit is {MAX_BODY}")
-        if service.in_flight and service.in_flight + size > service.max_in_flight:
-            raise APIError(503, f"the server is busy reading {service.in_flight:,} bytes of other requests: retry "
-                                "shortly", kind="server_error", code="too_many_bytes_in_flight", retry_after="1")
-        service.in_flight += size
+        if length.isdigit() and int(length) > MAX_BODY:
+            raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}")
+        held = [0]
         try:
-            yield
+            yield held
         finally:
-            service.in_flight -= size
+            service.in_flight -= held[0]
 
-    async def read_json(request: HTTPRequest) -> Any:
+    async def read_json(request: HTTPRequest, held: list[int]) -> Any:
         """The body as JSON, at most MAX_BODY bytes, all of it within the request timeout,
         parsed off the event loop (a large body must not stall the running streams)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -379,6 +376,13 @@ def make_app(service: Service):
                 size += len(chunk)
                 if size > MAX_BODY:
                     raise APIError(413, f"the request body is over the limit of {MAX_BODY} bytes")
+                others = service.in_flight - held[0]
+                if others and service.in_flight + len(chunk) > service.max_in_flight:
+                    raise APIError(503, f"the server is busy reading {others:,} bytes of other requests: retry "
+                                        "shortly", kind="server_error", code="too_many_bytes_in_flight",
+                                   retry_after="1")
+                service.in_flight += len(chunk)
+                held[0] += len(chunk)
                 chunks.append(chunk)
             return b"".join(chunks)
 
@@ -411,8 +415,8 @@ def make_app(service: Service):
         return JSONResponse({"status": "ok", "model": service.model_name, **service.batcher.status()})
 
     async def completions(request: HTTPRequest, chat: bool = False):
-        async with body_bytes(request):
-            body = await read_json(request)
+        async with body_bytes(request) as held:
+            body = await read_json(request, held)
             req = await run_in_threadpool(service.request, body, chat)  # tokenising a long prompt takes a while
         stream = req.stream = _flag(body, "stream")
         include_usage = _stream_usage(body, stream)

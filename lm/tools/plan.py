@@ -230,6 +230,8 @@ def serve_plan(model, devices: int = 1, slots: int = 8, max_len: int | None = No
     `decode.split` splits them), the key/value cache (split by key/value heads) and the
     logits buffer. From the shapes alone (`jax.eval_shape`): nothing is allocated."""
     max_len = max_len or model.max_seq_len
+    if not 2 <= max_len <= model.max_seq_len:
+        raise ValueError(f"--max-len {max_len} must be in [2, {model.max_seq_len}] (the model's context), as lm serve's")
     if devices > 1:
         decode.check_split(model, devices)
     abstract = nnx.eval_shape(lambda: Transformer(model, nnx.Rngs(0)))

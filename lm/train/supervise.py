@@ -29,8 +29,10 @@ import sys
 
 WORKER = "LM_TRAIN_WORKER"  # set in the child: it runs the work itself
 CRASH = (b"terminate called", b"*** Check failure", b"Fatal Python error", b"Traceback (most recent call last)",
-         b"*** SIGABRT", b"*** SIGSEGV", b"Additional GRPC error")
-NATIVE_ERROR = re.compile(rb"[EF]\d{4} ")  # an error or fatal line of the runtime's native log
+         b"*** SIGABRT", b"*** SIGSEGV")
+NATIVE_FATAL = re.compile(rb"F\d{4} ")  # a fatal line of the runtime's native log
+HELD_MAX = 20_000  # lines of a crash report kept (the rest are counted)
+USER_ERROR = 2  # the exit code of a one-line user error (lm/cli.py): passed through as it is
 PEER_GONE = re.compile(r"Connection reset by peer|Connection closed by peer|Socket closed|Received data size doesn't "
                        r"match|heartbeat|UNAVAILABLE|DEADLINE_EXCEEDED|failed to connect|Broken pipe|"
                        r"another task|Gloo .* failed", re.I)
@@ -48,27 +50,51 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def run(argv: list[str], run_dir: str, process: str) -> int:
-    """Run `lm <argv>` as the watched child; returns the exit code for this process."""
+def _segments(stream):
+    """The bytes of `stream` in pieces that end with a newline or a carriage return (a progress
+    bar redraws with the latter), as they come."""
+    buf = b""
+    while chunk := os.read(stream.fileno(), 65536):
+        buf += chunk
+        *done, buf = re.split(rb"(?<=[\r\n])", buf)
+        yield from (d for d in done if d)
+    if buf:
+        yield buf
+
+
+def run(argv: list[str], run_dir: str, process: str, command: list[str] | None = None) -> int:
+    """Run `lm <argv>` (or `command`) as the watched child; returns the exit code for this process."""
     env = {**os.environ, WORKER: "1"}
-    child = subprocess.Popen([sys.executable, "-m", "lm", *argv], env=env, stderr=subprocess.PIPE,
+    # its own process group: a Ctrl-C at the terminal reaches it once, passed on by this process
+    child = subprocess.Popen(command or [sys.executable, "-m", "lm", *argv], env=env, stderr=subprocess.PIPE, process_group=0,
                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _frame: child.send_signal(s))
     held: list[bytes] = []
-    for line in iter(child.stderr.readline, b""):
-        if held or line.lstrip().startswith(CRASH) or NATIVE_ERROR.match(line):
-            held.append(line)
+    dropped, screen = 0, True
+    for piece in _segments(child.stderr):
+        if held or piece.lstrip().startswith(CRASH) or NATIVE_FATAL.match(piece):
+            if len(held) < HELD_MAX:
+                held.append(piece)
+            else:
+                dropped += 1
             continue
-        sys.stderr.buffer.write(line)
-        sys.stderr.flush()
+        if screen:
+            try:
+                sys.stderr.buffer.write(piece)
+                sys.stderr.flush()
+            except OSError:  # nobody reads our stderr any more (`| head`): the run goes on
+                screen = False
     code = child.wait()
     if not held:
         return code if code >= 0 else 128 - code
-    if code == 0:  # a traceback it survived (a warning printed at exit): show it after all
-        sys.stderr.buffer.write(b"".join(held))
-        sys.stderr.flush()
-        return 0
+    if code in (0, USER_ERROR):  # a traceback it survived, or a user error after one: shown as they were
+        if screen:
+            sys.stderr.buffer.write(b"".join(held))
+            sys.stderr.flush()
+        return code
+    if dropped:
+        held.append(f"... ({dropped} more lines)\n".encode())
     report = b"".join(held).decode(errors="replace")
     path = os.path.join(run_dir, f"crash-{process.replace(' ', '-')}.log")
     try:
