@@ -58,14 +58,9 @@ def cmd_train(args) -> int:
         except interrupt.Interrupted as e:  # nothing new to save
             _exit_now(interrupt.message(e.signum, e.phase), e.exit_code)
         except (UserError, OSError) as e:
-            if not supervise.is_worker():
-                raise  # one line (or a bug's traceback) in _run
-            # one process of several: its line (or the bug's traceback), then out at once (an
-            # interpreter exit would wait at jax.distributed's shutdown barrier for peers stuck
-            # in the next collective)
-            if isinstance(e, UserError) or e.errno in _PATH_ERRNOS:
-                _exit_now(f"lm: error: {e if isinstance(e, UserError) else _refused(e)}", 2)
-            traceback.print_exc()
+            if not supervise.is_worker() or isinstance(e, UserError) or e.errno in _PATH_ERRNOS:
+                raise  # one line in _run (one process of several then leaves at once: see main)
+            traceback.print_exc()  # a bug, in one process of several: out at once (below)
             _exit_now(None, 1)
         except Exception:  # noqa: BLE001 -- in a watched child: a collective failed (a peer died?)
             if not supervise.is_worker():
@@ -75,6 +70,12 @@ def cmd_train(args) -> int:
         if signals.received:
             _exit_now(None, code)
     return code
+
+
+def _is_train_worker() -> bool:
+    from lm.train import supervise  # lazy: a command imports what it runs
+
+    return supervise.is_worker()
 
 
 def _exit_now(line: str | None, code: int) -> None:
@@ -542,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     code = _run(args)
+    if args.command == "train" and code == 2 and _is_train_worker():
+        # a user error in one process of several: its line is out; leave at once (an
+        # interpreter exit would wait at jax.distributed's shutdown barrier for peers stuck in
+        # the next collective; they stop when this process is gone)
+        _exit_now(None, code)
     if argv is None and args.command == "train":  # this process is `lm train`
         _leave_without_stragglers(code)
     return code
