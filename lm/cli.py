@@ -359,8 +359,8 @@ def cmd_plan(args) -> int:
         cfg = experiment.load(args.experiment, args.set)
         try:
             r = plan.serve_plan(cfg.model, args.devices or 1, args.slots, args.max_len, args.hbm)
-        except ValueError as e:
-            raise UserError(f"--devices {args.devices or 1}: {e}") from None
+        except ValueError as e:  # (its own words name the option at fault)
+            raise UserError(str(e)) from None
         print(plan.serve_report(r))
         return 0
     return plan.main(args.experiment, args.set, args.devices or 8, args.hbm)

@@ -336,6 +336,15 @@ def init_cache(cfg, batch: int, length: int) -> list[dict]:
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
+def pow2_width(n: int, least: int) -> int:
+    """The smallest power-of-two multiple of `least` that holds `n` tokens (a prompt's padded
+    width: few widths, so few compiled programs)."""
+    width = least
+    while width < n:
+        width *= 2
+    return width
+
+
 def spans(length: int, bucket: int = SPAN_BUCKET) -> list[int]:
     """The attention spans a cache of `length` slots is read with: multiples of `bucket`,
     then the whole cache."""
@@ -400,10 +409,8 @@ def prefill(w: Weights, tokens, lengths):
 def next_token_nll(w: Weights, tokens, mask):
     """The mean negative log-likelihood of tokens[:, 1:] given what precedes them, where `mask`
     (B, T-1) is 1 (these weights' held-out loss: float32 against int8, for instance)."""
-    x, _ = _forward(w, tokens[:, :-1])
-    logp = jax.nn.log_softmax(_logits(w, x), axis=-1).reshape(*tokens[:, 1:].shape, -1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return (nll * mask).sum() / mask.sum()
+    chosen, _, _ = _prompt_logprobs(w, tokens)
+    return -(chosen * mask).sum() / mask.sum()
 
 
 def _prompt_logprobs(w: Weights, tokens):

@@ -126,7 +126,7 @@ def _pack(prompts: Sequence[Sequence[int]], max_new: int, max_len: int, bucket: 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     width = max(len(p) for p in prompts)
-    rounded = _pow2(width, bucket) if pow2 else -(-width // bucket) * bucket
+    rounded = decode.pow2_width(width, bucket) if pow2 else -(-width // bucket) * bucket
     width = min(max(room, width), rounded)
     buf = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
@@ -194,13 +194,6 @@ def _step_one(w, last, cache, positions, bases, i, temperature, top_p, *, span: 
 
 _step_jit = jax.jit(decode.each_device(_step_one, (P(), decode.CACHE) + (P(),) * 5, (P(), P(), decode.CACHE)),
                     static_argnames=("span", "top_k"), donate_argnums=(2,))
-
-
-def _pow2(n: int, least: int) -> int:
-    width = least
-    while width < n:
-        width *= 2
-    return width
 
 
 STREAM_BUCKET = 16  # stream's prompts are padded to a power of two at least this long

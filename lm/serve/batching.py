@@ -92,10 +92,7 @@ class _Slot:
 
 
 def _prefill_width(n: int, max_len: int) -> int:
-    width = PREFILL_MIN
-    while width < n:
-        width *= 2
-    return min(width, max_len)
+    return min(decode.pow2_width(n, PREFILL_MIN), max_len)
 
 
 def _prefill_one(w, last, cache, tokens, length, slot):

@@ -258,7 +258,7 @@ class Service:
         """(each prompt token's log-probability after the ones before it, the most likely
         token there, its log-probability), for tokens 1.. of `prompt` (one forward pass on the
         server's weights; the prompt padded to a power of two)."""
-        width = min(self.batcher.max_len, _pow2(len(prompt)))
+        width = min(self.batcher.max_len, decode.pow2_width(len(prompt), 16))
         tokens = np.zeros((1, width), np.int32)
         tokens[0, : len(prompt)] = prompt
         out = decode.prompt_logprobs(self.batcher.w, tokens)
@@ -546,13 +546,6 @@ def make_app(service: Service):
               Route("/v1/completions", guarded(completions), methods=["POST"]),
               Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    width = least
-    while width < n:
-        width *= 2
-    return width
 
 
 def _echo_logprobs(tok, prompt: list[int], lps) -> dict:
