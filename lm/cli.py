@@ -178,6 +178,8 @@ def cmd_sample(args) -> int:
     max_len = run.cfg.model.max_seq_len
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     prompt_ids = tok.encode(args.prompt, bos=True)
+    if args.draft:
+        return _sample_speculative(run, args, prompt_ids, weights)
     n_prompt = len(prompt_ids)
     if n_prompt > max(1, max_len - args.max_new):
         print(f"note: the prompt is {n_prompt} tokens; with --max-new {args.max_new} the {max_len}-token context "
@@ -202,6 +204,59 @@ def cmd_sample(args) -> int:
         shown = text
     sys.stdout.write("\n")
     return 0
+
+
+def _sample_speculative(run, args, prompt_ids, weights) -> int:
+    """`lm sample --draft`: one sample, printed whole, then the draft's acceptance rate."""
+    from lm.sampling import decode, speculative  # lazy: a command imports what it runs
+    from lm.sampling.sampler import generate  # lazy: a command imports what it runs
+    from lm.train.run import load_run  # lazy: a command imports what it runs
+
+    if args.num > 1 or args.tensor > 1:
+        raise UserError("--draft decodes one sample on one device: drop --num and --tensor")
+    draft_run = load_run(args.draft, log=_log)
+    if draft_run.tokenizer is None or not _same_file(draft_run.tokenizer.path, run.tokenizer.path):
+        raise UserError(f"--draft {args.draft}: its tokenizer is not {args.run_dir}'s; a draft must share the "
+                        "target's tokenizer (train it with the same data.tokenizer settings, or point "
+                        "data.tokenizer_path at the target's)")
+    target = weights if weights is not None else decode.prepare(run.graphdef, run.params)
+    draft = decode.prepare(draft_run.graphdef, draft_run.params)
+    stops = [run.tokenizer.eos_id]
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops, seed=args.seed)
+    max_len = run.cfg.model.max_seq_len
+
+    def speculate():
+        return speculative.generate(target, draft, prompt_ids, args.max_new, max_len, k=args.draft_k, **kw)
+
+    try:
+        speculate()  # compiles
+    except ValueError as e:
+        raise UserError(f"--draft {args.draft}: {e}") from None
+    t = time.perf_counter()
+    r = speculate()
+    seconds = time.perf_counter() - t
+    ids = [x for x in r.tokens if x not in stops]
+    print(args.prompt + run.tokenizer.decode_after(prompt_ids, ids))
+    rate = r.accepted / max(1, r.drafted)
+    print(f"speculative decoding (k={args.draft_k}): {r.accepted} of {r.drafted} drafted tokens accepted "
+          f"({rate:.0%}), {len(r.tokens) / max(1, r.rounds + 1):.2f} tokens per pass of the target, "
+          f"{len(r.tokens) / seconds:,.1f} tokens/s", file=sys.stderr)
+    if args.speedup:
+        def alone():
+            return generate(run.graphdef, run.params, [prompt_ids], args.max_new, max_len, weights=target, **kw)
+
+        alone()  # compiles
+        t = time.perf_counter()
+        n = len(alone()[0])
+        alone_rate = n / (time.perf_counter() - t)
+        speedup = len(r.tokens) / seconds / alone_rate
+        print(f"the target alone: {alone_rate:,.1f} tokens/s; speculative decoding {speedup:.2f}x", file=sys.stderr)
+    return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
 
 
 def cmd_chat(args) -> int:
@@ -296,7 +351,8 @@ def cmd_serve(args) -> int:
     if api_key is not None and (not api_key.isascii() or not api_key.isprintable() or " " in api_key):
         raise UserError("the API key must be printable ASCII without spaces (HTTP clients send it in a header)")
     return serve(args.run_dir, args.host, args.port, args.slots, args.max_len, api_key, args.model_name, log=_log,
-                 request_timeout=args.request_timeout, tensor=args.tensor, quantize=args.quantize)
+                 request_timeout=args.request_timeout, tensor=args.tensor, quantize=args.quantize,
+                 prefix_cache_mb=args.prefix_cache)
 
 
 def cmd_eval(args) -> int:
@@ -479,6 +535,14 @@ def main(argv: list[str] | None = None) -> int:
                     default=1, help="samples (more than 1: generated as a batch)")
     sp.add_argument("--chat", metavar="QUESTION", help="a fine-tuned run: answer QUESTION with the chat template")
     sp.add_argument("--system", default="", help="with --chat: a system prompt")
+    sp.add_argument("--draft", metavar="RUN_DIR",
+                    help="speculative decoding: a smaller run with the same tokenizer proposes tokens that this run "
+                         "checks several at a time (same greedy output; sampled output follows this run's "
+                         "distribution); prints the acceptance rate")
+    sp.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=4,
+                    help="with --draft: tokens the draft proposes per round (default 4)")
+    sp.add_argument("--speedup", action="store_true",
+                    help="with --draft: also decode with this run alone, and print the speed-up")
     sp.set_defaults(fn=cmd_sample)
     ch = sub.add_parser("chat", help="talk to a fine-tuned run (multi-turn, streaming; /reset)")
     decoding_args(ch)
@@ -500,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--request-timeout", type=_number(float, 0.0, low_open=True, what="positive"), default=30.0,
                     help="seconds a client has to send a request's headers, then its body (default 30); a "
                          "stalled connection is closed, a stalled body answered 408")
+    sv.add_argument("--prefix-cache", metavar="MIB", type=_number(float, 0.0, what="0 (off) or more"), default=64.0,
+                    help="memory for saved prompts' keys/values (default 64 MiB; 0: off): a prompt that begins like a "
+                         "saved one (a system prompt, few-shot examples) is not prefilled again up to there; the "
+                         "least recently used are evicted")
     sv.set_defaults(fn=cmd_serve)
     ev = sub.add_parser("eval", help="evaluate a run: held-out loss and downstream tasks")
     ev.add_argument("run_dir")

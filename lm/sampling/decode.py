@@ -488,3 +488,45 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
         o = jnp.einsum("RGS,RSH->RGH", probs, vs.astype(q.dtype)).reshape(b, n * h)
         x = _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"])))
     return _logits(w, x), new
+
+
+def extend(w: Weights, tokens, start, cache: list[dict], span: int):
+    """T new tokens per row: tokens (B, T) at positions start..start+T-1 (start (B,)) ->
+    (logits after each of them (B, T, V), cache). `step` for several tokens at once (a
+    speculative verification): each token attends to the cache's slots before `start` and
+    causally to the new tokens before it; their keys/values are written at their positions.
+    Every position < span (static)."""
+    cfg = w.cfg
+    b, t = tokens.shape
+    n, kh, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+    g = n // kh
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # (B, T)
+    valid = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    valid = jnp.repeat(valid, kh, axis=0)[:, None]  # (B*K, 1, T, S)
+    rows = jnp.repeat((jnp.arange(b)[:, None] * kh + jnp.arange(kh)[None]).reshape(-1), t)  # (B*K*T,)
+    cols = jnp.repeat(positions, kh, axis=0).reshape(-1)  # (B*K*T,) row b's head j at its T positions
+    x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
+    new = []
+    for layer, c in zip(w.layers, cache):
+        q, k, v = _qkv(cfg, layer, x, positions)  # (B, T, N|K, H)
+        kc, vc = c["k"], c["v"]
+        k = k.transpose(0, 2, 1, 3).reshape(b * kh * t, h).astype(kc.dtype)
+        v = v.transpose(0, 2, 1, 3).reshape(b * kh * t, h).astype(vc.dtype)
+        if b == 1 and kh == kc.shape[0]:
+            kc = jax.lax.dynamic_update_slice(kc, k.reshape(kh, t, h), (0, start[0], 0))
+            vc = jax.lax.dynamic_update_slice(vc, v.reshape(kh, t, h), (0, start[0], 0))
+        else:
+            kc = kc.at[rows, cols].set(k, mode="promise_in_bounds")
+            vc = vc.at[rows, cols].set(v, mode="promise_in_bounds")
+        new.append({"k": kc, "v": vc})
+        ks, vs = kc[: b * kh, :span], vc[: b * kh, :span]
+        # (B, T, K, G, H) -> (B*K, G, T, H): a key/value head's G query heads at the T positions
+        q = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kh, g, t, h)
+        q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+        scores = jnp.einsum("RGTH,RSH->RGTS", q, ks.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        o = jnp.einsum("RGTS,RSH->RGTH", probs, vs.astype(q.dtype))  # (B*K, G, T, H)
+        o = o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, n * h)
+        x = _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"])))
+    return _logits(w, x).reshape(b, t, -1), new

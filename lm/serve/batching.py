@@ -30,7 +30,6 @@ import dataclasses
 import threading
 import time
 import traceback
-from functools import partial
 from typing import Callable
 
 import jax
@@ -131,6 +130,73 @@ def _step_rows(w, last, cache, rows, span: int):
     return jnp.stack([nxt.astype(jnp.float32), logps]), logits, cache, rows
 
 
+def _save_rows(w, cache, slot):
+    """A copy of slot `slot`'s keys/values (per layer (K, S, H)): a prompt's, to reuse."""
+    kh = w.cfg.n_kv_heads
+    return [{n: jax.lax.dynamic_slice(c[n], (slot * kh, 0, 0), (kh, *c[n].shape[1:])) for n in ("k", "v")}
+            for c in cache]
+
+
+_save = jax.jit(decode.each_device(_save_rows, (decode.CACHE, P()), decode.CACHE))
+
+
+def _prefill_after(w, last, cache, saved, tokens, n_new, start, slot):
+    """Slot `slot` from a saved prompt's rows whose first `start` positions this prompt shares:
+    the rows copied in, then the prompt's other tokens (`tokens` (1, T), the first `n_new` of
+    them real) run from position `start` (`decode.extend`); its last logits into `last`."""
+    kh = w.cfg.n_kv_heads
+    logits, rows = decode.extend(w, tokens, start[None], saved, saved[0]["k"].shape[1])
+    cache = [{n: jax.lax.dynamic_update_slice(c[n], r[n], (slot * kh, 0, 0)) for n in ("k", "v")}
+             for c, r in zip(cache, rows)]
+    return jax.lax.dynamic_update_slice(last, logits[0, n_new - 1][None], (slot, 0)), cache
+
+
+_prefill_saved = jax.jit(decode.each_device(_prefill_after, (P(), decode.CACHE, decode.CACHE, P(), P(), P(), P()),
+                                            (P(), decode.CACHE)), donate_argnums=(1, 2))
+
+PREFIX_BLOCK = 16  # a prompt reuses a saved prefix in whole blocks of this many tokens
+
+
+class PrefixCache:
+    """Saved prompts' keys/values (one slot's rows each), most recently used last, at most
+    `capacity` of them (the least recently used is evicted). A new prompt that shares its
+    first tokens with a saved one (a system prompt, few-shot examples) starts from those
+    rows: the shared tokens, in whole blocks of PREFIX_BLOCK, are not prefilled again."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+
+    def lookup(self, prompt: list[int]) -> tuple[int, list | None]:
+        """(tokens reusable, the saved rows holding them): the longest shared prefix, whole
+        blocks only, leaving at least one token to run (its logits start the answer)."""
+        best, rows, best_key = 0, None, None
+        for key, saved in self.entries.items():
+            n = min(len(key), len(prompt) - 1)
+            same = next((i for i in range(n) if key[i] != prompt[i]), n)
+            same -= same % PREFIX_BLOCK
+            if same > best:
+                best, rows, best_key = same, saved, key
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best, rows
+
+    def wants(self, prompt: list[int]) -> bool:
+        """Whether saving this prompt adds anything: a block to share, not held already."""
+        if self.capacity < 1 or len(prompt) <= PREFIX_BLOCK:
+            return False
+        key = tuple(prompt)
+        return not any(k[: len(key)] == key for k in self.entries)
+
+    def add(self, prompt: list[int], rows: list) -> None:
+        key = tuple(prompt)
+        for k in [k for k in self.entries if key[: len(k)] == k]:  # saved prompts this one extends
+            del self.entries[k]
+        self.entries[key] = rows
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
 _step = jax.jit(decode.each_device(_step_one, (P(), decode.CACHE, P()), (P(), P(), decode.CACHE, P())),
                 static_argnames=("span", "live"), donate_argnums=(1, 2, 3))
 
@@ -147,7 +213,7 @@ class Batcher:
     its prompt's (lm's Tokenizer.decode_after: the answer's first space kept)."""
 
     def __init__(self, weights: decode.Weights, decode_text: Callable[[list[int], list[int]], str], slots: int = 8,
-                 max_len: int | None = None, log: Callable = print):
+                 max_len: int | None = None, log: Callable = print, prefix_cache_mb: float = 0):
         cfg = weights.cfg
         # one device, plain placement: weights committed to a mesh would give the step's
         # outputs a sharding its uploaded inputs lack, and a compilation per combination
@@ -172,7 +238,13 @@ class Batcher:
         self.draining: str | None = None  # (`drain`: no more admissions, the reason)
         self.fail_message: str | None = None  # (`fail_running`: end the running requests)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "steps": 0, "tokens": 0,
-                      "slot_steps": 0}  # slot_steps: the slots the steps computed (busy or not)
+                      "slot_steps": 0, "prefix_hits": 0, "prefix_tokens": 0}
+        # slot_steps: the slots the steps computed (busy or not); prefix_tokens: prompt tokens
+        # not prefilled because a saved prompt held them
+        itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+        row_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * self.max_len * cfg.head_size * itemsize
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20 // row_bytes))
+        self.prefix_row_mb = row_bytes / 2**20
         self.thread = threading.Thread(target=self._loop, name="lm-batcher", daemon=True)
 
     # -- the submitter's side ------------------------------------------------------------
@@ -194,10 +266,18 @@ class Batcher:
         widths = sorted({_prefill_width(n, self.max_len) for n in range(1, self.max_len)})
         for width in widths:
             self._admit_one(Handle(Request([0] * width, 0), lambda e: None), 0)
+        if self.prefixes.capacity:  # a prompt after a saved prefix of one block, every width after it
+            saved = _save(self.w, self.cache, self._put(np.int32(0)))
+            for width in sorted({w for w in widths if PREFIX_BLOCK + w <= self.max_len}):
+                self._prefill_from(saved, [0] * (PREFIX_BLOCK + width), PREFIX_BLOCK, 0)
+            self.prefixes.entries.clear()
         self._free(0, "warm-up")
         self.stats = {k: 0 for k in self.stats}
         self.log(f"compiled the decode step (attention spans {spans}, busy slots {self.live_buckets}) and the "
                  f"prefill (prompt buckets {widths}) in {time.perf_counter() - t:.1f}s")
+        if self.prefixes.capacity:
+            self.log(f"prefix cache: up to {self.prefixes.capacity} prompts' keys/values "
+                     f"({self.prefix_row_mb:,.2f} MiB each)")
 
     def submit(self, request: Request, emit: Callable[[Event], None]) -> Handle:
         """Queue `request`; events go to `emit` (on the batcher's thread). Prompts must fit:
@@ -307,20 +387,44 @@ class Batcher:
                 return
             self._admit_one(handle, i)
 
+    def _put(self, x):
+        return jax.device_put(x, self.device)
+
     def _admit_one(self, handle: Handle, i: int) -> None:
-        """Prefill a request's prompt into slot i (its last logits into row i of `last`)."""
+        """Prefill a request's prompt into slot i (its last logits into row i of `last`):
+        after the longest saved prefix it shares, if any; saved in turn for later prompts."""
         r = handle.request
-        width = _prefill_width(len(r.prompt), self.max_len)
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, : len(r.prompt)] = r.prompt
-        put = partial(jax.device_put, device=self.device)
-        self.last, self.cache = _prefill(self.w, self.last, self.cache, put(tokens),
-                                         put(np.asarray([len(r.prompt)], np.int32)), put(np.int32(i)))
+        reused, saved = self.prefixes.lookup(r.prompt) if self.prefixes.capacity else (0, None)
+        if not (reused and self._prefill_from(saved, r.prompt, reused, i)):
+            width = _prefill_width(len(r.prompt), self.max_len)
+            tokens = np.zeros((1, width), np.int32)
+            tokens[0, : len(r.prompt)] = r.prompt
+            self.last, self.cache = _prefill(self.w, self.last, self.cache, self._put(tokens),
+                                             self._put(np.asarray([len(r.prompt)], np.int32)), self._put(np.int32(i)))
+        if self.prefixes.wants(r.prompt):
+            self.prefixes.add(r.prompt, _save(self.w, self.cache, self._put(np.int32(i))))
         self.active[i] = _Slot(handle, position=len(r.prompt))
         h = self.host
         h["position"][i], h["step"][i], h["key"][i] = len(r.prompt), 0, decode.request_base(r.seed)
         h["temperature"][i], h["top_p"][i], h["active"][i] = r.temperature, r.top_p, 1
         self.rows = None
+
+    def _prefill_from(self, saved: list, prompt: list[int], reused: int, i: int) -> bool:
+        """Slot i from `saved` rows holding the first `reused` tokens of `prompt`, the rest
+        prefilled after them. False (nothing done) where the padded rest would run past the
+        cache's end."""
+        rest = len(prompt) - reused
+        width = _prefill_width(rest, self.max_len)
+        if reused + width > self.max_len:
+            return False
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :rest] = prompt[reused:]
+        self.last, self.cache = _prefill_saved(self.w, self.last, self.cache, saved, self._put(tokens),
+                                               self._put(np.int32(rest)), self._put(np.int32(reused)),
+                                               self._put(np.int32(i)))
+        self.stats["prefix_hits"] += 1
+        self.stats["prefix_tokens"] += reused
+        return True
 
     def _launch(self, span: int | None = None, live: int | None = None):
         """Dispatch one step for the active slots; returns (its results, the slots it ran for)."""

@@ -52,6 +52,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BODY = 4 << 20  # bytes of a request body (a prompt that long exceeds any context anyway)
 MAX_IN_FLIGHT = 64 << 20  # bytes of request bodies being read or parsed at once; more wait (503)
 REQUEST_TIMEOUT = 30.0  # seconds a client has to send a request's headers, and then its body
+PREFIX_CACHE_MB = 64.0  # memory for saved prompts' keys/values (lm/serve/batching.py PrefixCache)
 
 
 class APIError(Exception):
@@ -584,7 +585,7 @@ def _logprobs(tok, context: list[int], ev: Event, chat: bool) -> dict:
 def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str | None = None,
           model_name: str | None = None, log: Callable = print, host: str = "127.0.0.1",
           request_timeout: float = REQUEST_TIMEOUT, tensor: int = 1,
-          quantize: str | None = None) -> tuple[Any, Batcher]:
+          quantize: str | None = None, prefix_cache_mb: float = PREFIX_CACHE_MB) -> tuple[Any, Batcher]:
     """Load the run (split over `tensor` devices), start its batcher (compiling the decode
     programs) and make the app."""
     run = load_run(run_dir, log=log, tensor=tensor)
@@ -595,7 +596,7 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
         raise UserError(f"--max-len {max_len} must be in [2, {cfg.max_seq_len}] (the model's context)")
     name = model_name or os.path.basename(os.path.abspath(run_dir))
     batcher = Batcher(run.decode_weights(log, quantize), run.tokenizer.decode_after, slots=slots,
-                      max_len=max_len or cfg.max_seq_len, log=log).start()
+                      max_len=max_len or cfg.max_seq_len, log=log, prefix_cache_mb=prefix_cache_mb).start()
     chat = is_chat_model(run)
     template = "chat template" if chat else "no chat template: /v1/completions only"
     log(f"serving {run_dir} as '{name}' ({run.cfg.stage}, step {run.step}, {template}), {slots} slots of "
@@ -606,7 +607,8 @@ def build(run_dir: str, slots: int = 8, max_len: int | None = None, api_key: str
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 8, max_len: int | None = None,
           api_key: str | None = None, model_name: str | None = None, log: Callable = print,
-          request_timeout: float = REQUEST_TIMEOUT, tensor: int = 1, quantize: str | None = None) -> int:
+          request_timeout: float = REQUEST_TIMEOUT, tensor: int = 1, quantize: str | None = None,
+          prefix_cache_mb: float = PREFIX_CACHE_MB) -> int:
     """`lm serve`: bind (port 0: any free port), build the app and serve until interrupted."""
     import uvicorn  # optional extra [serve]
 
@@ -618,7 +620,8 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
         app, batcher = build(run_dir, slots, max_len, api_key, model_name, log, host=host,
-                             request_timeout=request_timeout, tensor=tensor, quantize=quantize)
+                             request_timeout=request_timeout, tensor=tensor, quantize=quantize,
+                             prefix_cache_mb=prefix_cache_mb)
     except BaseException:
         sock.close()
         raise
