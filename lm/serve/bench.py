@@ -54,3 +54,33 @@ def main_serve(new: int = 128, rounds: int = 7) -> dict:
     print(f"serve_lone_client_8_slots_over_1_slot={rates[(8, 1)] / one:.2f} "
           f"serve_8_clients_over_1_slot={rates[(8, 8)] / one:.2f}")
     return rates
+
+
+def main_prefix(shared: int = 192, rounds: int = 11) -> dict:
+    """Time to the first token of a request whose first `shared` tokens (a system prompt) an
+    earlier request had, on 8-slot batchers without and with the prefix cache (the reference
+    model, random weights; median of `rounds`, interleaved; no HTTP)."""
+    cfg = experiment.load("bench_reference").model
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+    weights = decode.prepare(graphdef, params)
+    system = list(range(4, 4 + shared))
+    batchers = {mb: Batcher(weights, lambda prompt, ids: "", slots=8, max_len=256, log=lambda *_: None,
+                            prefix_cache_mb=mb).start() for mb in (0, 64)}
+    times: dict = {mb: [] for mb in batchers}
+    try:
+        for r in range(rounds + 1):
+            for mb, batcher in batchers.items():
+                done = threading.Event()
+                t = time.perf_counter()
+                batcher.submit(Request(system + [200 + r, 7, 9], 1, stream=False), lambda ev: ev.finish and done.set())
+                done.wait()
+                if r:
+                    times[mb].append(time.perf_counter() - t)
+    finally:
+        for b in batchers.values():
+            b.close()
+    ms = {mb: 1000 * float(np.median(t)) for mb, t in times.items()}
+    print(f"serve[first token after a shared {shared}-token prompt]: {ms[0]:.1f} ms without the prefix cache, "
+          f"{ms[64]:.1f} ms with it ({ms[0] / ms[64]:.2f}x)")
+    print(f"serve_prefix_cache_first_token_speedup={ms[0] / ms[64]:.2f}")
+    return ms
