@@ -15,6 +15,7 @@ from helpers import ROOT
 LAYERS = [
     ["data_pipeline"],  # reading, tokenizing and packing data (knows nothing of the model)
     ["lm.config"],  # configuration dataclasses and their checks
+    ["lm.agent"],  # tools a model calls: the registry and the calculator (knows nothing of the model)
     ["lm.experiment"],  # loading an experiment (a Python module or a run's config.json)
     ["lm.model"],  # the transformer, attention kernels, sharding rules, LoRA, sizes
     ["lm.sampling", "lm.interop"],  # decoding and sampling; the Hugging Face format
