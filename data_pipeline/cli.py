@@ -48,6 +48,8 @@ def add_tokenizer_parser(sub, load_experiment) -> None:
     t.add_argument("--doc-per", default="file", choices=["file", "block", "line"], help="text files: document unit")
     t.add_argument("--vocab-size", type=_positive(int), required=True)
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    t.add_argument("--tool-tokens", action="store_true",
+                   help="reserve the tool-use tokens (<|tools|>, <|tool_call|>, <|tool|>) for chat models that call tools")
     t.add_argument("--sample-mb", type=_positive(float), default=20.0, help="megabytes of text to train on")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="tokenizer", help="output prefix: writes OUT.model")
@@ -98,7 +100,7 @@ def cmd_tokenizer_train(args) -> int:
     sources = _sources(args)
     t0 = time.time()
     tok = train_tokenizer(sample_texts(sources, args.sample_mb, args.seed), args.vocab_size, args.out,
-                          model_type=args.model_type)
+                          model_type=args.model_type, tool_tokens=args.tool_tokens)
     print(f"trained a {tok.vocab_size}-piece {args.model_type} tokenizer on up to {args.sample_mb:g} MB "
           f"from {len(sources)} source(s) in {time.time() - t0:.1f}s -> {os.path.abspath(tok.path)}")
     return 0

@@ -62,6 +62,7 @@ class DataConfig:
     tokenizer: str | None = None  # path to a SentencePiece .model; None trains one
     cache_dir: str | None = None  # read the pre-tokenised cache here (`lm data cache` builds it)
     tokenizer_sample_mb: float = 4.0  # text used to train the tokenizer
+    tool_tokens: bool = False  # a tokenizer trained here reserves the tool-use tokens (data_pipeline/chat.py)
     num_shards: int = 0  # logical data shards (0: one per process); fixes the data order across process counts
     num_workers: int = 0  # grain worker processes per shard (0: in the main process)
     prefetch: int = 4  # batches prepared ahead in a background thread

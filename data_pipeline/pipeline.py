@@ -547,7 +547,8 @@ def _shared_tokenizer(sources, d: DataConfig, vocab_size: int, run_dir: str, lay
     """Process 0 loads or trains the run's tokenizer; the others read what it stored (a
     shared file system)."""
     if layout.process_index == 0:
-        tok = tokenizer_for_run(sources, vocab_size, run_dir, d.tokenizer, d.tokenizer_sample_mb, d.seed, log)
+        tok = tokenizer_for_run(sources, vocab_size, run_dir, d.tokenizer, d.tokenizer_sample_mb, d.seed, log,
+                                tool_tokens=d.tool_tokens)
     if layout.process_count > 1:
         multihost_utils.sync_global_devices("tokenizer")
         if layout.process_index:

@@ -25,6 +25,10 @@ from data_pipeline.sources import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# Tool use (data_pipeline/chat.py): the tool definitions' turn, an assistant's call, a tool's
+# result. Reserved only in tokenizers trained with them (data.tool_tokens): adding them to
+# every tokenizer would change every existing run's vocabulary.
+TOOL_TOKENS = ("<|tools|>", "<|tool_call|>", "<|tool|>")
 NEWLINE = "\n"
 
 
@@ -51,18 +55,20 @@ def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_prefix: str,
-                    model_type: str = "bpe", num_threads: int | None = None) -> "Tokenizer":
-    """Train a SentencePiece model on `texts`; writes `out_prefix`.model and returns it."""
+                    model_type: str = "bpe", num_threads: int | None = None, tool_tokens: bool = False) -> "Tokenizer":
+    """Train a SentencePiece model on `texts`; writes `out_prefix`.model and returns it
+    (`tool_tokens`: with the tool-use control tokens, TOOL_TOKENS, besides the chat ones)."""
+    controls = list(CHAT_TOKENS) + (list(TOOL_TOKENS) if tool_tokens else [])
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
 
-    smallest = 256 + 4 + len(CHAT_TOKENS) + 1  # byte pieces, PAD/UNK/BOS/EOS, role tokens, newline
+    smallest = 256 + 4 + len(controls) + 1  # byte pieces, PAD/UNK/BOS/EOS, role tokens, newline
     if vocab_size < smallest:
         raise DataError(f"vocab_size={vocab_size} is too small: byte fallback and the special tokens take "
                         f"{smallest} pieces; use at least a few hundred more")
     model = io.BytesIO()
     stopped: list[BaseException] = []
     try:
-        _train(_stoppable(texts, stopped), vocab_size, model_type, num_threads, model)
+        _train(_stoppable(texts, stopped), vocab_size, model_type, num_threads, model, controls)
     except RuntimeError as e:
         if stopped:  # an interruption (Ctrl-C, SIGTERM) while reading the texts: SentencePiece lost its type
             raise stopped[0] from None
@@ -96,7 +102,7 @@ def _stoppable(texts: Iterable[str], stopped: list) -> Iterator[str]:
         raise
 
 
-def _train(texts, vocab_size, model_type, num_threads, model) -> None:
+def _train(texts, vocab_size, model_type, num_threads, model, controls) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_chunks(texts, 2048),
         model_writer=model,
@@ -111,7 +117,7 @@ def _train(texts, vocab_size, model_type, num_threads, model) -> None:
         split_by_whitespace=True,
         treat_whitespace_as_suffix=False,
         user_defined_symbols=[NEWLINE],
-        control_symbols=list(CHAT_TOKENS),
+        control_symbols=controls,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         max_sentence_length=4096,
         num_threads=num_threads or os.cpu_count() or 1,
@@ -248,7 +254,7 @@ def sample_texts(sources, megabytes: float, seed: int) -> Iterator[str]:
 
 def tokenizer_for_run(sources, vocab_size: int, run_dir: str, path: str | None = None,
                       sample_mb: float = 4.0, seed: int = 0, log: Callable = print, *, store: bool = True,
-                      fix: str | None = None) -> Tokenizer:
+                      fix: str | None = None, tool_tokens: bool = False) -> Tokenizer:
     """The run's tokenizer, copied into the run directory and checked: the one routine every
     stage uses.
 
@@ -266,7 +272,8 @@ def tokenizer_for_run(sources, vocab_size: int, run_dir: str, path: str | None =
             _store(path, stored)
     else:
         t0 = time.time()
-        tok = train_tokenizer(sample_texts(sources, sample_mb, seed), vocab_size, os.path.join(run_dir, "tokenizer"))
+        tok = train_tokenizer(sample_texts(sources, sample_mb, seed), vocab_size, os.path.join(run_dir, "tokenizer"),
+                              tool_tokens=tool_tokens)
         log(f"trained a {vocab_size}-piece BPE tokenizer on {sample_mb:g} MB in "
             f"{time.time() - t0:.1f}s -> {tok.path}")
     if tok.vocab_size != vocab_size:

@@ -17,7 +17,7 @@ from data_pipeline.chat import (
     render,
     validate_messages,
 )
-from data_pipeline.tokenizer import CHAT_TOKENS, Tokenizer, train_tokenizer
+from data_pipeline.tokenizer import CHAT_TOKENS, TOOL_TOKENS, Tokenizer, train_tokenizer
 
 SYSTEM = {"role": "system", "content": "You answer briefly."}
 
@@ -134,7 +134,8 @@ def test_generation_prompt(tok):
     ([_u("a"), _u("b")], "message 1 has role 'user' where 'assistant'"),
     ([_u("a"), SYSTEM], "message 1 has role 'system'"),
     ([SYSTEM, SYSTEM, _u("a")], "message 1 has role 'system'"),
-    ([_u("a"), {"role": "tool", "content": "x"}], "message 1 has role 'tool'; roles are system, user, assistant"),
+    ([_u("a"), {"role": "tool", "content": "x"}], "message 1 has role 'tool' where 'assistant' was expected"),
+    ([_u("a"), {"role": "robot", "content": "x"}], "message 1 has role 'robot'; roles are system, user, assistant, tool"),
     ([{"role": "user", "content": ["hi"]}], "content of type list"),
     ([{"role": "user", "content": None}], "content of type NoneType"),
     ([{"role": "user"}], "must be a dict with 'role' and 'content'"),
@@ -148,7 +149,7 @@ def test_bad_messages(tok, messages, match):
 def test_validate_returns_plain_messages():
     msgs = validate_messages(({"role": "user", "content": "hi", "name": "x"},))
     assert msgs == [{"role": "user", "content": "hi"}]
-    assert ROLES == ("system", "user", "assistant")
+    assert ROLES == ("system", "user", "assistant", "tool")
 
 
 def test_old_tokenizer_says_to_retrain(old_tok):
@@ -161,7 +162,8 @@ def test_old_tokenizer_says_to_retrain(old_tok):
 
 def test_template_names_the_chat_tokens():
     # the template writes '<|' ~ role ~ '|>' and '<|end|>': the names of CHAT_TOKENS
-    assert CHAT_TOKENS == tuple(f"<|{r}|>" for r in ROLES) + ("<|end|>",)
+    assert CHAT_TOKENS == tuple(f"<|{r}|>" for r in ROLES[:3]) + ("<|end|>",)
+    assert TOOL_TOKENS[2] == f"<|{ROLES[3]}|>"
     assert "<|end|>" in CHAT_TEMPLATE and "<|assistant|>" in CHAT_TEMPLATE
 
 

@@ -27,7 +27,7 @@ from flax import nnx
 
 from data_pipeline.chat import CHAT_TEMPLATE
 from data_pipeline.errors import NotFound
-from data_pipeline.tokenizer import CHAT_TOKENS
+from data_pipeline.tokenizer import CHAT_TOKENS, TOOL_TOKENS
 from lm.config import ConfigError, ModelConfig
 from lm.model.transformer import Transformer
 
@@ -320,7 +320,10 @@ def tokenizer_json(model_path: str) -> dict:
 def _chat_tokens(sp) -> dict[int, str]:
     """id -> piece of the chat role tokens in a SentencePiece model ({} for a tokenizer trained without them)."""
     ids = {sp.piece_to_id(piece): piece for piece in CHAT_TOKENS}
-    return {} if sp.unk_id() in ids else ids
+    if sp.unk_id() in ids:
+        return {}
+    tools = {sp.piece_to_id(piece): piece for piece in TOOL_TOKENS}  # with the tool tokens, if trained with them
+    return ids if sp.unk_id() in tools else {**ids, **tools}
 
 
 # ---------------------------------------------------------------------------------------
