@@ -45,11 +45,10 @@ the config's eos (`</s>`): pass `eos_token_id=<|end|>'s id` to stop a chat answe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 from data_pipeline.errors import UserError
-import json
-
 from data_pipeline.tokenizer import CHAT_TOKENS, TOOL_TOKENS
 
 Message = dict  # {"role": "system"|"user"|"assistant"|"tool", "content": str (+ "tool_calls")}
@@ -81,7 +80,8 @@ def tool_token_ids(tokenizer) -> dict[str, int]:
     sp = tokenizer.sp
     ids = {piece[2:-2]: sp.piece_to_id(piece) for piece in TOOL_TOKENS}
     if any(i == sp.unk_id() for i in ids.values()):
-        raise ChatFormatError(f"tokenizer {getattr(tokenizer, 'path', '?')} has no tool tokens ({', '.join(TOOL_TOKENS)}): "
+        raise ChatFormatError(f"tokenizer {getattr(tokenizer, 'path', '?')} has no tool tokens "
+                              f"({', '.join(TOOL_TOKENS)}): "
                               "conversations with tools need a tokenizer trained with them (data.tool_tokens=True, "
                               "or `lm tokenizer train --tool-tokens`)")
     return ids

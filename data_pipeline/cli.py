@@ -49,7 +49,8 @@ def add_tokenizer_parser(sub, load_experiment) -> None:
     t.add_argument("--vocab-size", type=_positive(int), required=True)
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     t.add_argument("--tool-tokens", action="store_true",
-                   help="reserve the tool-use tokens (<|tools|>, <|tool_call|>, <|tool|>) for chat models that call tools")
+                   help="reserve the tool-use tokens (<|tools|>, <|tool_call|>, <|tool|>) for chat models that "
+                        "call tools")
     t.add_argument("--sample-mb", type=_positive(float), default=20.0, help="megabytes of text to train on")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="tokenizer", help="output prefix: writes OUT.model")
