@@ -167,9 +167,10 @@ def cmd_sample(args) -> int:
             raise UserError(f"{args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
                             "use --prompt to continue text, or fine-tune it (make sft)")
         chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, weights=weights)
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, weights=weights, tools=_tools(args))
         try:
-            chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                       on_tool=_show_tool_call)
         except ValueError as e:  # a question (with --max-new) the context cannot hold: as `lm chat` says it
             raise UserError(f"not sent: {e}") from None
         sys.stdout.write("\n")
@@ -204,6 +205,22 @@ def cmd_sample(args) -> int:
         shown = text
     sys.stdout.write("\n")
     return 0
+
+
+def _tools(args) -> list:
+    """The tools named by --tools (lm/agent/registry.py), or []."""
+    if not getattr(args, "tools", None):
+        return []
+    from lm.agent import registry  # lazy: a command imports what it runs
+
+    try:
+        return registry.resolve(args.tools)
+    except registry.ToolError as e:
+        raise UserError(f"--tools: {e}") from None
+
+
+def _show_tool_call(name: str, arguments: str, result: str) -> None:
+    print(f"\n  [tool {name}({arguments}) -> {result}]", flush=True)
 
 
 def _sample_speculative(run, args, prompt_ids, weights) -> int:
@@ -269,7 +286,7 @@ def cmd_chat(args) -> int:
     if not is_chat_model(run):
         return _chat_base(run, args, weights)
     chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, weights=weights)
+                top_p=args.top_p, seed=args.seed, weights=weights, tools=_tools(args))
     # every program a conversation runs, compiled while the first message is typed (a turn
     # that needs one waits for it: no turn stalls to compile later)
     threading.Thread(target=chat.warm_up, name="lm-chat-warm-up", daemon=True).start()
@@ -290,7 +307,8 @@ def cmd_chat(args) -> int:
             continue
         dropped = chat.dropped
         try:
-            chat.reply(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            chat.reply(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                       on_tool=_show_tool_call)
         except ValueError as e:
             print(f"(not sent: {e})")
             continue
@@ -518,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--top-k", type=_number(int, 0, what="0 (off) or more"), default=0)
         sp.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=0.95)
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--tools", metavar="NAMES",
+                        help="a chat model trained to call tools: the tools it may call, comma-separated: built-ins "
+                             "(calculator) or module:function; each call and its result is shown")
         tensor_arg(sp)
 
     def tensor_arg(sp):

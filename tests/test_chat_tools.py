@@ -186,3 +186,51 @@ def test_hf_template_refuses_results_without_calls(hf_tok):
                                    tokenize=False)
     names = hf_tok.convert_tokens_to_ids(list(TOOL_TOKENS))
     assert len(set(names)) == 3 and hf_tok.unk_token_id not in names
+
+
+# ---------------------------------------------------------------------------------------
+# The tool loop of lm chat (lm/serve/chat.py), with the model's replies scripted
+
+
+def test_chat_runs_the_tools_a_reply_calls_and_goes_on(tok, plain_tok):
+    import types
+
+    from lm.agent import registry
+    from lm.serve.chat import Chat
+
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(max_seq_len=2048))
+    run = types.SimpleNamespace(tokenizer=tok, cfg=cfg, run_dir="r", graphdef=None, params=None)
+    chat = Chat(run, max_new=64, tools=registry.resolve("calculator"))
+    call = tool_token_ids(tok)["tool_call"]
+    replies = [[*tok.encode("Computing."), call, *tok.encode('{"name": "calculator", "arguments": {"expression": '
+                                                             '"1234 * 56"}}'), call, *tok.encode("not json")],
+               tok.encode("It is 69104.")]
+    prompts, shown, tools_seen = [], [], []
+
+    def scripted(prompt, on_text):
+        prompts.append(prompt)
+        ids = replies[len(prompts) - 1]
+        on_text(tok.decode(ids[: ids.index(call)] if call in ids else ids))
+        return ids
+
+    chat._generate = scripted
+    text = chat.reply("What is 1234 * 56?", on_text=shown.append, on_tool=lambda *a: tools_seen.append(a))
+    assert text == "It is 69104."
+    assert tools_seen == [("calculator", '{"expression": "1234 * 56"}', "69104"),
+                          ("?", "not json", 'error: a tool call is a JSON object {"name": ..., "arguments": {...}}')]
+    assert shown == ["Computing.", "It is 69104."]  # the calls' text is not shown as the reply
+    # the second prompt is the first one with the calls and their results after it
+    assert prompts[1][: len(prompts[0]) - 1] == prompts[0][:-1]
+    assert tok.decode(prompts[1]).count("69104") == 1 and tool_token_ids(tok)["tool"] in prompts[1]
+    assert [m["role"] for m in chat.history] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert render(tok, chat.history, tools=[t.spec() for t in chat.tools])  # a valid conversation
+    # a reply that keeps calling stops after max_tool_calls rounds
+    chat2 = Chat(run, max_new=64, tools=registry.resolve("calculator"), max_tool_calls=2)
+    chat2._generate = lambda prompt, on_text: [call, *tok.encode('{"name": "calculator", "arguments": '
+                                                                 '{"expression": "1"}}')]
+    chat2.reply("loop", on_tool=lambda *a: tools_seen.append(a))
+    assert len(tools_seen) == 2 + 2
+    # a run whose tokenizer has no tool tokens refuses tools with what to do
+    plain = types.SimpleNamespace(tokenizer=plain_tok, cfg=cfg, run_dir="base", graphdef=None, params=None)
+    with pytest.raises(ChatFormatError, match="base was not trained to call tools.*data.tool_tokens=True"):
+        Chat(plain, tools=registry.resolve("calculator"))

@@ -9,10 +9,18 @@ A base model (a pretraining run) has never seen the template: `is_chat_model` te
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
-from data_pipeline.chat import ChatFormatError, chat_token_ids, generation_prompt
+from data_pipeline.chat import (
+    ChatFormatError,
+    chat_token_ids,
+    generation_prompt,
+    has_tool_tokens,
+    parse_reply,
+    tool_token_ids,
+)
 from lm import stages
+from lm.agent import registry
 from lm.sampling import decode
 from lm.sampling.sampler import stream, warm_up_stream
 from lm.stages import STAGES
@@ -30,10 +38,24 @@ def is_chat_model(run: LoadedRun) -> bool:
     return True
 
 
+MAX_TOOL_CALLS = 4  # rounds of tool calls within one reply
+
+
 class Chat:
+    """One conversation. With `tools` (lm/agent/registry.py `Tool`s) their definitions lead
+    the prompt, and a reply that calls tools gets their results (run here) and goes on, up
+    to `max_tool_calls` rounds; `on_tool(name, arguments, result)` sees each call."""
+
     def __init__(self, run: LoadedRun, system: str = "", max_new: int = 256, temperature: float = 0.7,
-                 top_k: int = 0, top_p: float = 0.95, seed: int = 0, weights=None):
+                 top_k: int = 0, top_p: float = 0.95, seed: int = 0, weights=None, tools=None,
+                 max_tool_calls: int = MAX_TOOL_CALLS):
         self.run, self.system = run, system
+        self.tools = list(tools or [])
+        if self.tools and not has_tool_tokens(run.tokenizer):
+            raise ChatFormatError(f"{run.run_dir or 'this run'} was not trained to call tools: its tokenizer has no "
+                                  "tool tokens (fine-tune a run whose tokenizer has them: data.tool_tokens=True)")
+        self.tool_call_id = tool_token_ids(run.tokenizer)["tool_call"] if self.tools else None
+        self.max_tool_calls = max_tool_calls
         self.weights = weights  # split decode weights (LoadedRun.decode_weights), or None: prepared per call
         self.tok = run.tokenizer
         ids = chat_token_ids(self.tok)
@@ -53,16 +75,21 @@ class Chat:
     def reset(self) -> None:
         self.history, self.dropped = [], 0
 
-    def prompt_ids(self, user: str) -> list[int]:
-        """The generation prompt for `user` after the history, oldest exchanges dropped to fit."""
+    def prompt_ids(self, user: str, turn: list[dict] = ()) -> list[int]:
+        """The generation prompt for `user` (and this turn's tool calls and results so far)
+        after the history, oldest exchanges dropped to fit."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         room = self.run.cfg.model.max_seq_len - self.max_new
         history = list(self.history)
+        specs = [t.spec() for t in self.tools] or None
         while True:
-            ids = generation_prompt(self.tok, system + history + [{"role": "user", "content": user}])
+            ids = generation_prompt(self.tok, system + history + [{"role": "user", "content": user}, *turn],
+                                    tools=specs)
             if len(ids) <= room or not history:
                 break
-            history = history[2:]  # drop the oldest user/assistant exchange
+            # drop the oldest exchange: up to the next user message (tool calls and results included)
+            nxt = next((i for i, m in enumerate(history) if i and m["role"] == "user"), len(history))
+            history = history[nxt:]
             self.dropped += 1
         if len(ids) > room:
             raise ValueError(f"the message is {len(ids)} tokens; with --max-new {self.max_new} the model's "
@@ -71,25 +98,45 @@ class Chat:
         self.history = history
         return ids
 
-    def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> str:
+    def reply(self, user: str, on_text: Callable[[str], None] | None = None,
+              on_tool: Callable[[str, str, str], None] | None = None) -> str:
         """Stream the assistant's reply to `user` (calling on_text with each new piece of
-        text); the exchange is added to the history."""
-        text = ""
-        for text_now in self._stream(self.prompt_ids(user)):
-            if on_text is not None:
-                on_text(text_now[len(text):])
-            text = text_now
-        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        text, on_tool with each tool call and its result); the exchange is added to the
+        history. Returns the reply's text (the last turn's, after any tool calls)."""
+        turn: list[dict] = []
+        for rounds in range(self.max_tool_calls + 1):
+            ids = self._generate(self.prompt_ids(user, turn), on_text)
+            text, calls = parse_reply(self.tok, ids) if self.tools else (self.tok.decode(ids), [])
+            if not calls or rounds == self.max_tool_calls:  # (the last round's calls are not run)
+                break
+            turn.append({"role": "assistant", "content": text,
+                         "tool_calls": [{"name": c["name"] or "invalid", "arguments": c["arguments"]}
+                                        for c in calls]})
+            for c in calls:
+                result = (registry.run(self.tools, c["name"], c["arguments"]) if c["name"] is not None else
+                          'error: a tool call is a JSON object {"name": ..., "arguments": {...}}')
+                if on_tool is not None:
+                    on_tool(c["name"] or "?", c["arguments"], result)
+                turn.append({"role": "tool", "content": result})
+            self.seed += 1
+        self.history += [{"role": "user", "content": user}, *turn, {"role": "assistant", "content": text}]
         self.seed += 1
         return text
 
-    def _stream(self, ids: list[int]) -> Iterator[str]:
-        out: list[int] = []
-        for t in stream(self.run.graphdef, self.run.params, ids, self.max_new, self.run.cfg.model.max_seq_len,
+    def _generate(self, prompt: list[int], on_text) -> list[int]:
+        """The reply's tokens (before its end token); the text before any tool call streamed."""
+        ids: list[int] = []
+        shown, calling = "", False
+        self.ended = False  # whether the reply ended with its end token (else it ran to max_new)
+        for t in stream(self.run.graphdef, self.run.params, prompt, self.max_new, self.run.cfg.model.max_seq_len,
                         stop_ids=self.stops, seed=self.seed, weights=self.weights, **self.kw):
             if t in self.stops:
                 self.ended = True
-                return
-            out.append(t)
-            yield self.tok.decode(out)  # decode the whole reply: pieces can merge across tokens
-        self.ended = False
+                break
+            ids.append(t)
+            calling = calling or t == self.tool_call_id
+            if not calling and on_text is not None:
+                text = self.tok.decode(ids)  # the whole reply: pieces can merge across tokens
+                on_text(text[len(shown):])
+                shown = text
+        return ids
