@@ -64,13 +64,13 @@ class TooLong(ValueError):
 
 
 def fit_conversation(tokenizer: Tokenizer, messages: list[dict], max_len: int,
-                     long: str = "truncate") -> tuple[list[int], list[int], int | None]:
+                     long: str = "truncate", tools: list | None = None) -> tuple[list[int], list[int], int | None]:
     """Render `messages` in at most `max_len` tokens -> (ids, mask, assistant turns kept or None if whole).
 
     "truncate" keeps the longest prefix ending with a whole assistant turn (its <|end|>
     included) that fits; TooLong when not even the first reply fits, or with "drop".
     """
-    ids, mask = chat.render(tokenizer, messages)
+    ids, mask = chat.render(tokenizer, messages, tools=tools)
     if len(ids) <= max_len:
         return ids, mask, None
     if long != "truncate":
@@ -82,7 +82,7 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict], max_len: int,
     end = chat.chat_token_ids(tokenizer)["end"]
     fits = sum(1 for i in range(max_len) if ids[i] == end and mask[i])
     for n in range(min(fits, len(replies) - 1), 0, -1):
-        ids, mask = chat.render(tokenizer, messages[: replies[n - 1] + 1])
+        ids, mask = chat.render(tokenizer, messages[: replies[n - 1] + 1], tools=tools)
         if len(ids) <= max_len:
             return ids, mask, n
     raise TooLong(f"longer than the row (its first reply needs more than {max_len} tokens)")
@@ -141,7 +141,9 @@ class RenderChat(grain.transforms.Map):
         try:
             if record.text is None:
                 raise chat.ChatFormatError(record.error or "bad record")
-            ids, mask, kept = fit_conversation(self._tok, json.loads(record.text), self.max_len, self.long)
+            conv = json.loads(record.text)  # the messages, or {"messages", "tools"} (a record with tools)
+            messages, tools = (conv["messages"], conv["tools"]) if isinstance(conv, dict) else (conv, None)
+            ids, mask, kept = fit_conversation(self._tok, messages, self.max_len, self.long, tools=tools)
         except (chat.ChatFormatError, TooLong, json.JSONDecodeError) as e:
             self.drops.drop(record, e, bad=not isinstance(e, TooLong))
             return {"tokens": np.zeros((0,), np.int32), "mask": np.zeros((0,), np.int32)}

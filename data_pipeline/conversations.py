@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from data_pipeline.chat import validate_messages  # the chat format's rules of role order
+from data_pipeline.chat import validate_messages, validate_tools  # the chat format's rules
 from data_pipeline.config import SourceConfig
 from data_pipeline.sources import DataError, JsonLines, Record, _open_bytes, expand, open_split
 
@@ -85,9 +85,13 @@ def _messages(r: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise ValueError(f"a message is {type(m).__name__}, not an object")
         role = _text(m, "role")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown role {role!r} (expected system, user or assistant)")
-        msgs.append({"role": role, "content": _text(m, "content")})
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"unknown role {role!r} (expected system, user, assistant or tool)")
+        if role == "assistant" and m.get("tool_calls"):  # OpenAI's tool calls (content may be null)
+            msgs.append({"role": role, "content": _text(m, "content", required=False) if m.get("content") is not None
+                         else "", "tool_calls": m["tool_calls"]})
+        else:
+            msgs.append({"role": role, "content": _text(m, "content")})
     return msgs
 
 
@@ -128,9 +132,15 @@ def to_messages(record: dict, fmt: str = "auto", system_prompt: str = "") -> lis
         msgs.pop()
     if not msgs:
         raise ValueError("no assistant turn")
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+    if any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in msgs):
         raise ValueError("empty assistant reply")
     return validate_messages(msgs)
+
+
+def record_tools(record: dict) -> list | None:
+    """A record's tool definitions ("tools", as OpenAI and apply_chat_template take them), or None."""
+    tools = record.get("tools") if isinstance(record, dict) else None
+    return validate_tools(tools) if tools else None
 
 
 class ConversationSource(JsonLines):
@@ -175,9 +185,12 @@ class ConversationSource(JsonLines):
             return Record(None, where, error)
         try:
             msgs = to_messages(obj, self.fmt, self.system_prompt)
+            tools = record_tools(obj)
         except ValueError as e:
             return Record(None, where, str(e))
-        return Record(json.dumps(msgs, ensure_ascii=False), where)
+        # with tool definitions: {"messages": ..., "tools": ...} (data_pipeline/chat_data.py reads both)
+        return Record(json.dumps(msgs if tools is None else {"messages": msgs, "tools": tools}, ensure_ascii=False),
+                      where)
 
 
 def open_chat_source(cfg: SourceConfig) -> tuple[ConversationSource, object]:

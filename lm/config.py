@@ -172,7 +172,8 @@ class PreferenceConfig:
 class RLConfig:
     """Reinforcement learning from rewards: GRPO and PPO (lm/objectives/policy.py, lm/stages/grpo.py, lm/stages/ppo.py)."""
 
-    task: str = "arith"  # prompts and answers: "arith" (synthetic additions), "gsm8k" (../shared/data/gsm8k)
+    task: str = "arith"  # prompts and answers: "arith" (synthetic additions), "calc" (4-digit sums, 3x2-digit
+    # products: for a model with a calculator), "gsm8k" (../shared/data/gsm8k)
     reward: str = "exact"  # "exact" (the reply is the answer), "number" (its last number), "gsm8k_strict"
     # ("#### N" format), "gsm8k_lenient" (last number), or "module:function" (completion, example) -> float
     group_size: int = 8  # G samples per prompt
@@ -188,6 +189,10 @@ class RLConfig:
     eval_prompts: int = 200  # held-out prompts for pass@1 (greedy)
     train_problems: int = 5000  # "arith": training problems generated (2 digits: 8,100 exist)
     digits: int = 2  # "arith": digits of each operand
+    tools: str = ""  # tools the policy may call in its rollouts ("calculator", "module:function", comma-separated)
+    max_tool_calls: int = 2  # rounds of tool calls per sample (generation goes on after each round's results)
+    tool_result_tokens: int = 32  # a tool's result is cut to this many tokens in the sequence
+    sft_without_tools: float = 0.25  # SFT on a task with rl.tools: this share of its records answers without tools
     # PPO only (lm/stages/ppo.py): a value head "value" on the policy (model.scalar_heads), GAE
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda
@@ -247,12 +252,14 @@ class Config:
         if self.pref.beta <= 0:
             raise ConfigError(f"pref.beta={self.pref.beta} must be positive")
         for key in ("group_size", "max_new", "updates_per_rollout", "minibatches", "eval_prompts", "digits",
-                    "kl_horizon"):
+                    "kl_horizon", "tool_result_tokens"):
             if getattr(self.rl, key) <= 0:
                 raise ConfigError(f"rl.{key}={getattr(self.rl, key)} must be positive")
         if self.rl.temperature <= 0 or self.rl.clip_eps <= 0 or self.rl.beta < 0:
             raise ConfigError("rl.temperature and rl.clip_eps must be positive and rl.beta not negative")
-        for key in ("vf_coef", "value_clip", "kl_target", "clip_eps_high"):
+        if not 0 <= self.rl.sft_without_tools <= 1:
+            raise ConfigError(f"rl.sft_without_tools={self.rl.sft_without_tools} must be in [0, 1]")
+        for key in ("vf_coef", "value_clip", "kl_target", "clip_eps_high", "max_tool_calls"):
             if getattr(self.rl, key) < 0:
                 raise ConfigError(f"rl.{key}={getattr(self.rl, key)} must not be negative")
         if not (0 <= self.rl.gamma <= 1 and 0 <= self.rl.lam <= 1):

@@ -62,9 +62,10 @@ def test_numbers_of_every_kind_are_rewards():
 def test_pass_at_1_counts_passes_and_never_exceeds_one(monkeypatch):
     """A reward above 1 (a graded reward, or (score, length) summed) counts one pass per prompt."""
     n = 5
-    sampler = types.SimpleNamespace(items=[{"answer": i} for i in range(n)], text=lambda out, count: "x")
-    monkeypatch.setattr(rollouts, "sample", lambda *a, **k: rollouts.Sample(None, None, np.zeros((4, 1)), np.ones(4),
-                                                                            None, np.ones(4, bool)))
+    sampler = types.SimpleNamespace(items=[{"answer": i} for i in range(n)], text=lambda out, count, start: "x")
+    zeros = np.zeros(4, int)
+    monkeypatch.setattr(rollouts, "sample", lambda *a, **k: rollouts.Sample(
+        None, None, np.zeros((4, 1)), np.ones(4), None, np.ones(4, bool), np.ones((4, 1), bool), zeros, zeros, zeros))
     generous = lambda c, e: 2.75  # noqa: E731
     assert rollouts.pass_at_1(None, None, sampler, generous, batch=4) == 1.0
     half = lambda c, e: 0.5  # noqa: E731

@@ -85,6 +85,7 @@ def test_prompts_that_do_not_split_are_refused_and_rollouts_pad_them():
     sampler = rollouts.Sampler.__new__(rollouts.Sampler)
     sampler.ids = [list(t[:n]) for t, n in zip(tokens, lengths)]
     sampler.width, sampler.stops, sampler.max_new = 8, [2], 5
+    sampler.response_width, sampler.max_tool_calls = 5, 0
     s = rollouts.sample(engine.graphdef, params, sampler, [0, 1, 2, 3, 4, 5], jax.random.PRNGKey(0), 1.0, m)
     alone = rollouts.sample(engine.graphdef, params, sampler, [0, 1, 2, 3, 4, 5], jax.random.PRNGKey(0), 1.0)
     assert s.out.shape == (6, 5) and s.local.all()

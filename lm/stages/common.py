@@ -15,6 +15,7 @@ from data_pipeline import tasks
 from data_pipeline.chat import generation_prompt
 from data_pipeline.pipeline import DataSource, text_data
 from data_pipeline.tokenizer import Tokenizer, tokenizer_for_run
+from lm.agent import registry
 from lm.config import Config, ConfigError, to_dict
 from lm.eval.evaluate import TASK_METRICS, task_evaluator
 from lm.sampling.sampler import generate
@@ -133,6 +134,16 @@ def end_ids(tok: Tokenizer) -> list[int]:
 # RL tasks (GRPO and PPO train on them; SFT can read their training problems)
 
 
+def tool_list(cfg: Config) -> list:
+    """The tools of rl.tools (lm/agent/registry.py), or []: ConfigError for a bad name."""
+    if not cfg.rl.tools:
+        return []
+    try:
+        return registry.resolve(cfg.rl.tools)
+    except registry.ToolError as e:
+        raise ConfigError(f"rl.tools={cfg.rl.tools!r}: {e}") from None
+
+
 def problems(cfg: Config, tokenizer: Tokenizer | None = None,
              log: Callable | None = None) -> tuple[list[dict], list[dict]]:
     """The task's training and held-out problems; with a tokenizer, those whose prompt leaves
@@ -140,11 +151,13 @@ def problems(cfg: Config, tokenizer: Tokenizer | None = None,
     rl = cfg.rl
     if rl.task == "arith":
         train, test = tasks.arith(cfg.data.seed, rl.train_problems, rl.eval_prompts, rl.digits)
+    elif rl.task == "calc":
+        train, test = tasks.calc(cfg.data.seed, rl.train_problems, rl.eval_prompts)
     elif rl.task == "gsm8k":
         train, test = tasks.gsm8k(log=log)
         test = test[: rl.eval_prompts]
     else:
-        raise ConfigError(f"rl.task={rl.task!r}: choose 'arith' or 'gsm8k'")
+        raise ConfigError(f"rl.task={rl.task!r}: choose 'arith', 'calc' or 'gsm8k'")
     if not test:
         raise ConfigError(f"rl.eval_prompts={rl.eval_prompts} leaves no held-out problem to score; set it to 1 or more")
     if tokenizer is not None:
@@ -152,7 +165,8 @@ def problems(cfg: Config, tokenizer: Tokenizer | None = None,
         if limit <= 0:
             raise ConfigError(f"rl.max_new={rl.max_new} leaves no room for a prompt in model.max_seq_len="
                               f"{cfg.model.max_seq_len}; lower rl.max_new")
-        n = lambda p: len(generation_prompt(tokenizer, p["messages"]))  # noqa: E731
+        specs = [t.spec() for t in tool_list(cfg)] or None  # the tools' definitions lead every prompt
+        n = lambda p: len(generation_prompt(tokenizer, p["messages"], tools=specs))  # noqa: E731
         train = tasks.drop_long_prompts(train, n, limit, f"rl.task={rl.task} training", log)
         test = tasks.drop_long_prompts(test, n, limit, f"rl.task={rl.task} held-out", log)
     return train, test

@@ -54,9 +54,10 @@ class PPOData(rollouts.RolloutData):
         f = self.ctx.frozen
         return f.get("reference", f.get("base")) if self.rl.beta > 0 else None
 
-    def score(self, tokens, lengths, out, count, logps, rewards):
+    def score(self, tokens, lengths, out, count, logps, rewards, sampled=None):
         rl = self.rl
-        batch = rollouts.training_rows(tokens, lengths, out, count, logps, np.zeros(len(rewards)), rl.max_new)
+        batch = rollouts.training_rows(tokens, lengths, out, count, logps, np.zeros(len(rewards)),
+                                       self.sampler.response_width, sampled)
         del batch["advantages"]
         device = {k: put_rows(batch[k], self.batch_sharding[k])
                   for k in ("inputs", "positions", "segment_ids", "targets")}  # the rows split as in training

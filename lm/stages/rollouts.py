@@ -8,6 +8,13 @@ rows and rewards into its training batch (`RolloutData.score`: GRPO's group adva
 PPO overrides it). The run resumes exactly after a kill: the prompt order and the
 sampling keys derive from the seed and the rollout count, and a rollout batch still in
 use is saved with the data state.
+
+With tools (rl.tools), the prompts carry their definitions and a sample is several turns:
+generation stops at the end of a turn; a turn that called tools gets their results (run
+on the host of the process that sampled the row, then shared), then the assistant token,
+and generation goes on, up to rl.max_tool_calls rounds. Rows waiting for tools and rows
+that are done share each round's batch. The results (and the tokens around them) are in
+the training rows but never in the loss, the ratio or the KL: only sampled tokens are.
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data_pipeline.chat import chat_token_ids, generation_prompt
+from data_pipeline.chat import chat_token_ids, generation_prompt, parse_reply, tool_token_ids
 from data_pipeline.pipeline import DataStats
+from lm.agent import registry
 from lm.config import Config, ConfigError
 from lm.model.sharding import process_rows, put_rows, to_host
 from lm.objectives.policy import group_advantages
 from lm.sampling.sampler import rollout, rows_sharding
-from lm.stages.common import evaluators, problems, run_meta, run_tokenizer
+from lm.stages.common import evaluators, problems, run_meta, run_tokenizer, tool_list
 from lm.stages.rewards import RewardError, score_all
 from lm.train.engine import make_engine
 from lm.train.init import init_params_loader
@@ -34,15 +42,28 @@ from lm.train.logger import plot_metrics
 from lm.train.loop import Hook, Setup
 
 
-class Sampler:
-    """Prompts as padded device arrays, and decoding of the sampled tokens."""
+CALLS_PER_TURN = 2  # tool calls run per turn (more are answered with an error result)
 
-    def __init__(self, tokenizer, items: list[dict], max_new: int):
+
+class Sampler:
+    """Prompts as padded device arrays, and decoding of the sampled tokens (with `tools`: their
+    definitions lead every prompt, and up to `max_tool_calls` rounds of calls per sample)."""
+
+    def __init__(self, tokenizer, items: list[dict], max_new: int, tools=(), max_tool_calls: int = 0,
+                 result_tokens: int = 32):
         self.tok, self.items = tokenizer, items
-        self.ids = [generation_prompt(tokenizer, p["messages"]) for p in items]
+        self.tools = list(tools)
+        specs = [t.spec() for t in self.tools] or None
+        self.ids = [generation_prompt(tokenizer, p["messages"], tools=specs) for p in items]
         self.width = -(-max(len(p) for p in self.ids) // 8) * 8
-        self.stops = [chat_token_ids(tokenizer)["end"], tokenizer.eos_id]
+        self.chat_ids = chat_token_ids(tokenizer)
+        self.stops = [self.chat_ids["end"], tokenizer.eos_id]
         self.max_new = max_new
+        self.max_tool_calls = max_tool_calls if self.tools else 0
+        self.result_tokens = result_tokens
+        # a turn's results: per call <|tool|> result <|end|>, then <|assistant|>
+        self.insert_width = CALLS_PER_TURN * (result_tokens + 2) + 1
+        self.response_width = max_new + self.max_tool_calls * (max_new + self.insert_width)
 
     def arrays(self, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.zeros((len(idx), self.width), np.int32)
@@ -50,14 +71,38 @@ class Sampler:
             tokens[r, : len(self.ids[i])] = self.ids[i]
         return tokens, np.asarray([len(self.ids[i]) for i in idx], np.int32)
 
-    def text(self, out: np.ndarray, count: int) -> str:
-        ids = [t for t in out[:count].tolist() if t not in self.stops]
-        return self.tok.decode(ids)
+    def text(self, out: np.ndarray, count: int, start: int = 0) -> str:
+        """The reply: the text of the last turn (from `start`), without its stop token or tool calls."""
+        ids = [t for t in out[start:count].tolist() if t not in self.stops]
+        return parse_reply(self.tok, ids)[0] if self.tools else self.tok.decode(ids)
+
+    def results(self, segment: list[int]) -> tuple[list[int], int, int]:
+        """The tokens to append after a turn's tokens (`segment`, its end token excluded) that
+        called tools: each call's result, then <|assistant|>; ([], 0, 0) if it called none.
+        Returns (tokens, calls, calls that gave an error)."""
+        calls = parse_reply(self.tok, segment)[1]
+        if not calls:
+            return [], 0, 0
+        tool, end = tool_token_ids(self.tok)["tool"], self.chat_ids["end"]
+        ids, errors = [], 0
+        for k, c in enumerate(calls):
+            if k >= CALLS_PER_TURN:
+                result = f"error: at most {CALLS_PER_TURN} tool calls are run per turn"
+            elif c["name"] is None:
+                result = 'error: a tool call is a JSON object {"name": ..., "arguments": {...}}'
+            else:
+                result = registry.run(self.tools, c["name"], c["arguments"])
+            errors += result.startswith("error:")
+            if k < CALLS_PER_TURN:
+                ids += [tool, *self.tok.encode(result)[: self.result_tokens], end]
+        return ids + [self.chat_ids["assistant"]], len(calls), errors
 
 
 class Sample(NamedTuple):
     """A rollout's rows on the host (every process has all of them): prompts, new tokens,
-    their count and log-probabilities; `local` marks the rows this process sampled."""
+    their count and log-probabilities; `local` marks the rows this process sampled;
+    `sampled` the new tokens that were sampled (not tool results), `start` where each row's
+    last turn starts; `calls` and `errors` the tool calls of each row."""
 
     tokens: np.ndarray
     lengths: np.ndarray
@@ -65,30 +110,86 @@ class Sample(NamedTuple):
     count: np.ndarray
     logps: np.ndarray
     local: np.ndarray
+    sampled: np.ndarray
+    start: np.ndarray
+    calls: np.ndarray
+    errors: np.ndarray
+
+
+def _decode(graphdef, params, tokens, lengths, key, temperature: float, max_new: int, stops, mesh=None):
+    """Rows of prompts decoded, split over the devices of `mesh` (padded to a multiple of
+    them with copies of the last row, dropped after) -> host arrays and the local rows."""
+    n = len(tokens)
+    devices = 1 if mesh is None else mesh.size
+    pad = -n % devices
+    if pad:
+        tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
+        lengths = np.concatenate([lengths, np.repeat(lengths[-1:], pad, 0)])
+    if devices == 1:
+        out, count, logps = rollout(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), key,
+                                    max_new=max_new, temperature=temperature, stop_ids=stops)
+        local = np.ones(len(tokens), bool)
+    else:
+        rows = rows_sharding(mesh)
+        out, count, logps = rollout(graphdef, params, put_rows(tokens, rows), put_rows(lengths, rows), key,
+                                    max_new=max_new, temperature=temperature, stop_ids=stops, mesh=mesh)
+        local = np.zeros(len(tokens), bool)
+        for sl in rows.addressable_devices_indices_map((len(tokens),)).values():
+            local[sl[0]] = True
+    out, count, logps = (to_host(a)[:n] for a in (out, count, logps))
+    return out, count, logps, local[:n]
 
 
 def sample(graphdef, params, sampler: Sampler, idx: list[int], key, temperature: float, mesh=None) -> Sample:
     """Sample one row per entry of `idx` (a prompt index), the rows split over every device of
-    `mesh` (and so over the processes): each device decodes its share (padded to a multiple
-    of the device count with copies of the last row, dropped after)."""
+    `mesh` (and so over the processes): each device decodes its share. With tools, the rows
+    go on after their calls' results (see the module docstring)."""
     n = len(idx)
-    devices = 1 if mesh is None else mesh.size
-    padded = idx + [idx[-1]] * (-n % devices)
-    tokens, lengths = sampler.arrays(padded)
-    if devices == 1:
-        out, count, logps = rollout(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), key,
-                                    max_new=sampler.max_new, temperature=temperature, stop_ids=sampler.stops)
-        local = np.ones(len(padded), bool)
-    else:
-        rows = rows_sharding(mesh)
-        out, count, logps = rollout(graphdef, params, put_rows(tokens, rows), put_rows(lengths, rows), key,
-                                    max_new=sampler.max_new,
-                                    temperature=temperature, stop_ids=sampler.stops, mesh=mesh)
-        local = np.zeros(len(padded), bool)
-        for sl in rows.addressable_devices_indices_map((len(padded),)).values():
-            local[sl[0]] = True
-    out, count, logps = (to_host(a)[:n] for a in (out, count, logps))
-    return Sample(tokens[:n], lengths[:n], out, count, logps, local[:n])
+    tokens, lengths = sampler.arrays(idx)
+    out, count, logps, local = _decode(graphdef, params, tokens, lengths, key, temperature, sampler.max_new,
+                                       sampler.stops, mesh)
+    width = sampler.response_width
+    resp, lps = np.zeros((n, width), np.int32), np.zeros((n, width), np.float32)
+    resp[:, : out.shape[1]], lps[:, : out.shape[1]] = out, logps
+    sampled = np.arange(width)[None, :] < count[:, None]
+    count, start = count.astype(np.int64), np.zeros(n, np.int64)
+    calls, errors = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for round_ in range(1, sampler.max_tool_calls + 1):
+        end = sampler.chat_ids["end"]
+        # each process runs the tools of the rows it sampled; the results are shared
+        inserts = np.zeros((n, sampler.insert_width), np.int64)
+        sizes = np.zeros((n, 3), np.int64)  # tokens, calls, errors
+        for r in np.flatnonzero(local):
+            if count[r] > start[r] and resp[r, count[r] - 1] == end:  # the turn ended (not cut at max_new)
+                ids, k, bad = sampler.results(resp[r, start[r]: count[r] - 1].tolist())
+                if ids and count[r] + len(ids) + sampler.max_new <= width:
+                    inserts[r, : len(ids)] = ids
+                    sizes[r] = (len(ids), k, bad)
+        if jax.process_count() > 1:
+            inserts, sizes = (np.asarray(multihost_utils.process_allgather(a)).sum(axis=0) for a in (inserts, sizes))
+        going = np.flatnonzero(sizes[:, 0])
+        if not len(going):
+            break
+        cont = np.zeros((n, sampler.width + width), np.int32)
+        cont_len = np.ones(n, np.int32)  # rows that are done decode a one-token prompt, discarded
+        cont[:, 0] = tokens[:, 0]
+        for r in going:
+            size = sizes[r, 0]
+            resp[r, count[r]: count[r] + size] = inserts[r, :size]
+            count[r] += size
+            start[r] = count[r]
+            calls[r] += sizes[r, 1]
+            errors[r] += sizes[r, 2]
+            seq = np.concatenate([tokens[r, : lengths[r]], resp[r, : count[r]]])
+            cont[r, : len(seq)], cont_len[r] = seq, len(seq)
+        out, more, logps, _ = _decode(graphdef, params, cont, cont_len, jax.random.fold_in(key, 1000 + round_),
+                                      temperature, sampler.max_new, sampler.stops, mesh)
+        for r in going:
+            k = int(more[r])
+            resp[r, count[r]: count[r] + k], lps[r, count[r]: count[r] + k] = out[r, :k], logps[r, :k]
+            sampled[r, count[r]: count[r] + k] = True
+            count[r] += k
+    return Sample(tokens, lengths, resp, count.astype(np.int32), lps, local, sampled, start, calls, errors)
 
 
 def score_rows(reward_fn: Callable, pairs: list[tuple], local: np.ndarray) -> np.ndarray:
@@ -112,8 +213,9 @@ def score_rows(reward_fn: Callable, pairs: list[tuple], local: np.ndarray) -> np
     return np.asarray(multihost_utils.process_allgather(rewards)).sum(axis=0)
 
 
-def training_rows(tokens, lengths, out, count, logps, advantages, max_new: int) -> dict:
-    """Prompt + completion rows (B, W + max_new) with the loss on the completion tokens."""
+def training_rows(tokens, lengths, out, count, logps, advantages, max_new: int, sampled=None) -> dict:
+    """Prompt + completion rows (B, W + max_new) with the loss on the completion tokens (on
+    those `sampled` marks, if given: a tool's results are not the policy's)."""
     b, w = tokens.shape
     t = w + max_new
     batch = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
@@ -126,7 +228,7 @@ def training_rows(tokens, lengths, out, count, logps, advantages, max_new: int) 
         batch["targets"][r, : p + n - 1] = ids[1:]
         batch["segment_ids"][r, : p + n] = 1
         batch["positions"][r, : p + n] = np.arange(p + n)
-        batch["loss_mask"][r, p - 1: p + n - 1] = 1.0  # targets that are sampled tokens
+        batch["loss_mask"][r, p - 1: p + n - 1] = 1.0 if sampled is None else sampled[r, :n]  # sampled targets
         batch["old_logps"][r, p - 1: p + n - 1] = logps[r, :n]
     batch["advantages"] = np.asarray(advantages, np.float32)
     return batch
@@ -150,7 +252,7 @@ class RolloutData:
         self.cfg, self.rl, self.reward_fn, self.log = cfg, rl, reward_fn, log
         self.graphdef, self.mesh, self.batch_sharding = engine.graphdef, engine.mesh, engine.batch_sharding
         self.tokenizer = tokenizer
-        self.sampler = Sampler(tokenizer, train, rl.max_new)
+        self.sampler = Sampler(tokenizer, train, rl.max_new, tool_list(cfg), rl.max_tool_calls, rl.tool_result_tokens)
         self.names, self.weights = [rl.task], [1.0]
 
         self.stats = DataStats(self.names)
@@ -176,10 +278,10 @@ class RolloutData:
         mine = process_rows(self.batch_sharding["inputs"], len(rows))  # (all of them in one process)
         return {k: v[rows][mine] for k, v in self.current.items()}
 
-    def score(self, tokens, lengths, out, count, logps, rewards) -> tuple[dict, dict]:
+    def score(self, tokens, lengths, out, count, logps, rewards, sampled=None) -> tuple[dict, dict]:
         """The training batch of a rollout and its metrics: GRPO's group-relative advantages."""
         adv = group_advantages(rewards, self.rl.group_size, self.rl.scale_rewards)
-        return (training_rows(tokens, lengths, out, count, logps, adv, self.rl.max_new),
+        return (training_rows(tokens, lengths, out, count, logps, adv, self.sampler.response_width, sampled),
                 {"advantage_abs": float(np.abs(adv).mean())})
 
     def _rollout(self) -> None:
@@ -189,13 +291,17 @@ class RolloutData:
         prompts = [self._order(start + j) for j in range(self.prompts_per_rollout)]
         idx = [p for p in prompts for _ in range(g)]
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.trainer.seed + 17), self.rollouts)
-        tokens, lengths, out, count, logps, local = sample(self.graphdef, self.ctx.model_params, self.sampler, idx,
-                                                           key, rl.temperature, self.mesh)
+        s = sample(self.graphdef, self.ctx.model_params, self.sampler, idx, key, rl.temperature, self.mesh)
+        count = s.count
         t1 = time.perf_counter()
-        rewards = score_rows(self.reward_fn, [(self.sampler.text(out[r], count[r]), self.sampler.items[i])
-                                              for r, i in enumerate(idx)], local)
+        rewards = score_rows(self.reward_fn, [(self.sampler.text(s.out[r], s.count[r], s.start[r]),
+                                               self.sampler.items[i]) for r, i in enumerate(idx)], s.local)
         t2 = time.perf_counter()
-        self.current, extra = self.score(tokens, lengths, out, count, logps, rewards)
+        self.current, extra = self.score(s.tokens, s.lengths, s.out, s.count, s.logps, rewards,
+                                         s.sampled if self.sampler.tools else None)
+        if self.sampler.tools:
+            extra.update(tool_calls=float(s.calls.mean()),
+                         tool_error_rate=float(s.errors.sum() / max(1, s.calls.sum())))
         b = self.cfg.data.batch_size
         rng = np.random.default_rng([self.cfg.data.seed, self.rollouts, 1])
         self.plan = [order[i: i + b].tolist() for _ in range(rl.updates_per_rollout)
@@ -204,7 +310,8 @@ class RolloutData:
         groups = rewards.reshape(-1, g)
         spread = {"reward_std": float(groups.std(axis=1).mean()),
                   "groups_all_same": float((groups.std(axis=1) == 0).mean())} if g > 1 else {}
-        self._metrics = {"reward": float(rewards.mean()), **spread, "response_length": float(count.mean()), **extra,
+        self._metrics = {"reward": float(rewards.mean()), **spread,
+                         "response_length": float(s.sampled.sum(1).mean()), **extra,
                          "rollout_s": t1 - t0, "reward_s": t2 - t1, "score_s": time.perf_counter() - t2}
         self.rollouts += 1
 
@@ -239,7 +346,7 @@ def pass_at_1(graphdef, params, sampler: Sampler, reward_fn: Callable, batch: in
         idx += [idx[-1]] * (batch - len(idx))  # one compiled shape
         s = sample(graphdef, params, sampler, idx, jax.random.PRNGKey(0), 0.0, mesh)
         real = min(batch, n - lo)
-        r = score_rows(reward_fn, [(sampler.text(s.out[k], s.count[k]), sampler.items[i])
+        r = score_rows(reward_fn, [(sampler.text(s.out[k], s.count[k], s.start[k]), sampler.items[i])
                                    for k, i in enumerate(idx[:real])], s.local[:real])
         total += float(r.sum() if mean else (r >= 1.0).sum())
     return total / n
@@ -256,7 +363,9 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable, *, objective, data_cls
     engine = make_engine(cfg, mesh, objective)
     train, heldout = problems(cfg, tok, log)
     data = data_cls(cfg, tok, train, engine, reward_fn, log)
-    held = Sampler(tok, heldout, cfg.rl.max_new)
+    tools = tool_list(cfg)
+    held = Sampler(tok, heldout, cfg.rl.max_new, tools, cfg.rl.max_tool_calls, cfg.rl.tool_result_tokens)
+    no_tools = Sampler(tok, heldout, cfg.rl.max_new) if tools else None
     loader = init_params_loader(cfg, engine, log, run_dir)
     if loader is None:
         raise ConfigError(f"{what} improves a model that can already answer sometimes: set trainer.init_from "
@@ -272,8 +381,13 @@ def setup(cfg: Config, run_dir: str, mesh, log: Callable, *, objective, data_cls
                           mean=model_reward, mesh=mesh)
         summary.update({f"heldout_{key}": end, f"base_heldout_{key}": start})
         fmt = "{:.3f}" if model_reward else "{:.1%}"
-        log(f"held-out {metric} on {len(held.items)} {cfg.rl.task} prompts (greedy): {fmt.format(start)} before -> "
-            f"{fmt.format(end)} after")
+        if no_tools is not None:  # the starting model asked without tools (no definitions, no calls run)
+            alone = pass_at_1(engine.graphdef, jax.device_put(loader(), engine.param_sharding), no_tools, reward_fn,
+                              mean=model_reward, mesh=mesh)
+            summary[f"base_heldout_{key}_without_tools"] = alone
+            log(f"held-out {metric} of the starting model without tools: {fmt.format(alone)}")
+        log(f"held-out {metric} on {len(held.items)} {cfg.rl.task} prompts (greedy{', with tools' if tools else ''}): "
+            f"{fmt.format(start)} before -> {fmt.format(end)} after")
         summary["headline"] = (f"held-out mean reward of greedy replies {start:.3f} -> {end:.3f}" if model_reward
                                else f"held-out pass@1 {start:.1%} -> {end:.1%}")
         path = plot_metrics(ctx.run_dir, {"reward": "mean reward (rollouts)", metric: f"held-out {metric}", **curves},

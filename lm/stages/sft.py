@@ -13,6 +13,7 @@ With `data.corpus="default"` the conversations are the embedded standard-library
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Callable
 
@@ -22,10 +23,11 @@ from data_pipeline.chat_data import chat_data
 from data_pipeline.config import SourceConfig
 from data_pipeline.pipeline import Streams
 from data_pipeline.tokenizer import Tokenizer
+from lm.agent import registry
 from lm.config import Config, ConfigError
 from lm.objectives.next_token import NextToken
 from lm.stages import Stage
-from lm.stages.common import base_evals, evaluators, print_samples, problems, run_meta, run_tokenizer
+from lm.stages.common import base_evals, evaluators, print_samples, problems, run_meta, run_tokenizer, tool_list
 from lm.train.engine import make_engine
 from lm.train.init import init_params_loader
 from lm.train.loop import Setup
@@ -61,9 +63,36 @@ def _task_file(cfg: Config, run_dir: str, path: str) -> str:
     """"<task:arith>" -> a JSON Lines file of that task's training problems with their answers
     (only the training split: the RL stage's held-out prompts stay unseen)."""
     name = path[len("<task:"):-1]
-    train, _ = problems(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, task=name)))
-    return tasks.write_jsonl(os.path.join(run_dir, "data", f"task_{name}.jsonl"),
-                             tasks.sft_records(train, solution=True))
+    task_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, task=name))
+    train, _ = problems(task_cfg)
+    tools = tool_list(task_cfg)
+    records = (tool_records(train, tools, cfg.rl.sft_without_tools) if tools
+               else tasks.sft_records(train, solution=True))
+    return tasks.write_jsonl(os.path.join(run_dir, "data", f"task_{name}.jsonl"), records)
+
+
+def tool_records(problems: list[dict], tools: list, without: float) -> list[dict]:
+    """Demonstrations of a task whose problems carry an "expression" (data_pipeline/tasks.py
+    "calc"): the question, a call of the first tool with it, the tool's result (computed by
+    the tool itself, as rollouts will see it), then the answer. Every record whose index
+    falls in the `without` share answers directly, with no tools defined: the same model
+    can then be asked with and without tools."""
+    specs = [t.spec() for t in tools]
+    out = []
+    for i, p in enumerate(problems):
+        if "expression" not in p:
+            raise ConfigError("rl.tools on an SFT task: its problems need an 'expression' to call a tool with "
+                              "(the 'calc' task has one)")
+        if int((i + 1) * without) > int(i * without):  # `without` of them, spread evenly
+            out.append({"messages": p["messages"] + [{"role": "assistant", "content": p["answer"]}]})
+            continue
+        args = json.dumps({"expression": p["expression"]})
+        call = {"type": "function", "function": {"name": tools[0].name, "arguments": args}}
+        out.append({"tools": specs, "messages": p["messages"] + [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": registry.run(tools, tools[0].name, args)},
+            {"role": "assistant", "content": p["answer"]}]})
+    return out
 
 
 def open_data(cfg: Config, run_dir: str, log: Callable = print, tokenizer: Tokenizer | None = None) -> Streams:
