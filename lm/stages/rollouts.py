@@ -41,7 +41,6 @@ from lm.train.init import init_params_loader
 from lm.train.logger import plot_metrics
 from lm.train.loop import Hook, Setup
 
-
 CALLS_PER_TURN = 2  # tool calls run per turn (more are answered with an error result)
 
 
@@ -292,7 +291,6 @@ class RolloutData:
         idx = [p for p in prompts for _ in range(g)]
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.trainer.seed + 17), self.rollouts)
         s = sample(self.graphdef, self.ctx.model_params, self.sampler, idx, key, rl.temperature, self.mesh)
-        count = s.count
         t1 = time.perf_counter()
         rewards = score_rows(self.reward_fn, [(self.sampler.text(s.out[r], s.count[r], s.start[r]),
                                                self.sampler.items[i]) for r, i in enumerate(idx)], s.local)
