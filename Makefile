@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= test,serve
 
-.PHONY: install pretrain sft sft-lora rl test test-all bench clean
+.PHONY: install pretrain sft sft-lora rl rl-tools test test-all bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,14 @@ rl: $(STAMP)
 	@test -f runs/sft_arith/summary.json || $(PY) -m lm train experiments/sft_arith.py
 	$(PY) -m lm train experiments/grpo_arith.py $(ARGS)
 	$(PY) -m lm train experiments/ppo_arith.py $(ARGS)
+
+# A model that calls a calculator, on a CPU: pretraining with the tool tokens reserved, SFT
+# on tool-using demonstrations, then GRPO whose rollouts call the tool (pass@1 without
+# tools, with tools after SFT and after GRPO printed at the end).
+rl-tools: $(STAMP)
+	@test -f runs/pretrain_tools/summary.json || $(PY) -m lm train experiments/pretrain_tools.py
+	@test -f runs/sft_calc/summary.json || $(PY) -m lm train experiments/sft_calc.py
+	$(PY) -m lm train experiments/grpo_calc.py $(ARGS)
 
 # The test suite on CPU with 8 fake devices (slow tests excluded; `make test-all` runs them),
 # on JOBS pytest-xdist workers (JOBS=0: in this process, e.g. to use a debugger).

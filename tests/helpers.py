@@ -49,14 +49,15 @@ def train_cmd(experiment: str, run_dir, sets=(), extra=()) -> list[str]:
     return cmd + list(extra)
 
 
-def corpus_tokenizer(directory, vocab_size: int = 1024, n_docs: int = 300):
-    """The project's real tokenizer (SentencePiece BPE, byte fallback, chat tokens), trained on
-    the first `n_docs` documents of the embedded default corpus (about a second)."""
+def corpus_tokenizer(directory, vocab_size: int = 1024, n_docs: int = 300, tool_tokens: bool = False):
+    """The project's real tokenizer (SentencePiece BPE, byte fallback, chat tokens; the tool
+    tokens too with `tool_tokens`), trained on the first `n_docs` documents of the embedded
+    default corpus (about a second)."""
     from data_pipeline import default_corpus
     from data_pipeline.tokenizer import train_tokenizer
 
     docs = [d.text() for d in default_corpus.documents()[:n_docs]]
-    return train_tokenizer(docs, vocab_size, str(directory / "sp"))
+    return train_tokenizer(docs, vocab_size, str(directory / "sp"), tool_tokens=tool_tokens)
 
 
 def write_task_files(directory, n: int = 12) -> str:

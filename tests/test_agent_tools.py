@@ -86,8 +86,8 @@ def test_the_calculators_schema_comes_from_its_signature_and_docstring():
     params = spec["function"]["parameters"]
     assert params["required"] == ["expression"]
     assert params["properties"]["expression"]["type"] == "string"
-    assert "arithmetic to compute" in params["properties"]["expression"]["description"]
-    assert spec["function"]["description"].startswith("Exact arithmetic")
+    assert params["properties"]["expression"]["description"] == 'for example "1234 * 56"'
+    assert spec["function"]["description"] == "Exact arithmetic: + - * / // % ^ and parentheses."
 
 
 @pytest.fixture

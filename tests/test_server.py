@@ -231,6 +231,11 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(server):
     assert e.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="chat_run", messages=[{"role": "user", "content": "x"}], max_tokens=300)
+    tool = {"type": "function", "function": {"name": "f"}}
+    with pytest.raises(openai.BadRequestError, match="was not trained to call tools"):  # no tool tokens
+        client.chat.completions.create(model="chat_run", messages=[{"role": "user", "content": "x"}], tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="tools are for /v1/chat/completions"):
+        client.completions.create(model="chat_run", prompt="x", extra_body={"tools": [tool]})
     assert httpx.get(url + "/v1/completions", headers=auth, timeout=30).status_code == 405
     assert httpx.get(url + "/v1/nothing", headers=auth, timeout=30).status_code == 404
     # none of it hurt the server

@@ -169,9 +169,9 @@ def format_number(x: Fraction) -> str:
 
 
 def calculator(expression: str) -> str:
-    """Exact arithmetic on integers and decimals: + - * / // % and ^ (or **) with parentheses.
+    """Exact arithmetic: + - * / // % ^ and parentheses.
 
     Args:
-        expression: the arithmetic to compute, for example "1234 * 56 + 7.5".
+        expression: for example "1234 * 56"
     """
     return format_number(evaluate(expression))

@@ -7,9 +7,13 @@ Options: `max_tokens` (`max_completion_tokens`), `temperature`, `top_p`, `stop`,
 `stream` (server-sent events, with `stream_options.include_usage`), `logprobs` (the chosen
 tokens'), `echo` on /v1/completions (the prompt first, with its tokens' log-probabilities
 and the most likely token at each position; `max_tokens` 0 for the prompt alone: what
-lm-evaluation-harness's `local-completions` model sends). Not supported, and refused with
-a 400 rather than ignored: `n` > 1, `best_of`, `echo` with `stream`, `suffix`, `tools`,
-`top_logprobs`, `logit_bias`, penalties, a non-text `response_format`.
+lm-evaluation-harness's `local-completions` model sends), `tools` and `tool_choice` ("auto"
+or "none") on /v1/chat/completions for a model whose tokenizer has the tool tokens (the
+reply's calls come back as `tool_calls` with finish_reason "tool_calls", streamed as
+deltas; the client runs them and sends `role: tool` messages back). Not supported, and
+refused with a 400 rather than ignored: `n` > 1, `best_of`, `echo` with `stream`,
+`suffix`, `functions`, other `tool_choice`s, `top_logprobs`, `logit_bias`, penalties, a
+non-text `response_format`.
 
 Every request runs in one slot of the `lm.serve.batching.Batcher`, which steps all slots at
 once on its own thread; the event loop only queues and streams (bodies are parsed and
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data_pipeline.chat import chat_token_ids, generation_prompt
+from data_pipeline.chat import chat_token_ids, generation_prompt, has_tool_tokens, parse_reply, tool_token_ids
 from data_pipeline.errors import UserError
 from lm.sampling import decode
 from lm.serve.batching import Batcher, Event, Request
@@ -125,8 +130,10 @@ def _unsupported(body: dict, chat: bool = False) -> None:
         raise APIError(400, "echo with stream is not supported: echo without streaming", "echo")
     if body.get("suffix"):
         raise APIError(400, "suffix is not supported", "suffix")
-    if body.get("tools") or body.get("functions"):
-        raise APIError(400, "tools and functions are not supported", "tools")
+    if body.get("functions") or body.get("function_call"):
+        raise APIError(400, "functions are not supported: use tools", "functions")
+    if body.get("tools") and not chat:
+        raise APIError(400, "tools are for /v1/chat/completions", "tools")
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0:
             raise APIError(400, f"{name} is not supported (leave it 0)", name)
@@ -168,6 +175,50 @@ def _stream_usage(body: dict, stream: bool) -> bool:
     return _flag(opts, "include_usage")
 
 
+def _tools(body: dict) -> list[dict] | None:
+    """The request's tool definitions, checked field by field (None: no tools, or
+    tool_choice "none")."""
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
+    if choice not in ("auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto' or 'none' (forcing a call is not supported)", "tool_choice")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be a list of tool definitions", "tools")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type") != "function":
+            raise APIError(400, f"tools[{i}] must be an object with type 'function'", f"tools[{i}].type")
+        f = t.get("function")
+        if not isinstance(f, dict):
+            raise APIError(400, f"tools[{i}].function must be an object", f"tools[{i}].function")
+        if not isinstance(f.get("name"), str) or not f["name"] or len(f["name"]) > 64:
+            raise APIError(400, f"tools[{i}].function.name must be a string of 1 to 64 characters",
+                           f"tools[{i}].function.name")
+        if "description" in f and not isinstance(f["description"], str):
+            raise APIError(400, f"tools[{i}].function.description must be a string",
+                           f"tools[{i}].function.description")
+        if "parameters" in f and not isinstance(f["parameters"], dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object",
+                           f"tools[{i}].function.parameters")
+    return None if choice == "none" else tools
+
+
+def _message(m, i: int) -> dict:
+    """A chat message of the request: role, content, and an assistant's tool calls."""
+    if not isinstance(m, dict):
+        raise APIError(400, "each message must be an object with 'role' and 'content'", "messages")
+    calls = m.get("tool_calls")
+    if m.get("role") == "assistant" and calls:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  for c in calls):
+            raise APIError(400, f"messages[{i}].tool_calls must be a list of {{type, id, function}} objects",
+                           f"messages[{i}].tool_calls")
+        content = m.get("content")
+        return {"role": "assistant", "content": "" if content is None else _message_text(content),
+                "tool_calls": [c["function"] for c in calls]}
+    return {"role": m.get("role"), "content": _message_text(m.get("content"))}
+
+
 def _message_text(content) -> str:
     """A message's content: a string, or a list of text parts."""
     if isinstance(content, str):
@@ -193,6 +244,8 @@ class Service:
         self.chat_stop_ids = self.stop_ids
         if chat:
             self.chat_stop_ids = (chat_token_ids(tokenizer)["end"], tokenizer.eos_id)
+        self.tools = chat and has_tool_tokens(tokenizer)  # it can be asked with tools
+        self.tool_call_id = tool_token_ids(tokenizer)["tool_call"] if self.tools else None
         self.created = int(time.time())
         # No token covers more characters than its piece has (a byte piece "<0x41>" covers one):
         # a text longer than max_len times this is over the context, known without tokenising it
@@ -221,14 +274,15 @@ class Service:
             if not isinstance(messages, list) or not messages:
                 raise APIError(400, "'messages' must be a non-empty list of messages", "messages")
 
-            msgs = []
-            for m in messages:
-                if not isinstance(m, dict):
-                    raise APIError(400, "each message must be an object with 'role' and 'content'", "messages")
-                msgs.append({"role": m.get("role"), "content": _message_text(m.get("content"))})
-            self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
+            msgs = [_message(m, i) for i, m in enumerate(messages)]
+            tools = _tools(body)
+            uses_tools = tools or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs)
+            if uses_tools and not self.tools:
+                raise APIError(400, f"'{self.model_name}' was not trained to call tools (its tokenizer has no tool "
+                                    "tokens)", "tools")
+            self._check_chars(sum(len(m["content"]) for m in msgs) + len(json.dumps(tools or [])), "messages")
             try:
-                prompt = generation_prompt(self.tok, msgs)
+                prompt = generation_prompt(self.tok, msgs, tools=tools)
             except UserError as e:
                 raise APIError(400, str(e), "messages") from None
             stop_ids = self.chat_stop_ids
@@ -249,11 +303,21 @@ class Service:
                                 f"{len(prompt)} and {name} asks for {max_tokens} more: lower {name} to at most "
                                 f"{room}", name, "context_length_exceeded")
         seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)  # as `lm sample --seed`
-        return Request(prompt=prompt, max_tokens=max_tokens,
-                       temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-                       top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
-                       seed=secrets.randbits(31) if seed is None else seed, stop_ids=stop_ids,
-                       stop_text=_stops(body))
+        req = Request(prompt=prompt, max_tokens=max_tokens,
+                      temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+                      top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)),
+                      seed=secrets.randbits(31) if seed is None else seed, stop_ids=stop_ids,
+                      stop_text=_stops(body))
+        req.with_tools = bool(chat and tools)  # the reply's tool calls are parsed out of its tokens
+        return req
+
+    def tool_reply(self, prompt: list[int], tokens: list[int]) -> tuple[str, list[dict]]:
+        """A reply's text (before its first call) and its tool calls in OpenAI's shape."""
+        text, calls = parse_reply(self.tok, tokens)
+        cut = tokens.index(self.tool_call_id) if self.tool_call_id in tokens else len(tokens)
+        text = self.tok.decode_after(prompt, tokens[:cut]) if calls else text
+        return text, [{"id": "call_" + secrets.token_hex(12), "type": "function",
+                       "function": {"name": c["name"] or "", "arguments": c["arguments"]}} for c in calls]
 
     def prompt_logprobs(self, prompt: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(each prompt token's log-probability after the ones before it, the most likely
@@ -420,6 +484,7 @@ def make_app(service: Service):
             body = await read_json(request, held)
             req = await run_in_threadpool(service.request, body, chat)  # tokenising a long prompt takes a while
         stream = req.stream = _flag(body, "stream")
+        with_tools = req.with_tools
         include_usage = _stream_usage(body, stream)
         want_logprobs = _want_logprobs(body, chat)
         context = list(req.prompt)  # the tokens before the next event's: each token's text follows them
@@ -465,12 +530,35 @@ def make_app(service: Service):
                     if chat:  # the first chunk names the role, as OpenAI's do
                         yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                          "finish_reason": None}], **extra})
+                    toks, shown = [], ""  # with tools: the reply's tokens, the text sent (the text before a call)
                     while True:
                         ev = await queue.get()
                         if ev.error:
                             yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
                                                   "code": None}})
                             break
+                        if with_tools:  # text until the first call; the calls at the end, as deltas
+                            toks += ev.tokens
+                            cut = toks.index(service.tool_call_id) if service.tool_call_id in toks else None
+                            if ev.finish:
+                                text, calls = service.tool_reply(req.prompt, toks)
+                            elif cut is not None:  # a call has begun: its text is not content
+                                text, calls = service.tok.decode_after(req.prompt, toks[:cut]), []
+                            else:
+                                text, calls = shown + ev.text, []
+                            ev = dataclasses.replace(ev, text=text[len(shown):] if len(text) > len(shown) else "")
+                            shown += ev.text
+                            if calls:
+                                deltas = [{"index": k, **c, "function": dict(c["function"])}
+                                          for k, c in enumerate(calls)]
+                                if ev.text:
+                                    yield _sse({**base, "choices": [{"index": 0, "delta": {"content": ev.text},
+                                                                     "finish_reason": None}], **extra})
+                                yield _sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": deltas},
+                                                                 "finish_reason": None}], **extra})
+                                ev = dataclasses.replace(ev, text="", finish="tool_calls")
+                            if not ev.finish and ev.text == "":
+                                continue
                         if ev.text or ev.finish or (want_logprobs and ev.tokens):
                             yield _sse({**base, "choices": [choice(ev)], **extra})
                         if ev.finish:
@@ -514,7 +602,14 @@ def make_app(service: Service):
             handle.cancel()
             raise
         final = Event(text="".join(text), tokens=tokens, logprobs=logps, finish=ev.finish)
-        if chat:
+        calls = []
+        if with_tools:
+            reply_text, calls = service.tool_reply(req.prompt, tokens)
+            final = dataclasses.replace(final, text=reply_text)
+        if calls:
+            c = {"index": 0, "message": {"role": "assistant", "content": final.text or None, "tool_calls": calls},
+                 "finish_reason": "tool_calls"}
+        elif chat:
             c = {"index": 0, "message": {"role": "assistant", "content": final.text}, "finish_reason": ev.finish}
         else:
             c = {"index": 0, "text": final.text, "finish_reason": ev.finish, "logprobs": None}
