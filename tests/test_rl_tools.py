@@ -101,3 +101,97 @@ def test_calc_problems_are_hard_sums_and_products_with_a_disjoint_held_out_split
     ops = [p["expression"].split()[1] for p in train]
     assert 150 < ops.count("+") < 250 and ops.count("+") + ops.count("*") == 400
     assert tasks.calc(0, 400, 100) == (train, held)
+
+
+# ---------------------------------------------------------------------------------------
+# GRPO whose rollouts call tools: killed and resumed, every step as in the uninterrupted run
+
+TOOL_GRPO = """
+import sys
+
+sys.path.insert(0, {here!r})  # the reward below
+
+from lm import experiment
+from lm.config import Config, DataConfig, OptimConfig, RLConfig, TrainerConfig
+
+
+def config():
+    return Config(name="grpo_tools", stage="grpo", model=experiment.load({run!r} + "/config.json").model,
+                  rl=RLConfig(task="calc", tools="calculator", max_tool_calls=1, tool_result_tokens=4, group_size=4,
+                              reward="length_reward:reward",
+                              max_new=6, eval_prompts=8, train_problems=100, updates_per_rollout=2),
+                  optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                  data=DataConfig(corpus="default", batch_size=8, seq_len=32),
+                  trainer=TrainerConfig(steps=6, log_every=1, eval_every=0, checkpoint_every=3, init_from={run!r},
+                                        num_samples=0))
+"""
+
+
+def _tool_happy_run(d):
+    """A random chat run (tool tokens in its tokenizer) whose every position puts much of its
+    mass on <|tool_call|> and <|end|>: its samples call tools (malformed calls: error results)
+    and end turns, so rollouts take the tool path. Returns the run directory."""
+    from flax import nnx
+    from helpers import corpus_tokenizer
+
+    from lm.config import ModelConfig
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import Transformer
+    from lm.tools.hf_runs import import_run
+
+    tok = corpus_tokenizer(d, 1024, tool_tokens=True)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=256, tie_embeddings=False)
+    model = Transformer(cfg, nnx.Rngs(0))
+    model.embed[...] = model.embed[...].at[:, 0].set(5.0)  # one large direction in every position's state
+    head = model.head[...].at[0, :].set(0.0)
+    model.head[...] = head.at[0, tool_token_ids(tok)["tool_call"]].set(1.0).at[0, chat_token_ids(tok)["end"]].set(0.8)
+    export_llama(cfg, nnx.state(model, nnx.Param), str(d / "hf"), tokenizer_model=tok.path)
+    run = d / "tool_run"
+    import_run(str(d / "hf"), str(run), log=lambda *_: None)
+    c = json.loads((run / "config.json").read_text())
+    c["stage"] = "sft"
+    (run / "config.json").write_text(json.dumps(c))
+    return str(run)
+
+
+@pytest.mark.slow
+def test_sigkill_during_grpo_with_tools_then_resume_reproduces_every_step(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from helpers import ROOT, cpu_env, train_cmd
+
+    init = _tool_happy_run(tmp_path)
+    exp = tmp_path / "grpo_tools.py"
+    exp.write_text(TOOL_GRPO.format(run=init, here=str(tmp_path)))
+    # a reward that varies within groups (a random model never answers right): advantages move the policy
+    (tmp_path / "length_reward.py").write_text("def reward(completion, example):\n    return len(completion) / 10\n")
+
+    def steps(run):
+        rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+        return [(r["step"], r["loss"], r["reward"], r["response_length"], r["tool_calls"], r["tool_error_rate"])
+                for r in rows if "loss" in r]
+
+    ref = tmp_path / "ref"
+    p = subprocess.run(train_cmd(str(exp), ref), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert all(calls > 0 for *_, calls, _ in steps(ref))  # the tool path ran: calls in every rollout
+    assert any(loss != 0 for _, loss, *_ in steps(ref))
+    assert "without tools" in p.stdout + p.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    t0, path = time.time(), run / "metrics.jsonl"
+    while time.time() - t0 < 400 and proc.poll() is None:
+        if (run / "checkpoints" / "3").is_dir() and path.exists() and sum(1 for _ in open(path)) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = subprocess.run(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from the checkpoint of step" in p.stdout + p.stderr
+    assert steps(run) == steps(ref) and len(steps(ref)) == 6
