@@ -234,3 +234,29 @@ def test_chat_runs_the_tools_a_reply_calls_and_goes_on(tok, plain_tok):
     plain = types.SimpleNamespace(tokenizer=plain_tok, cfg=cfg, run_dir="base", graphdef=None, params=None)
     with pytest.raises(ChatFormatError, match="base was not trained to call tools.*data.tool_tokens=True"):
         Chat(plain, tools=registry.resolve("calculator"))
+
+
+# ---------------------------------------------------------------------------------------
+# SFT files with tool calls: OpenAI-style messages, tools per record
+
+
+def test_conversation_files_with_tool_calls_render_with_their_tools(tok, tmp_path):
+    from data_pipeline.chat_data import RenderChat
+    from data_pipeline.conversations import ConversationSource
+
+    conv = CONVERSATIONS["one call"]
+    records = [{"tools": TOOLS[:1], "messages": conv},  # OpenAI's shape, content null on the calling turn
+               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+               {"tools": {"not": "a list"}, "messages": conv},
+               {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"},
+                             {"role": "assistant", "content": "c"}]}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    src = ConversationSource([str(path)], "messages")
+    assert src[0].text is not None and src[1].text is not None
+    assert "tools must be a list" in src[2].error and "role 'tool' where 'assistant'" in src[3].error
+    render_chat = RenderChat(tok.path, 512, "truncate", "tools", None, strict=False)
+    row = render_chat.map(src[0])
+    assert row["tokens"].tolist() == render(tok, conv, tools=TOOLS[:1])[0]
+    assert row["mask"].tolist() == render(tok, conv, tools=TOOLS[:1])[1]
+    assert render_chat.map(src[1])["tokens"].tolist() == render(tok, records[1]["messages"])[0]
