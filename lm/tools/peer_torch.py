@@ -10,11 +10,23 @@ grouped-query attention, same vocabulary/width/depth), the same batch of token i
 AdamW step per iteration, timed like ours (median of repeats, after warm-up). On a GPU:
 bfloat16 autocast over float32 parameters, SDPA attention (flash, causal), fused AdamW;
 on a CPU: float32. `compile=True` wraps the model in `torch.compile`. Gradient
-checkpointing mirrors `model.remat="full"` where asked.
+checkpointing mirrors `model.remat="full"` where asked. `fused=True` uses AdamW's fused
+kernel (on a CPU too, where it is often the faster one), else its multi-tensor one.
+
+Own process: a peer timed inside the JAX process ran about 20% slower than alone (two
+runtimes' thread pools on the same cores), so the benchmarks run it here as a child
+process (`Peer`): `python -m lm.tools.peer_torch` reads one JSON command per line on stdin
+("train", "load_decoder", "generate") and answers one JSON line on stdout, idle in between;
+the JAX process waits while it runs. Interleaving rounds of ours and the peer's keeps a
+drift of the machine's speed from favouring either.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -35,7 +47,7 @@ def hf_config(cfg: ModelConfig, seq_len: int):
 
 def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu", bf16: bool = False,
                compile: bool = False, grad_ckpt: bool = False, steps: int = 10, warmup: int = 3,
-               repeats: int = 3, threads: int | None = None) -> dict:
+               repeats: int = 3, threads: int | None = None, fused: bool | None = None) -> dict:
     """Training tokens/s of the Hugging Face LLaMA peer (and its peak device memory on GPU)."""
     import torch  # optional: the PyTorch peer
     import transformers  # optional: the PyTorch peer
@@ -48,7 +60,8 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
     if grad_ckpt:  # the newer name first (transformers >= 5.2x), the older one otherwise
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device == "cuda")
+    fused = device == "cuda" if fused is None else fused
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused, foreach=not fused or None)
     fwd = torch.compile(model) if compile else model
     rng = np.random.default_rng(0)
     xs = [torch.from_numpy(rng.integers(4, cfg.vocab_size, size=(batch, seq_len))).to(device) for _ in range(4)]
@@ -67,7 +80,7 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
 
     for i in range(warmup):
         loss = step(xs[i % 4])
-    float(loss)
+    float(loss.detach())
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -76,7 +89,7 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
         t = time.perf_counter()
         for i in range(steps):
             loss = step(xs[i % 4])
-        float(loss)
+        float(loss.detach())
         sync()
         times.append((time.perf_counter() - t) / steps)
     step_time = float(np.median(times))
@@ -107,3 +120,63 @@ class HFDecoder:
             out = self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=new,
                                       do_sample=False, pad_token_id=0)
         return out[:, x.shape[1]:].tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# The peer in its own process
+
+
+def _serve() -> None:
+    """The child's loop: a JSON command per line in, a JSON answer per line out."""
+    decoder = None
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["op"] == "train":
+                cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cmd["model"].items()})
+                out = train_rate(cfg, cmd["batch"], cmd["seq_len"], **cmd.get("options", {}))
+            elif cmd["op"] == "load_decoder":
+                decoder = HFDecoder(cmd["hf_dir"])
+                out = {"default_threads": decoder.default_threads}
+            elif cmd["op"] == "generate":
+                t = time.perf_counter()
+                tokens = decoder.generate(cmd["prompts"], cmd["new"], cmd.get("threads"))
+                out = {"seconds": time.perf_counter() - t, "tokens": tokens}
+            else:
+                out = {"error": f"unknown op {cmd['op']!r}"}
+        except Exception as e:  # noqa: BLE001 -- the parent reports it
+            out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
+class Peer:
+    """The PyTorch peer in a child process (see the module docstring): `call(op, **args)`."""
+
+    def __init__(self):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "lm.tools.peer_torch"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+
+    def call(self, op: str, **args) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the peer process exited")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+if __name__ == "__main__":
+    _serve()
