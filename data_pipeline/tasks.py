@@ -5,7 +5,8 @@ files of `lm eval`.
   Training and held-out problems are disjoint (the held-out pairs are drawn first and
   excluded from training), and the split is the same on every machine (seeded).
 - "calc": 4-digit additions and 3-digit x 2-digit products, for a model with a calculator
-  tool (each problem also carries its "expression"); split as "arith" is.
+  tool (each problem also carries its "expression"); split as "arith" is. "calc_add": the
+  additions only.
 - "gsm8k": GSM8K word problems from ../shared/data/gsm8k (train.jsonl / test.jsonl);
   the answer is the number after "####" in the reference solution.
 Each problem is {"messages": [user question], "answer": str} (GSM8K's also carry
@@ -67,18 +68,19 @@ def arith(seed: int, n_train: int, n_heldout: int, digits: int = 2) -> tuple[lis
     return draw(n_train), heldout
 
 
-def calc(seed: int, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
-    """Arithmetic a small model cannot do in its head, and a calculator can: half 4-digit
-    additions ("What is 4821 + 3907?"), half products of a 3-digit and a 2-digit number
-    ("What is 347 * 86?"); "answer" is the exact result, "expression" what a calculator
-    takes. Held-out problems are drawn first and never among the training ones."""
-    rng = random.Random(f"calc:{seed}")
+def calc(seed: int, n_train: int, n_heldout: int, ops: str = "+*") -> tuple[list[dict], list[dict]]:
+    """Arithmetic a small model cannot do in its head, and a calculator can: 4-digit additions
+    ("What is 4821 + 3907?") and products of a 3-digit and a 2-digit number ("What is 347 *
+    86?"), alternately (`ops`: "+*", or "+" for additions only); "answer" is the exact
+    result, "expression" what a calculator takes. Held-out problems are drawn first and never
+    among the training ones."""
+    rng = random.Random(f"calc:{seed}:{ops}" if ops != "+*" else f"calc:{seed}")
     seen: set[tuple] = set()
 
     def draw(n):
         out = []
         while len(out) < n:
-            if len(seen) % 2 == 0:
+            if ops[len(seen) % len(ops)] == "+":
                 a, b, op = rng.randint(1000, 9999), rng.randint(1000, 9999), "+"
             else:
                 a, b, op = rng.randint(100, 999), rng.randint(10, 99), "*"

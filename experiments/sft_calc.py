@@ -20,7 +20,7 @@ def config() -> Config:
         name="sft_calc",
         stage="sft",
         model=base.model,
-        rl=RLConfig(task="calc", tools="calculator", sft_without_tools=0.25, max_new=36, max_tool_calls=1,
+        rl=RLConfig(task="calc_add", tools="calculator", sft_without_tools=0.25, max_new=36, max_tool_calls=1,
                     tool_result_tokens=12),
         optim=OptimConfig(lr=1e-3, warmup_steps=20, schedule="constant", weight_decay=0.0),
         data=DataConfig(corpus="sources", seq_len=256, batch_size=16, shuffle_rows=64, sources=(

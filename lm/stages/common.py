@@ -151,13 +151,13 @@ def problems(cfg: Config, tokenizer: Tokenizer | None = None,
     rl = cfg.rl
     if rl.task == "arith":
         train, test = tasks.arith(cfg.data.seed, rl.train_problems, rl.eval_prompts, rl.digits)
-    elif rl.task == "calc":
-        train, test = tasks.calc(cfg.data.seed, rl.train_problems, rl.eval_prompts)
+    elif rl.task in ("calc", "calc_add"):
+        train, test = tasks.calc(cfg.data.seed, rl.train_problems, rl.eval_prompts, "+*" if rl.task == "calc" else "+")
     elif rl.task == "gsm8k":
         train, test = tasks.gsm8k(log=log)
         test = test[: rl.eval_prompts]
     else:
-        raise ConfigError(f"rl.task={rl.task!r}: choose 'arith', 'calc' or 'gsm8k'")
+        raise ConfigError(f"rl.task={rl.task!r}: choose 'arith', 'calc', 'calc_add' or 'gsm8k'")
     if not test:
         raise ConfigError(f"rl.eval_prompts={rl.eval_prompts} leaves no held-out problem to score; set it to 1 or more")
     if tokenizer is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 from typing import Callable
 
 from data_pipeline import default_chat, tasks
@@ -74,16 +75,17 @@ def _task_file(cfg: Config, run_dir: str, path: str) -> str:
 def tool_records(problems: list[dict], tools: list, without: float) -> list[dict]:
     """Demonstrations of a task whose problems carry an "expression" (data_pipeline/tasks.py
     "calc"): the question, a call of the first tool with it, the tool's result (computed by
-    the tool itself, as rollouts will see it), then the answer. Every record whose index
-    falls in the `without` share answers directly, with no tools defined: the same model
-    can then be asked with and without tools."""
+    the tool itself, as rollouts will see it), then the answer. A share `without` of them,
+    drawn at random, answers directly with no tools defined: the same model can then be
+    asked with and without tools."""
     specs = [t.spec() for t in tools]
-    out = []
+    alone = set(random.Random(0).sample(range(len(problems)), round(without * len(problems))))  # at random:
+    out = []  # (not every k-th: that could be one kind of problem only)
     for i, p in enumerate(problems):
         if "expression" not in p:
             raise ConfigError("rl.tools on an SFT task: its problems need an 'expression' to call a tool with "
                               "(the 'calc' task has one)")
-        if int((i + 1) * without) > int(i * without):  # `without` of them, spread evenly
+        if i in alone:
             out.append({"messages": p["messages"] + [{"role": "assistant", "content": p["answer"]}]})
             continue
         args = json.dumps({"expression": p["expression"]})
