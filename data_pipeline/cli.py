@@ -68,6 +68,12 @@ def add_data_parser(sub, load_experiment) -> None:
     c.add_argument("--run-dir", help="run directory whose tokenizer to use or create (default runs/<name>)")
     c.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     c.set_defaults(fn=cmd_data_cache, load_experiment=load_experiment)
+    k = dsub.add_parser("curate", help="curate raw web text (extraction, language, quality, dedup, "
+                                       "decontamination) into JSON Lines shards, on datatrove (resumable)")
+    k.add_argument("config", help="a .py file (or a name under experiments/) with def config() -> CurateConfig")
+    k.add_argument("--report", action="store_true",
+                   help="only write the report from finished stages (after a Slurm run)")
+    k.set_defaults(fn=cmd_data_curate)
 
 
 def cmd_data_cache(args) -> int:
@@ -77,6 +83,12 @@ def cmd_data_cache(args) -> int:
     cache.build(cfg.data, cfg.model.vocab_size, run_dir, cache_dir, workers=args.workers)
     print(f"cache ready: train with --set data.cache_dir={cache_dir}")
     return 0
+
+
+def cmd_data_curate(args) -> int:
+    from data_pipeline.curate import main_curate  # lazy: a command imports what it runs
+
+    return main_curate(args.config, report_only=args.report)
 
 
 def _sources(args) -> list[tuple[object, float]]:

@@ -91,7 +91,10 @@ def _where(e: BaseException, path: str) -> str:
 
 
 def list_experiments() -> list[str]:
+    """The training experiments of experiments/ (not the curation configs, curate_*.py, which
+    `lm data curate` runs)."""
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
     if not os.path.isdir(here):
         return []
-    return sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
+    return sorted(f[:-3] for f in os.listdir(here)
+                  if f.endswith(".py") and not f.startswith("_") and not f.startswith("curate_"))

@@ -15,6 +15,7 @@ weight products as fast as they run alone (`weight_products_ms`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tempfile
 import time
@@ -230,8 +231,6 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> int:
 
 
 def _torch_available(what: str) -> bool:
-    import importlib.util
-
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
         return True
     print(f"peer: torch/transformers not installed (pip install torch transformers); no {what} ratio printed")

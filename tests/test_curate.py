@@ -1,0 +1,363 @@
+"""`lm data curate` (data_pipeline/curate.py, curate_steps.py): each step on small synthetic and
+real-looking inputs, the report's arithmetic, bad inputs counted not fatal, resume from
+datatrove's completion markers, the output read by the training data sources, one-line errors."""
+
+import dataclasses
+import gzip
+import io
+import json
+import os
+import random
+import sys
+
+import pytest
+
+pytest.importorskip("datatrove")
+pytest.importorskip("py3langid")
+
+from data_pipeline import curate as C  # noqa: E402
+from data_pipeline.config import SHARED_DATA, SourceConfig  # noqa: E402
+from data_pipeline.errors import UserError  # noqa: E402
+from data_pipeline.sources import open_source  # noqa: E402
+
+WORDS = ("the of and to in that have with river mountain city people history music science water forest ancient "
+         "modern village market school garden bridge winter summer harbour valley library painter farmer road "
+         "train island castle festival").split()
+
+
+def english(seed: int, sentences: int = 12) -> str:
+    """Prose that passes every quality rule: lines of three sentences, random words."""
+    r = random.Random(seed)
+    sents = [" ".join(r.choice(WORDS) for _ in range(r.randint(9, 16))).capitalize() + "." for _ in range(sentences)]
+    return "\n".join(" ".join(sents[i:i + 3]) for i in range(0, sentences, 3))
+
+
+GERMAN = ("Der kleine Hund läuft jeden Morgen mit seiner Besitzerin durch den Park. Danach trinken sie zusammen "
+          "Kaffee in der Bäckerei am Markt. Die Sonne scheint, und die Kinder spielen auf der Wiese.\n") * 4
+SPAM = "\n".join(["Click here to get the best deals of the week on cheap watches and bags", "Add to cart",
+                  "Free shipping on all orders over 50 dollars", "Home | Shop | Contact | Login"] * 8)
+GSM_Q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+         "How many clips did Natalia sell altogether in April and May?")
+GSM_A = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+         "Natalia sold 48+24 = <<48+24=72>>72 clips altogether.\n#### 72")
+HSWAG = ("Roof shingle removal: A man is sitting on a roof. he starts pulling up roofing on a roof and throws the "
+         "old shingles into a large bin below")
+
+
+def recase(text: str) -> str:
+    """Every seventh word in capitals, runs of spaces: the same text after normalising."""
+    return "  ".join(w.upper() if i % 7 == 0 else w for i, w in enumerate(text.split(" ")))
+
+
+def near_copy(text: str) -> str:
+    """A few words changed, whitespace and case changed."""
+    words = text.split(" ")
+    for i in (5, 40, 90):
+        words[i] = "zebra"
+    return recase(" ".join(words))
+
+
+def _warc(path, pages, truncate=False, gz=False):
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=gz)
+    for i, html in enumerate(pages):
+        h = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.0")
+        w.write_record(w.create_warc_record(f"http://example.com/{i}", "response", payload=io.BytesIO(html.encode()),
+                                            http_headers=h))
+    data = buf.getvalue()
+    path.write_bytes(data[:int(len(data) * 0.8)] if truncate else data)
+
+
+def _page(body: str) -> str:
+    nav = "".join(f"<li><a href='/{i}'>Menu {i}</a></li>" for i in range(8))
+    paras = "".join(f"<p>{p}</p>" for p in body.split("\n"))
+    return (f"<html><head><title>T</title><script>var x = 1;</script></head><body><nav><ul>{nav}</ul></nav>"
+            f"<article><h1>A page</h1>{paras}</article><footer>Copyright 2024 | Privacy</footer></body></html>")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A planted corpus and its curation (run once for the module)."""
+    d = tmp_path_factory.mktemp("curate")
+    (d / "in").mkdir()
+    uniques = [english(i) for i in range(40)]
+    docs = [{"text": t, "id": f"u{i}"} for i, t in enumerate(uniques)]
+    docs += [{"text": recase(uniques[1]), "id": "exact_of_u1"},  # exact after normalising
+             {"text": uniques[2], "id": "exact_of_u2"},
+             {"text": near_copy(uniques[3]), "id": "near_of_u3"},
+             {"text": near_copy(uniques[4]), "id": "near_of_u4"},
+             {"text": GERMAN, "id": "german"},
+             {"text": SPAM, "id": "spam"},
+             {"text": english(100) + "\n" + GSM_Q + " Then the story goes on.", "id": "has_gsm8k"},
+             {"text": english(101) + "\n" + HSWAG + " quickly and carefully.", "id": "has_hellaswag"},
+             {"text": english(102) + "\nWrite to jane.doe@example.net or ping 8.8.4.4 for help.", "id": "has_email"},
+             {"text": "   ", "id": "empty"},
+             {"text": ("All work and no play makes Jack a dull boy. " * 460_000), "id": "twenty_mb"}]
+    lines = [json.dumps(x).encode() for x in docs]
+    lines.insert(3, b'{"text": "bad \xff\xfe bytes", "id": "badutf8"}')
+    lines.insert(5, b'{"text": "not json')
+    (d / "in" / "web.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    good = gzip.compress(b"\n".join(json.dumps({"text": english(200 + i), "id": f"gz{i}"}).encode()
+                                    for i in range(3)) + b"\n")
+    (d / "in" / "cut.jsonl.gz").write_bytes(good[:len(good) * 2 // 3])  # a truncated gzip
+    (d / "html").mkdir()
+    (d / "html" / "page.html").write_text(_page(english(300)))
+    _warc(d / "crawl.warc", [_page(english(400)), _page(english(401))], truncate=True)
+    tasks = d / "eval.jsonl"
+    tasks.write_text(json.dumps({"question": GSM_Q, "answer": GSM_A}) + "\n" + json.dumps({"ctx": HSWAG}) + "\n")
+    cfg = C.CurateConfig(
+        inputs=(C.CurateInput("web", "jsonl", (str(d / "in" / "*.jsonl*"),)),
+                C.CurateInput("pages", "html", (str(d / "html" / "*.html"),)),
+                C.CurateInput("crawl", "warc", (str(d / "crawl.warc"),))),
+        output_dir=str(d / "out"), max_doc_chars=100_000, decontaminate_tasks=(),
+        decontaminate_files=(str(tasks),), mask_pii=True, examples_per_reason=3)
+    logs = []
+    report = C.curate(cfg, log=logs.append)
+    out = [json.loads(line) for f in report["written"]["shards"] for line in open(f, encoding="utf-8")]
+    return {"cfg": cfg, "report": report, "out": out, "ids": {x["id"] for x in out}, "log": "\n".join(logs),
+            "uniques": len(uniques)}
+
+
+def _step(report, name):
+    return next(s for s in report["steps"] if s["step"] == name)
+
+
+def _removed(report, step, reason):
+    return _step(report, step)["removed_by_reason"].get(reason, {}).get("docs", 0)
+
+
+def test_planted_duplicates_language_spam_contamination(corpus):
+    r, ids = corpus["report"], corpus["ids"]
+    assert {"exact_of_u1", "exact_of_u2", "near_of_u3", "near_of_u4", "german", "spam", "has_gsm8k",
+            "has_hellaswag", "empty", "twenty_mb"}.isdisjoint(ids)
+    assert {f"u{i}" for i in range(corpus["uniques"])} <= ids  # no unique document lost
+    assert _removed(r, "language", "language_de") == 1
+    assert _removed(r, "exact_dedup", "exact_duplicate") == 2
+    assert _removed(r, "near_dedup", "near_duplicate") == 2
+    assert _removed(r, "decontaminate", "contaminated") == 2
+    listed = {x["id"]: x["match"] for x in r["decontamination"]["removed"]}
+    assert listed == {"has_gsm8k": "eval.jsonl:1", "has_hellaswag": "eval.jsonl:2"}
+    assert r["near_dedup_jaccard_threshold"] == pytest.approx((1 / 14) ** (1 / 8), abs=1e-3)
+    spam_step = [s["step"] for s in r["steps"] if any(e.get("id") == "spam" for e in _examples(corpus, s["step"]))]
+    assert spam_step and spam_step[0] in ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+
+
+def _examples(corpus, step):
+    path = os.path.join(corpus["cfg"].output_dir, "removed", f"{step}.jsonl")
+    return [json.loads(x) for x in open(path, encoding="utf-8")] if os.path.exists(path) else []
+
+
+def test_pii_masked_and_html_extracted(corpus):
+    out = {x["id"]: x for x in corpus["out"]}
+    text = out["has_email"]["text"]
+    assert "jane.doe@example.net" not in text and "8.8.4.4" not in text and "@example." in text
+    assert _step(corpus["report"], "pii")["docs_masked"] == 1
+    page = out["pages/page.html"]["text"]
+    assert "<" not in page and "Menu 3" not in page and "var x" not in page and len(page.split()) > 100
+    assert out["pages/page.html"]["source"] == "pages"
+
+
+def test_bad_inputs_are_counted(corpus):
+    web, crawl = corpus["report"]["inputs"]["web"], corpus["report"]["inputs"]["crawl"]
+    assert web["bad"] == {"invalid_utf8": 1, "malformed_json": 1, "empty_document": 1, "truncated_file": 1}
+    assert web["cut_docs"] == 1 and web["cut_chars"] == len("All work and no play makes Jack a dull boy. ") * 460_000 \
+        - 100_000
+    assert any("web.jsonl:4: invalid_utf8" in e for e in web["bad_examples"])
+    assert crawl["docs"] == 1 and crawl["bad"] == {"truncated_record": 1}
+    assert corpus["report"]["read"]["bad_records"] == 5
+
+
+def test_report_adds_up(corpus):
+    r = corpus["report"]
+    steps = r["steps"]
+    assert r["read"]["docs"] == sum(i["docs"] for i in r["inputs"].values())
+    ext = _step(r, "extract")
+    assert ext["docs_in"] == r["inputs"]["pages"]["docs"] + r["inputs"]["crawl"]["docs"]
+    assert steps[1]["docs_in"] == r["read"]["docs"] - ext["docs_removed"]
+    for s in steps:
+        by_reason = sum(v["docs"] for v in s["removed_by_reason"].values())
+        assert s["docs_in"] - s["docs_out"] == s["docs_removed"] == by_reason
+        if s["step"] not in ("c4_quality", "pii", "extract"):  # those also change the documents they keep
+            assert s.get("chars_cut_from_kept", 0) == 0, s
+        assert s["tokens_out_est"] == round(s["chars_out"] / 4)
+    for a, b in zip(steps[1:], steps[2:]):
+        assert b["docs_in"] == a["docs_out"]
+    assert r["written"]["docs"] == steps[-1]["docs_out"] == len(corpus["out"])
+    saved = json.load(open(os.path.join(corpus["cfg"].output_dir, "report.json")))
+    assert saved["written"]["docs"] == r["written"]["docs"]
+    assert "near_dedup" in corpus["log"] and "written" in corpus["log"] and "characters / 4" in corpus["log"]
+
+
+def test_output_is_a_jsonl_source(corpus):
+    src = SourceConfig(name="curated", kind="jsonl", paths=(os.path.join(corpus["cfg"].output_dir, "data", "*.jsonl"),),
+                       heldout_fraction=0.0)
+    train, _ = open_source(src)
+    texts = [train[i].text for i in range(len(train))]
+    assert len(texts) == corpus["report"]["written"]["docs"] and all(texts)
+
+
+def test_resume_skips_finished_tasks(corpus):
+    cfg = corpus["cfg"]
+    again = C.curate(cfg, log=lambda _: None)
+    assert all(t["skipped_done"] == t["tasks"] for t in again["stages"].values())
+    assert again["written"] == corpus["report"]["written"] and again["steps"] == corpus["report"]["steps"]
+    os.remove(os.path.join(cfg.output_dir, "work", "logs", "write", "completions", "00000"))
+    third = C.curate(cfg, log=lambda _: None)
+    assert third["stages"]["write"]["skipped_done"] == 0 and third["stages"]["filter"]["skipped_done"] == 1
+    assert third["written"] == corpus["report"]["written"]
+    with pytest.raises(UserError, match="another config .*changed: mask_pii"):
+        C.curate(dataclasses.replace(cfg, mask_pii=False), log=lambda _: None)
+
+
+# ---------------------------------------------------------------------------------------
+# Quality rules on both sides of their thresholds (datatrove's filters with our word splitter)
+
+
+def _keeps(step, text) -> bool:
+    from datatrove.data import Document
+
+    res = step.filter(Document(text=text, id="x"))
+    return res is True or (isinstance(res, tuple) and res[0])
+
+
+def test_quality_rules_both_sides():
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+
+    from data_pipeline.curate_steps import WordTokenizer
+
+    tok = WordTokenizer()
+    good = english(7)
+    g = GopherQualityFilter(language=tok)
+    assert _keeps(g, good)
+    assert not _keeps(g, "The cat and the dog.")  # under 50 words
+    assert not _keeps(g, good.replace(".", " # #"))  # hashes per word over 0.1
+    assert not _keeps(g, " ".join(["x1 y2 z3 the and"] * 20))  # average word length under 3
+    assert not _keeps(g, " ".join(["river mountain city forest"] * 20))  # no stop words
+    rep = GopherRepetitionFilter(language=tok)
+    assert _keeps(rep, good)
+    assert not _keeps(rep, "\n".join([english(1, 3)] * 4 + [english(2, 3)]))  # duplicated lines
+    c4 = C4QualityFilter(language=tok)
+    assert _keeps(c4, good)
+    assert not _keeps(c4, english(3, 3))  # fewer than 5 sentences
+    assert not _keeps(c4, good + "\nlorem ipsum dolor sit amet.")
+    assert not _keeps(c4, good + "\nfunction() { return 1; }.")
+    fw = FineWebQualityFilter(language=tok)
+    assert _keeps(fw, good)
+    assert not _keeps(fw, "\n".join(["Home", "About us", "Contact", "Shop now"] * 5))  # short lines, no punctuation
+
+
+def test_language_filter_scores():
+    from datatrove.data import Document
+
+    from data_pipeline.curate_steps import LanguageFilter
+
+    f = LanguageFilter(("en",), 0.65)
+    assert f.filter(Document(text=english(9), id="a")) is True
+    assert f.filter(Document(text=GERMAN, id="b")) == (False, "language_de")
+    assert LanguageFilter(("en", "de"), 0.65).filter(Document(text=GERMAN, id="b")) is True
+
+
+def test_decontamination_ngram_size():
+    from datatrove.data import Document
+
+    from data_pipeline.curate_steps import Decontaminate, ngram_table
+
+    table, owner, labels, short = ngram_table([("t:0", GSM_Q), ("t:1", "too short to check")], 13)
+    assert short == 1 and labels == ["t:0"]
+    f = Decontaminate(table, owner, labels, 13)
+    words = GSM_Q.split()
+    doc = Document(text="Intro. " + " ".join(words[:13]).upper() + "!! outro", id="d")
+    assert f.filter(doc) == (False, "contaminated") and doc.metadata["contamination"] == "t:0"
+    assert f.filter(Document(text="Intro " + " ".join(words[:12]) + " outro", id="e")) is True  # 12 words only
+
+
+# ---------------------------------------------------------------------------------------
+# Config and command-line errors: one line each
+
+
+def _cfg_file(tmp_path, body: str):
+    p = tmp_path / "cur.py"
+    p.write_text(body)
+    return str(p)
+
+
+def test_cli_one_line_errors(tmp_path, capsys):
+    from lm import cli
+
+    def run(*argv):
+        code = cli.main(["data", "curate", *argv])
+        err = capsys.readouterr().err
+        return code, err
+
+    code, err = run(str(tmp_path / "missing.py"))
+    assert code == 2 and err.count("\n") == 1 and "not found" in err
+    code, err = run(_cfg_file(tmp_path, "X = 1\n"))
+    assert code == 2 and err.count("\n") == 1 and "no config() function" in err
+    code, err = run(_cfg_file(tmp_path, "from data_pipeline.curate import *\n"
+                                        "def config():\n    return CurateConfig(inputs=(), output_dir='o')\n"))
+    assert code == 2 and err.count("\n") == 1 and "no inputs" in err
+    missing = f"{tmp_path}/no/*.jsonl"
+    code, err = run(_cfg_file(tmp_path, "from data_pipeline.curate import *\ndef config():\n"
+                                        f"    return CurateConfig(inputs=(CurateInput('w', 'jsonl', ('{missing}',)),),"
+                                        " output_dir='o')\n"))
+    assert code == 2 and err.count("\n") == 1 and "no file matches" in err and "'w'" in err
+
+
+def test_missing_datatrove_is_one_line(tmp_path, monkeypatch, capsys):
+    from lm import cli
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    spec = _cfg_file(tmp_path, "from data_pipeline.curate import *\ndef config():\n"
+                               f"    return CurateConfig(inputs=(CurateInput('w', 'jsonl', ('{tmp_path}/a.jsonl',)),),"
+                               f" output_dir='{tmp_path}/o')\n")
+    monkeypatch.setitem(sys.modules, "datatrove", None)  # import datatrove -> ImportError
+    assert cli.main(["data", "curate", spec]) == 2
+    assert capsys.readouterr().err.strip().endswith(C.INSTALL_HINT)
+
+
+def test_bad_values_and_output_dir(tmp_path):
+    inp = (C.CurateInput("w", "jsonl", ("x",)),)
+    with pytest.raises(C.CurateError, match="min_language_score"):
+        C.CurateConfig(inputs=inp, output_dir="o", min_language_score=2).validate()
+    with pytest.raises(C.CurateError, match="decontaminate_ngram"):
+        C.CurateConfig(inputs=inp, output_dir="o", decontaminate_ngram=2).validate()
+    with pytest.raises(C.CurateError, match="kind 'pdf'"):
+        C.CurateConfig(inputs=(C.CurateInput("w", "pdf", ("x",)),), output_dir="o").validate()
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    cfg = C.CurateConfig(inputs=(C.CurateInput("w", "jsonl", (str(tmp_path / "a.jsonl"),)),),
+                         output_dir=str(tmp_path / "o"), decontaminate=False)
+    with pytest.raises(C.CurateError, match="not a curation output"):
+        C.curate(cfg, log=lambda _: None)
+
+
+def test_slurm_executor_is_built(tmp_path):
+    from data_pipeline import curate_steps
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    cfg = C.CurateConfig(inputs=(C.CurateInput("w", "jsonl", (str(tmp_path / "a.jsonl"),)),),
+                         output_dir=str(tmp_path / "o"), decontaminate=False, executor="slurm",
+                         slurm_partition="cpu", tasks=4).validate()
+    stages = curate_steps.stages(cfg, C.input_files(cfg), [], str(tmp_path / "o" / "work"), str(tmp_path / "o" / "d"))
+    execs = curate_steps.executors(cfg, stages, str(tmp_path / "o" / "work"))
+    assert [type(e).__name__ for e in execs] == ["SlurmPipelineExecutor"] * len(stages)
+    assert execs[1].depends is execs[0] and execs[0].tasks == 4 and execs[0].partition == "cpu"
+    with pytest.raises(C.CurateError, match="slurm_partition"):
+        dataclasses.replace(cfg, slurm_partition="").validate()
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "gsm8k")), reason="no shared data (../shared/data)")
+def test_eval_items_from_shared_data():
+    cfg = C.CurateConfig(inputs=(), output_dir="o", decontaminate_tasks=("gsm8k", "winogrande", "arc_easy"))
+    items, counts = C.eval_items(cfg)
+    assert counts == {"gsm8k": 1319, "winogrande": 1267, "arc_easy": 2376}
+    assert any(GSM_Q.split("?")[0] in t for _, t in items) is False  # that one is a train item
