@@ -1,11 +1,11 @@
-"""GRPO with a calculator tool on the "calc" task, from the SFT model, on a CPU in minutes.
+"""GRPO with a calculator tool on the "calc_add" task, from the SFT model, on a CPU in minutes.
 
 From runs/sft_calc (which starts from runs/pretrain_tools): rollouts of 8 prompts x 8
 samples in which the policy may call the calculator once (its result appended to the
 sequence, generation going on after it, the result masked out of the loss, the ratio and
 the KL), reward 1 for the exact answer. Printed at the end: held-out pass@1 (greedy, 200
 problems never trained on) of the SFT model without tools, with tools, and of the GRPO
-model with tools. See the README (Tools) for the measured figures.
+model with tools: 0.0%, 93.0% and 100.0% on 2026-12-06 (README, Tools).
 """
 
 import dataclasses

@@ -1,8 +1,9 @@
 """Teach the tool-token `tiny` model to use a calculator (SFT), the start of `make rl-tools`.
 
 From runs/pretrain_tools (`pretrain_tiny` with the tool tokens reserved), on the training
-problems of the "calc" task (data_pipeline/tasks.py: 4-digit additions and 3-digit x
-2-digit products, which a 5M model cannot do in its head). Three quarters of the
+problems of the "calc_add" task (data_pipeline/tasks.py: 4-digit additions, which a 5M
+model cannot do in its head; "calc" adds 3-digit x 2-digit products, whose operands this
+model fails to copy into its calls: see the README, Tools). Three quarters of the
 demonstrations define the calculator and call it: the question, a call with the
 expression, the calculator's result, then the answer copied from it; a quarter answer
 directly with no tools defined, so the same model can be asked both ways. grpo_calc then
