@@ -111,13 +111,16 @@ import sys
 
 sys.path.insert(0, {here!r})  # the reward below
 
+import dataclasses
+
 from lm import experiment
 from lm.config import Config, DataConfig, OptimConfig, RLConfig, TrainerConfig
 
 
 def config():
-    return Config(name="grpo_tools", stage="grpo", model=experiment.load({run!r} + "/config.json").model,
-                  rl=RLConfig(task="calc", tools="calculator", max_tool_calls=1, tool_result_tokens=4, group_size=4,
+    model = experiment.load({run!r} + "/config.json").model
+    return Config(name="tools", stage={stage!r}, model=dataclasses.replace(model, scalar_heads={heads!r}),
+                  rl=RLConfig(task="calc", tools="calculator", max_tool_calls=1, tool_result_tokens=4, group_size={group},
                               reward="length_reward:reward",
                               max_new=6, eval_prompts=8, train_problems=100, updates_per_rollout=2),
                   optim=OptimConfig(lr=1e-3, warmup_steps=1),
@@ -156,7 +159,8 @@ def _tool_happy_run(d):
 
 
 @pytest.mark.slow
-def test_sigkill_during_grpo_with_tools_then_resume_reproduces_every_step(tmp_path):
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_sigkill_during_rl_with_tools_then_resume_reproduces_every_step(tmp_path, stage):
     import os
     import signal
     import subprocess
@@ -166,7 +170,8 @@ def test_sigkill_during_grpo_with_tools_then_resume_reproduces_every_step(tmp_pa
 
     init = _tool_happy_run(tmp_path)
     exp = tmp_path / "grpo_tools.py"
-    exp.write_text(TOOL_GRPO.format(run=init, here=str(tmp_path)))
+    exp.write_text(TOOL_GRPO.format(run=init, here=str(tmp_path), stage=stage,
+                                    heads=("value",) if stage == "ppo" else (), group=4 if stage == "grpo" else 1))
     # a reward that varies within groups (a random model never answers right): advantages move the policy
     (tmp_path / "length_reward.py").write_text("def reward(completion, example):\n    return len(completion) / 10\n")
 
