@@ -71,6 +71,7 @@ def test_greedy_output_is_the_targets_token_for_token(ks):
 
 
 
+@pytest.mark.slow  # (13 s; the rule alone is tested below in the fast suite)
 def test_sampled_output_follows_the_targets_distribution():
     """20,000 draws of three new tokens (k=2, temperature 1) from a draft that disagrees: the
     empirical joint of tokens 2 and 3 (the first comes from the prefill) against the exact
