@@ -250,3 +250,31 @@ def random_tokens(cfg, b: int = 2, t: int = 12):
     import jax.numpy as jnp
 
     return jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+
+
+def tool_happy_run(d):
+    """A random chat run (tool tokens in its tokenizer) whose every position puts much of its
+    mass on <|tool_call|> and <|end|>: its samples call tools (malformed calls: error results)
+    and end turns, so rollouts take the tool path. Returns the run directory."""
+    from flax import nnx
+
+    from data_pipeline.chat import chat_token_ids, tool_token_ids
+    from lm.config import ModelConfig
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import Transformer
+    from lm.tools.hf_runs import import_run
+
+    tok = corpus_tokenizer(d, 1024, tool_tokens=True)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=256, tie_embeddings=False)
+    model = Transformer(cfg, nnx.Rngs(0))
+    model.embed[...] = model.embed[...].at[:, 0].set(5.0)  # one large direction in every position's state
+    head = model.head[...].at[0, :].set(0.0)
+    model.head[...] = head.at[0, tool_token_ids(tok)["tool_call"]].set(1.0).at[0, chat_token_ids(tok)["end"]].set(0.8)
+    export_llama(cfg, nnx.state(model, nnx.Param), str(d / "hf"), tokenizer_model=tok.path)
+    run = d / "tool_run"
+    import_run(str(d / "hf"), str(run), log=lambda *_: None)
+    c = json.loads((run / "config.json").read_text())
+    c["stage"] = "sft"
+    (run / "config.json").write_text(json.dumps(c))
+    return str(run)

@@ -271,3 +271,55 @@ def test_a_killed_process_stops_the_other_in_one_line_and_the_rerun_resumes(base
     assert "resumed from the checkpoint of step" in outs[0]
     steps = [json.loads(line)["step"] for line in open(metrics)]
     assert steps[-1] == 10 and sorted(set(steps)) == list(range(1, 11))
+
+
+TOOLS_RL_EXPERIMENT = """
+import dataclasses
+from lm import experiment
+from lm.config import Config, DataConfig, MeshConfig, OptimConfig, RLConfig, TrainerConfig
+
+
+def config():
+    model = experiment.load({run!r} + "/config.json").model
+    return Config(name="tools", stage="grpo", model=model, mesh=MeshConfig(data=2, fsdp=4, tensor=1),
+                  rl=RLConfig(task="calc", tools="calculator", max_tool_calls=1, tool_result_tokens=4, group_size=4,
+                              max_new=6, eval_prompts=12, train_problems=100, updates_per_rollout=2,
+                              reward="length_reward:reward"),
+                  optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                  data=DataConfig(corpus="default", batch_size=8, seq_len=32),
+                  trainer=TrainerConfig(steps=4, log_every=1, eval_every=2, checkpoint_every=2, init_from={run!r},
+                                        num_samples=0))
+"""
+
+
+@pytest.mark.slow
+def test_rl_with_tools_on_two_processes_matches_one(tmp_path):
+    """GRPO whose rollouts call tools, 2 processes x 4 devices against 1 x 8: each process runs
+    the tools of the rows it sampled and the results are shared, so every logged figure (tool
+    calls and errors included) is the single process's."""
+    from helpers import tool_happy_run
+
+    init = tool_happy_run(tmp_path)
+    exp = tmp_path / "tools_rl.py"
+    exp.write_text(TOOLS_RL_EXPERIMENT.format(run=init))
+    (tmp_path / "length_reward.py").write_text("def reward(completion, example):\n    return len(completion) / 10\n")
+    env = lambda n: {**_env(n), "PYTHONPATH": str(tmp_path)}  # noqa: E731
+    single = tmp_path / "single"
+    done = subprocess.run(train_cmd(str(exp), single), cwd=ROOT, env=env(8), capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    multi = tmp_path / "multi"
+    procs, outs = _two_processes(train_cmd(str(exp), multi), env=env(4))
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+
+    def rows(run):
+        return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+    a, b = rows(single), rows(multi)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "reward", "response_length", "tool_calls", "tool_error_rate", "kl", "pass@1"):
+            if k in ra:
+                np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=2e-5, err_msg=f"{k} at step {ra['step']}")
+    assert all(r["tool_calls"] > 0 for r in a if "tool_calls" in r)  # the tool path ran in every rollout

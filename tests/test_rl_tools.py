@@ -130,34 +130,6 @@ def config():
 """
 
 
-def _tool_happy_run(d):
-    """A random chat run (tool tokens in its tokenizer) whose every position puts much of its
-    mass on <|tool_call|> and <|end|>: its samples call tools (malformed calls: error results)
-    and end turns, so rollouts take the tool path. Returns the run directory."""
-    from flax import nnx
-    from helpers import corpus_tokenizer
-
-    from lm.config import ModelConfig
-    from lm.interop.hf import export_llama
-    from lm.model.transformer import Transformer
-    from lm.tools.hf_runs import import_run
-
-    tok = corpus_tokenizer(d, 1024, tool_tokens=True)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                      max_seq_len=256, tie_embeddings=False)
-    model = Transformer(cfg, nnx.Rngs(0))
-    model.embed[...] = model.embed[...].at[:, 0].set(5.0)  # one large direction in every position's state
-    head = model.head[...].at[0, :].set(0.0)
-    model.head[...] = head.at[0, tool_token_ids(tok)["tool_call"]].set(1.0).at[0, chat_token_ids(tok)["end"]].set(0.8)
-    export_llama(cfg, nnx.state(model, nnx.Param), str(d / "hf"), tokenizer_model=tok.path)
-    run = d / "tool_run"
-    import_run(str(d / "hf"), str(run), log=lambda *_: None)
-    c = json.loads((run / "config.json").read_text())
-    c["stage"] = "sft"
-    (run / "config.json").write_text(json.dumps(c))
-    return str(run)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_sigkill_during_rl_with_tools_then_resume_reproduces_every_step(tmp_path, stage):
@@ -166,9 +138,9 @@ def test_sigkill_during_rl_with_tools_then_resume_reproduces_every_step(tmp_path
     import subprocess
     import time
 
-    from helpers import ROOT, cpu_env, train_cmd
+    from helpers import ROOT, cpu_env, tool_happy_run, train_cmd
 
-    init = _tool_happy_run(tmp_path)
+    init = tool_happy_run(tmp_path)
     exp = tmp_path / "grpo_tools.py"
     exp.write_text(TOOL_GRPO.format(run=init, here=str(tmp_path), stage=stage,
                                     heads=("value",) if stage == "ppo" else (), group=4 if stage == "grpo" else 1))
