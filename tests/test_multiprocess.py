@@ -323,3 +323,38 @@ def test_rl_with_tools_on_two_processes_matches_one(tmp_path):
             if k in ra:
                 np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=2e-5, err_msg=f"{k} at step {ra['step']}")
     assert all(r["tool_calls"] > 0 for r in a if "tool_calls" in r)  # the tool path ran in every rollout
+
+
+@pytest.mark.slow
+def test_ppo_with_a_reward_model_on_two_processes_matches_one(base_run, tmp_path):
+    """rl.reward = "run:DIR" with 2 processes x 4 devices: each process scores the replies it
+    sampled with its copy of the reward model, and the rewards are shared; every logged figure
+    (the held-out mean reward of greedy replies included) is the single process's."""
+    from helpers import pair_file, pref_config
+
+    from lm.stages.runner import train as train_run
+
+    train_run(pref_config(base_run, "reward", pair_file(tmp_path / "p.jsonl", 60)), str(tmp_path / "rm"),
+              progress=False, log=lambda *_: None)
+    exp = tmp_path / "ppo_rm.py"
+    exp.write_text(RL_EXPERIMENT.format(exp=base_run["exp"], run=base_run["run"], stage="ppo").replace(
+        'reward="spread_reward:digits"', f'reward="run:{tmp_path / "rm"}"'))
+    single = tmp_path / "single"
+    done = subprocess.run(train_cmd(str(exp), single), cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    multi = tmp_path / "multi"
+    procs, outs = _two_processes(train_cmd(str(exp), multi), env=_env(4))
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+
+    def rows(run):
+        return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+    a, b = rows(single), rows(multi)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "reward", "response_length", "kl", "reward@greedy"):
+            if k in ra:
+                np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=2e-5, err_msg=f"{k} at step {ra['step']}")
+    assert any("reward@greedy" in r for r in a) and len({r["reward"] for r in a if "reward" in r}) > 1
