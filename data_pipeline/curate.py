@@ -18,7 +18,9 @@ tasks). Running the same config again skips every finished task and rewrites the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import importlib.util
 import json
@@ -322,7 +324,7 @@ def _check_output(cfg: CurateConfig, work: str) -> None:
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CurateError(f"{cfg.output_dir} holds a curation made with another config (changed: "
                               f"{', '.join(changed)}); use a new output_dir or delete {cfg.output_dir} to start over")
-    elif os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir):
+    elif os.path.isdir(cfg.output_dir) and set(os.listdir(cfg.output_dir)) - {".lock"}:
         raise CurateError(f"{cfg.output_dir} exists and is not a curation output; choose an empty or new output_dir")
     os.makedirs(work, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -335,6 +337,33 @@ def curate(cfg: CurateConfig, log=print, report_only: bool = False) -> dict:
     with report_only=True when the jobs are done)."""
     cfg = cfg.validate()
     steps = _steps_module()
+    with _lock(cfg.output_dir):
+        return _curate(cfg, steps, log, report_only)
+
+
+@contextlib.contextmanager
+def _lock(output_dir: str):
+    """One curation at a time per output folder: a second copy stops with one line (two copies
+    would run the same tasks and step on each other's files)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, ".lock"), "a+") as f:
+        try:
+            # a POSIX record lock: held by this process only, not by the workers it forks (which
+            # could outlive a kill -9 of it and keep the folder locked)
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise CurateError(f"another lm data curate (pid {pid}) is writing {output_dir}: wait for it to finish, "
+                              "or give this one another output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def _curate(cfg: CurateConfig, steps, log, report_only: bool) -> dict:
     work = os.path.join(cfg.output_dir, "work")
     files = input_files(cfg)
     if not report_only:

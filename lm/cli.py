@@ -235,7 +235,7 @@ def _sample_speculative(run, args, prompt_ids, weights) -> int:
     if draft_run.tokenizer is None or not _same_file(draft_run.tokenizer.path, run.tokenizer.path):
         raise UserError(f"--draft {args.draft}: its tokenizer is not {args.run_dir}'s; a draft must share the "
                         "target's tokenizer (train it with the same data.tokenizer settings, or point "
-                        "data.tokenizer_path at the target's)")
+                        "data.tokenizer at the target's)")
     target = weights if weights is not None else decode.prepare(run.graphdef, run.params)
     draft = decode.prepare(draft_run.graphdef, draft_run.params)
     stops = [run.tokenizer.eos_id]

@@ -361,3 +361,26 @@ def test_eval_items_from_shared_data():
     items, counts = C.eval_items(cfg)
     assert counts == {"gsm8k": 1319, "winogrande": 1267, "arc_easy": 2376}
     assert any(GSM_Q.split("?")[0] in t for _, t in items) is False  # that one is a train item
+
+
+def test_a_second_curation_of_the_same_folder_stops_in_one_line(tmp_path):
+    """Two copies at once would run the same tasks over each other's files: the second stops."""
+    import subprocess
+    import sys
+
+    from data_pipeline import curate
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom data_pipeline import curate\n"
+                               f"with curate._lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(curate.CurateError, match=f"another lm data curate \\(pid {holder.pid}\\) is writing"):
+            with curate._lock(str(out)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with curate._lock(str(out)):  # free again once the holder is gone (even killed)
+        pass
