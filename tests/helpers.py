@@ -278,3 +278,25 @@ def tool_happy_run(d):
     c["stage"] = "sft"
     (run / "config.json").write_text(json.dumps(c))
     return str(run)
+
+
+def kill_at_checkpoint_then_resume(experiment: str, run, step: int = 3, lines: int = 4):
+    """Train `experiment` into `run`, SIGKILL it once the checkpoint of `step` is written and
+    metrics.jsonl has `lines` lines, then run it again to the end: the rerun's CompletedProcess."""
+    import pathlib
+    import signal
+    import subprocess
+    import time
+
+    run = pathlib.Path(run)
+    proc = subprocess.Popen(train_cmd(experiment, run), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    t0, path = time.time(), run / "metrics.jsonl"
+    while time.time() - t0 < 400 and proc.poll() is None:
+        if (run / "checkpoints" / str(step)).is_dir() and path.exists() and sum(1 for _ in open(path)) >= lines:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return subprocess.run(train_cmd(experiment, run), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True,
+                          timeout=600)

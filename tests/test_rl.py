@@ -155,11 +155,9 @@ def test_sigkill_during_grpo_then_resume_reproduces_every_step(base_run, tmp_pat
     minibatches, and the adaptive KL coefficient too)."""
     import json
     import os
-    import signal
     import subprocess
-    import time
 
-    from helpers import ROOT, cpu_env, train_cmd
+    from helpers import ROOT, cpu_env, kill_at_checkpoint_then_resume, train_cmd
 
     exp = tmp_path / "grpo_exp.py"
     template = GRPO_EXPERIMENT if stage == "grpo" else PPO_EXPERIMENT.replace("{steps}", "9").replace(
@@ -175,17 +173,7 @@ def test_sigkill_during_grpo_then_resume_reproduces_every_step(base_run, tmp_pat
     p = subprocess.run(train_cmd(str(exp), ref), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    t0, path = time.time(), run / "metrics.jsonl"
-    while time.time() - t0 < 400 and proc.poll() is None:
-        # the checkpoint of step 3 is written (its rollout batch has one more update to give)
-        if (run / "checkpoints" / "3").is_dir() and path.exists() and sum(1 for _ in open(path)) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    p = subprocess.run(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    p = kill_at_checkpoint_then_resume(str(exp), run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from the checkpoint of step" in p.stdout + p.stderr
     assert steps(run) == steps(ref) and len(steps(ref)) == 9

@@ -134,11 +134,9 @@ def config():
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_sigkill_during_rl_with_tools_then_resume_reproduces_every_step(tmp_path, stage):
     import os
-    import signal
     import subprocess
-    import time
 
-    from helpers import ROOT, cpu_env, tool_happy_run, train_cmd
+    from helpers import ROOT, cpu_env, kill_at_checkpoint_then_resume, tool_happy_run, train_cmd
 
     init = tool_happy_run(tmp_path)
     exp = tmp_path / "grpo_tools.py"
@@ -159,16 +157,7 @@ def test_sigkill_during_rl_with_tools_then_resume_reproduces_every_step(tmp_path
     assert any(loss != 0 for _, loss, *_ in steps(ref))
     assert "without tools" in p.stdout + p.stderr
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    t0, path = time.time(), run / "metrics.jsonl"
-    while time.time() - t0 < 400 and proc.poll() is None:
-        if (run / "checkpoints" / "3").is_dir() and path.exists() and sum(1 for _ in open(path)) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    p = subprocess.run(train_cmd(str(exp), run), cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    p = kill_at_checkpoint_then_resume(str(exp), run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from the checkpoint of step" in p.stdout + p.stderr
     assert steps(run) == steps(ref) and len(steps(ref)) == 6
