@@ -337,8 +337,9 @@ def curate(cfg: CurateConfig, log=print, report_only: bool = False) -> dict:
     with report_only=True when the jobs are done)."""
     cfg = cfg.validate()
     steps = _steps_module()
+    files = input_files(cfg)  # (an input that matches nothing fails here, before any folder is made)
     with _lock(cfg.output_dir):
-        return _curate(cfg, steps, log, report_only)
+        return _curate(cfg, steps, files, log, report_only)
 
 
 @contextlib.contextmanager
@@ -363,9 +364,8 @@ def _lock(output_dir: str):
         yield
 
 
-def _curate(cfg: CurateConfig, steps, log, report_only: bool) -> dict:
+def _curate(cfg: CurateConfig, steps, files: dict, log, report_only: bool) -> dict:
     work = os.path.join(cfg.output_dir, "work")
-    files = input_files(cfg)
     if not report_only:
         _check_output(cfg, work)
     items, item_counts = eval_items(cfg, log) if cfg.decontaminate else ([], {})
