@@ -129,6 +129,9 @@ class CurateConfig:
     decontaminate_tasks: tuple[str, ...] = EVAL_TASKS  # read from eval_data_dir with data_pipeline/tasks.py
     decontaminate_files: tuple[str, ...] = ()  # more task files: JSON Lines (every string field) or text lines
     decontaminate_ngram: int = 13
+    # an item text of fewer than decontaminate_ngram words (a short ARC question, a PIQA goal) is
+    # matched whole down to this many words; shorter items are counted as unchecked in the report
+    decontaminate_min_ngram: int = 8
     eval_data_dir: str = SHARED_DATA
     mask_pii: bool = False  # e-mail and IP addresses replaced by placeholders (datatrove's PIIFormatter)
     exact_dedup: bool = True  # hash of the lower-cased, whitespace-normalised text; the first copy is kept
@@ -174,6 +177,9 @@ class CurateConfig:
                            ("minhash_rows", 1), ("decontaminate_ngram", 5), ("examples_per_reason", 0)):
             if not getattr(self, field) >= low:
                 bad(f"{field} = {getattr(self, field)!r}; it must be at least {low:g}")
+        if not 1 <= self.decontaminate_min_ngram <= self.decontaminate_ngram:
+            bad(f"decontaminate_min_ngram = {self.decontaminate_min_ngram!r}; it must be between 1 and "
+                f"decontaminate_ngram ({self.decontaminate_ngram})")
         if not 0 <= self.min_language_score <= 1:
             bad(f"min_language_score = {self.min_language_score}; it is a probability in [0, 1]")
         if isinstance(self.languages, str) or not all(isinstance(x, str) and x for x in self.languages):
@@ -404,6 +410,13 @@ def _load_all(folder: str) -> list[dict]:
     return out
 
 
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _sum(folder: str) -> dict:
     total = {"docs": 0, "chars": 0}
     for part in _load_all(folder):
@@ -491,7 +504,8 @@ def build_report(cfg: CurateConfig, files: dict[str, list[str]], work: str, item
         "written": {"docs": written["docs"], "chars": written["chars"], "tokens_est": _tokens(written["chars"]),
                     "shards": sorted(glob.glob(os.path.join(cfg.output_dir, "data", "*.jsonl")))},
         "near_dedup_jaccard_threshold": round(cfg.jaccard_threshold, 3) if cfg.near_dedup else None,
-        "decontamination": {"ngram": cfg.decontaminate_ngram, "items_per_task": item_counts,
+        "decontamination": {"ngram": cfg.decontaminate_ngram, "min_ngram": cfg.decontaminate_min_ngram,
+                            "items_per_task": item_counts, **_read_json(os.path.join(work, "decontaminate.json")),
                             "removed": listed[:1000], "removed_total": len(listed)} if cfg.decontaminate else None,
         "stages": timings,
     }

@@ -100,9 +100,13 @@ class WordTokenizer(WhitespaceTokenizer):
         return text.split()
 
 
-def ngram_hashes(text: str, n: int) -> np.ndarray:
-    """64-bit hashes of the lower-cased word n-grams of `text` (punctuation ignored)."""
-    words = _NGRAM_WORD.findall(text.lower())
+def ngram_words(text: str) -> list[str]:
+    """The lower-cased words of `text` (punctuation ignored) that decontamination compares."""
+    return _NGRAM_WORD.findall(text.lower())
+
+
+def ngram_hashes(words: list[str], n: int) -> np.ndarray:
+    """64-bit hashes of the word n-grams of `words`."""
     if len(words) < n:
         return np.zeros(0, dtype=np.uint64)
     return np.fromiter((xxhash.xxh64_intdigest(" ".join(words[i:i + n]).encode()) for i in range(len(words) - n + 1)),
@@ -380,45 +384,62 @@ class LanguageFilter(BaseFilter):
 
 
 class Decontaminate(BaseFilter):
-    """Removes documents sharing any word n-gram with an evaluation item; `table` holds the
-    items' sorted n-gram hashes, `owner[i]` the index in `labels` ("task:item") of table[i]."""
+    """Removes documents sharing a word n-gram with an evaluation item. `tables` maps an n-gram
+    length to (sorted hashes, owner of each: the index in `labels`, "task:item"); items of n words
+    or more give their n-grams, shorter ones (down to min_n) their whole word sequence."""
 
     name = "🧪 Decontamination"
 
-    def __init__(self, table: np.ndarray, owner: np.ndarray, labels: list[str], n: int, exclusion_writer=None):
+    def __init__(self, tables: dict[int, tuple[np.ndarray, np.ndarray]], labels: list[str], exclusion_writer=None):
         super().__init__(exclusion_writer)
-        self.table, self.owner, self.labels, self.n = table, owner, labels, n
+        self.tables, self.labels = tables, labels
 
     def filter(self, doc: Document):
-        if not len(self.table):
-            return True
-        h = ngram_hashes(doc.text, self.n)
-        if not len(h):
-            return True
-        idx = np.minimum(np.searchsorted(self.table, h), len(self.table) - 1)
-        hit = np.flatnonzero(self.table[idx] == h)
-        if not len(hit):
-            return True
-        doc.metadata["contamination"] = self.labels[int(self.owner[idx[hit[0]]])]
-        return False, "contaminated"
+        words = None
+        for n, (table, owner) in sorted(self.tables.items(), reverse=True):
+            words = ngram_words(doc.text) if words is None else words
+            h = ngram_hashes(words, n)
+            if not len(h):
+                continue
+            idx = np.minimum(np.searchsorted(table, h), len(table) - 1)
+            hit = np.flatnonzero(table[idx] == h)
+            if len(hit):
+                doc.metadata["contamination"] = self.labels[int(owner[idx[hit[0]]])]
+                return False, "contaminated"
+        return True
 
 
-def ngram_table(items: list[tuple[str, str]], n: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """(sorted hashes, owner of each, labels, items too short to check) for (label, text) items."""
-    hashes, owners, labels, short = [], [], [], 0
+def ngram_table(items: list[tuple[str, str]], n: int, min_n: int | None = None):
+    """(tables {length: (sorted hashes, owner of each)}, labels, labels too short to check) for
+    (label, text) items: a text of n words or more gives its n-grams, one of min_n to n - 1 words
+    its whole word sequence (as GPT-3's decontamination did for short items), a shorter one nothing;
+    an item (a label) is unchecked when none of its texts gave a hash."""
+    min_n = n if min_n is None else min_n
+    hashes: dict[int, list] = {}
+    owners: dict[int, list] = {}
+    labels: list[str] = []
+    index: dict[str, int] = {}
+    seen: set[str] = set()
+    checked: set[str] = set()
     for label, text in items:
-        h = ngram_hashes(text, n)
-        if not len(h):
-            short += 1
+        seen.add(label)
+        words = ngram_words(text)
+        size = n if len(words) >= n else len(words)
+        if size < min_n:
             continue
-        hashes.append(h)
-        owners.append(np.full(len(h), len(labels), dtype=np.uint32))
-        labels.append(label)
-    if not hashes:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint32), labels, short
-    table, owner = np.concatenate(hashes), np.concatenate(owners)
-    order = np.argsort(table, kind="stable")
-    return table[order], owner[order], labels, short
+        h = ngram_hashes(words, size)  # (one hash when the text is shorter than n)
+        if label not in index:
+            index[label] = len(labels)
+            labels.append(label)
+        checked.add(label)
+        hashes.setdefault(size, []).append(h)
+        owners.setdefault(size, []).append(np.full(len(h), index[label], dtype=np.uint32))
+    tables = {}
+    for size in hashes:
+        table, owner = np.concatenate(hashes[size]), np.concatenate(owners[size])
+        order = np.argsort(table, kind="stable")
+        tables[size] = (table[order], owner[order])
+    return tables, labels, sorted(seen - checked)
 
 
 class MaskPII(PIIFormatter):
@@ -491,9 +512,11 @@ def stages(cfg, files: dict[str, list[str]], eval_items: list[tuple[str, str]], 
             kw = {k: (tuple(map(tuple, v)) if isinstance(v, (list, tuple)) else v) for k, v in vars(conf).items()}
             first += [cls(**kw, language=tok, exclusion_writer=log(step, step)), Tally(tally, step)]
     if cfg.decontaminate:
-        table, owner, labels, _ = ngram_table(eval_items, cfg.decontaminate_ngram)
-        first += [Decontaminate(table, owner, labels, cfg.decontaminate_ngram,
-                                exclusion_writer=log("decontaminate", "contaminated", list_all=True)),
+        tables, labels, unchecked = ngram_table(eval_items, cfg.decontaminate_ngram, cfg.decontaminate_min_ngram)
+        save_json(os.path.join(work, "decontaminate.json"),
+                  {"unchecked_items": len(unchecked), "unchecked_examples": unchecked[:20],
+                   "ngram_lengths": {str(k): len(v[0]) for k, v in sorted(tables.items())}})
+        first += [Decontaminate(tables, labels, exclusion_writer=log("decontaminate", "contaminated", list_all=True)),
                   Tally(tally, "decontaminate")]
     if cfg.mask_pii:
         first += [MaskPII(removed), Tally(tally, "pii")]

@@ -270,13 +270,22 @@ def test_decontamination_ngram_size():
 
     from data_pipeline.curate_steps import Decontaminate, ngram_table
 
-    table, owner, labels, short = ngram_table([("t:0", GSM_Q), ("t:1", "too short to check")], 13)
-    assert short == 1 and labels == ["t:0"]
-    f = Decontaminate(table, owner, labels, 13)
+    short_q = "Which gas do plants take in from the air?"  # 9 words: matched whole
+    tables, labels, unchecked = ngram_table([("t:0", GSM_Q), ("t:1", "too short to check"), ("t:2", short_q),
+                                             ("t:3", "yes"), ("t:3", "a choice long enough to be checked alone")],
+                                            13, 8)
+    assert unchecked == ["t:1"] and labels == ["t:0", "t:2", "t:3"] and sorted(tables) == [8, 9, 13]
+    f = Decontaminate(tables, labels)
     words = GSM_Q.split()
     doc = Document(text="Intro. " + " ".join(words[:13]).upper() + "!! outro", id="d")
     assert f.filter(doc) == (False, "contaminated") and doc.metadata["contamination"] == "t:0"
     assert f.filter(Document(text="Intro " + " ".join(words[:12]) + " outro", id="e")) is True  # 12 words only
+    doc = Document(text=english(5) + "\nQ: WHICH gas do plants take in from the air? A: carbon dioxide", id="f")
+    assert f.filter(doc) == (False, "contaminated") and doc.metadata["contamination"] == "t:2"
+    assert f.filter(Document(text="Which gas do plants take in from the sea", id="g")) is True
+    assert f.filter(Document(text="so a choice long enough to be checked alone, said", id="h")) == (False, "contaminated")
+    tables, labels, unchecked = ngram_table([("t:2", short_q)], 13, 13)  # min_ngram = ngram: as before
+    assert not tables and unchecked == ["t:2"]
 
 
 # ---------------------------------------------------------------------------------------
