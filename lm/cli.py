@@ -26,6 +26,11 @@ def _distributed(args) -> None:
     """Join a multi-process job: explicit flags, or auto-detection (TPU pods, SLURM, ...)."""
     import jax  # heavy: a command imports JAX when it runs
 
+    if args.coordinator and (args.num_processes is None or args.process_id is None):
+        raise UserError("--coordinator needs --num-processes N and --process-id I (0 to N-1) too")
+    if args.coordinator and args.process_id >= args.num_processes:
+        raise UserError(f"--process-id {args.process_id} is out of range: 0 to {args.num_processes - 1} "
+                        f"with --num-processes {args.num_processes}")
     if args.coordinator or os.environ.get("LM_DISTRIBUTED"):
         if args.cpu_collectives:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -70,6 +75,10 @@ def cmd_train(args) -> int:
         if signals.received:
             _exit_now(None, code)
     return code
+
+
+def _quiet(*_) -> None:
+    """The log of a process other than process 0 (which says it once for all)."""
 
 
 def _is_train_worker() -> bool:
@@ -413,11 +422,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_reward(args) -> int:
-    from lm.eval import reward_model as reward  # lazy: a command imports what it runs
-    from lm.train.run import load_run  # lazy: a command imports what it runs
+    """A reward model's pairwise accuracy, on every device (of every process: the same flags
+    as `lm train`); every process computes the same figures and process 0 prints them."""
+    _distributed(args)  # before anything touches a device
+    import jax  # heavy: a command imports JAX when it runs
 
-    loaded = load_run(args.run_dir, log=_log)
-    r = reward.score_pairs(loaded, args.pairs, args.format, args.limit, log=_log)
+    from lm.eval import reward_model as reward  # lazy: a command imports what it runs
+
+    main = jax.process_index() == 0
+    r = reward.pair_accuracy(args.run_dir, args.pairs, args.format, args.limit, log=_log if main else _quiet,
+                             out=args.scores)
+    if not main:
+        return 0
     print(f"{r['pairs']} pairs ({r['bad_records']} bad records and {r['too_long']} over-long pairs skipped): "
           f"pairwise accuracy {r['accuracy']:.3f} "
           f"(chance {r['chance']:.1f}), mean reward margin {r['margin']:+.3f}")
@@ -477,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lm", description="Train and inspect language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def distributed_args(sp):  # (or LM_DISTRIBUTED=1: jax.distributed.initialize() finds them: TPU pods, SLURM)
+        sp.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
+        sp.add_argument("--num-processes", type=_number(int, 1, what="at least 1"))
+        sp.add_argument("--process-id", type=_number(int, 0, what="0 or more"))
+        sp.add_argument("--cpu-collectives", action="store_true", help="gloo collectives for CPU processes")
+
     def experiment_args(sp):
         sp.add_argument("experiment", help="experiments/NAME.py, experiments.NAME or NAME")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -488,10 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--fresh", action="store_true",
                    help="start from scratch, deleting the run's checkpoints (default: resume from the latest)")
-    t.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
-    t.add_argument("--num-processes", type=int)
-    t.add_argument("--process-id", type=int)
-    t.add_argument("--cpu-collectives", action="store_true", help="gloo collectives for CPU processes")
+    distributed_args(t)
     t.set_defaults(fn=cmd_train)
 
     i = sub.add_parser("info", help="parameter count and FLOPs of an experiment")
@@ -504,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     rw.add_argument("--pairs", required=True, help="JSON Lines / JSON file of pairs (hh, sharegpt or prompt layout)")
     rw.add_argument("--format", default="auto", choices=["auto", "hh", "sharegpt", "prompt"])
     rw.add_argument("--limit", type=_number(int, 1, what="at least 1"), help="score the first N pairs")
+    rw.add_argument("--scores", metavar="FILE", help="also write each pair's rewards (JSON Lines: where, chosen, "
+                                                     "rejected)")
+    distributed_args(rw)
     rw.set_defaults(fn=cmd_reward)
 
     pl = sub.add_parser("plan", help="compile the train step ahead of time for N devices: memory and FLOPs "

@@ -210,6 +210,16 @@ def pref_config(base: dict, stage: str, path: str, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
+def reward_run(base: dict, directory, n: int = 60) -> str:
+    """A reward model trained briefly (pref_config: 4 steps) from the base run on `n` pairs of
+    pair_file, in directory/rm: the run directory."""
+    from lm.stages.runner import train
+
+    run = directory / "rm"
+    train(pref_config(base, "reward", pair_file(directory / "p.jsonl", n)), str(run), progress=False, log=quiet)
+    return str(run)
+
+
 # -- random models of a few Llama shapes (Hugging Face interop) ------------------------------
 
 def _shapes():

@@ -45,3 +45,14 @@ def test_text_that_is_not_utf8_is_encoded_with_replacement_characters():
 def test_top_k_beyond_the_vocabulary_keeps_every_token():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 50)), jnp.float32)
     np.testing.assert_array_equal(decode.filter_logits(logits, 1000, 1.0), logits)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (dict(num_processes=None, process_id=None), "--coordinator needs --num-processes N and --process-id I"),
+    (dict(num_processes=2, process_id=2), "--process-id 2 is out of range: 0 to 1"),
+])
+def test_multi_process_flags_that_do_not_fit_are_one_line(capsys, flags, says):
+    args = argparse.Namespace(fn=cli.cmd_reward, coordinator="127.0.0.1:1", cpu_collectives=False, **flags)
+    assert cli._run(args) == 2  # (before any attempt to reach the coordinator)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err

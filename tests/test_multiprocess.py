@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -330,15 +331,12 @@ def test_ppo_with_a_reward_model_on_two_processes_matches_one(base_run, tmp_path
     """rl.reward = "run:DIR" with 2 processes x 4 devices: each process scores the replies it
     sampled with its copy of the reward model, and the rewards are shared; every logged figure
     (the held-out mean reward of greedy replies included) is the single process's."""
-    from helpers import pair_file, pref_config
+    from helpers import reward_run
 
-    from lm.stages.runner import train as train_run
-
-    train_run(pref_config(base_run, "reward", pair_file(tmp_path / "p.jsonl", 60)), str(tmp_path / "rm"),
-              progress=False, log=lambda *_: None)
+    rm = reward_run(base_run, tmp_path)
     exp = tmp_path / "ppo_rm.py"
     exp.write_text(RL_EXPERIMENT.format(exp=base_run["exp"], run=base_run["run"], stage="ppo").replace(
-        'reward="spread_reward:digits"', f'reward="run:{tmp_path / "rm"}"'))
+        'reward="spread_reward:digits"', f'reward="run:{rm}"'))
     single = tmp_path / "single"
     done = subprocess.run(train_cmd(str(exp), single), cwd=ROOT, env=_env(8), capture_output=True, text=True,
                           timeout=400)
@@ -358,3 +356,40 @@ def test_ppo_with_a_reward_model_on_two_processes_matches_one(base_run, tmp_path
             if k in ra:
                 np.testing.assert_allclose(rb[k], ra[k], rtol=2e-4, atol=2e-5, err_msg=f"{k} at step {ra['step']}")
     assert any("reward@greedy" in r for r in a) and len({r["reward"] for r in a if "reward" in r}) > 1
+
+
+@pytest.mark.slow
+def test_reward_model_accuracy_on_two_processes_matches_one(base_run, tmp_path):
+    """`lm reward` with 2 processes x 4 devices against 1 x 8: each device scores its rows of
+    every batch, the rewards are gathered, and process 0 alone prints the same line and
+    writes the same per-pair rewards as the single process, bit for bit."""
+    from helpers import pair_file, reward_run
+
+    rm = reward_run(base_run, tmp_path)
+    pairs = tmp_path / "eval.jsonl"
+    lines = open(pair_file(pairs, 40, seed=5)).read().splitlines()
+    for i in range(0, len(lines), 3):  # every third pair the other way round: an accuracy short of 1
+        p = json.loads(lines[i])
+        lines[i] = json.dumps({**p, "chosen": p["rejected"], "rejected": p["chosen"]})
+    lines[5:5] = ['{"chosen": "no prompt, no rejected"}',  # skipped the same way by every process
+                  json.dumps({"prompt": "What is 1 + 2? " * 40, "chosen": "Yes: 3.", "rejected": "No: 4."})]
+    pairs.write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "lm", "reward", rm, "--pairs", str(pairs)]
+    single = subprocess.run(cmd + ["--scores", str(tmp_path / "single.jsonl")], cwd=ROOT, env=_env(8),
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    procs, outs = _two_processes(cmd + ["--scores", str(tmp_path / "multi.jsonl")], timeout=300)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+
+    def result(out):
+        return [line for line in out.splitlines() if "pairwise accuracy" in line]
+
+    assert result(single.stdout) == result(outs[0]) and len(result(outs[0])) == 1 and result(outs[1]) == []
+    assert "40 pairs (1 bad records and 1 over-long pairs skipped)" in result(outs[0])[0]
+    assert "on 8 device(s) of 1 process(es), 2 of each batch's 16 rows on each device" in single.stdout
+    assert "on 8 device(s) of 2 process(es), 2 of each batch's 16 rows on each device" in outs[0]
+    one, two = ([json.loads(line) for line in open(tmp_path / f"{k}.jsonl")] for k in ("single", "multi"))
+    assert one == two and len(one) == 40  # the same floats, bit for bit
+    wins = [r["chosen"] > r["rejected"] for r in one]
+    assert 0 < sum(wins) < 40 and len({r["chosen"] for r in one}) > 30

@@ -57,19 +57,27 @@ class LoadedRun:
         return self.trainer.model(self.params)
 
 
-def load_run(run_dir: str, single_device: bool = True, log: Callable = print, step: int | None = None,
-             tensor: int = 1) -> LoadedRun:
-    """The parameters (only: never the optimiser state) of the newest readable checkpoint of
-    `run_dir`, or of `step`, onto one device by default, or split over this process's first
-    `tensor` devices by the tensor-parallel rules (for a decode engine split so: no device
-    holds the whole model). A LoRA run's adapters are merged into its base model."""
+def read_config(run_dir: str) -> Config:
+    """A run's config (its config.json), without touching a device."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise NotFound(f"{run_dir} is not a run directory (no config.json); train one with `lm train`")
     with open(path) as f:
-        cfg = from_dict(json.load(f))
-    devices = jax.local_devices()[:1] if single_device else jax.devices()  # (this process's first)
-    if tensor > 1:
+        return from_dict(json.load(f))
+
+
+def load_run(run_dir: str, single_device: bool = True, log: Callable = print, step: int | None = None,
+             tensor: int = 1, mesh: MeshConfig | None = None) -> LoadedRun:
+    """The parameters (only: never the optimiser state) of the newest readable checkpoint of
+    `run_dir`, or of `step`, onto one device by default, or split over this process's first
+    `tensor` devices by the tensor-parallel rules (for a decode engine split so: no device
+    holds the whole model), or laid out by `mesh` over every device of every process. A
+    LoRA run's adapters are merged into its base model."""
+    cfg = read_config(run_dir)
+    devices = jax.local_devices()[:1] if single_device and mesh is None else jax.devices()  # (this process's first)
+    if mesh is not None:
+        cfg = dataclasses.replace(cfg, mesh=mesh)
+    elif tensor > 1:
         devices = jax.local_devices()[:tensor]
         if len(devices) < tensor:
             raise UserError(f"{tensor} tensor-parallel devices asked for; this process has {len(devices)}")
