@@ -25,6 +25,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from typing import Literal
@@ -263,27 +264,33 @@ def _task_file_item(obj) -> str:
     return "\n".join(texts)
 
 
+_TEMPLATE_START = re.compile(r"^\s*Question:\s*")
+_TEMPLATE_END = re.compile(r"\s*Answer:\s*$")
+
+
 def eval_items(cfg: CurateConfig, log=None) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """(label, text) of every evaluation item, and the item count per task. A multiple-choice
-    item's text is its context followed by its right answer, and each choice alone; GSM8K's
-    (test split) the question and worked answer; a task file's: its record's strings joined
-    (JSON Lines) or its line (other files)."""
+    item's texts are its context followed by its right answer (with and without the prompt's
+    "Question:" and "Answer:"), its context alone and each choice alone; GSM8K's (test split) the
+    question with its worked answer and the question alone; a task file's: its record's strings
+    joined (JSON Lines) or its line (other files)."""
     items: list[tuple[str, str]] = []
     counts: dict[str, int] = {}
     for task in cfg.decontaminate_tasks:
         if task == "gsm8k":
             path = os.path.join(cfg.eval_data_dir, "gsm8k", "test.jsonl")
-            got = [(f"gsm8k:{n}", g["question"] + "\n" + g["answer"])
-                   for n, g in read_jsonl(path, gsm8k_record, GSM8K_RECORD, "gsm8k/test.jsonl",
-                                          ": set eval_data_dir (or LM_DATA) or drop 'gsm8k' from decontaminate_tasks",
-                                          log)]
+            records = read_jsonl(path, gsm8k_record, GSM8K_RECORD, "gsm8k/test.jsonl",
+                                 ": set eval_data_dir (or LM_DATA) or drop 'gsm8k' from decontaminate_tasks", log)
+            got = [(f"gsm8k:{n}", text) for n, g in records for text in (g["question"] + "\n" + g["answer"],
+                                                                         g["question"])]
         else:
             got = []
             for i, it in enumerate(load_task(task, cfg.eval_data_dir, log)):
                 ctx = it["contexts"][it["gold"] if len(it["contexts"]) > 1 else 0]
                 cont = it["continuations"][0 if len(it["continuations"]) == 1 else it["gold"]]
-                got.append((f"{task}:{i}", ctx + cont))
-                got += [(f"{task}:{i}", c) for c in it["choices"]]
+                core = _TEMPLATE_END.sub("", _TEMPLATE_START.sub("", ctx))  # without "Question: ... Answer:"
+                # the context alone too: C4's rules may cut an answer line from a page and keep the question
+                got += [(f"{task}:{i}", t) for t in (ctx + cont, core + cont, core, *it["choices"])]
         items += got
         counts[task] = len({label for label, _ in got})
     for path in cfg.decontaminate_files:
@@ -376,6 +383,7 @@ def _curate(cfg: CurateConfig, steps, files: dict, log, report_only: bool) -> di
         _check_output(cfg, work)
     items, item_counts = eval_items(cfg, log) if cfg.decontaminate else ([], {})
     stage_list = steps.stages(cfg, files, items, work, os.path.join(cfg.output_dir, "data"))
+    steps.save_json(os.path.join(work, "step_labels.json"), steps.step_labels(stage_list))
     execs = steps.executors(cfg, stage_list, work)
     timings = {}
     if not report_only:
@@ -435,10 +443,10 @@ def build_report(cfg: CurateConfig, files: dict[str, list[str]], work: str, item
     tally = os.path.join(work, "tally")
     inputs = {}
     for inp in cfg.inputs:
-        agg: dict = {"kind": inp.kind, "files": 0, "docs": 0, "chars": 0, "cut_docs": 0, "cut_chars": 0,
+        agg: dict = {"kind": inp.kind, "files": 0, "docs": 0, "chars": 0, "cut_docs": 0, "cut_chars": 0, "seconds": 0,
                      "skipped_records": 0, "non_utf8_html": 0, "bad": {}, "bad_examples": []}
         for part in _load_all(os.path.join(tally, "read", inp.name)):
-            for k in ("files", "docs", "chars", "cut_docs", "cut_chars", "skipped_records", "non_utf8_html"):
+            for k in ("files", "docs", "chars", "cut_docs", "cut_chars", "skipped_records", "non_utf8_html", "seconds"):
                 agg[k] += part.get(k, 0)
             for k, v in part["bad"].items():
                 agg["bad"][k] = agg["bad"].get(k, 0) + v
@@ -508,27 +516,76 @@ def build_report(cfg: CurateConfig, files: dict[str, list[str]], work: str, item
                             "items_per_task": item_counts, **_read_json(os.path.join(work, "decontaminate.json")),
                             "removed": listed[:1000], "removed_total": len(listed)} if cfg.decontaminate else None,
         "stages": timings,
+        "throughput": _throughput(work, inputs, steps, timings),
     }
+
+
+def _throughput(work: str, inputs: dict, steps: list[dict], timings: dict) -> dict:
+    """Seconds, documents/s and MB/s of each step: datatrove's per-step times from each stage's
+    stats.json (summed over tasks: the speed of one worker process), our reader's own timing, and
+    the stage's wall-clock for the stages datatrove times as a whole (exact_find, minhash_cluster)."""
+    labels = _read_json(os.path.join(work, "step_labels.json"))
+    secs: dict[str, float] = {"read": sum(i.get("seconds", 0) for i in inputs.values())}
+    for stage, labs in labels.items():
+        path = os.path.join(work, "logs", stage, "stats.json")
+        stats = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                stats = json.load(f)
+        timed = [(lab, e["time_stats"]["total"]) for lab, e in zip(labs, stats)
+                 if lab and lab != "read" and isinstance(e.get("time_stats"), dict)]
+        if not timed and stage in timings:
+            timed = [(next((lab for lab in labs if lab), "io"), timings[stage]["seconds"])]
+        for lab, t in timed:
+            secs[lab] = secs.get(lab, 0.0) + t
+    read_docs = sum(i["docs"] for i in inputs.values())
+    read_chars = sum(i["chars"] for i in inputs.values())
+    rows = [("read", read_docs, read_chars)] + [(s["step"], s["docs_in"], s["chars_in"]) for s in steps]
+    out = []
+    for step, docs, chars in rows:
+        t = secs.get(step)
+        if t is None:
+            continue
+        out.append({"step": step, "seconds": round(t, 3), "docs_in": docs,
+                    "docs_per_s": round(docs / t, 1) if t > 0 else None,
+                    "mb_per_s": round(chars / 1e6 / t, 3) if t > 0 else None})
+    wall = sum(t["seconds"] for t in timings.values())
+    return {"per_step": out, "io_seconds": round(secs.get("io", 0.0), 3), "wall_seconds": round(wall, 2),
+            "docs_per_s": round(read_docs / wall, 1) if wall else None,
+            "mb_per_s": round(read_chars / 1e6 / wall, 3) if wall else None,
+            "note": "per step: seconds summed over tasks (one worker process's speed); MB = 10^6 characters; "
+                    "wall: the stages run by this invocation, process start-up included"}
 
 
 def format_table(report: dict) -> str:
     """The short table printed after a run."""
-    rows = [("step", "docs in", "removed", "docs out", "chars out", "~tokens out", "top reasons")]
+    speed = {x["step"]: x for x in (report.get("throughput") or {}).get("per_step", [])}
+
+    def rate(step):
+        x = speed.get(step)
+        return (f"{x['seconds']:.2f}", f"{x['docs_per_s']:.0f}" if x["docs_per_s"] else "") if x else ("", "")
+
+    rows = [("step", "docs in", "removed", "docs out", "chars out", "~tokens out", "s", "docs/s", "top reasons")]
     r = report["read"]
     rows.append(("read", f"{r['docs'] + r['bad_records']}", f"{r['bad_records']} bad", f"{r['docs']}",
-                 f"{r['chars']}", "", f"{r['cut_docs']} cut to max_doc_chars" if r["cut_docs"] else ""))
+                 f"{r['chars']}", "", *rate("read"), f"{r['cut_docs']} cut to max_doc_chars" if r["cut_docs"] else ""))
     for s in report["steps"]:
         top = sorted(s["removed_by_reason"].items(), key=lambda kv: -kv[1]["docs"])[:3]
         rows.append((s["step"], str(s["docs_in"]), str(s["docs_removed"]), str(s["docs_out"]), str(s["chars_out"]),
-                     str(s["tokens_out_est"]), ", ".join(f"{k} {v['docs']}" for k, v in top) +
+                     str(s["tokens_out_est"]), *rate(s["step"]), ", ".join(f"{k} {v['docs']}" for k, v in top) +
                      (f"{s.get('docs_masked', 0)} masked" if s["step"] == "pii" else "")))
     w = report["written"]
-    rows.append(("written", "", "", str(w["docs"]), str(w["chars"]), str(w["tokens_est"]),
+    rows.append(("written", "", "", str(w["docs"]), str(w["chars"]), str(w["tokens_est"]), "", "",
                  f"{len(w['shards'])} shard(s)"))
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row[:6])) +
-             "  " + row[6] for row in rows]
-    return "\n".join(lines) + "\n(tokens estimated as characters / 4)"
+    widths = [max(len(row[i]) for row in rows) for i in range(8)]
+    lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row[:8])) +
+             "  " + row[8] for row in rows]
+    t = report.get("throughput") or {}
+    foot = "(tokens estimated as characters / 4; s: seconds of one worker process, summed over tasks"
+    if t.get("wall_seconds"):
+        foot += f"; whole curation {t['wall_seconds']:.1f} s wall, {t['docs_per_s']:.0f} docs/s, " \
+                f"{t['mb_per_s']:.2f} MB/s"
+    return "\n".join(lines) + "\n" + foot + ")"
 
 
 def main_curate(spec: str, report_only: bool = False) -> int:

@@ -34,8 +34,10 @@ import json
 import os
 import re
 import sys
+import time
 import zlib
 
+import datatrove.executor.base as _executor_base  # its task loggers are patched below
 import numpy as np
 import trafilatura  # noqa: F401 -- loaded before Trafilatura's extraction process forks from this one
 import xxhash
@@ -71,6 +73,31 @@ from datatrove.utils.word_tokenizers import WhitespaceTokenizer
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 from trafilatura.utils import decode_file
 from warcio.archiveiterator import ArchiveIterator
+
+_add_task_logger = _executor_base.add_task_logger
+
+
+def _quiet_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
+    """datatrove's per-task logger with the terminal at ERROR level, as it sets for all but the
+    first worker: each task's INFO lines go to its log file (work/logs/STAGE/logs/) only; the
+    report says what they said. Installed wherever this module is imported, worker processes
+    included (they import it to unpickle the pipeline)."""
+    return _add_task_logger(logging_dir, rank, local_rank=max(local_rank, 1), node_rank=node_rank)
+
+
+def _quiet_close_task_logger(logfile):
+    """datatrove's end of a task, which puts its default INFO handler back on the terminal; ours
+    keeps the terminal at WARNING (the tasks that run inside this process end here too)."""
+    from loguru import logger
+
+    _close_task_logger(logfile)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+_close_task_logger = _executor_base.close_task_logger
+_executor_base.add_task_logger = _quiet_task_logger
+_executor_base.close_task_logger = _quiet_close_task_logger
 
 EXAMPLES_CHARS = 2000  # removed examples are cut to this many characters in removed/
 
@@ -226,12 +253,12 @@ class InputReader(BaseReader):
         if data:
             yield from data
         self.counts = {"files": 0, "docs": 0, "chars": 0, "cut_docs": 0, "cut_chars": 0, "skipped_records": 0,
-                       "bad": {}, "bad_examples": []}
+                       "bad": {}, "bad_examples": [], "seconds": 0.0}
         read = {"jsonl": self._jsonl, "html": self._html, "warc": self._warc, "wet": self._warc}[self.kind]
         for path in self.files[rank::world_size]:
             self.counts["files"] += 1
             try:
-                for doc in read(path):
+                for doc in self._timed(read(path)):
                     if doc is not None:
                         self.stat_update("documents")
                         yield doc
@@ -241,6 +268,18 @@ class InputReader(BaseReader):
             except Exception as e:  # noqa: BLE001 -- a parser's own error on a corrupt file (warcio): counted
                 self._bad("unreadable_file", path, f"{type(e).__name__}: {e}")
         save_json(os.path.join(self.folder, "read", self.input_name, f"{rank:05d}.json"), self.counts)
+
+    def _timed(self, docs):
+        """`docs`, adding the time spent reading and parsing them (not the steps after) to the counts."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                doc = next(docs)
+            except StopIteration:
+                return
+            finally:
+                self.counts["seconds"] += time.perf_counter() - t0
+            yield doc
 
     def _lines(self, f):
         """Lines of at most max_record_bytes (longer ones: None, the rest skipped unread)."""
@@ -552,6 +591,24 @@ def stages(cfg, files: dict[str, list[str]], eval_items: list[tuple[str, str]], 
     last.append(JsonlWriter(out_data, output_filename="${rank}.jsonl", compression=None, adapter=final_record))
     out.append(("write", last, cfg.tasks))
     return out
+
+
+def step_labels(stage_list) -> dict[str, list[str | None]]:
+    """For each stage, the report step that each of its pipeline steps belongs to (None for the
+    counting steps; "io" for reading and writing intermediate shards), in pipeline order: the
+    order of datatrove's stats.json, whose per-step times give the report's throughput."""
+    kinds = ((InputReader, "read"), (Extract, "extract"), (LanguageFilter, "language"),
+             (GopherRepetitionFilter, "gopher_repetition"), (GopherQualityFilter, "gopher_quality"),
+             (C4QualityFilter, "c4_quality"), (FineWebQualityFilter, "fineweb_quality"),
+             (Decontaminate, "decontaminate"), (MaskPII, "pii"),
+             ((ExactDedupSignature, ExactFindDedups, ExactDedupFilter), "exact_dedup"),
+             ((MinhashDedupSignature, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter), "near_dedup"),
+             ((JsonlReader, JsonlWriter), "io"))
+
+    def label(step):
+        return next((name for cls, name in kinds if isinstance(step, cls)), None)
+
+    return {name: [label(step) for step in pipeline] for name, pipeline, _ in stage_list}
 
 
 def executors(cfg, stage_list, work: str) -> list:

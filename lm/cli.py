@@ -648,8 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     cp.set_defaults(fn=cmd_compare)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "train", "data", "decode", "serve", "accel"],
-                   help="accel: the accelerator benchmark (python -m lm.tools.bench_accel --help for its options)")
+    b.add_argument("which", nargs="?", default="all",
+                   choices=["all", "train", "data", "decode", "serve", "curate", "accel"],
+                   help="accel: the accelerator benchmark (python -m lm.tools.bench_accel --help for its options); "
+                        "curate: lm data curate on a planted corpus (needs the curate extra; not part of all)")
     b.set_defaults(fn=cmd_bench)
 
     args = p.parse_args(argv)

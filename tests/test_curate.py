@@ -10,6 +10,7 @@ import os
 import random
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("datatrove")
@@ -393,3 +394,83 @@ def test_a_second_curation_of_the_same_folder_stops_in_one_line(tmp_path):
         holder.wait()
     with curate._lock(str(out)):  # free again once the holder is gone (even killed)
         pass
+
+
+# ---------------------------------------------------------------------------------------
+# A planted corpus at scale (data_pipeline/curate_planted.py): recall, loss, contamination
+
+
+def test_planted_corpus_scoring():
+    from data_pipeline import curate_planted as P
+
+    truth = {"uniques": ["u0", "u1", "u2", "u3"], "exact": {"x0": "u0"}, "near": {"n0": ["u1", 2, 0.9]},
+             "contaminated": {"c0": ["t:0", "Question: is the sky blue today?\nAnswer: yes it is"],
+                              "c1": ["t:1", "a long enough item line"]}}
+    kept = {"u0": "", "u1": "", "n0": "", "u3": "", "c0": "prose. Answer: yes IT is!", "c1": "other words"}
+    s = P.score(truth, kept)
+    assert (s["exact_removed"], s["near_removed"], s["uniques_lost"]) == (1, 0, 1)  # x0 gone; n0 and u1 kept; u2
+    assert s["eval_caught"] == 1 and s["eval_cut_not_removed"] == 1 and s["eval_missed"] == ["t:0"]
+    assert not P.still_quoted("no\nyes", "yes")  # lines under 3 words do not count
+    a = P.Prose(0).document()
+    assert P.jaccard(a, a) == 1.0 and 0.5 < P.jaccard(a, P.near_copy(a, 2, random.Random(0), ["zebra"])) < 1.0
+    assert P.respace(a, random.Random(0)).lower().split() == a.lower().split()
+
+
+@pytest.mark.slow
+def test_planted_corpus_duplicates_and_evaluation_items_at_scale(tmp_path):
+    """2,000 unique documents, 200 exact and 400 near copies (1-4 words changed, case and
+    whitespace changed), evaluation items quoted in prose (real ones when ../shared/data is
+    present): every exact copy and >= 95% of near copies removed, <= 1% of uniques lost, every
+    item caught; default thresholds, every step on, 2 workers."""
+    from data_pipeline import curate_planted as P
+
+    items, tasks, files = P.evaluation_items(str(tmp_path))
+    truth = P.plant(str(tmp_path / "in"), uniques=2000, exact=200, near=400, eval_items=items, shards=4)
+    cfg = C.CurateConfig(inputs=(C.CurateInput("web", "jsonl", (str(tmp_path / "in" / "*.jsonl"),)),),
+                         output_dir=str(tmp_path / "out"), decontaminate_tasks=tasks, decontaminate_files=files,
+                         tasks=2, workers=2)
+    report = C.curate(cfg, log=lambda _: None)
+    kept = {r["id"]: r["text"] for f in report["written"]["shards"] for r in map(json.loads, open(f))}
+    s = P.score(truth, kept)
+    assert s["exact_removed"] == s["exact"] == 200, s
+    assert s["near_removed"] >= 0.95 * s["near"], s
+    assert s["uniques_lost"] <= 0.01 * s["uniques"], s
+    assert s["eval_caught"] == s["eval_planted"] >= 20, s
+    assert s["near_jaccard_min_median"][0] > cfg.jaccard_threshold  # every planted copy is above the threshold
+    names = [x["step"] for x in report["throughput"]["per_step"]]
+    assert names[0] == "read" and {"language", "decontaminate", "exact_dedup", "near_dedup"} <= set(names)
+    assert all(x["seconds"] > 0 and x["docs_per_s"] > 0 for x in report["throughput"]["per_step"])
+
+
+@pytest.mark.slow
+def test_curated_output_trains_with_lm_train_unchanged(corpus, tmp_path):
+    """The curated shards as a `kind="jsonl"` source of an ordinary experiment: `lm train` trains
+    on them (a tokenizer trained with the run), a few steps, finite falling loss."""
+    import subprocess
+
+    from helpers import ROOT, cpu_env, train_cmd
+
+    shards = os.path.join(corpus["cfg"].output_dir, "data", "*.jsonl")
+    exp = tmp_path / "on_curated.py"
+    exp.write_text(f'''
+from lm.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
+
+def config():
+    return Config(
+        name="on_curated",
+        model=ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                          max_seq_len=64, attention_block=32),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        data=DataConfig(corpus="sources", seq_len=64, batch_size=8, tokenizer=None,
+                        sources=(SourceConfig(name="curated", kind="jsonl", paths=({shards!r},),
+                                              heldout_fraction=0.1),)),
+        trainer=TrainerConfig(steps=12, log_every=1, eval_every=12, eval_batches=1, num_samples=0,
+                              peak_flops_per_device=1e9))
+''')
+    p = subprocess.run(train_cmd(str(exp), tmp_path / "run"), cwd=ROOT, env=cpu_env(1), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12 and all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert any("eval_loss" in r for r in rows)

@@ -9,13 +9,15 @@ must stay far above what training consumes; `decode_tokens_per_s_b1/_b8=N` and, 
 torch and transformers installed, `decode_ratio_vs_transformers_b1/_b8=R` against
 `transformers.generate` on the same model exported, measured alternately in the same run;
 `decode_b8_over_b1_bound=R`: the most batch 8 could give over batch 1 with the step's
-weight products as fast as they run alone (`weight_products_ms`).
+weight products as fast as they run alone (`weight_products_ms`). `lm bench curate` (not part
+of "all"): `lm data curate` on a planted corpus, `curate_docs_per_s=N curate_mb_per_s=M`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import tempfile
 import time
@@ -26,6 +28,8 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import cache
+from data_pipeline import curate as C
+from data_pipeline import curate_planted as P
 from data_pipeline.pipeline import text_data
 from data_pipeline.synthetic import packed_segment_ids, synthetic_batches
 from lm import experiment
@@ -254,7 +258,41 @@ def main(which: str = "all") -> int:
         main_data(ref)
     if which in ("all", "decode"):
         main_decode()
+    if which == "curate":  # not in "all": it needs the curate extra and takes a minute or two
+        main_curate()
     return 0
+
+
+def main_curate(uniques: int = 10_000, workers: int = 2) -> dict:
+    """`lm data curate` on a planted corpus (data_pipeline/curate_planted.py): `uniques` documents
+    of 150-450 words, 10% exact and 20% near copies of them, and evaluation items quoted in prose
+    (real ones from ../shared/data when present, else made-up task-file items); every step on,
+    `workers` worker processes. Prints the report's table (seconds and documents/s per step), the
+    whole curation's documents/s and MB/s, and what was removed of each planted kind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        items, tasks, files = P.evaluation_items(tmp)
+        t = time.perf_counter()
+        truth = P.plant(os.path.join(tmp, "in"), uniques=uniques, exact=uniques // 10, near=uniques // 5,
+                        eval_items=items, shards=4 * workers)
+        print(f"curate: planted {uniques:,} unique documents, {uniques // 10:,} exact and {uniques // 5:,} near "
+              f"copies, {len(items)} quoted evaluation items in {time.perf_counter() - t:.1f}s")
+        cfg = C.CurateConfig(inputs=(C.CurateInput("web", "jsonl", (os.path.join(tmp, "in", "*.jsonl"),)),),
+                             output_dir=os.path.join(tmp, "out"), decontaminate_tasks=tasks,
+                             decontaminate_files=files, mask_pii=True,
+                             tasks=2 * workers, workers=workers)
+        report = C.curate(cfg, log=print)
+        kept = {r["id"]: r["text"] for f in report["written"]["shards"]
+                for r in map(json.loads, open(f, encoding="utf-8"))}
+        s = P.score(truth, kept)
+    t = report["throughput"]
+    print(f"curate: exact copies removed {s['exact_removed']}/{s['exact']}, near copies {s['near_removed']}/"
+          f"{s['near']} (by words changed: {s['near_recall_by_words_changed']}; Jaccard min/median "
+          f"{s['near_jaccard_min_median']}), unique documents lost {s['uniques_lost']}/{s['uniques']}, "
+          f"evaluation items caught {s['eval_caught']}/{s['eval_planted']} ({s['eval_cut_not_removed']} of them "
+          f"by quality rules that cut their lines; missed: {s['eval_missed']})")
+    print(f"curate_docs_per_s={t['docs_per_s']} curate_mb_per_s={t['mb_per_s']} (wall {t['wall_seconds']}s, "
+          f"{workers} workers, {os.cpu_count()} CPUs)")
+    return {"score": s, "throughput": t}
 
 
 def main_train() -> float:
