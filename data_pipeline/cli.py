@@ -71,6 +71,9 @@ def add_data_parser(sub, load_experiment) -> None:
     k = dsub.add_parser("curate", help="curate raw web text (extraction, language, quality, dedup, "
                                        "decontamination) into JSON Lines shards, on datatrove (resumable)")
     k.add_argument("config", help="a .py file (or a name under experiments/) with def config() -> CurateConfig")
+    k.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting: tasks=64, workers=16, executor=slurm, slurm_partition=cpu, "
+                        "gopher_quality.min_doc_words=100, c4_quality=None (repeatable)")
     k.add_argument("--report", action="store_true",
                    help="only write the report from finished stages (after a Slurm run)")
     k.set_defaults(fn=cmd_data_curate)
@@ -88,7 +91,7 @@ def cmd_data_cache(args) -> int:
 def cmd_data_curate(args) -> int:
     from data_pipeline.curate import main_curate  # lazy: a command imports what it runs
 
-    return main_curate(args.config, report_only=args.report)
+    return main_curate(args.config, report_only=args.report, sets=args.set)
 
 
 def _sources(args) -> list[tuple[object, float]]:

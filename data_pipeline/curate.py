@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import glob
 import importlib.util
@@ -230,6 +231,62 @@ def load_config(spec: str) -> CurateConfig:
     return cfg.validate(f"curation config {spec}")
 
 
+_STEP_CLASSES = {"gopher_quality": GopherQuality, "gopher_repetition": GopherRepetition, "c4_quality": C4Quality,
+                 "fineweb_quality": FineWebQuality}
+
+
+def _convert(key: str, text: str, current, default):
+    """`text` as the type of the field's current (or default) value."""
+    like = current if current is not None else default
+    if text.lower() == "none" and (current is None or default is None or key.split(".")[0] in _STEP_CLASSES):
+        return None
+    try:
+        if isinstance(like, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+        if isinstance(like, tuple):
+            return tuple(x.strip() for x in text.split(",") if x.strip())
+    except ValueError:
+        what = {bool: "true or false", int: "an integer", float: "a number"}.get(type(like), type(like).__name__)
+        raise CurateError(f"--set {key}={text}: {text!r} is not {what}") from None
+    return text
+
+
+def apply_overrides(cfg: CurateConfig, sets: list[str]) -> CurateConfig:
+    """`--set KEY=VALUE` on a curation config: a field (tasks=64, executor=slurm, languages=en,de),
+    a step's threshold (gopher_quality.min_doc_words=100) or a step off (c4_quality=None)."""
+
+    for item in sets:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise CurateError(f"--set {item!r}: write KEY=VALUE, e.g. --set tasks=8")
+        head, _, sub = key.partition(".")
+        fields = {f.name: f for f in dataclasses.fields(CurateConfig)}
+        if head not in fields or head == "inputs" or (sub and head not in _STEP_CLASSES):
+            near = difflib.get_close_matches(head, [f for f in fields if f != "inputs"], n=1)
+            raise CurateError(f"--set {key}: no such curation setting{f'; did you mean {near[0]}?' if near else ''}"
+                              " (inputs are set in the config file)")
+        if not sub:
+            default = fields[head].default
+            cfg = dataclasses.replace(cfg, **{head: _convert(key, text, getattr(cfg, head), default)})
+            continue
+        step = getattr(cfg, head) or _STEP_CLASSES[head]()
+        sub_fields = {f.name: f for f in dataclasses.fields(step)}
+        if sub not in sub_fields:
+            near = difflib.get_close_matches(sub, list(sub_fields), n=1)
+            raise CurateError(f"--set {key}: {head} has no setting {sub!r}{f'; did you mean {near[0]}?' if near else ''}")
+        if isinstance(sub_fields[sub].default, tuple):
+            raise CurateError(f"--set {key}: n-gram lists are set in the config file")
+        value = _convert(key, text, getattr(step, sub), sub_fields[sub].default)
+        cfg = dataclasses.replace(cfg, **{head: dataclasses.replace(step, **{sub: value})})
+    return cfg.validate("curation config with --set")
+
+
 def input_files(cfg: CurateConfig) -> dict[str, list[str]]:
     """Each input's files (sorted); an input whose globs match no file is an error."""
     out = {}
@@ -326,6 +383,10 @@ def _steps_module():
     return curate_steps
 
 
+# how the work is run, not what it computes: these may change between a run and its resumption
+_HOW_RUN = ("workers", "executor", "slurm_partition", "slurm_time", "slurm_mem_per_cpu_gb")
+
+
 def _check_output(cfg: CurateConfig, work: str) -> None:
     """The output dir holds nothing, or a curation of this same config (then it resumes)."""
     path = os.path.join(work, "config.json")
@@ -333,8 +394,8 @@ def _check_output(cfg: CurateConfig, work: str) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             theirs = json.load(f)
-        if theirs != mine:
-            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in _HOW_RUN)
+        if changed:
             raise CurateError(f"{cfg.output_dir} holds a curation made with another config (changed: "
                               f"{', '.join(changed)}); use a new output_dir or delete {cfg.output_dir} to start over")
     elif os.path.isdir(cfg.output_dir) and set(os.listdir(cfg.output_dir)) - {".lock"}:
@@ -588,9 +649,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + "\n" + foot + ")"
 
 
-def main_curate(spec: str, report_only: bool = False) -> int:
-    """The body of `lm data curate CONFIG`."""
-    cfg = load_config(spec)
+def main_curate(spec: str, report_only: bool = False, sets: list[str] = ()) -> int:
+    """The body of `lm data curate CONFIG [--set KEY=VALUE ...]`."""
+    cfg = apply_overrides(load_config(spec), list(sets))
     report = curate(cfg, log=lambda m: print(m, file=sys.stdout, flush=True), report_only=report_only)
     if report:
         print(f"curated {report['written']['docs']} documents -> {os.path.join(cfg.output_dir, 'data')}; "

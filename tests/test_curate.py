@@ -474,3 +474,21 @@ def config():
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 12 and all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
     assert any("eval_loss" in r for r in rows)
+
+
+def test_set_overrides_and_their_errors():
+    cfg = C.CurateConfig(inputs=(C.CurateInput("w", "jsonl", ("x.jsonl",)),), output_dir="o")
+    got = C.apply_overrides(cfg, ["tasks=64", "workers=16", "executor=slurm", "slurm_partition=cpu", "languages=en,de",
+                                  "gopher_quality.min_doc_words=100", "c4_quality=None", "mask_pii=true",
+                                  "min_language_score=0.5"])
+    assert (got.tasks, got.workers, got.executor, got.slurm_partition, got.languages) == (64, 16, "slurm", "cpu",
+                                                                                         ("en", "de"))
+    assert got.gopher_quality.min_doc_words == 100 and got.gopher_quality.min_stop_words == 2
+    assert got.c4_quality is None and got.mask_pii is True and got.min_language_score == 0.5
+    assert C.apply_overrides(got, ["c4_quality.min_num_sentences=3"]).c4_quality.min_num_sentences == 3
+    for bad, msg in (("taks=3", "did you mean tasks"), ("tasks=many", "is not an integer"), ("tasks", "KEY=VALUE"),
+                     ("tasks=0", "tasks = 0; it must be at least 1"), ("inputs=x", "inputs are set in the config"),
+                     ("gopher_quality.min_words=3", "did you mean min_doc_words"), ("mask_pii=maybe", "not true or false"),
+                     ("executor=slurm", "needs slurm_partition"), ("tasks.x=1", "no such curation setting")):
+        with pytest.raises(UserError, match=msg):
+            C.apply_overrides(cfg, [bad])
