@@ -34,8 +34,9 @@ setup(
         # lm-evaluation-harness: lm eval --harness, the lm-jax adapter and the harness-parity tests
         "harness": ["lm-eval[api]>=0.4.8", "torch>=2.4", "transformers>=4.45"],
         # `lm data curate`: datatrove, a well-kept curation engine that also runs on Slurm/Ray clusters
-        # (orjson: its JSON Lines reader and writer; warcio: WARC/WET inputs)
-        "curate": ["datatrove>=0.10", "py3langid>=0.3", "trafilatura>=2.0", "orjson>=3", "warcio>=1.7"],
+        # (orjson: its JSON Lines reader and writer; warcio: WARC/WET inputs; pyarrow: Parquet output)
+        "curate": ["datatrove>=0.10", "py3langid>=0.3", "trafilatura>=2.0", "orjson>=3", "warcio>=1.7",
+                   "pyarrow>=14"],
         "cuda": ["jax[cuda12]>=0.7,<0.12"],
         "tpu": ["jax[tpu]>=0.7,<0.12"],
     },

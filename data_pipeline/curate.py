@@ -8,7 +8,7 @@ against the evaluation sets, e-mail / IP masking, exact deduplication, MinHash n
 removal. The datatrove pipeline lives in data_pipeline/curate_steps.py, imported only when the
 command runs (datatrove is an optional extra: `pip install -e .[curate]`).
 
-Output, under `output_dir`: `data/RANK.jsonl` ({"text", "id", "source", "url", "language"}),
+Output, under `output_dir`: `data/RANK.jsonl` or `.parquet` ({"text", "id", "source", "url", "language"}),
 `report.json` (documents and characters in and out of each step, removed per reason; tokens are
 estimated as characters / 4), `removed/STEP.jsonl` (a few removed documents per reason, and every
 decontaminated one), and `work/` (intermediate shards, signatures, per-task counts and datatrove's
@@ -142,6 +142,9 @@ class CurateConfig:
     minhash_bands: int = 14  # LSH bands ...
     minhash_rows: int = 8  # ... of this many hashes: Jaccard threshold about (1/bands)**(1/rows) = 0.72
     examples_per_reason: int = 5  # removed documents kept per reason in removed/
+    # data/RANK.jsonl, or data/RANK.parquet (snappy; needs pyarrow): a SourceConfig of kind "jsonl"
+    # or "parquet" reads either
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
     tasks: int = 1  # datatrove tasks (shards of the inputs; output shards)
     workers: int = 1  # tasks run at once on this machine
     executor: Literal["local", "slurm"] = "local"
@@ -189,6 +192,8 @@ class CurateConfig:
         unknown = [t for t in self.decontaminate_tasks if t not in EVAL_TASKS]
         if unknown:
             bad(f"decontaminate_tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(EVAL_TASKS)}")
+        if self.output_format not in ("jsonl", "parquet"):
+            bad(f"output_format {self.output_format!r} is not 'jsonl' or 'parquet'")
         if self.executor not in ("local", "slurm"):
             bad(f"executor {self.executor!r} is not 'local' or 'slurm'")
         if self.executor == "slurm" and not self.slurm_partition:
@@ -571,7 +576,7 @@ def build_report(cfg: CurateConfig, files: dict[str, list[str]], work: str, item
                  "cut_docs": sum(i["cut_docs"] for i in inputs.values())},
         "steps": steps,
         "written": {"docs": written["docs"], "chars": written["chars"], "tokens_est": _tokens(written["chars"]),
-                    "shards": sorted(glob.glob(os.path.join(cfg.output_dir, "data", "*.jsonl")))},
+                    "shards": sorted(glob.glob(os.path.join(cfg.output_dir, "data", f"*.{cfg.output_format}")))},
         "near_dedup_jaccard_threshold": round(cfg.jaccard_threshold, 3) if cfg.near_dedup else None,
         "decontamination": {"ngram": cfg.decontaminate_ngram, "min_ngram": cfg.decontaminate_min_ngram,
                             "items_per_task": item_counts, **_read_json(os.path.join(work, "decontaminate.json")),

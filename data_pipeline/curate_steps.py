@@ -66,7 +66,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseReader
-from datatrove.pipeline.writers import JsonlWriter
+from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig, simplify_text
 from datatrove.utils.word_tokenizers import WhitespaceTokenizer
@@ -515,6 +515,11 @@ def final_record(self, doc: Document) -> dict:
     return {"text": doc.text, "id": doc.id, **{k: doc.metadata[k] for k in keep if doc.metadata.get(k) is not None}}
 
 
+def final_row(self, doc: Document) -> dict:
+    """A curated document as a Parquet row: the same fields, every one present (None when unknown)."""
+    return {"text": doc.text, "id": doc.id, **{k: doc.metadata.get(k) for k in ("source", "url", "language")}}
+
+
 # ---------------------------------------------------------------------------------------
 # The pipeline: stages, each one datatrove executor
 
@@ -588,7 +593,10 @@ def stages(cfg, files: dict[str, list[str]], eval_items: list[tuple[str, str]], 
                 ("minhash_cluster", [MinhashDedupCluster(buckets, remove, config=mconf)], 1)]
         last += [MinhashDedupFilter(remove, exclusion_writer=log("near_dedup", "near_duplicate")),
                  Tally(tally, "near_dedup")]
-    last.append(JsonlWriter(out_data, output_filename="${rank}.jsonl", compression=None, adapter=final_record))
+    if cfg.output_format == "parquet":
+        last.append(ParquetWriter(out_data, output_filename="${rank}.parquet", adapter=final_row))
+    else:
+        last.append(JsonlWriter(out_data, output_filename="${rank}.jsonl", compression=None, adapter=final_record))
     out.append(("write", last, cfg.tasks))
     return out
 
@@ -603,7 +611,7 @@ def step_labels(stage_list) -> dict[str, list[str | None]]:
              (Decontaminate, "decontaminate"), (MaskPII, "pii"),
              ((ExactDedupSignature, ExactFindDedups, ExactDedupFilter), "exact_dedup"),
              ((MinhashDedupSignature, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter), "near_dedup"),
-             ((JsonlReader, JsonlWriter), "io"))
+             ((JsonlReader, JsonlWriter, ParquetWriter), "io"))
 
     def label(step):
         return next((name for cls, name in kinds if isinstance(step, cls)), None)

@@ -492,3 +492,19 @@ def test_set_overrides_and_their_errors():
                      ("executor=slurm", "needs slurm_partition"), ("tasks.x=1", "no such curation setting")):
         with pytest.raises(UserError, match=msg):
             C.apply_overrides(cfg, [bad])
+
+
+def test_parquet_output_is_a_parquet_source(tmp_path):
+    pytest.importorskip("pyarrow")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": english(i), "id": f"d{i}"}) + "\n"
+                                               for i in range(6)))
+    cfg = C.CurateConfig(inputs=(C.CurateInput("w", "jsonl", (str(tmp_path / "in.jsonl"),)),),
+                         output_dir=str(tmp_path / "out"), output_format="parquet", decontaminate=False,
+                         languages=(), near_dedup=False)
+    report = C.curate(cfg, log=lambda _: None)
+    assert len(report["written"]["shards"]) == 1 and report["written"]["shards"][0].endswith(".parquet")
+    train, _ = open_source(SourceConfig(name="p", kind="parquet", heldout_fraction=0.0,
+                                        paths=(str(tmp_path / "out" / "data" / "*.parquet"),)))
+    assert sorted(train[i].text for i in range(len(train))) == sorted(english(i) for i in range(6))
+    with pytest.raises(UserError, match="output_format 'csv'"):
+        dataclasses.replace(cfg, output_format="csv").validate()
