@@ -134,6 +134,10 @@ class CurateConfig:
     # an item text of fewer than decontaminate_ngram words (a short ARC question, a PIQA goal) is
     # matched whole down to this many words; shorter items are counted as unchecked in the report
     decontaminate_min_ngram: int = 8
+    # False: a contaminated document is removed. True: only its lines holding a matching n-gram
+    # are cut, and it is removed when fewer than decontaminate_min_chars_left characters remain
+    decontaminate_spans: bool = False
+    decontaminate_min_chars_left: int = 200
     eval_data_dir: str = SHARED_DATA
     mask_pii: bool = False  # e-mail and IP addresses replaced by placeholders (datatrove's PIIFormatter)
     exact_dedup: bool = True  # hash of the lower-cased, whitespace-normalised text; the first copy is kept
@@ -179,7 +183,8 @@ class CurateConfig:
             bad("output_dir is empty; name the folder for the curated shards")
         for field, low in (("max_doc_chars", 1), ("max_record_mb", 1e-6), ("extraction_timeout_s", 1e-3),
                            ("tasks", 1), ("workers", 1), ("minhash_ngram", 1), ("minhash_bands", 1),
-                           ("minhash_rows", 1), ("decontaminate_ngram", 5), ("examples_per_reason", 0)):
+                           ("minhash_rows", 1), ("decontaminate_ngram", 5), ("examples_per_reason", 0),
+                           ("decontaminate_min_chars_left", 0)):
             if not getattr(self, field) >= low:
                 bad(f"{field} = {getattr(self, field)!r}; it must be at least {low:g}")
         if not 1 <= self.decontaminate_min_ngram <= self.decontaminate_ngram:
@@ -556,6 +561,10 @@ def build_report(cfg: CurateConfig, files: dict[str, list[str]], work: str, item
             entry["chars_cut_from_kept"] = tin["chars"] - tout["chars"] - sum(known)
         if step == "pii":
             entry["docs_masked"] = sum(p.get("masked_docs", 0) for p in parts)
+        if step == "decontaminate" and cfg.decontaminate_spans:
+            cuts = [c for p in _load_all(os.path.join(work, "removed", "decontaminate_cuts")) for c in p["cuts"]]
+            entry["docs_cut"] = len(cuts)
+            listed += [{**c, "cut": True} for c in cuts]
         steps.append(entry)
         prev = tout
         with open(os.path.join(removed_dir, f"{step}.jsonl"), "w", encoding="utf-8") as f:
@@ -580,7 +589,9 @@ def build_report(cfg: CurateConfig, files: dict[str, list[str]], work: str, item
         "near_dedup_jaccard_threshold": round(cfg.jaccard_threshold, 3) if cfg.near_dedup else None,
         "decontamination": {"ngram": cfg.decontaminate_ngram, "min_ngram": cfg.decontaminate_min_ngram,
                             "items_per_task": item_counts, **_read_json(os.path.join(work, "decontaminate.json")),
-                            "removed": listed[:1000], "removed_total": len(listed)} if cfg.decontaminate else None,
+                            "removed": listed[:1000],
+                            "removed_total": sum(not x.get("cut") for x in listed),
+                            "cut_total": sum(bool(x.get("cut")) for x in listed)} if cfg.decontaminate else None,
         "stages": timings,
         "throughput": _throughput(work, inputs, steps, timings),
     }
@@ -639,7 +650,8 @@ def format_table(report: dict) -> str:
         top = sorted(s["removed_by_reason"].items(), key=lambda kv: -kv[1]["docs"])[:3]
         rows.append((s["step"], str(s["docs_in"]), str(s["docs_removed"]), str(s["docs_out"]), str(s["chars_out"]),
                      str(s["tokens_out_est"]), *rate(s["step"]), ", ".join(f"{k} {v['docs']}" for k, v in top) +
-                     (f"{s.get('docs_masked', 0)} masked" if s["step"] == "pii" else "")))
+                     (f"{s.get('docs_masked', 0)} masked" if s["step"] == "pii" else "") +
+                     (f"; {s['docs_cut']} cut (lines removed)" if s.get("docs_cut") else "")))
     w = report["written"]
     rows.append(("written", "", "", str(w["docs"]), str(w["chars"]), str(w["tokens_est"]), "", "",
                  f"{len(w['shards'])} shard(s)"))

@@ -129,7 +129,7 @@ class WordTokenizer(WhitespaceTokenizer):
 
 def ngram_words(text: str) -> list[str]:
     """The lower-cased words of `text` (punctuation ignored) that decontamination compares."""
-    return _NGRAM_WORD.findall(text.lower())
+    return [m.group().lower() for m in _NGRAM_WORD.finditer(text)]
 
 
 def ngram_hashes(words: list[str], n: int) -> np.ndarray:
@@ -425,27 +425,67 @@ class LanguageFilter(BaseFilter):
 class Decontaminate(BaseFilter):
     """Removes documents sharing a word n-gram with an evaluation item. `tables` maps an n-gram
     length to (sorted hashes, owner of each: the index in `labels`, "task:item"); items of n words
-    or more give their n-grams, shorter ones (down to min_n) their whole word sequence."""
+    or more give their n-grams, shorter ones (down to min_n) their whole word sequence. With
+    `cut_lines`, a document loses only the lines that hold a matching n-gram, and is removed when
+    fewer than `min_chars_left` characters remain; the cut documents are counted and listed in
+    `folder/decontaminate_cuts/RANK.json`."""
 
     name = "🧪 Decontamination"
 
-    def __init__(self, tables: dict[int, tuple[np.ndarray, np.ndarray]], labels: list[str], exclusion_writer=None):
+    def __init__(self, tables: dict[int, tuple[np.ndarray, np.ndarray]], labels: list[str], exclusion_writer=None,
+                 cut_lines: bool = False, min_chars_left: int = 200, folder: str | None = None):
         super().__init__(exclusion_writer)
         self.tables, self.labels = tables, labels
+        self.cut_lines, self.min_chars_left, self.folder = cut_lines, min_chars_left, folder
+
+    def _matches(self, text: str, first_only: bool) -> list[tuple[int, int, str]]:
+        """(first character, end character, item label) of the n-grams of `text` an item shares."""
+        spans = [m.span() for m in _NGRAM_WORD.finditer(text)]
+        words = None
+        out = []
+        for n, (table, owner) in sorted(self.tables.items(), reverse=True):
+            if len(spans) < n:
+                continue
+            words = [text[a:b].lower() for a, b in spans] if words is None else words
+            h = ngram_hashes(words, n)
+            idx = np.minimum(np.searchsorted(table, h), len(table) - 1)
+            for i in np.flatnonzero(table[idx] == h):
+                out.append((spans[i][0], spans[i + n - 1][1], self.labels[int(owner[idx[i]])]))
+                if first_only:
+                    return out
+        return out
 
     def filter(self, doc: Document):
-        words = None
-        for n, (table, owner) in sorted(self.tables.items(), reverse=True):
-            words = ngram_words(doc.text) if words is None else words
-            h = ngram_hashes(words, n)
-            if not len(h):
-                continue
-            idx = np.minimum(np.searchsorted(table, h), len(table) - 1)
-            hit = np.flatnonzero(table[idx] == h)
-            if len(hit):
-                doc.metadata["contamination"] = self.labels[int(owner[idx[hit[0]]])]
-                return False, "contaminated"
+        hits = self._matches(doc.text, first_only=not self.cut_lines)
+        if not hits:
+            return True
+        doc.metadata["contamination"] = hits[0][2]
+        if not self.cut_lines:
+            return False, "contaminated"
+        text, drop = doc.text, []
+        for a, b, _ in hits:  # whole lines around each match
+            drop.append((text.rfind("\n", 0, a) + 1, len(text) if (e := text.find("\n", b)) < 0 else e + 1))
+        drop.sort()
+        kept, pos = [], 0
+        for a, b in drop:
+            if a > pos:
+                kept.append(text[pos:a])
+            pos = max(pos, b)
+        kept.append(text[pos:])
+        new = "".join(kept).strip()
+        if len(new) < self.min_chars_left:
+            return False, "contaminated"
+        self.cuts.append({"id": doc.id, "source": doc.metadata.get("source"), "match": sorted({h[2] for h in hits}),
+                          "chars_cut": len(text) - len(new)})
+        doc.text = new
+        del doc.metadata["contamination"]
         return True
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        self.cuts = []
+        yield from super().run(data, rank, world_size)
+        if self.folder:
+            save_json(os.path.join(self.folder, "decontaminate_cuts", f"{rank:05d}.json"), {"cuts": self.cuts})
 
 
 def ngram_table(items: list[tuple[str, str]], n: int, min_n: int | None = None):
@@ -560,7 +600,9 @@ def stages(cfg, files: dict[str, list[str]], eval_items: list[tuple[str, str]], 
         save_json(os.path.join(work, "decontaminate.json"),
                   {"unchecked_items": len(unchecked), "unchecked_examples": unchecked[:20],
                    "ngram_lengths": {str(k): len(v[0]) for k, v in sorted(tables.items())}})
-        first += [Decontaminate(tables, labels, exclusion_writer=log("decontaminate", "contaminated", list_all=True)),
+        first += [Decontaminate(tables, labels, exclusion_writer=log("decontaminate", "contaminated", list_all=True),
+                                cut_lines=cfg.decontaminate_spans, min_chars_left=cfg.decontaminate_min_chars_left,
+                                folder=removed),
                   Tally(tally, "decontaminate")]
     if cfg.mask_pii:
         first += [MaskPII(removed), Tally(tally, "pii")]

@@ -508,3 +508,34 @@ def test_parquet_output_is_a_parquet_source(tmp_path):
     assert sorted(train[i].text for i in range(len(train))) == sorted(english(i) for i in range(6))
     with pytest.raises(UserError, match="output_format 'csv'"):
         dataclasses.replace(cfg, output_format="csv").validate()
+
+
+def test_span_decontamination_cuts_the_lines_and_keeps_the_rest(tmp_path):
+    from datatrove.data import Document
+
+    from data_pipeline.curate_steps import Decontaminate, ngram_table
+
+    tables, labels, _ = ngram_table([("t:0", GSM_Q), ("t:1", HSWAG)], 13, 8)
+    f = Decontaminate(tables, labels, cut_lines=True, min_chars_left=200)
+    f.cuts = []
+    prose = english(11)
+    doc = Document(text=prose + "\n" + GSM_Q.upper() + "\n" + prose + "\nAnd " + HSWAG + ".", id="d", metadata={})
+    assert f.filter(doc) is True
+    assert doc.text == prose + "\n" + prose and f.cuts[0]["match"] == ["t:0", "t:1"]
+    assert f.cuts[0]["chars_cut"] == len(GSM_Q) + len(HSWAG) + 7
+    short = Document(text="Intro line.\n" + GSM_Q, id="s", metadata={})
+    assert f.filter(short) == (False, "contaminated") and short.metadata["contamination"] == "t:0"
+    clean = Document(text=prose, id="c", metadata={})
+    assert f.filter(clean) is True and clean.text == prose
+    # through the pipeline: the report counts the cut documents and lists them
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": prose + "\n" + GSM_Q + "\n" + english(12), "id": "a"}) +
+                                       "\n" + json.dumps({"text": english(13), "id": "b"}) + "\n")
+    (tmp_path / "items.jsonl").write_text(json.dumps({"question": GSM_Q}) + "\n")
+    cfg = C.CurateConfig(inputs=(C.CurateInput("w", "jsonl", (str(tmp_path / "in.jsonl"),)),),
+                         output_dir=str(tmp_path / "out"), decontaminate_tasks=(), languages=(), near_dedup=False,
+                         decontaminate_files=(str(tmp_path / "items.jsonl"),), decontaminate_spans=True)
+    report = C.curate(cfg, log=lambda _: None)
+    step = _step(report, "decontaminate")
+    assert step["docs_cut"] == 1 and step["docs_removed"] == 0 and step["chars_cut_from_kept"] == len(GSM_Q) + 1
+    out = {r["id"]: r["text"] for f in report["written"]["shards"] for r in map(json.loads, open(f))}
+    assert GSM_Q not in out["a"] and prose in out["a"] and report["decontamination"]["removed"][0]["cut"] is True
