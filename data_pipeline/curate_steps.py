@@ -563,6 +563,17 @@ def final_row(self, doc: Document) -> dict:
 # ---------------------------------------------------------------------------------------
 # The pipeline: stages, each one datatrove executor
 
+_QUALITY = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQualityFilter,
+            "c4_quality": C4QualityFilter, "fineweb_quality": FineWebQualityFilter}
+
+
+def quality_filter(step: str, conf, exclusion_writer=None):
+    """datatrove's filter for a quality step ("gopher_quality", ...) with the thresholds of
+    `conf` (the step's dataclass of data_pipeline/curate.py, under datatrove's parameter names);
+    words split on whitespace."""
+    kw = {k: (tuple(map(tuple, v)) if isinstance(v, (list, tuple)) else v) for k, v in vars(conf).items()}
+    return _QUALITY[step](**kw, language=WordTokenizer(), exclusion_writer=exclusion_writer)
+
 
 def stages(cfg, files: dict[str, list[str]], eval_items: list[tuple[str, str]], work: str, out_data: str):
     """[(stage name, pipeline, tasks)] for `cfg` (a CurateConfig); `files` maps each input to its
@@ -588,13 +599,9 @@ def stages(cfg, files: dict[str, list[str]], eval_items: list[tuple[str, str]], 
     if cfg.languages:
         first += [LanguageFilter(cfg.languages, cfg.min_language_score, exclusion_writer=log("language", "language")),
                   Tally(tally, "language")]
-    for step, cls, conf in (("gopher_repetition", GopherRepetitionFilter, cfg.gopher_repetition),
-                            ("gopher_quality", GopherQualityFilter, cfg.gopher_quality),
-                            ("c4_quality", C4QualityFilter, cfg.c4_quality),
-                            ("fineweb_quality", FineWebQualityFilter, cfg.fineweb_quality)):
-        if conf is not None:
-            kw = {k: (tuple(map(tuple, v)) if isinstance(v, (list, tuple)) else v) for k, v in vars(conf).items()}
-            first += [cls(**kw, language=tok, exclusion_writer=log(step, step)), Tally(tally, step)]
+    for step in ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"):
+        if getattr(cfg, step) is not None:
+            first += [quality_filter(step, getattr(cfg, step), log(step, step)), Tally(tally, step)]
     if cfg.decontaminate:
         tables, labels, unchecked = ngram_table(eval_items, cfg.decontaminate_ngram, cfg.decontaminate_min_ngram)
         save_json(os.path.join(work, "decontaminate.json"),

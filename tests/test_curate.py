@@ -539,3 +539,138 @@ def test_span_decontamination_cuts_the_lines_and_keeps_the_rest(tmp_path):
     assert step["docs_cut"] == 1 and step["docs_removed"] == 0 and step["chars_cut_from_kept"] == len(GSM_Q) + 1
     out = {r["id"]: r["text"] for f in report["written"]["shards"] for r in map(json.loads, open(f))}
     assert GSM_Q not in out["a"] and prose in out["a"] and report["decontamination"]["removed"][0]["cut"] is True
+
+
+# ---------------------------------------------------------------------------------------
+# Every quality rule alone, on both sides of its threshold (the filters as the pipeline builds them)
+
+NOUNS = "river mountain city people history music science water forest ancient modern village".split()
+
+
+def _words(n: int, stop=("the", "of")) -> list[str]:
+    """n words: the stop words given, then nouns (no other stop word)."""
+    return (list(stop) + [NOUNS[i % len(NOUNS)] for i in range(n)])[:n]
+
+
+def _only(conf_cls, **on):
+    """The step's config with every rule off but `on`."""
+    off = {f.name: (() if isinstance(f.default, tuple) else None) for f in dataclasses.fields(conf_cls)}
+    return conf_cls(**{**off, **on})
+
+
+def _verdict(step, conf, text):
+    from datatrove.data import Document
+
+    from data_pipeline.curate_steps import quality_filter
+
+    doc = Document(text=text, id="x")
+    res = quality_filter(step, conf).filter(doc)
+    return (True, doc.text) if res is True else (False, res[1] if isinstance(res, tuple) else "")
+
+
+GOPHER_CASES = [  # (rule, value, text that passes, text that fails, reason)
+    ("min_doc_words", 50, " ".join(_words(50)) + ".", " ".join(_words(49)) + ".", "gopher_short_doc"),
+    ("max_doc_words", 100_000, " ".join(_words(100_000)) + ".", " ".join(_words(100_001)) + ".", "gopher_long_doc"),
+    ("min_avg_word_length", 3, " ".join(["to"] * 30 + ["have"] * 30), " ".join(["to"] * 31 + ["have"] * 29),
+     "gopher_below_avg_threshold"),
+    ("max_avg_word_length", 10, " ".join(["abcdefghij"] * 20), " ".join(["abcdefghijk"] * 20),
+     "gopher_above_avg_threshold"),
+    ("max_symbol_word_ratio", 0.1, " ".join(["#" + w for w in _words(10)] + _words(90)),
+     " ".join(["#" + w for w in _words(11)] + _words(89)), "gopher_too_many_hashes"),
+    ("max_bullet_lines_ratio", 0.9, "\n".join(["- " + " ".join(_words(6))] * 9 + [" ".join(_words(6))]),
+     "\n".join(["- " + " ".join(_words(6))] * 10), "gopher_too_many_bullets"),
+    ("max_ellipsis_lines_ratio", 0.3, "\n".join([" ".join(_words(6)) + "..."] * 3 + [" ".join(_words(6)) + "."] * 7),
+     "\n".join([" ".join(_words(6)) + "..."] * 4 + [" ".join(_words(6)) + "."] * 6), "gopher_too_many_end_ellipsis"),
+    ("max_non_alpha_words_ratio", 0.8, " ".join(["123"] * 20 + _words(80)), " ".join(["123"] * 21 + _words(79)),
+     "gopher_below_alpha_threshold"),
+    ("min_stop_words", 2, " ".join(_words(60, ("the", "of"))), " ".join(_words(60, ("the",))),
+     "gopher_enough_stop_words"),
+]
+
+
+@pytest.mark.parametrize("rule,value,ok,bad,reason", GOPHER_CASES, ids=[c[0] for c in GOPHER_CASES])
+def test_gopher_quality_rule_both_sides(rule, value, ok, bad, reason):
+    conf = _only(C.GopherQuality, **{rule: value})
+    assert _verdict("gopher_quality", conf, ok)[0] is True
+    assert _verdict("gopher_quality", conf, bad) == (False, reason)
+    assert getattr(C.GopherQuality(), rule) == value  # the default recipe's threshold
+
+
+def _para(i: int, n: int = 12) -> str:
+    r = random.Random(i)
+    return " ".join(r.choice(NOUNS) + str(r.randint(0, 99)) for _ in range(n)) + "."
+
+
+REPETITION_CASES = [  # a duplicate is a copy after the first; short copies keep the characters few
+    ("dup_para_frac", 0.3, "\n\n".join([_para(i, 40) for i in range(7)] + ["Yes."] * 4),  # 3 of 11
+     "\n\n".join([_para(i, 40) for i in range(6)] + ["Yes."] * 5), "dup_para_frac"),  # 4 of 11
+    ("dup_para_char_frac", 0.2, "\n\n".join([_para(0, 40)] * 2 + [_para(i, 45) for i in range(1, 9)]),
+     "\n\n".join([_para(0, 40)] * 3 + [_para(i, 10) for i in range(1, 8)]), "dup_para_char_frac"),
+    ("dup_line_frac", 0.3, "\n".join([_para(i, 40) for i in range(7)] + ["Yes."] * 4),
+     "\n".join([_para(i, 40) for i in range(6)] + ["Yes."] * 5), "dup_line_frac"),
+    ("dup_line_char_frac", 0.2, "\n".join([_para(0, 40)] * 2 + [_para(i, 45) for i in range(1, 9)]),
+     "\n".join([_para(0, 40)] * 3 + [_para(i, 10) for i in range(1, 8)]), "dup_line_char_frac"),
+    ("top_n_grams", ((2, 0.2),), " ".join(["red fox"] * 8 + [_para(i) for i in range(6)]),
+     " ".join(["red fox"] * 40 + [_para(i) for i in range(6)]), "top_2_gram"),
+    ("dup_n_grams", ((5, 0.15),), " ".join([_para(0, 10)] * 2 + [_para(i) for i in range(1, 9)]),
+     " ".join([_para(0, 10)] * 2 + [_para(1)]), "duplicated_5_n_grams"),
+]
+
+
+@pytest.mark.parametrize("rule,value,ok,bad,reason", REPETITION_CASES, ids=[c[0] for c in REPETITION_CASES])
+def test_gopher_repetition_rule_both_sides(rule, value, ok, bad, reason):
+    conf = _only(C.GopherRepetition, **{rule: value})
+    default = getattr(C.GopherRepetition(), rule)
+    assert default == value or set(value) <= set(default)  # the default recipe's threshold
+    assert _verdict("gopher_repetition", conf, ok)[0] is True
+    assert _verdict("gopher_repetition", conf, bad) == (False, reason)
+
+
+C4_OFF = dict(split_paragraph=True, remove_citations=False, filter_no_terminal_punct=False, min_num_sentences=-1,
+              min_words_per_line=-1, max_word_length=-1, filter_lorem_ipsum=False, filter_javascript=False,
+              filter_curly_bracket=False, filter_policy=False)
+S = "The river runs to the sea."
+
+
+def test_c4_rules_both_sides():
+    def c4(text, **on):
+        return _verdict("c4_quality", C.C4Quality(**{**C4_OFF, **on}), text)
+
+    assert c4(" ".join([S] * 5), min_num_sentences=5)[0] is True
+    assert c4(" ".join([S] * 4), min_num_sentences=5) == (False, "too_few_sentences")
+    assert c4(S + "\nlorem ipsum is here.", filter_lorem_ipsum=True) == (False, "lorem_ipsum")
+    assert c4(S + "\nlorem is here.", filter_lorem_ipsum=True) == (True, S + "\nlorem is here.")
+    assert c4(S + "\nfunction f() { return 1; }.", filter_curly_bracket=True) == (False, "curly_bracket")
+    assert c4(S + "\nfunction f() ( return 1; ).", filter_curly_bracket=True)[0] is True
+    # the line rules drop lines, not documents
+    assert c4(S + "\nNo full stop here", filter_no_terminal_punct=True) == (True, S)
+    assert c4(S + "\nA full stop here.", filter_no_terminal_punct=True) == (True, S + "\nA full stop here.")
+    assert c4(S + "\nToo short.", min_words_per_line=3) == (True, S)
+    assert c4(S + "\nLong enough now.", min_words_per_line=3) == (True, S + "\nLong enough now.")
+    assert c4(S + "\nEnable JavaScript to see this page.", filter_javascript=True) == (True, S)
+    assert c4(S + "\nWe use cookies on this site.", filter_policy=True) == (True, S)
+    assert c4(S + "\nWe use biscuits on this site.", filter_policy=True)[1].endswith("biscuits on this site.")
+    assert c4(S + f"\nA {'x' * 1001} word.", max_word_length=1000) == (True, S)
+    assert c4(S + f"\nA {'x' * 1000} word.", max_word_length=1000)[1].endswith("word.")
+    assert c4("See the river [12] now.", remove_citations=True) == (True, "See the river  now.")
+
+
+LONG = "The river runs far past the old mill and the bridge to the sea"  # 63 characters, no full stop
+
+
+@pytest.mark.parametrize("rule,value,ok,bad,reason", [
+    ("line_punct_thr", 0.12, "\n".join([LONG + "."] * 3 + [LONG] * 22), "\n".join([LONG + "."] * 2 + [LONG] * 23),
+     "line_punct_ratio"),
+    ("short_line_thr", 0.67, "\n".join(["Short line one.", "Short line two.", LONG + "."]),
+     "\n".join(["Short line one.", "Short line two.", "Short line six.", LONG + "."]), "short_line_ratio"),
+    ("char_duplicates_ratio", 0.01, "\n".join([_para(i, 30) for i in range(40)]),
+     "\n".join([_para(i, 30) for i in range(40)] + [_para(0, 30)]), "char_dup_ratio"),
+    ("new_line_ratio", 0.3, "\n".join(["Three words here."] * 10), "\n".join(["Two words."] * 10), "list_ratio"),
+], ids=["line_punct_thr", "short_line_thr", "char_duplicates_ratio", "new_line_ratio"])
+def test_fineweb_rule_both_sides(rule, value, ok, bad, reason):
+    off = dict(line_punct_thr=0.0, line_punct_exclude_zero=False, short_line_thr=1.0, short_line_length=30,
+               char_duplicates_ratio=1.0, new_line_ratio=1e9)
+    conf = C.FineWebQuality(**{**off, rule: value})
+    assert getattr(C.FineWebQuality(), rule) == value  # the default recipe's threshold
+    assert _verdict("fineweb_quality", conf, ok)[0] is True
+    assert _verdict("fineweb_quality", conf, bad) == (False, reason)
