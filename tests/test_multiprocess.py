@@ -136,13 +136,17 @@ def _two_processes(cmd, timeout=400, env=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "grpo-tensor2"])
 def test_rl_on_two_processes_matches_one(base_run, tmp_path, stage):
-    """GRPO and PPO with 2 processes x 4 devices against 1 x 8 (mesh data=2, fsdp=4): each process
-    samples its half of every rollout and scores it, and every logged figure (loss, reward, KL,
-    entropy, response length, held-out pass@1) is the single process's, within float32 noise."""
+    """GRPO and PPO with 2 processes x 4 devices against 1 x 8 (mesh data=2, fsdp=4; and GRPO on
+    data=2, fsdp=2, tensor=2, its rollouts decoded tensor-parallel): each process samples its
+    half of every rollout and scores it, and every logged figure (loss, reward, KL, entropy,
+    response length, held-out pass@1) is the single process's, within float32 noise."""
     exp = tmp_path / f"{stage}.py"
-    exp.write_text(RL_EXPERIMENT.format(exp=base_run["exp"], run=base_run["run"], stage=stage))
+    text = RL_EXPERIMENT.format(exp=base_run["exp"], run=base_run["run"], stage=stage.split("-")[0])
+    if stage.endswith("tensor2"):
+        text = text.replace("MeshConfig(data=2, fsdp=4, tensor=1)", "MeshConfig(data=2, fsdp=2, tensor=2)")
+    exp.write_text(text)
     (tmp_path / "spread_reward.py").write_text(SPREAD_REWARD)
     env = lambda n: {**_env(n), "PYTHONPATH": str(tmp_path)}  # noqa: E731
     single = tmp_path / "single"

@@ -3,6 +3,8 @@ mesh (each its share), not repeated on each, whatever the parameters' sharding (
 parallel, FSDP, tensor parallel), and sample what one device samples."""
 
 import dataclasses
+import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +33,11 @@ def _prompts(p: int):
 @pytest.mark.parametrize("mesh", [MeshConfig(data=8, fsdp=1, tensor=1), MeshConfig(data=1, fsdp=8, tensor=1),
                                   MeshConfig(data=4, fsdp=1, tensor=2)], ids=["data8", "fsdp8", "data4-tensor2"])
 def test_each_device_decodes_an_eighth_of_a_rollout(mesh):
-    """16 prompts x 2 samples on 8 devices: the outputs come back as 8 shards of 4 rows, one per
-    device (each device's program decodes its 4 rows: the compiled loop's shapes are local);
-    the parameters stay sharded as the run lays them out; the rows equal one device's."""
+    """16 prompts x 2 samples on 8 devices: each device's program decodes its share (the
+    compiled loop's shapes are local): with data or FSDP parallelism 4 of the 32 rows, with
+    tensor=2 the 8 rows of its pair of devices with half of the heads and MLP width each (the
+    outputs come back as 4 blocks of 8 rows, each on both devices of a pair); the weights
+    are read sharded as the run lays them out; the rows equal one device's."""
     cfg = _config(mesh)
     m = make_mesh(cfg.mesh)
     engine = make_engine(cfg, m)
@@ -46,16 +50,111 @@ def test_each_device_decodes_an_eighth_of_a_rollout(mesh):
     put = lambda a: jax.device_put(np.repeat(a, 2, axis=0), rows)  # noqa: E731
     key = jax.random.PRNGKey(7)
     out, count, logps = rollout(engine.graphdef, params, put(tokens), put(lengths), key, max_new=12, mesh=m)
+    per_device, blocks = (8, 4) if mesh.tensor == 2 else (4, 8)
     for a in (out, count, logps):
         shards = a.addressable_shards
-        assert len(shards) == 8 and {s.data.shape[0] for s in shards} == {4}, a.sharding
-        assert len({s.device for s in shards}) == 8 and len({s.index[0].start for s in shards}) == 8
+        assert len(shards) == 8 and {s.data.shape[0] for s in shards} == {per_device}, a.sharding
+        assert len({s.device for s in shards}) == 8 and len({s.index[0].start for s in shards}) == blocks
     single = rollout(engine.graphdef, jax.device_get(params), jnp.asarray(np.repeat(tokens, 2, 0)),
                      jnp.asarray(np.repeat(lengths, 2)), key, max_new=12)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(single[0]))
     np.testing.assert_array_equal(np.asarray(count), np.asarray(single[1]))
     np.testing.assert_allclose(np.asarray(logps), np.asarray(single[2]), atol=2e-5)
     assert len({tuple(r) for r in np.asarray(out).tolist()}) > 8  # rows differ: sampled, not one row copied
+
+
+@pytest.mark.parametrize("mesh,split", [pytest.param(MeshConfig(data=1, fsdp=8, tensor=1), 8, marks=pytest.mark.slow),
+                                        pytest.param(MeshConfig(data=4, fsdp=1, tensor=2), 2, marks=pytest.mark.slow),
+                                        (MeshConfig(data=2, fsdp=2, tensor=2), 4)],
+                         ids=["fsdp8", "data4-tensor2", "data2-fsdp2-tensor2"])
+def test_rollouts_decode_with_the_weights_sharded_as_the_run_lays_them_out(mesh, split):
+    """The weights the rollout sampler decodes with (lm.stages.rollouts.sample, RL's) are laid
+    out on the run's mesh: each device holds 1/split of every layer's matrices (over fsdp along
+    the model width, over tensor by heads and MLP columns) and its program reads that share
+    as it lies, not a whole copy gathered on entry: the shard_map's weights are local shapes."""
+    from lm.sampling import decode, sampler
+    from lm.stages import rollouts
+
+    cfg = _config(mesh)
+    m = make_mesh(cfg.mesh)
+    engine = make_engine(cfg, m)
+    params = jax.device_put(_params(engine), engine.param_sharding)
+    seen = []
+    prepare = decode.prepare
+
+    def spy(*args, **kwargs):
+        seen.append(prepare(*args, **kwargs))
+        return seen[-1]
+
+    s = _sampler(16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "prepare", spy)
+        got = rollouts.sample(engine.graphdef, params, s, list(range(16)), jax.random.PRNGKey(0), 1.0, m)
+    (w,) = seen
+    assert w.mesh is m
+    for layer in w.layers:
+        for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+            a = layer[name]
+            assert {sh.data.size * split for sh in a.addressable_shards} == {a.size}, (name, a.sharding)
+    # what each device's program holds: the shard_map's weights at their local shapes
+    tokens, lengths = s.arrays(list(range(16)))
+    args = (w, jnp.asarray(tokens), jnp.asarray(lengths), sampler._bases(jax.random.PRNGKey(0), 16), jnp.float32(1),
+            jnp.float32(1), jnp.asarray([2]))
+    inner = _shard_map(jax.make_jaxpr(partial(sampler._generate_split, max_new=4, top_k=0, samples=1))(*args).jaxpr)
+    local = jax.tree.unflatten(jax.tree.structure(w), [v.aval for v in inner.invars[: len(jax.tree.leaves(w))]])
+    for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+        assert math.prod(local.layers[0][name].shape) * split == w.layers[0][name].size, name
+    alone = rollouts.sample(engine.graphdef, jax.device_get(params), s, list(range(16)), jax.random.PRNGKey(0), 1.0)
+    np.testing.assert_array_equal(got.out, alone.out)
+
+
+def test_fsdp_rollouts_hold_about_one_layer_whole_at_a_time():
+    """With mesh.fsdp=8 each device holds an eighth of the weights, and the compiled rollout
+    gathers a layer's matrices only while that layer runs: the program's arguments and
+    temporaries per device stay well below one whole copy of the weights (which XLA would
+    hold if it gathered every layer at the start of each step, or on entry)."""
+    from lm.sampling import decode, sampler
+
+    model = dataclasses.replace(CFG, n_layers=4, d_model=128, d_ff=512)
+    cfg = dataclasses.replace(_config(MeshConfig(data=1, fsdp=8, tensor=1)), model=model)
+    m = make_mesh(cfg.mesh)
+    engine = make_engine(cfg, m)
+    params = jax.jit(engine._init_params, static_argnums=0, out_shardings=engine.param_sharding)(0)
+    w = decode.prepare(engine.graphdef, params, mesh=m)
+    per_device, whole = decode.weight_bytes(w)
+    layers = whole - sum(a.size * a.dtype.itemsize for a in (w.embed, w.out, w.final_norm))
+    rows = rows_sharding(m)
+    tokens, lengths = _prompts(16)
+    compiled = sampler._generate_split.lower(
+        w, jax.device_put(tokens, rows), jax.device_put(lengths, rows), sampler._bases(jax.random.PRNGKey(0), 16),
+        jnp.float32(1), jnp.float32(1), jnp.asarray([2]), max_new=8, top_k=0, samples=1).compile()
+    mem = compiled.memory_analysis()
+    held = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+    assert per_device < whole / 4 and held < per_device + 3 * layers / model.n_layers, (per_device, whole, held)
+
+
+def _sampler(p: int):
+    from lm.stages import rollouts
+
+    tokens, lengths = _prompts(p)  # given as token ids already
+    s = rollouts.Sampler.__new__(rollouts.Sampler)
+    s.ids = [list(t[:n]) for t, n in zip(tokens, lengths)]
+    s.width, s.stops, s.max_new = 8, [2], 5
+    s.response_width, s.max_tool_calls = 5, 0
+    return s
+
+
+def _shard_map(jaxpr):
+    """The first shard_map's inner jaxpr in `jaxpr` (searched through nested calls)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            return eqn.params["jaxpr"]
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", None)
+            found = inner is not None and _shard_map(inner)
+            if found:
+                return found
+    return None
 
 
 def _config(mesh):
@@ -79,13 +178,7 @@ def test_prompts_that_do_not_split_are_refused_and_rollouts_pad_them():
         rollout(engine.graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
                 max_new=4, mesh=m)
 
-    class Tok:  # prompts given as token ids already
-        eos_id = 2
-
-    sampler = rollouts.Sampler.__new__(rollouts.Sampler)
-    sampler.ids = [list(t[:n]) for t, n in zip(tokens, lengths)]
-    sampler.width, sampler.stops, sampler.max_new = 8, [2], 5
-    sampler.response_width, sampler.max_tool_calls = 5, 0
+    sampler = _sampler(6)
     s = rollouts.sample(engine.graphdef, params, sampler, [0, 1, 2, 3, 4, 5], jax.random.PRNGKey(0), 1.0, m)
     alone = rollouts.sample(engine.graphdef, params, sampler, [0, 1, 2, 3, 4, 5], jax.random.PRNGKey(0), 1.0)
     assert s.out.shape == (6, 5) and s.local.all()

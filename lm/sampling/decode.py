@@ -134,7 +134,9 @@ class Weights:
     final_norm: jax.Array  # (D,)
     layers: list  # L dicts: attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down (+ q_norm, k_norm)
     cfg: object = struct.field(pytree_node=False)  # lm.config.ModelConfig (one device's share, if split)
-    mesh: object = struct.field(pytree_node=False, default=None)  # tensor parallel over its axis TP, if set
+    mesh: object = struct.field(pytree_node=False, default=None)  # the devices it lies on (None: one device)
+    tp: object = struct.field(pytree_node=False, default="tensor")  # the mesh axis heads are split over (or None)
+    fsdp: object = struct.field(pytree_node=False, default=None)  # the axis the layers' width is split over (or None)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -160,7 +162,7 @@ def _layout(cfg, params) -> Weights:
                    layers=layers, cfg=cfg)
 
 
-def prepare(graphdef, params, tensor: int = 1, devices=None, int8: bool = False) -> Weights:
+def prepare(graphdef, params, tensor: int = 1, devices=None, int8: bool = False, mesh=None) -> Weights:
     """Decode weights from a model's (graphdef, params) (the params of `nnx.split(model)` or
     `nnx.split(model, nnx.Param)`; sharded or not): one copy of the weights.
 
@@ -171,11 +173,16 @@ def prepare(graphdef, params, tensor: int = 1, devices=None, int8: bool = False)
     of N/T heads, K/T key/value heads and F/T MLP width, adding the devices' partial
     outputs after each attention and MLP block. The cache is split by key/value heads.
 
-    With `int8` the matrices are held in int8 with per-column scales (`quantize`)."""
-    if int8 and tensor > 1:
+    With `int8` the matrices are held in int8 with per-column scales (`quantize`).
+
+    With a training `mesh` (axes data, fsdp, tensor) the weights are laid out on it by the
+    run's rules (`on_mesh`): for decoding rows split over the mesh (RL rollouts)."""
+    if int8 and (tensor > 1 or mesh is not None):
         raise ValueError("int8 weights split over several devices are not supported yet: use one or the other")
     model = nnx.merge(graphdef, params)
     state = nnx.state(model, nnx.Param)
+    if mesh is not None:
+        return on_mesh(model.cfg, nnx.to_pure_dict(state), mesh)
     w = _layout(model.cfg, nnx.to_pure_dict(state))
     if int8:
         return quantize(w)
@@ -185,42 +192,109 @@ def prepare(graphdef, params, tensor: int = 1, devices=None, int8: bool = False)
 TP = "tensor"  # the mesh axis of a split decode engine
 
 
-def split(w: Weights, tensor: int, devices=None) -> Weights:
-    """`w` split over `tensor` devices (see `prepare`): each device's share of the fused
-    matrices side by side, so that a device's block of columns (rows) is its own layout."""
+def _shares(w: Weights, tensor: int) -> list[dict]:
+    """The layers of `w` with each of `tensor` devices' share of the fused matrices side by
+    side, so that a device's block of columns is its own layout: (D, (N + 2K) H) -> per device
+    [q_t | k_t | v_t], (D, 2F) -> per device [gate_t | up_t]. (wo (N H, D) and w_down (F, D)
+    keep their order: a device's rows are its heads, its MLP columns.)"""
     cfg = w.cfg
     n, k, h, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff
-    check_split(cfg, tensor)
-    devices = list(devices if devices is not None else jax.devices()[:tensor])
-    if len(devices) < tensor:
-        raise ValueError(f"{tensor} tensor-parallel devices asked for, {len(devices)} available")
-    mesh = Mesh(np.asarray(devices[:tensor]), (TP,))
     nt, kt, ft = n // tensor, k // tensor, f // tensor
-    on = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
 
-    def qkv_share(m):  # (D, (N + 2K) H) -> per device [q_t | k_t | v_t]
+    def qkv_share(m):
         q, kk, v = m[:, : n * h], m[:, n * h: (n + k) * h], m[:, (n + k) * h:]
         return jnp.concatenate([jnp.concatenate([q[:, t * nt * h: (t + 1) * nt * h], kk[:, t * kt * h: (t + 1) * kt * h],
                                                  v[:, t * kt * h: (t + 1) * kt * h]], axis=1)
                                 for t in range(tensor)], axis=1)
 
-    def gate_up_share(m):  # (D, 2F) -> per device [gate_t | up_t]
+    def gate_up_share(m):
         g, u = m[:, :f], m[:, f:]
         return jnp.concatenate([jnp.concatenate([g[:, t * ft: (t + 1) * ft], u[:, t * ft: (t + 1) * ft]], axis=1)
                                 for t in range(tensor)], axis=1)
 
-    def shares(w):  # (wo (N H, D) and w_down (F, D) keep their order: a device's rows are its heads, columns)
-        return [{**layer, "wqkv": qkv_share(layer["wqkv"]), "w_gate_up": gate_up_share(layer["w_gate_up"])}
-                for layer in w.layers]
+    return [{**layer, "wqkv": qkv_share(layer["wqkv"]), "w_gate_up": gate_up_share(layer["w_gate_up"])}
+            for layer in w.layers]
 
-    local = dataclasses.replace(cfg, n_heads=nt, n_kv_heads=kt, d_ff=ft, head_dim=h)
-    split_w = Weights(embed=w.embed, out=w.out, final_norm=w.final_norm, layers=w.layers, cfg=local, mesh=mesh)
+
+def _local_cfg(cfg, tensor: int):
+    """The model one device of `tensor` computes: N/T heads, K/T key/value heads, F/T MLP width."""
+    return dataclasses.replace(cfg, n_heads=cfg.n_heads // tensor, n_kv_heads=cfg.n_kv_heads // tensor,
+                               d_ff=cfg.d_ff // tensor, head_dim=cfg.head_size)
+
+
+def split(w: Weights, tensor: int, devices=None) -> Weights:
+    """`w` split over `tensor` devices (see `prepare`): each device's share of the fused
+    matrices side by side, so that a device's block of columns (rows) is its own layout."""
+    check_split(w.cfg, tensor)
+    devices = list(devices if devices is not None else jax.devices()[:tensor])
+    if len(devices) < tensor:
+        raise ValueError(f"{tensor} tensor-parallel devices asked for, {len(devices)} available")
+    mesh = Mesh(np.asarray(devices[:tensor]), (TP,))
+    on = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    split_w = Weights(embed=w.embed, out=w.out, final_norm=w.final_norm, layers=w.layers,
+                      cfg=_local_cfg(w.cfg, tensor), mesh=mesh)
     placement = jax.tree.map(on, specs(split_w))
     # one program, its outputs laid out as they will be used: no device holds more than its
     # share of the large matrices (besides what it already held)
-    layers = jax.jit(shares, out_shardings=placement.layers)(w)
+    layers = jax.jit(lambda w: _shares(w, tensor), out_shardings=placement.layers)(w)
     small = jax.device_put((w.embed, w.out, w.final_norm), on(P()))
-    return Weights(embed=small[0], out=small[1], final_norm=small[2], layers=layers, cfg=local, mesh=mesh)
+    return Weights(embed=small[0], out=small[1], final_norm=small[2], layers=layers, cfg=split_w.cfg, mesh=mesh)
+
+
+FSDP = "fsdp"  # the training mesh's axis that splits the model width (lm/model/sharding.py RULES["embed"])
+
+
+def mesh_split(cfg, mesh: Mesh) -> tuple[str | None, str | None]:
+    """How `on_mesh` splits a model over a training mesh: (the axis its heads and MLP width
+    are split over, the axis its layers' width is split over), each None when that axis has
+    one device or does not divide what it would split (the training rules replicate such a
+    dimension too: the decode then splits rows over that axis instead)."""
+    shape = dict(mesh.shape)
+    tensor, fsdp = shape.get(TP, 1), shape.get(FSDP, 1)
+    tp = TP if tensor > 1 and not (cfg.n_heads % tensor or cfg.n_kv_heads % tensor or cfg.d_ff % tensor) else None
+    fs = FSDP if fsdp > 1 and cfg.d_model % fsdp == 0 else None
+    return tp, fs
+
+
+def row_axes(w: Weights) -> tuple[str, ...]:
+    """The mesh axes a batch's rows are split over when decoding with `w` laid out on a
+    training mesh (`on_mesh`): every axis but the one its heads are split over."""
+    return tuple(a for a in w.mesh.axis_names if a != w.tp)
+
+
+def on_mesh(cfg, params: dict, mesh: Mesh) -> Weights:
+    """Decode weights laid out on a training mesh (axes data, fsdp, tensor) by the run's rules,
+    from its parameters as they lie (sharded or not), in one program whose outputs are laid out
+    as they will be used: over `tensor` the query/key-value heads and the MLP width are split
+    (Megatron-style, as `split`: each device computes its heads, the shares are added after
+    each block); over `fsdp` every layer's matrices are split along the model width, as the
+    parameters are, and each is gathered whole only while its layer runs (`_layer`); the
+    embeddings, the output projection and the norms are whole on every device, as in `split`.
+    Rows of a batch are split over the other axes (`row_axes`)."""
+    tp, fs = mesh_split(cfg, mesh)
+    w = _lay_on_mesh(cfg, mesh, params)
+    local = _local_cfg(cfg, mesh.shape[TP]) if tp else cfg
+    return Weights(embed=w.embed, out=w.out, final_norm=w.final_norm, layers=w.layers, cfg=local, mesh=mesh, tp=tp,
+                   fsdp=fs)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _lay_on_mesh(cfg, mesh: Mesh, params) -> Weights:
+    """`on_mesh`'s program (compiled once per model and mesh: RL lays the weights out anew for
+    every rollout): the layout, each device's share of the fused matrices side by side when
+    the heads are split, every output constrained to its place."""
+    tp, fs = mesh_split(cfg, mesh)
+    tensor = mesh.shape[TP] if tp else 1
+    w = _layout(cfg, params)
+    if tp:
+        w = w.replace(layers=_shares(w, tensor))
+    placed = specs(Weights(embed=w.embed, out=w.out, final_norm=w.final_norm, layers=w.layers, cfg=cfg, mesh=mesh,
+                           tp=tp, fsdp=fs))
+    put = lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))  # noqa: E731
+    return w.replace(embed=put(w.embed, placed.embed), out=put(w.out, placed.out),
+                     final_norm=put(w.final_norm, placed.final_norm),
+                     layers=[{n: put(a, layer_spec[n]) for n, a in layer.items()}
+                             for layer, layer_spec in zip(w.layers, placed.layers)])
 
 
 def check_split(cfg, tensor: int) -> None:
@@ -233,13 +307,36 @@ def check_split(cfg, tensor: int) -> None:
 
 
 def specs(w: Weights):
-    """The shard_map specs of a split `w` (a pytree of PartitionSpecs like it)."""
+    """The shard_map specs of a split `w` (a pytree of PartitionSpecs like it): the fused q/k/v
+    and gate/up matrices split by columns over `w.tp`, the output projections by rows; with
+    `w.fsdp`, every one of them split along the model width over that axis too."""
+    tp, fs = w.tp, w.fsdp
+
     def layer_spec(layer):
-        return {name: (P(None, TP) if name in ("wqkv", "w_gate_up") else P(TP, None) if name in ("wo", "w_down")
+        return {name: (P(fs, tp) if name in ("wqkv", "w_gate_up") else P(tp, fs) if name in ("wo", "w_down")
                        else P()) for name in layer}
 
     return Weights(embed=P(), out=P(), final_norm=P(), layers=[layer_spec(x) for x in w.layers], cfg=w.cfg,
-                   mesh=w.mesh)
+                   mesh=w.mesh, tp=tp, fsdp=fs)
+
+
+WIDTH_AXIS = {"wqkv": 0, "w_gate_up": 0, "wo": 1, "w_down": 1}  # the model-width axis of each layer matrix
+
+
+def _layer(w: Weights, layer: dict, x) -> dict:
+    """A layer's weights as its computation reads them: with `w.fsdp`, each matrix gathered
+    whole along the model width from the devices of that axis, inside the program, once the
+    layer's input `x` is ready (the shares pass through a select on a value of x, always true:
+    without it XLA gathers every layer at the start of each step, and holds the whole model
+    again; an optimisation barrier is removed before scheduling); at rest each device holds
+    its share only. Else as they are."""
+    if w.fsdp is None:
+        return layer
+    bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+    ready = (bits | 1) != 0  # always true, whatever x holds, but XLA cannot know it (a barrier it removes)
+    return {name: (jax.lax.all_gather(jnp.where(ready, a, jnp.zeros_like(a)), w.fsdp, axis=WIDTH_AXIS[name],
+                                      tiled=True) if name in WIDTH_AXIS else a)
+            for name, a in layer.items()}
 
 
 def on_devices(fn, w: Weights, args: tuple, arg_specs: tuple, out_specs):
@@ -324,7 +421,7 @@ def _mm(x, m):
 
 def _add_shares(w: Weights, y):
     """The devices' partial outputs of a split block, added (nothing to add on one device)."""
-    return y if w.mesh is None else jax.lax.psum(y, TP)
+    return y if w.mesh is None or w.tp is None else jax.lax.psum(y, w.tp)
 
 
 def init_cache(cfg, batch: int, length: int) -> list[dict]:
@@ -434,6 +531,7 @@ def _forward(w: Weights, tokens):
     x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
     kvs = []
     for layer in w.layers:
+        layer = _layer(w, layer, x)
         q, k, v = _qkv(cfg, layer, x, positions)
         o = dot_product_attention(q, k, v, causal)  # (B, T, N, H)
         x = _mlp(w, layer, x + _add_shares(w, _mm(o.reshape(b * t, -1), layer["wo"])))
@@ -467,6 +565,7 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
     x = jnp.take(w.embed, tokens, axis=0)  # (B, D)
     new = []
     for layer, c in zip(w.layers, cache):
+        layer = _layer(w, layer, x)
         q, k, v = _qkv(cfg, layer, x, positions[:, None])  # (B, 1, N|K, H)
         kc, vc = c["k"], c["v"]
         k, v = k.reshape(b * kh, h).astype(kc.dtype), v.reshape(b * kh, h).astype(vc.dtype)
@@ -508,6 +607,7 @@ def extend(w: Weights, tokens, start, cache: list[dict], span: int):
     x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
     new = []
     for layer, c in zip(w.layers, cache):
+        layer = _layer(w, layer, x)
         q, k, v = _qkv(cfg, layer, x, positions)  # (B, T, N|K, H)
         kc, vc = c["k"], c["v"]
         k = k.transpose(0, 2, 1, 3).reshape(b * kh * t, h).astype(kc.dtype)

@@ -16,6 +16,7 @@ fold_in(fold_in(key, r), step): a seeded sample is the same whatever batch it is
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -104,15 +105,16 @@ _generate = jax.jit(decode.each_device(_decode_rows, (P(),) * 6, (P(),) * 3),
                     static_argnames=("max_new", "top_k", "samples"))
 
 
-@partial(jax.jit, static_argnames=("mesh", "max_new", "top_k", "samples"))
-def _generate_split(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, mesh, max_new: int, top_k: int,
+@partial(jax.jit, static_argnames=("max_new", "top_k", "samples"))
+def _generate_split(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, max_new: int, top_k: int,
                     samples: int):
-    """`_decode_rows` with the prompts (and their rows) split over every device of `mesh`:
-    each device prefills and decodes its own prompts with a whole copy of the weights (the
-    sharded parameters are gathered once, on entry). Prompts stay with their samples."""
-    rows = P(tuple(mesh.axis_names))
+    """`_decode_rows` with the prompts (and their rows) split over the devices of the mesh `w`
+    lies on (`decode.on_mesh`): over every axis but the one its heads are split over, where
+    the devices of a group decode the same rows, each with its heads. Each device reads its
+    share of the weights as it lies (`decode.specs`). Prompts stay with their samples."""
+    rows = P(decode.row_axes(w))
     body = partial(_decode_rows, max_new=max_new, top_k=top_k, samples=samples)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), rows, rows, rows, P(), P(), P()),
+    return jax.shard_map(body, mesh=w.mesh, in_specs=(decode.specs(w), rows, rows, rows, P(), P(), P()),
                          out_specs=(rows, rows, rows), check_vma=False)(w, tokens, lengths, bases, temperature,
                                                                          top_p, stop_ids)
 
@@ -162,20 +164,27 @@ def rollout(graphdef, params, tokens, lengths, key, *, max_new: int, temperature
     Row p*samples + g is sample g of prompt p; each prompt is prefilled once. No
     top-k/top-p: the sampling distribution is the policy's.
 
-    With a `mesh` of several devices the prompts are split over all of them (P must be a
-    multiple of the device count; `tokens` and `lengths` may be global arrays sharded so,
-    as `rows_sharding(mesh)`), and so are the outputs: each device decodes P/N prompts. Row r
-    draws with the same key either way, so the samples do not depend on the device count."""
-    w = decode.prepare(graphdef, params)
+    With a training `mesh` of several devices the weights are laid out on it by the run's rules
+    (`decode.on_mesh`: heads and MLP width split over `tensor`, the layers' width over `fsdp`,
+    each device reading its share as it lies) and the prompts are split over its devices
+    (over every axis but `tensor` when the heads are split over it; P must be a multiple
+    of their count; `tokens` and `lengths` may be global arrays sharded as
+    `rows_sharding(mesh)`), and so are the outputs: each device decodes its share of the
+    rows (with tensor parallelism, its heads of a group's rows). Row r draws with the same key
+    either way, so the samples do not depend on the device count."""
     p = tokens.shape[0]
     args = (jnp.float32(temperature), jnp.float32(1.0), _stops(stop_ids))
     if mesh is None or mesh.size == 1:
+        w = decode.prepare(graphdef, params)
         return _generate(w, tokens, lengths, _bases(key, p * samples), *args, max_new=max_new, top_k=0,
                          samples=samples)
-    if p % mesh.size:
-        raise ValueError(f"{p} prompts do not split over {mesh.size} devices: pad them to a multiple")
-    bases = _bases(key, p * samples, out_shardings=rows_sharding(mesh))
-    return _generate_split(w, tokens, lengths, bases, *args, mesh=mesh, max_new=max_new, top_k=0, samples=samples)
+    w = decode.prepare(graphdef, params, mesh=mesh)
+    groups = math.prod(w.mesh.shape[a] for a in decode.row_axes(w))
+    if p % groups:
+        raise ValueError(f"{p} prompts do not split over {groups} devices" + (
+            f" (groups of {w.mesh.shape[w.tp]} tensor-parallel devices)" if w.tp else "") + ": pad them to a multiple")
+    bases = _bases(key, p * samples, out_shardings=NamedSharding(mesh, P(decode.row_axes(w))))
+    return _generate_split(w, tokens, lengths, bases, *args, max_new=max_new, top_k=0, samples=samples)
 
 
 def rows_sharding(mesh: Mesh) -> NamedSharding:

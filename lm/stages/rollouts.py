@@ -132,11 +132,21 @@ def _decode(graphdef, params, tokens, lengths, key, temperature: float, max_new:
         rows = rows_sharding(mesh)
         out, count, logps = rollout(graphdef, params, put_rows(tokens, rows), put_rows(lengths, rows), key,
                                     max_new=max_new, temperature=temperature, stop_ids=stops, mesh=mesh)
-        local = np.zeros(len(tokens), bool)
-        for sl in rows.addressable_devices_indices_map((len(tokens),)).values():
-            local[sl[0]] = True
+        local = owned_rows(count)
     out, count, logps = (to_host(a)[:n] for a in (out, count, logps))
     return out, count, logps, local[:n]
+
+
+def owned_rows(a: jax.Array) -> np.ndarray:
+    """The rows of a global array (split by its first axis) that this process owns: of the
+    processes whose devices hold a row (several, when the row's devices are a tensor-parallel
+    group that spans processes), the lowest-numbered one. Every row has exactly one owner."""
+    n = a.shape[0]
+    owner = np.full(n, jax.process_count(), np.int64)
+    for device, index in a.sharding.devices_indices_map(a.shape).items():
+        sl = index[0] if index else slice(None)
+        owner[sl] = np.minimum(owner[sl], device.process_index)
+    return owner == jax.process_index()
 
 
 def sample(graphdef, params, sampler: Sampler, idx: list[int], key, temperature: float, mesh=None) -> Sample:
