@@ -4,6 +4,7 @@ concurrency and streaming, throughput, bad requests, disconnection and the API k
 Skipped when the serving packages are missing (`pip install -e .[serve,test]`; CI installs them)."""
 
 import concurrent.futures as cf
+import contextlib
 import json
 import re
 import signal
@@ -26,7 +27,7 @@ KEY = "sk-test-key"
 PROMPTS = [f"def f{i}(x):\n    return" for i in range(32)]
 
 
-def _make_run(d):
+def _make_run(d, n_heads: int = 4, n_kv_heads: int = 2):
     """A random chat-capable run: the project's tokenizer (with chat tokens), a small model
     with peaked logits (init_std 0.2: greedy choices far from ties), imported as a run."""
     from flax import nnx
@@ -37,8 +38,8 @@ def _make_run(d):
     from lm.tools.hf_runs import import_run
 
     tok = corpus_tokenizer(d, 1024)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                      max_seq_len=256, init_std=0.2)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                      d_ff=128, max_seq_len=256, init_std=0.2)
     export_llama(cfg, nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param), str(d / "hf"), tokenizer_model=tok.path)
     run = d / "chat_run"
     import_run(str(d / "hf"), str(run), log=lambda *_: None)
@@ -48,13 +49,10 @@ def _make_run(d):
     return str(run)
 
 
-@pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-device", "tensor2"])
-def server(tmp_path_factory, request):
-    """A live server; again (slow phase) with the model split over 2 tensor-parallel devices:
-    every test below then holds the split engine to one device's answers."""
-    tensor = request.param
-    d = tmp_path_factory.mktemp("serve")
-    run = _make_run(d)
+@contextlib.contextmanager
+def _serving(run: str, tensor: int):
+    """`lm serve RUN --tensor TENSOR` in a child with that many CPU devices, until the block
+    ends (SIGINT): (its URL, the lines it printed so far and on)."""
     env = {**cpu_env(tensor), "LM_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "lm", "serve", run, "--port", "0", "--slots", "8",
                              "--request-timeout", "2", "--tensor", str(tensor)], env=env,
@@ -72,11 +70,7 @@ def server(tmp_path_factory, request):
             url = m.group(1) if m else None
             assert time.monotonic() < deadline, "lm serve did not start in time:\n" + "".join(lines)
         threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True).start()
-        from lm.train.run import load_run
-
-        loaded = load_run(run, log=lambda *_: None)
-        yield {"url": url, "run": run, "loaded": loaded, "log": lines, "pid": proc.pid,
-               "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=60, max_retries=0)}
+        yield url, lines, proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -84,6 +78,20 @@ def server(tmp_path_factory, request):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-device", "tensor2"])
+def server(tmp_path_factory, request):
+    """A live server; again (slow phase) with the model split over 2 tensor-parallel devices:
+    every test below then holds the split engine to one device's answers."""
+    d = tmp_path_factory.mktemp("serve")
+    run = _make_run(d)
+    with _serving(run, request.param) as (url, lines, proc):
+        from lm.train.run import load_run
+
+        loaded = load_run(run, log=lambda *_: None)
+        yield {"url": url, "run": run, "loaded": loaded, "log": lines, "pid": proc.pid,
+               "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=60, max_retries=0)}
 
 
 def _greedy(loaded, prompt_ids, max_new, stops):
@@ -558,9 +566,9 @@ def test_echo_gives_the_prompt_log_probabilities_the_harness_scores(server):
 
     api = pytest.importorskip("lm_eval.models.openai_completions", reason="lm-eval not installed")
     pytest.importorskip("tenacity", reason="lm-eval's API models need its [api] extra (pip install lm-eval[api])")
-    from lm_eval.api.instance import Instance
-
     import pathlib
+
+    from lm_eval.api.instance import Instance
 
     hf = pathlib.Path(server["run"]).parent / "hf"
     model = api.LocalCompletionsAPI(base_url=server["url"] + "/v1/completions", model="chat_run", tokenizer=str(hf),
@@ -573,3 +581,49 @@ def test_echo_gives_the_prompt_log_probabilities_the_harness_scores(server):
     logits = nnx.merge(loaded.graphdef, loaded.params)(jnp.asarray([whole[:-1]]))
     own = np.asarray(jax.nn.log_softmax(logits, -1))[0, np.arange(len(whole) - 1), whole[1:]]
     assert score == pytest.approx(float(own[n_ctx - 1:].sum()), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_servers_split_over_2_4_and_8_devices_answer_token_for_token_as_one_device(tmp_path):
+    """`lm serve --tensor 2|4|8` (a model of 16 heads, 8 key/value heads: each device holds
+    whole heads) on as many CPU devices: greedy completions of 12 prompts sent at once
+    (batched over the slots, streamed or not) and a chat reply equal one device's greedy
+    decoding token for token, and the server prints its per-device share of the weights
+    (`lm plan --serve`'s figure)."""
+    from lm.sampling.sampler import generate
+    from lm.serve.chat import Chat
+    from lm.tools import plan
+    from lm.train.run import load_run
+
+    run = _make_run(tmp_path, n_heads=16, n_kv_heads=8)
+    loaded = load_run(run, log=lambda *_: None)
+    tok = loaded.tokenizer
+    prompts = PROMPTS[:12]
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    want = [tok.decode_after(p, [t for t in o if t != tok.eos_id])
+            for p, o in zip(ids, generate(loaded.graphdef, loaded.params, ids, 20, 256, temperature=0.0,
+                                          eos_id=tok.eos_id))]
+    assert len(set(want)) > 8  # the answers differ: a mix-up would show
+    messages = [{"role": "user", "content": "What is os.path?"}]
+    chat = Chat(loaded, max_new=20, temperature=0.0).reply("What is os.path?")
+    for tensor in (2, 4, 8):
+        with _serving(run, tensor) as (url, lines, _):
+            client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=120, max_retries=0)
+
+            def one(i, client=client):
+                if i % 2:  # streamed
+                    return "".join(c.choices[0].text for c in client.completions.create(
+                        model="chat_run", prompt=prompts[i], max_tokens=20, temperature=0, stream=True))
+                return client.completions.create(model="chat_run", prompt=prompts[i], max_tokens=20,
+                                                 temperature=0).choices[0].text
+
+            with cf.ThreadPoolExecutor(len(prompts)) as ex:
+                got = list(ex.map(one, range(len(prompts))))
+            assert got == want, f"--tensor {tensor}"
+            r = client.chat.completions.create(model="chat_run", messages=messages, max_tokens=20, temperature=0)
+            assert r.choices[0].message.content == chat, f"--tensor {tensor}"
+            split = [x for x in lines if "decode weights split over" in x]
+            assert split and f"split over {tensor} devices" in split[0], "".join(lines)
+            r = plan.serve_plan(loaded.cfg.model, tensor)  # (its figures are held to a hand computation)
+            assert (f"{r['weight_bytes'] / 2**20:,.1f} MiB on each of {r['weight_bytes_all'] / 2**20:,.1f} MiB"
+                    in split[0]), split[0]
