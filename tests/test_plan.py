@@ -95,3 +95,29 @@ def test_serve_plan_refuses_a_split_that_cuts_heads():
     cfg = experiment.load("pretrain_base")
     with pytest.raises(ValueError, match="model.n_kv_heads=8 must divide by the 16"):
         plan.serve_plan(cfg.model, 16)
+
+
+def test_serve_plan_counts_what_the_split_engine_holds():
+    """The plan's per-device weights and cache are what `lm serve --tensor N` allocates on 1, 2
+    and 8 devices: the decode weights split over N devices (decode.weight_bytes of the real
+    arrays) and a cache of 4 slots x 64 tokens (each device's shard of the real cache)."""
+    import math
+
+    from flax import nnx
+
+    from lm.config import ModelConfig
+    from lm.model.transformer import Transformer
+    from lm.sampling import decode
+
+    model = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=16, n_kv_heads=8, d_ff=128, max_seq_len=64,
+                        compute_dtype="bfloat16")
+    graphdef, params = nnx.split(Transformer(model, nnx.Rngs(0)), nnx.Param)
+    one = decode.prepare(graphdef, params)
+    shard = lambda a: math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize  # noqa: E731
+    for devices in (1, 2, 8):
+        w = one if devices == 1 else decode.split(one, devices)
+        cache = decode.new_cache(w, 4, 64)
+        r = plan.serve_plan(model, devices, slots=4, max_len=64)
+        assert (r["weight_bytes"], r["weight_bytes_all"]) == decode.weight_bytes(w), devices
+        assert r["cache_bytes"] == sum(shard(a) for layer in cache for a in layer.values()), devices
+        assert len(cache[0]["k"].addressable_shards) == devices
