@@ -40,6 +40,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qk_norm: bool = False
+    # Speedrun levers (off by default; README "Levers"): logits squashed to cap * tanh(z / cap)
+    # (Gemma 2, modded-nanogpt; 0 = off), and the attention output and MLP down projections
+    # initialised to zero, so each block starts as the identity (modded-nanogpt)
+    logit_softcap: float = 0.0
+    zero_init_out: bool = False
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # "bfloat16" on accelerators
@@ -67,6 +72,8 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if not self.logit_softcap >= 0:
+            raise ConfigError(f"model.logit_softcap={self.logit_softcap} must be >= 0 (0 turns soft-capping off)")
         if self.head_dim is not None and self.head_dim <= 0:
             raise ConfigError(f"model.head_dim={self.head_dim} must be positive (or None: d_model // n_heads)")
         if self.n_heads % self.n_kv_heads:

@@ -116,6 +116,9 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
     scalar heads (PPO's "value") are training-time only and are not exported."""
     if cfg.qk_norm:
         raise ConfigError("LLaMA has no qk-norm: a model trained with model.qk_norm=true cannot be exported as LLaMA")
+    if cfg.logit_softcap:
+        raise ConfigError(f"LLaMA has no logit soft-capping: a model trained with model.logit_softcap="
+                          f"{cfg.logit_softcap} cannot be exported as LLaMA (its logits would differ)")
     p = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
     p = _to_numpy(p)
     d, n, k, h, f, v, layers = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff,

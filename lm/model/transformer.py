@@ -104,6 +104,11 @@ def dot_product_attention(q, k, v, mask, block: int = 0):
 # Modules
 
 
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(logits / cap): logits squashed into (-cap, cap); the identity when cap is 0."""
+    return cap * jnp.tanh(logits / cap) if cap else logits
+
+
 def _param(rngs: nnx.Rngs, shape, std: float, dtype, axes) -> nnx.Param:
     init = jax.nn.initializers.normal(stddev=std)
     return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
@@ -122,7 +127,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
         pdt = jnp.dtype(cfg.param_dtype)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2 residual scaling
+        out_std = 0.0 if cfg.zero_init_out else cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2 residual scaling
         self.cfg = cfg
         self.wq = _param(rngs, (d, n, h), cfg.init_std, pdt, ("embed", "heads", "head_dim"))
         self.wk = _param(rngs, (d, k, h), cfg.init_std, pdt, ("embed", "kv_heads", "head_dim"))
@@ -164,7 +169,8 @@ class MLP(nnx.Module):
         self.cfg = cfg
         self.w_gate = _param(rngs, (d, f), cfg.init_std, pdt, ("embed", "mlp"))
         self.w_up = _param(rngs, (d, f), cfg.init_std, pdt, ("embed", "mlp"))
-        self.w_down = _param(rngs, (f, d), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt, ("mlp", "embed"))
+        out_std = 0.0 if cfg.zero_init_out else cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.w_down = _param(rngs, (f, d), out_std, pdt, ("mlp", "embed"))
 
     def __call__(self, x):
         """x (B*T, D) -> (B*T, D)."""
@@ -269,8 +275,8 @@ class Transformer(nnx.Module):
         return w.astype(jnp.dtype(self.cfg.compute_dtype))
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """Hidden states (..., D) -> float32 logits (..., V)."""
-        return jnp.dot(h, self.output_weights(), preferred_element_type=jnp.float32)
+        """Hidden states (..., D) -> float32 logits (..., V) (soft-capped with model.logit_softcap)."""
+        return softcap(jnp.dot(h, self.output_weights(), preferred_element_type=jnp.float32), self.cfg.logit_softcap)
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens (B, T) -> float32 logits (B, T, V)."""

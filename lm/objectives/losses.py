@@ -42,19 +42,24 @@ def _from_chunks(x):
     return x.reshape(x.shape[0] * x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-def _chunk_logits(h, w):
-    return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+def _chunk_logits(h, w, cap: float = 0.0):
+    """(logits, d logits / d raw logits) of a chunk: soft-capped to cap * tanh(z / cap) when cap > 0."""
+    z = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    if not cap:
+        return z, None
+    t = jnp.tanh(z / cap)
+    return cap * t, 1.0 - t * t
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sums(h, w, targets, mask, z_loss, batch, chunks):
-    return _sums_fwd(h, w, targets, mask, z_loss, batch, chunks)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _sums(h, w, targets, mask, z_loss, batch, chunks, cap):
+    return _sums_fwd(h, w, targets, mask, z_loss, batch, chunks, cap)[0]
 
 
-def _sums_fwd(h, w, targets, mask, z_loss, batch, chunks):
+def _sums_fwd(h, w, targets, mask, z_loss, batch, chunks, cap):
     def body(carry, xs):
         hc, tc, mc = xs
-        logits = _chunk_logits(hc, w)
+        logits, _ = _chunk_logits(hc, w, cap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         nll = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         ce, z = carry
@@ -66,13 +71,13 @@ def _sums_fwd(h, w, targets, mask, z_loss, batch, chunks):
     return (ce + z_loss * z, ce), (h, w, targets, mask, lse)
 
 
-def _sums_bwd(z_loss, batch, chunks, res, g):
+def _sums_bwd(z_loss, batch, chunks, cap, res, g):
     h, w, targets, mask, lse = res
     g_total, g_ce = g
 
     def body(dw, xs):
         hc, tc, mc, lc = xs
-        logits = _chunk_logits(hc, w)
+        logits, slope = _chunk_logits(hc, w, cap)
         p = jnp.exp(logits - lc[..., None])
         onehot = jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)
         # d/dlogits of mask * ((g_total + g_ce) * nll + g_total * z_loss * lse^2)
@@ -80,6 +85,8 @@ def _sums_bwd(z_loss, batch, chunks, res, g):
         dlogits = coef * (p - onehot)
         if z_loss:
             dlogits = dlogits + (mc * g_total * 2 * z_loss * lc)[..., None] * p
+        if slope is not None:  # through cap * tanh(z / cap)
+            dlogits = dlogits * slope
         dlogits = dlogits.astype(hc.dtype)
         dh = jnp.einsum("btv,dv->btd", dlogits, w)
         dw = dw + jnp.einsum("btd,btv->dv", hc, dlogits, preferred_element_type=jnp.float32)
@@ -93,9 +100,10 @@ def _sums_bwd(z_loss, batch, chunks, res, g):
 _sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def chunked_cross_entropy(h, w, targets, mask, z_loss: float, batch: int, chunks: int):
-    """Like `cross_entropy(h @ w, ...)` for h (B*T, D), w (D, V), targets/mask (B*T,)."""
+def chunked_cross_entropy(h, w, targets, mask, z_loss: float, batch: int, chunks: int, softcap: float = 0.0):
+    """Like `cross_entropy(h @ w, ...)` for h (B*T, D), w (D, V), targets/mask (B*T,); with
+    `softcap` > 0, of the logits softcap * tanh(h @ w / softcap)."""
     mask = mask.astype(jnp.float32)
     n = jnp.maximum(mask.sum(), 1.0)
-    total, ce = _sums(h, w, targets, mask, float(z_loss), batch, chunks)
+    total, ce = _sums(h, w, targets, mask, float(z_loss), batch, chunks, float(softcap))
     return total / n, ce / n, n

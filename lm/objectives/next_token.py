@@ -32,7 +32,8 @@ class NextToken:
         h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])  # (B*T, D)
         targets, mask = batch["targets"].reshape(-1), batch["loss_mask"].reshape(-1)
         if self.chunks > 1 and t % self.chunks == 0:
-            loss, ce, n = chunked_cross_entropy(h, model.output_weights(), targets, mask, self.z_loss, b, self.chunks)
+            loss, ce, n = chunked_cross_entropy(h, model.output_weights(), targets, mask, self.z_loss, b, self.chunks,
+                                                model.cfg.logit_softcap)
         else:
             loss, ce, n = cross_entropy(model.logits(h), targets, mask, self.z_loss)
         return loss, {"loss": ce, "weight": n}

@@ -39,7 +39,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm.model.transformer import apply_rope, dot_product_attention, rms_norm, rope_tables
+from lm.model.transformer import apply_rope, dot_product_attention, rms_norm, rope_tables, softcap
 
 SPAN_BUCKET = 64  # attention spans are multiples of this (a compiled program per span)
 
@@ -489,8 +489,9 @@ def _mlp(w: Weights, layer, x):
 def _logits(w: Weights, x):
     h = rms_norm(x, w.final_norm, w.cfg.norm_eps)
     if isinstance(w.out, Int8):
-        return jnp.dot(h, w.out.q.astype(h.dtype), preferred_element_type=jnp.float32) * w.out.scale
-    return jnp.dot(h, w.out, preferred_element_type=jnp.float32)
+        return softcap(jnp.dot(h, w.out.q.astype(h.dtype), preferred_element_type=jnp.float32) * w.out.scale,
+                       w.cfg.logit_softcap)
+    return softcap(jnp.dot(h, w.out, preferred_element_type=jnp.float32), w.cfg.logit_softcap)
 
 
 def prefill(w: Weights, tokens, lengths):

@@ -1,0 +1,93 @@
+"""The speedrun levers (model.logit_softcap, model.zero_init_out): what each computes, in the
+training forward pass, the chunked loss, the decode engine and the Hugging Face export."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm.config import ConfigError, ModelConfig
+from lm.model.transformer import Transformer, softcap
+from lm.objectives.losses import chunked_cross_entropy, cross_entropy
+from lm.sampling import decode
+
+CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
+                  init_std=0.5)  # large weights: logits of tens, where capping at 5 bites
+
+
+def test_softcap_squashes_logits_everywhere_the_model_makes_them():
+    capped = dataclasses.replace(CFG, logit_softcap=5.0)
+    raw_model, model = Transformer(CFG, nnx.Rngs(0)), Transformer(capped, nnx.Rngs(0))  # same weights
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
+    raw, out = raw_model(tokens), model(tokens)
+    assert float(jnp.abs(raw).max()) > 10 and float(jnp.abs(out).max()) < 5.0
+    np.testing.assert_allclose(out, 5.0 * np.tanh(np.asarray(raw) / 5.0), rtol=1e-5, atol=1e-5)
+    assert softcap(raw, 0.0) is raw
+    # the decode engine: the same logits (its held-out loss equals the model's)
+    graphdef, params = nnx.split(model, nnx.Param)
+    w = decode.prepare(graphdef, params)
+    mask = jnp.ones((2, 11), jnp.float32)
+    want = -jnp.take_along_axis(jax.nn.log_softmax(out[:, :-1], -1), tokens[:, 1:, None], -1).mean()
+    assert float(decode.next_token_nll(w, tokens, mask)) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_cross_entropy_with_softcap_equals_plain(z_loss):
+    rng = np.random.default_rng(0)
+    b, t, d, v, cap = 2, 16, 8, 11, 3.0
+    h = jnp.asarray(rng.normal(size=(b * t, d)) * 3, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b * t,)), jnp.int32)
+    mask = jnp.asarray(rng.random(b * t) > 0.3, jnp.float32)
+
+    def plain(h, w):
+        loss, ce, _ = cross_entropy(softcap(h @ w, cap), targets, mask, z_loss)
+        return loss + 0.5 * ce
+
+    def chunked(h, w):
+        loss, ce, _ = chunked_cross_entropy(h, w, targets, mask, z_loss, b, 4, softcap=cap)
+        return loss + 0.5 * ce
+
+    np.testing.assert_allclose(chunked(h, w), plain(h, w), rtol=1e-6)
+    for a, c in zip(jax.grad(plain, (0, 1))(h, w), jax.grad(chunked, (0, 1))(h, w)):
+        np.testing.assert_allclose(c, a, atol=1e-5)
+    uncapped = chunked_cross_entropy(h, w, targets, mask, z_loss, b, 4)[1]
+    assert abs(float(uncapped) - float(chunked(h, w))) > 1e-3  # (the cap changes the loss here)
+
+
+def test_zero_init_out_starts_every_block_as_the_identity_and_still_learns():
+    cfg = dataclasses.replace(CFG, zero_init_out=True, init_std=0.02)
+    model = Transformer(cfg, nnx.Rngs(0))
+    assert not np.any(np.asarray(model.blocks.attn.wo[...])) and not np.any(np.asarray(model.blocks.mlp.w_down[...]))
+    assert np.any(np.asarray(model.blocks.attn.wq[...])) and np.any(np.asarray(model.blocks.mlp.w_up[...]))
+    tokens = jnp.asarray([[1, 2, 3, 4, 5, 6]], jnp.int32)
+    x = jnp.take(model.embed[...], tokens.reshape(-1), axis=0)
+    np.testing.assert_allclose(model.hidden(tokens), model.final_norm(x), rtol=1e-6)  # the blocks add nothing
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens)
+        return -jax.nn.log_softmax(logits[0, :-1], -1)[jnp.arange(5), tokens[0, 1:]].mean()
+
+    grads = jax.grad(loss)(params)
+    assert float(jnp.abs(grads["blocks"]["attn"]["wo"][...]).max()) > 0  # the zero matrices get a gradient
+    assert float(jnp.abs(grads["blocks"]["mlp"]["w_down"][...]).max()) > 0
+    default = Transformer(CFG, nnx.Rngs(0))
+    assert np.any(np.asarray(default.blocks.attn.wo[...]))  # off by default
+
+
+def test_levers_are_validated_and_refused_where_llama_cannot_carry_them(tmp_path):
+    from lm.interop.hf import export_llama
+
+    with pytest.raises(ConfigError, match="logit_softcap=-1.0 must be >= 0"):
+        dataclasses.replace(CFG, logit_softcap=-1.0).validate()
+    capped = dataclasses.replace(CFG, logit_softcap=30.0)
+    _, params = nnx.split(Transformer(capped, nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ConfigError, match="LLaMA has no logit soft-capping"):
+        export_llama(capped, params, str(tmp_path / "hf"))
+    zero = dataclasses.replace(CFG, zero_init_out=True)
+    _, params = nnx.split(Transformer(zero, nnx.Rngs(0)), nnx.Param)
+    assert export_llama(zero, params, str(tmp_path / "hf0"))  # an initialisation only: the format carries it
