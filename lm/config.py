@@ -45,6 +45,9 @@ class ModelConfig:
     # initialised to zero, so each block starts as the identity (modded-nanogpt)
     logit_softcap: float = 0.0
     zero_init_out: bool = False
+    # The MLP: "swiglu" down(silu(x W_gate) * x W_up) (LLaMA), or "relu2" down(relu(x W_up)^2), no
+    # gate (Primer; modded-nanogpt): two matrices instead of three, so d_ff can grow by 3/2 at equal size
+    mlp: Literal["swiglu", "relu2"] = "swiglu"
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # "bfloat16" on accelerators
@@ -72,6 +75,8 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.mlp not in ("swiglu", "relu2"):
+            raise ConfigError(f"model.mlp={self.mlp!r} is not 'swiglu' or 'relu2'")
         if not self.logit_softcap >= 0:
             raise ConfigError(f"model.logit_softcap={self.logit_softcap} must be >= 0 (0 turns soft-capping off)")
         if self.head_dim is not None and self.head_dim <= 0:

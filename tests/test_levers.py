@@ -13,6 +13,7 @@ from lm.config import ConfigError, ModelConfig
 from lm.model.transformer import Transformer, softcap
 from lm.objectives.losses import chunked_cross_entropy, cross_entropy
 from lm.sampling import decode
+from lm.sampling.sampler import generate
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
                   init_std=0.5)  # large weights: logits of tens, where capping at 5 bites
@@ -91,3 +92,39 @@ def test_levers_are_validated_and_refused_where_llama_cannot_carry_them(tmp_path
     zero = dataclasses.replace(CFG, zero_init_out=True)
     _, params = nnx.split(Transformer(zero, nnx.Rngs(0)), nnx.Param)
     assert export_llama(zero, params, str(tmp_path / "hf0"))  # an initialisation only: the format carries it
+
+
+def test_relu2_mlp_computes_relu_squared_with_two_matrices_in_the_model_and_the_decode_engine():
+    from lm.model.transformer import MLP, expected_param_count, param_count
+
+    cfg = dataclasses.replace(CFG, mlp="relu2", init_std=0.1)
+    mlp = MLP(cfg, nnx.Rngs(0))
+    assert not hasattr(mlp, "w_gate")
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 32)), jnp.float32)
+    want = np.maximum(np.asarray(x) @ np.asarray(mlp.w_up[...]), 0) ** 2 @ np.asarray(mlp.w_down[...])
+    np.testing.assert_allclose(mlp(x), want, rtol=1e-5, atol=1e-6)
+    assert param_count(cfg) == expected_param_count(cfg) == param_count(CFG) - 2 * 32 * 64
+    model = Transformer(cfg, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
+    logits = model(tokens)
+    want = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
+    graphdef, params = nnx.split(model, nnx.Param)
+    mask = jnp.ones((2, 11), jnp.float32)
+    assert float(decode.next_token_nll(decode.prepare(graphdef, params), tokens, mask)) == pytest.approx(
+        float(want), rel=1e-5)
+    # split over 2 devices (each holds half of W_up's columns and of W_down's rows): one device's tokens
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    one = generate(graphdef, params, prompts, 8, 32, temperature=0.0)
+    assert generate(graphdef, params, prompts, 8, 32, temperature=0.0, weights=decode.prepare(graphdef, params,
+                                                                                          tensor=2)) == one
+
+
+def test_relu2_is_refused_by_the_llama_export_and_a_bad_mlp_name_is_one_line(tmp_path):
+    from lm.interop.hf import export_llama
+
+    cfg = dataclasses.replace(CFG, mlp="relu2")
+    _, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ConfigError, match="LLaMA's MLP is SwiGLU"):
+        export_llama(cfg, params, str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="model.mlp='gelu' is not 'swiglu' or 'relu2'"):
+        dataclasses.replace(CFG, mlp="gelu").validate()

@@ -116,6 +116,8 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
     scalar heads (PPO's "value") are training-time only and are not exported."""
     if cfg.qk_norm:
         raise ConfigError("LLaMA has no qk-norm: a model trained with model.qk_norm=true cannot be exported as LLaMA")
+    if cfg.mlp != "swiglu":
+        raise ConfigError(f"LLaMA's MLP is SwiGLU: a model trained with model.mlp={cfg.mlp} cannot be exported as LLaMA")
     if cfg.logit_softcap:
         raise ConfigError(f"LLaMA has no logit soft-capping: a model trained with model.logit_softcap="
                           f"{cfg.logit_softcap} cannot be exported as LLaMA (its logits would differ)")

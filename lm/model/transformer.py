@@ -167,7 +167,8 @@ class MLP(nnx.Module):
         d, f = cfg.d_model, cfg.d_ff
         pdt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
-        self.w_gate = _param(rngs, (d, f), cfg.init_std, pdt, ("embed", "mlp"))
+        if cfg.mlp == "swiglu":
+            self.w_gate = _param(rngs, (d, f), cfg.init_std, pdt, ("embed", "mlp"))
         self.w_up = _param(rngs, (d, f), cfg.init_std, pdt, ("embed", "mlp"))
         out_std = 0.0 if cfg.zero_init_out else cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.w_down = _param(rngs, (f, d), out_std, pdt, ("mlp", "embed"))
@@ -175,9 +176,11 @@ class MLP(nnx.Module):
     def __call__(self, x):
         """x (B*T, D) -> (B*T, D)."""
         cdt = jnp.dtype(self.cfg.compute_dtype)
-        gate = x @ self.w_gate[...].astype(cdt)
         up = x @ self.w_up[...].astype(cdt)
-        hidden = shard(jax.nn.silu(gate) * up, "act_nf")
+        if self.cfg.mlp == "relu2":
+            hidden = shard(jnp.square(jax.nn.relu(up)), "act_nf")
+        else:
+            hidden = shard(jax.nn.silu(x @ self.w_gate[...].astype(cdt)) * up, "act_nf")
         return hidden @ self.w_down[...].astype(cdt)
 
 
@@ -295,7 +298,7 @@ def expected_param_count(cfg: ModelConfig) -> int:
     d, f, n, k, h, v, layers = (cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads,
                                 cfg.head_size, cfg.vocab_size, cfg.n_layers)
     attn = d * n * h + 2 * d * k * h + n * h * d + (2 * h if cfg.qk_norm else 0)
-    per_layer = attn + 3 * d * f + 2 * d
+    per_layer = attn + (3 if cfg.mlp == "swiglu" else 2) * d * f + 2 * d
     return v * d * (1 if cfg.tie_embeddings else 2) + layers * per_layer + d
 
 

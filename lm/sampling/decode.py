@@ -151,7 +151,9 @@ def _layout(cfg, params) -> Weights:
                  "wqkv": jnp.concatenate([at(b["attn"]["wq"]).reshape(d, n * h), at(b["attn"]["wk"]).reshape(d, k * h),
                                           at(b["attn"]["wv"]).reshape(d, k * h)], axis=1),
                  "wo": at(b["attn"]["wo"]).reshape(n * h, d),
-                 "w_gate_up": jnp.concatenate([at(b["mlp"]["w_gate"]), at(b["mlp"]["w_up"])], axis=1),
+                 # (D, 2F) [gate | up]; (D, F) up alone for model.mlp="relu2"
+                 "w_gate_up": (jnp.concatenate([at(b["mlp"]["w_gate"]), at(b["mlp"]["w_up"])], axis=1)
+                               if cfg.mlp == "swiglu" else at(b["mlp"]["w_up"])),
                  "w_down": at(b["mlp"]["w_down"])}
         if cfg.qk_norm:
             layer["q_norm"] = at(b["attn"]["q_norm"]["scale"])
@@ -208,6 +210,8 @@ def _shares(w: Weights, tensor: int) -> list[dict]:
                                 for t in range(tensor)], axis=1)
 
     def gate_up_share(m):
+        if cfg.mlp == "relu2":  # (D, F): the devices' columns are already side by side
+            return m
         g, u = m[:, :f], m[:, f:]
         return jnp.concatenate([jnp.concatenate([g[:, t * ft: (t + 1) * ft], u[:, t * ft: (t + 1) * ft]], axis=1)
                                 for t in range(tensor)], axis=1)
@@ -483,7 +487,8 @@ def _mlp(w: Weights, layer, x):
     cfg = w.cfg
     f = cfg.d_ff
     y = _mm(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer["w_gate_up"])
-    return x + _add_shares(w, _mm(jax.nn.silu(y[:, :f]) * y[:, f:], layer["w_down"]))
+    hidden = jnp.square(jax.nn.relu(y)) if cfg.mlp == "relu2" else jax.nn.silu(y[:, :f]) * y[:, f:]
+    return x + _add_shares(w, _mm(hidden, layer["w_down"]))
 
 
 def _logits(w: Weights, x):
