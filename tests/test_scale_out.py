@@ -133,6 +133,30 @@ def test_fsdp_rollouts_hold_about_one_layer_whole_at_a_time():
     assert per_device < whole / 4 and held < per_device + 3 * layers / model.n_layers, (per_device, whole, held)
 
 
+def test_fsdp_devices_whose_rows_are_done_wait_for_the_others():
+    """Under FSDP each step gathers the weights across devices that decode different rows: a
+    device whose rows are all done (here row 0's, stopped by its first greedy token) keeps
+    stepping with the others until they are done too (alone it would leave them waiting in
+    the gather), and every row is one device's."""
+    cfg = _config(MeshConfig(data=1, fsdp=8, tensor=1))
+    m = make_mesh(cfg.mesh)
+    engine = make_engine(cfg, m)
+    params = jax.jit(engine._init_params, static_argnums=0, out_shardings=engine.param_sharding)(0)
+    tokens, lengths = _prompts(8)
+    key = jax.random.PRNGKey(0)
+    alone = rollout(engine.graphdef, jax.device_get(params), jnp.asarray(tokens), jnp.asarray(lengths), key,
+                    max_new=12, temperature=0.0)
+    stop = int(alone[0][0, 0])
+    single = [np.asarray(a) for a in rollout(engine.graphdef, jax.device_get(params), jnp.asarray(tokens),
+                                             jnp.asarray(lengths), key, max_new=12, temperature=0.0, stop_ids=[stop])]
+    assert single[1][0] == 1 and single[1].max() > 1  # row 0 stops at once, some other row goes on
+    rows = rows_sharding(m)
+    split = rollout(engine.graphdef, params, jax.device_put(tokens, rows), jax.device_put(lengths, rows), key,
+                    max_new=12, temperature=0.0, stop_ids=[stop], mesh=m)
+    np.testing.assert_array_equal(np.asarray(split[0]), single[0])
+    np.testing.assert_array_equal(np.asarray(split[1]), single[1])
+
+
 def _sampler(p: int):
     from lm.stages import rollouts
 

@@ -343,6 +343,13 @@ def _layer(w: Weights, layer: dict, x) -> dict:
             for name, a in layer.items()}
 
 
+def all_done(w: Weights, done) -> jax.Array:
+    """Whether every row of `done` (B,) is done, on every device `w`'s layers are gathered
+    across (`w.fsdp`): those devices decode different rows, and run each step together."""
+    every = jnp.all(done)
+    return every if w.fsdp is None else jax.lax.pmin(every.astype(jnp.int32), w.fsdp) > 0
+
+
 def on_devices(fn, w: Weights, args: tuple, arg_specs: tuple, out_specs):
     """Run `fn(w, *args)` on each device of a split `w` (inside a jit): shard_map with the
     weights' specs, `arg_specs` for the rest (P(TP) for a cache: split by key/value heads;

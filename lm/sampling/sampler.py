@@ -70,7 +70,10 @@ def _decode_rows(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, max
     logps = jnp.zeros((b, max_new), jnp.float32)
     done = jnp.zeros((b,), jnp.bool_)
     count = jnp.zeros((b,), jnp.int32)  # new tokens per sequence, stop token included
-    carry = (jnp.int32(0), last, kvs, out, logps, done, count)
+    # `going`: some row is not done. With weights split over fsdp (`decode.on_mesh`) each step
+    # gathers them across devices that decode other rows: such devices stop together, when
+    # all their rows are done (a device that left the loop alone would hang the others).
+    carry = (jnp.int32(0), last, kvs, out, logps, done, count, jnp.bool_(True))
     # Step i writes slot lengths + i <= width - 1 + i and reads slots 0..that: a span of
     # width + i slots. Each segment runs the steps one span covers.
     start = 0
@@ -78,26 +81,26 @@ def _decode_rows(w, tokens, lengths, bases, temperature, top_p, stop_ids, *, max
         stop = min(max_new, span - width + 1)
         if stop <= start:
             continue
-        i, last, cache, out, logps, done, count = carry
-        carry = (i, last, _grow(cache, span), out, logps, done, count)
+        i, last, cache, out, logps, done, count, going = carry
+        carry = (i, last, _grow(cache, span), out, logps, done, count, going)
 
         def cond(carry, stop=stop):
-            i, *_, done, _ = carry
-            return (i < stop) & ~jnp.all(done)
+            i, *_, going = carry
+            return (i < stop) & going
 
         def body(carry, span=span):
-            i, last, cache, out, logps, done, count = carry
+            i, last, cache, out, logps, done, count, _ = carry
             nxt, lp = decode.pick(last, _fold(bases, i), temperature, top_p, top_k)
             out = out.at[:, i].set(jnp.where(done, 0, nxt))
             logps = logps.at[:, i].set(jnp.where(done, 0.0, lp))
             count = count + (~done).astype(jnp.int32)
             done = done | jnp.isin(nxt, stop_ids)
             logits, cache = decode.step(w, nxt, lengths + i, cache, span)
-            return i + 1, logits, cache, out, logps, done, count
+            return i + 1, logits, cache, out, logps, done, count, ~decode.all_done(w, done)
 
         carry = jax.lax.while_loop(cond, body, carry)
         start = stop
-    _, _, _, out, logps, _, count = carry
+    _, _, _, out, logps, _, count, _ = carry
     return out, count, logps
 
 
