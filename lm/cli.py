@@ -148,6 +148,40 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_ladder(args) -> int:
+    from lm.tools import ladder  # lazy: a command imports what it runs
+
+    targets = []
+    if args.target_compute:
+        targets.append((f"{args.target_compute:.3g} FLOPs", args.target_compute))
+    if args.target:
+        flops, what = ladder.target_compute(args.target, args.target_tokens)
+        targets.append((what, flops))
+    elif args.target_tokens:
+        raise UserError("--target-tokens goes with --target EXPERIMENT")
+    report = ladder.ladder(args.experiment, args.set, widths=args.widths, rungs=args.rungs, min_width=args.min_width,
+                           max_width=args.max_width, tokens_per_param=args.tokens_per_param, lr_rule=args.lr_rule,
+                           aspect=args.aspect, holdout=args.holdout, out=args.out, png=args.plot, targets=targets,
+                           dry_run=args.dry_run, fit_only=args.fit_only, counted=args.count, fit_all=args.fit_all,
+                           log=_log)
+    print(report["text"])
+    if report.get("png"):
+        print(f"plot: {report['png']}")
+    return 0
+
+
+def _widths(text: str) -> list[int]:
+    """--widths 64,96,128: positive integers, comma-separated."""
+    try:
+        out = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        msg = f"{text!r} is not a comma-separated list of integers (e.g. 64,96,128)"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not out or any(w <= 0 for w in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: widths must be positive integers (e.g. 64,96,128)")
+    return out
+
+
 def cmd_export_hf(args) -> int:
     from lm.tools.hf_runs import export_run  # lazy: a command imports what it runs
 
@@ -646,6 +680,45 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="time axis: wall-clock, or the process's CPU time (for runs on a shared, busy machine)")
     cp.set_defaults(fn=cmd_compare)
+
+    ld = sub.add_parser("ladder", help="a scaling ladder: train a family of sizes, fit L(C) = E + A*C^-alpha to their "
+                                       "held-out losses, plot it and predict a bigger run")
+    experiment_args(ld)
+    ld.add_argument("--widths", type=_widths, metavar="D1,D2,...",
+                    help="the rungs' widths (d_model), each a multiple of 2 x the base's heads")
+    ld.add_argument("--rungs", type=_number(int, 1, 64, what="1 to 64"),
+                    help="without --widths: this many widths spaced geometrically from --min-width to --max-width "
+                         "(default 5)")
+    ld.add_argument("--min-width", type=_number(int, 1, what="at least 1"), help="default: the base's d_model / 8")
+    ld.add_argument("--max-width", type=_number(int, 1, what="at least 1"), help="default: the base's d_model / 2")
+    ld.add_argument("--aspect", type=_number(float, 0.0, low_open=True, what="more than 0"),
+                    help="width per layer: L = max(1, round(D / aspect)) (default: the base's d_model / n_layers)")
+    ld.add_argument("--tokens-per-param", type=_number(float, 0.0, low_open=True, what="more than 0"), default=20.0,
+                    help="training tokens per parameter (default 20; --count says which parameters)")
+    ld.add_argument("--count", choices=["non-embedding", "total"], default="non-embedding",
+                    help="the parameters --tokens-per-param counts: non-embedding (all but the input embedding and "
+                         "the output head; default) or total")
+    ld.add_argument("--lr-rule", choices=["constant", "inverse-width"], default="constant",
+                    help="constant: the base's learning rates for every rung (default); inverse-width: optim.lr x "
+                         "D0/D (optim.muon_lr unchanged)")
+    ld.add_argument("--holdout", type=_number(int, 0, what="0 or more"), default=0,
+                    help="train the K largest rungs but leave them out of the fit: their predicted and measured "
+                         "losses are compared")
+    ld.add_argument("--target-compute", type=_number(float, 0.0, low_open=True, what="more than 0"), metavar="FLOPS",
+                    help="print the predicted held-out loss at this training compute")
+    ld.add_argument("--target", metavar="EXPERIMENT",
+                    help="print the predicted held-out loss of this experiment's training compute (same data and "
+                         "tokenizer assumed)")
+    ld.add_argument("--target-tokens", type=_number(int, 1, what="at least 1"),
+                    help="with --target: its training tokens (default: its steps x batch x context)")
+    ld.add_argument("--out", help="the ladder's folder (default runs/ladder_<experiment name>)")
+    ld.add_argument("--plot", metavar="PNG", help="the plot (default OUT/ladder.png)")
+    ld.add_argument("--dry-run", action="store_true", help="print the rungs (sizes, tokens, FLOPs); train nothing")
+    ld.add_argument("--fit-only", action="store_true", help="fit the finished rungs; train nothing")
+    ld.add_argument("--fit-all", action="store_true",
+                    help="fit rungs whose loss is not below the unigram entropy of the held-out tokens too (left out "
+                         "by default)")
+    ld.set_defaults(fn=cmd_ladder)
 
     b = sub.add_parser("bench", help="benchmarks (training throughput and MFU, data pipeline)")
     b.add_argument("which", nargs="?", default="all",
