@@ -584,12 +584,12 @@ def test_echo_gives_the_prompt_log_probabilities_the_harness_scores(server):
 
 
 @pytest.mark.slow
-def test_servers_split_over_2_4_and_8_devices_answer_token_for_token_as_one_device(tmp_path):
+def test_servers_split_over_2_4_and_8_devices_answer_token_for_token_as_one_device(tmp_path, capsys):
     """`lm serve --tensor 2|4|8` (a model of 16 heads, 8 key/value heads: each device holds
     whole heads) on as many CPU devices: greedy completions of 12 prompts sent at once
     (batched over the slots, streamed or not) and a chat reply equal one device's greedy
     decoding token for token, and the server prints its per-device share of the weights
-    (`lm plan --serve`'s figure)."""
+    (`lm plan --serve`'s figure); `lm sample --tensor 4|8` writes what one device writes."""
     from lm.sampling.sampler import generate
     from lm.serve.chat import Chat
     from lm.tools import plan
@@ -627,3 +627,14 @@ def test_servers_split_over_2_4_and_8_devices_answer_token_for_token_as_one_devi
             r = plan.serve_plan(loaded.cfg.model, tensor)  # (its figures are held to a hand computation)
             assert (f"{r['weight_bytes'] / 2**20:,.1f} MiB on each of {r['weight_bytes_all'] / 2**20:,.1f} MiB"
                     in split[0]), split[0]
+    # `lm sample --tensor 4|8` on the same run writes what one device writes
+    from lm.cli import main
+
+    outs = []
+    for tensor in ("1", "4", "8"):
+        assert main(["sample", run, "--prompt", "def read(path):", "--temperature", "0", "--max-new", "24",
+                     "--tensor", tensor]) == 0
+        o = capsys.readouterr()
+        outs.append([line for line in o.out.splitlines() if not line.startswith("decode weights")])
+        assert tensor == "1" or f"decode weights split over {tensor} devices" in o.out + o.err
+    assert outs[0] == outs[1] == outs[2] and len("".join(outs[0])) >= len("def read(path):")
