@@ -668,6 +668,16 @@ def step_labels(stage_list) -> dict[str, list[str | None]]:
     return {name: [label(step) for step in pipeline] for name, pipeline, _ in stage_list}
 
 
+class QuietLocalExecutor(LocalPipelineExecutor):
+    """datatrove's local executor, defined here so that a worker process unpickling it imports
+    this module, which quiets its task loggers (above), even for a stage made of datatrove's
+    steps only."""
+
+
+class QuietSlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's Slurm executor, for the same reason."""
+
+
 def executors(cfg, stage_list, work: str) -> list:
     """One datatrove executor per stage, each with its logging dir (completions/, stats/, logs/)
     under work/logs/STAGE; on Slurm, each depends on the one before. datatrove's own log lines
@@ -680,13 +690,13 @@ def executors(cfg, stage_list, work: str) -> list:
     for name, pipeline, tasks in stage_list:
         logging_dir = os.path.join(work, "logs", name)
         if cfg.executor == "slurm":
-            made.append(SlurmPipelineExecutor(pipeline, tasks=tasks, time=cfg.slurm_time,
+            made.append(QuietSlurmExecutor(pipeline, tasks=tasks, time=cfg.slurm_time,
                                               partition=cfg.slurm_partition, cpus_per_task=1,
                                               mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb, workers=cfg.workers,
                                               job_name=f"curate_{name}", logging_dir=logging_dir,
                                               depends=made[-1] if made else None))
         else:
-            made.append(LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
+            made.append(QuietLocalExecutor(pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
                                               logging_dir=logging_dir))
     return made
 

@@ -359,7 +359,7 @@ def test_slurm_executor_is_built(tmp_path):
                          slurm_partition="cpu", tasks=4).validate()
     stages = curate_steps.stages(cfg, C.input_files(cfg), [], str(tmp_path / "o" / "work"), str(tmp_path / "o" / "d"))
     execs = curate_steps.executors(cfg, stages, str(tmp_path / "o" / "work"))
-    assert [type(e).__name__ for e in execs] == ["SlurmPipelineExecutor"] * len(stages)
+    assert [type(e).__name__ for e in execs] == ["QuietSlurmExecutor"] * len(stages)
     assert execs[1].depends is execs[0] and execs[0].tasks == 4 and execs[0].partition == "cpu"
     with pytest.raises(C.CurateError, match="slurm_partition"):
         dataclasses.replace(cfg, slurm_partition="").validate()
