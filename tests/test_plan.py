@@ -97,6 +97,7 @@ def test_serve_plan_refuses_a_split_that_cuts_heads():
         plan.serve_plan(cfg.model, 16)
 
 
+@pytest.mark.slow
 def test_serve_plan_counts_what_the_split_engine_holds():
     """The plan's per-device weights and cache are what `lm serve --tensor N` allocates on 1, 2
     and 8 devices: the decode weights split over N devices (decode.weight_bytes of the real

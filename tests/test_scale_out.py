@@ -30,8 +30,10 @@ def _prompts(p: int):
     return tokens, lengths
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(data=8, fsdp=1, tensor=1), MeshConfig(data=1, fsdp=8, tensor=1),
-                                  MeshConfig(data=4, fsdp=1, tensor=2)], ids=["data8", "fsdp8", "data4-tensor2"])
+@pytest.mark.parametrize("mesh", [MeshConfig(data=8, fsdp=1, tensor=1),
+                                  pytest.param(MeshConfig(data=1, fsdp=8, tensor=1), marks=pytest.mark.slow),
+                                  pytest.param(MeshConfig(data=4, fsdp=1, tensor=2), marks=pytest.mark.slow)],
+                         ids=["data8", "fsdp8", "data4-tensor2"])
 def test_each_device_decodes_an_eighth_of_a_rollout(mesh):
     """16 prompts x 2 samples on 8 devices: each device's program decodes its share (the
     compiled loop's shapes are local): with data or FSDP parallelism 4 of the 32 rows, with
@@ -108,6 +110,7 @@ def test_rollouts_decode_with_the_weights_sharded_as_the_run_lays_them_out(mesh,
     np.testing.assert_array_equal(got.out, alone.out)
 
 
+@pytest.mark.slow
 def test_fsdp_rollouts_hold_about_one_layer_whole_at_a_time():
     """With mesh.fsdp=8 each device holds an eighth of the weights, and the compiled rollout
     gathers a layer's matrices only while that layer runs: the program's arguments and
@@ -133,6 +136,7 @@ def test_fsdp_rollouts_hold_about_one_layer_whole_at_a_time():
     assert per_device < whole / 4 and held < per_device + 3 * layers / model.n_layers, (per_device, whole, held)
 
 
+@pytest.mark.slow
 def test_fsdp_devices_whose_rows_are_done_wait_for_the_others():
     """Under FSDP each step gathers the weights across devices that decode different rows: a
     device whose rows are all done (here row 0's, stopped by its first greedy token) keeps
