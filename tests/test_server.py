@@ -176,35 +176,32 @@ def test_32_concurrent_streaming_clients_get_their_own_answers(server):
     assert len(set(want)) > 20  # the prompts' answers differ: a mix-up would show
 
 
-def test_a_lone_client_costs_one_slot_and_throughput_grows_with_concurrency(server):
-    """A lone client's steps compute one slot, not eight (the server's counters); 8 concurrent
-    clients get at least 2x the tokens/s of one (best of three tries: the machine may be
-    shared; the speed itself is measured by the benchmark in the README)."""
+def test_a_lone_client_costs_one_slot_and_concurrent_clients_share_steps(server):
+    """From the server's counters, not a clock (the speed is measured by `lm bench serve`):
+    a lone client's steps compute one slot, not eight; 8 concurrent clients share the steps,
+    several slots per step, so the same steps serve several times the tokens."""
     client = server["client"]
 
     def one(i):
         r = client.completions.create(model="chat_run", prompt=PROMPTS[i], max_tokens=160, temperature=1.0, seed=i)
         return r.usage.completion_tokens
 
-    def rate(n):
-        t = time.perf_counter()
+    def run(n):
         with cf.ThreadPoolExecutor(n) as ex:
-            tokens = sum(ex.map(one, range(n)))
-        return tokens / (time.perf_counter() - t)
+            return sum(ex.map(one, range(n)))
 
-    rate(8)  # warm up the client and server
+    run(8)  # warm up the client and server
     before = _health(server)
-    lone = rate(1)
+    assert run(1) > 0
     after = _health(server)
-    assert lone > 0 and after["steps"] > before["steps"] + 20
+    assert after["steps"] > before["steps"] + 20
     assert after["slot_steps"] - before["slot_steps"] == after["steps"] - before["steps"]  # one slot per step
-    ratios = []
-    for _ in range(3):
-        single, eight = rate(1), rate(8)
-        ratios.append(eight / single)
-        if ratios[-1] >= 2:
-            break
-    assert max(ratios) >= 2, f"8 clients / 1 client tokens/s: {ratios}"
+    before = _health(server)
+    tokens = run(8)
+    after = _health(server)
+    steps, slot_steps = after["steps"] - before["steps"], after["slot_steps"] - before["slot_steps"]
+    assert slot_steps >= 4 * steps, (steps, slot_steps)  # on average at least 4 of the 8 clients in each step
+    assert steps < tokens / 4, (steps, tokens)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_lives_on(server):
