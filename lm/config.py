@@ -48,6 +48,12 @@ class ModelConfig:
     # The MLP: "swiglu" down(silu(x W_gate) * x W_up) (LLaMA), or "relu2" down(relu(x W_up)^2), no
     # gate (Primer; modded-nanogpt): two matrices instead of three, so d_ff can grow by 3/2 at equal size
     mlp: Literal["swiglu", "relu2"] = "swiglu"
+    # Multi-token prediction (training only; DeepSeek-V3, Gloeckle et al. 2024): besides the next
+    # token, the final hidden state also predicts the tokens 2..1+mtp_tokens ahead, each through
+    # its own (D, D) projection and RMS norm into the shared output head; the loss adds
+    # mtp_weight x their mean cross-entropy. Inference and export use the next-token head only.
+    mtp_tokens: int = 0
+    mtp_weight: float = 0.3
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # "bfloat16" on accelerators
@@ -77,6 +83,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
         if self.mlp not in ("swiglu", "relu2"):
             raise ConfigError(f"model.mlp={self.mlp!r} is not 'swiglu' or 'relu2'")
+        if self.mtp_tokens < 0 or not self.mtp_weight >= 0:
+            raise ConfigError(f"model.mtp_tokens={self.mtp_tokens} and model.mtp_weight={self.mtp_weight} must not be "
+                              "negative (mtp_tokens=0 turns multi-token prediction off)")
         if not self.logit_softcap >= 0:
             raise ConfigError(f"model.logit_softcap={self.logit_softcap} must be >= 0 (0 turns soft-capping off)")
         if self.head_dim is not None and self.head_dim <= 0:
@@ -130,6 +139,14 @@ class OptimConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
+    # Levers (README "Levers"): the polynomial that orthogonalises each update, "newton_schulz"
+    # (Keller Jordan's quintic, the same coefficients 5 times) or "polar_express" (a minimax
+    # quintic per iteration, Amsel et al. 2025); and NorMuon (Li et al. 2025): each output
+    # neuron's row of the orthogonal update divided by its running RMS (decay muon_beta2),
+    # then the whole update scaled back to its norm before that division
+    muon_ns: Literal["newton_schulz", "polar_express"] = "newton_schulz"
+    muon_normalize: bool = False
+    muon_beta2: float = 0.95
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the matrices of a block (lm/model/lora.py)
@@ -303,6 +320,8 @@ class Config:
                 raise ConfigError(f"mesh.{key}={v} must be positive, or -1 for the devices the other axes leave")
         if self.optim.name not in ("adamw", "muon"):
             raise ConfigError(f"unknown optimiser optim.name={self.optim.name!r}; choose 'adamw' or 'muon'")
+        if self.optim.muon_ns not in ("newton_schulz", "polar_express"):
+            raise ConfigError(f"optim.muon_ns={self.optim.muon_ns!r} is not 'newton_schulz' or 'polar_express'")
         if self.data.batch_size % self.trainer.microbatches:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be divisible by "
@@ -335,6 +354,7 @@ class Config:
             ("optim.muon_lr", o.muon_lr, o.muon_lr >= 0, "must not be negative"),
             ("optim.muon_momentum", o.muon_momentum, 0 <= o.muon_momentum < 1, "must be in [0, 1), e.g. 0.95"),
             ("optim.muon_weight_decay", o.muon_weight_decay, o.muon_weight_decay >= 0, "must not be negative"),
+            ("optim.muon_beta2", o.muon_beta2, 0 <= o.muon_beta2 < 1, "must be in [0, 1), e.g. 0.95"),
             ("data.heldout_fraction", d.heldout_fraction, 0 <= d.heldout_fraction < 1,
              "must be in [0, 1) (the share of documents kept out of training)"),
             ("data.prefetch", d.prefetch, d.prefetch >= 0, "must not be negative (0: no read-ahead thread)"),

@@ -128,3 +128,77 @@ def test_relu2_is_refused_by_the_llama_export_and_a_bad_mlp_name_is_one_line(tmp
         export_llama(cfg, params, str(tmp_path / "hf"))
     with pytest.raises(ConfigError, match="model.mlp='gelu' is not 'swiglu' or 'relu2'"):
         dataclasses.replace(CFG, mlp="gelu").validate()
+
+
+def _mtp_batch(rng, b=2, t=12, v=96):
+    tokens = rng.integers(0, v, (b, t + 1))
+    seg = np.ones((b, t), np.int32)
+    seg[0, 7:] = 2  # row 0 holds two documents: nothing is predicted across the boundary
+    mask = np.ones((b, t), np.float32)
+    mask[1, :3] = 0  # (a prompt, as in SFT)
+    return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+            "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(np.tile(np.arange(t), (b, 1)), jnp.int32),
+            "loss_mask": jnp.asarray(mask)}
+
+
+def test_multi_token_prediction_adds_the_loss_of_the_tokens_further_ahead_by_hand():
+    from lm.config import Config, TrainerConfig
+    from lm.model.transformer import expected_param_count, param_count
+    from lm.objectives.next_token import NextToken
+
+    cfg = dataclasses.replace(CFG, init_std=0.1, mtp_tokens=2, mtp_weight=0.5)
+    model = Transformer(cfg, nnx.Rngs(0))
+    batch = _mtp_batch(np.random.default_rng(0))
+    loss, aux = NextToken(Config(model=cfg)).loss(model, batch, {})
+    # the next-token part is the model's without the lever
+    plain = Transformer(dataclasses.replace(cfg, mtp_tokens=0), nnx.Rngs(0))
+    nnx.update(plain, nnx.state(model, nnx.Param).filter(lambda path, _: path[0] != "mtp" and path[0] != "mtp_norm"))
+    _, plain_aux = NextToken(Config(model=dataclasses.replace(cfg, mtp_tokens=0))).loss(plain, batch, {})
+    np.testing.assert_allclose(aux["loss"], plain_aux["loss"], rtol=1e-6)
+    # by hand: position i predicts targets[i + j - 1], if in the row, the document and the mask
+    h = np.asarray(model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"]), np.float64)
+    w_out = np.asarray(model.output_weights(), np.float64)
+    tg, seg, m = (np.asarray(batch[k]) for k in ("targets", "segment_ids", "loss_mask"))
+    n_next = m.sum()
+    extra = 0.0
+    for j in (2, 3):
+        z = h @ np.asarray(model.mtp[...][j - 2], np.float64)
+        z = z / np.sqrt((z * z).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(model.mtp_norm[...][j - 2])
+        logp = z @ w_out
+        top = logp.max(-1, keepdims=True)
+        logp = (logp - top - np.log(np.exp(logp - top).sum(-1, keepdims=True))).reshape(2, 12, -1)
+        for r in range(2):
+            for i in range(12 - (j - 1)):
+                if seg[r, i] == seg[r, i + j - 1] and m[r, i + j - 1]:
+                    extra -= logp[r, i, tg[r, i + j - 1]]
+    extra /= 2 * n_next
+    assert float(aux["mtp_loss"]) == pytest.approx(extra, rel=1e-4)
+    assert float(loss) == pytest.approx(float(aux["loss"]) + 0.5 * extra, rel=1e-4)
+    # chunked loss: the same values and gradients
+    chunked = NextToken(Config(model=cfg, trainer=TrainerConfig(loss_chunks=4)))
+    assert float(chunked.loss(model, batch, {})[0]) == pytest.approx(float(loss), rel=1e-5)
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = [jax.grad(lambda p, o=o: o.loss(nnx.merge(graphdef, p), batch, {})[0])(params)
+             for o in (NextToken(Config(model=cfg)), chunked)]
+    for a, c in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(c, a, atol=1e-5)
+    assert float(jnp.abs(grads[0]["mtp"][...]).sum()) > 0  # the extra heads learn
+    assert param_count(cfg) == expected_param_count(cfg) == param_count(CFG) + 2 * (32 * 32 + 32)
+
+
+def test_multi_token_prediction_is_training_only_decoding_and_export_use_the_next_token_head(tmp_path):
+    from lm.interop.hf import export_llama
+
+    cfg = dataclasses.replace(CFG, mtp_tokens=1)
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
+    w = decode.prepare(graphdef, params)
+    want = -jnp.take_along_axis(jax.nn.log_softmax(model(tokens)[:, :-1], -1), tokens[:, 1:, None], -1).mean()
+    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(want), rel=1e-5)
+    out = export_llama(cfg, params, str(tmp_path / "hf"))
+    from lm.interop.hf import load_safetensors
+    names = load_safetensors(f"{out}/model.safetensors").keys() if isinstance(out, str) else ()
+    assert names and not any("mtp" in name for name in names)
+    with pytest.raises(ConfigError, match="mtp_tokens"):
+        dataclasses.replace(CFG, mtp_tokens=-1).validate()

@@ -221,6 +221,10 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt, ("embed", "vocab"))
+        if cfg.mtp_tokens:  # multi-token prediction: a (D, D) projection and a norm per extra token
+            self.mtp = _param(rngs, (cfg.mtp_tokens, cfg.d_model, cfg.d_model), cfg.init_std, pdt,
+                              ("layers", "embed", None))
+            self.mtp_norm = nnx.Param(jnp.ones((cfg.mtp_tokens, cfg.d_model), pdt), axes=("layers", "norm"))
         # Extra scalar heads on the final hidden state (reward, value, ...): a (D,) vector each,
         # zero at initialisation, so adding one changes nothing until it is trained.
         self.scalar_heads = nnx.Dict({name: nnx.Param(jnp.zeros((cfg.d_model,), pdt), axes=("embed",))
@@ -272,6 +276,12 @@ class Transformer(nnx.Module):
         w = self.scalar_heads[name][...]  # (D,)
         return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
+    def mtp_hidden(self, h: jax.Array, ahead: int) -> jax.Array:
+        """Final hidden states (B*T, D) -> the hidden states (B*T, D) whose logits (through the
+        shared output head) predict the token `ahead` (2..1+mtp_tokens) positions on."""
+        w = self.mtp[...][ahead - 2].astype(h.dtype)
+        return rms_norm(h @ w, self.mtp_norm[...][ahead - 2], self.cfg.norm_eps)
+
     def output_weights(self) -> jax.Array:
         """The (D, V) output projection in the compute dtype (the embedding, if tied)."""
         w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
@@ -299,7 +309,8 @@ def expected_param_count(cfg: ModelConfig) -> int:
                                 cfg.head_size, cfg.vocab_size, cfg.n_layers)
     attn = d * n * h + 2 * d * k * h + n * h * d + (2 * h if cfg.qk_norm else 0)
     per_layer = attn + (3 if cfg.mlp == "swiglu" else 2) * d * f + 2 * d
-    return v * d * (1 if cfg.tie_embeddings else 2) + layers * per_layer + d
+    mtp = cfg.mtp_tokens * (d * d + d)
+    return v * d * (1 if cfg.tie_embeddings else 2) + layers * per_layer + d + mtp
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -307,11 +318,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
     The input embedding is a lookup, not a matmul, so it is left out unless tied to the
     output head. Attention scores and values add 12 * L * N * H * T (forward + backward,
-    counting the full T x T square, as PaLM and MaxText do).
+    counting the full T x T square, as PaLM and MaxText do). Multi-token prediction adds, per
+    extra token, its (D, D) projection and another pass through the output head.
     """
     d, v = cfg.d_model, cfg.vocab_size
     matmul_params = expected_param_count(cfg) - v * d * (0 if cfg.tie_embeddings else 1)
-    norms = cfg.n_layers * (2 * d + (2 * cfg.head_size if cfg.qk_norm else 0)) + d
+    norms = cfg.n_layers * (2 * d + (2 * cfg.head_size if cfg.qk_norm else 0)) + d + cfg.mtp_tokens * d
     matmul_params -= norms  # norm scales are not matmul weights
+    matmul_params += cfg.mtp_tokens * v * d  # the output head again, once per extra token
     attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
     return 6.0 * matmul_params + attn

@@ -304,10 +304,23 @@ def _opt_state_shardings(abstract_opt, param_sh, mesh):
         for start in range(len(keys)):
             sh = by_path.get(keys[start:])
             if sh is not None and len(sh.spec) <= len(getattr(leaf, "shape", ())):
-                return sh
+                return _fit(sh, leaf.shape)
         return repl
 
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+def _fit(sh: NamedSharding, shape) -> NamedSharding:
+    """`sh` with the mesh axes of a dimension dropped where the moment's dimension does not
+    split over them (a moment reduced over a parameter's axis, NorMuon's, has size 1 there)."""
+    spec = []
+    for i, axes in enumerate(sh.spec):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        ways = 1
+        for name in names:
+            ways *= sh.mesh.shape[name]
+        spec.append(axes if shape[i] % ways == 0 else None)
+    return NamedSharding(sh.mesh, P(*spec))
 
 
 # The pretraining code before the engine took objectives called these Trainer/make_trainer.

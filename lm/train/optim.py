@@ -15,6 +15,19 @@
   decoupled and scaled by the scheduled Muon learning rate:
   p <- p - muon_lr(t) * (update + muon_weight_decay * p).
 
+Two Muon levers (README "Levers"), off by default:
+
+- `muon_ns="polar_express"`: the orthogonalising polynomial of each of the 5 iterations is
+  the odd quintic p(x) = a x + b x^3 + c x^5 closest to 1 (in the max norm) on the interval
+  the singular values lie in after the previous iterations, starting from [1e-3, 1] (the
+  Polar Express principle, Amsel et al. 2025). `POLAR_EXPRESS` holds them;
+  `polar_express_coefficients` derives them again (a linear programme, scipy) and a test
+  checks the two agree. Newton-Schulz repeats one quintic tuned for a steep slope at 0.
+- `muon_normalize=True` (NorMuon, Li et al. 2025): after orthogonalisation, each output
+  neuron's slice of the update (its row of W^T) is divided by the square root of a running
+  mean of its squared entries (decay `muon_beta2`, bias-corrected), and the whole matrix
+  is then scaled back to its norm before that division, so `muon_lr` keeps its meaning.
+
 The optimiser state is a plain pytree whose moments mirror the parameters, so the engine
 shards it like the parameters (FSDP included: the Newton-Schulz matmuls of a sharded
 matrix are partitioned by XLA like any other).
@@ -23,13 +36,27 @@ matrix are partitioned by XLA like any other).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from scipy.optimize import linprog
 
 from lm.config import ConfigError, OptimConfig
 
 OPTIMIZERS = ("adamw", "muon")
+# Keller Jordan's Newton-Schulz quintic (optax's default), applied 5 times.
+NEWTON_SCHULZ = (3.4445, -4.775, 2.0315)
+# One minimax quintic per iteration for singular values starting in [1e-3, 1]; after them the
+# singular values lie in [0.887, 1.113] (polar_express_coefficients(5) recomputes these).
+POLAR_EXPRESS = (
+    (8.470329, -25.108079, 18.629279),
+    (4.182835, -3.108702, 0.580607),
+    (3.961857, -2.954063, 0.562976),
+    (3.286586, -2.46472, 0.507358),
+    (2.27375, -1.64466, 0.416191),
+)
 # The kernels Muon trains (names of the model's stacked block parameters, lm/model/transformer.py).
 MUON_KERNELS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -120,6 +147,68 @@ def _scale_by_width(dims) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def polar_express_coefficients(steps: int = 5, low: float = 1e-3, grid: int = 4000):
+    """The odd quintics p(x) = a x + b x^3 + c x^5 minimising max |1 - p(x)| over the interval
+    [l, u] that the singular values lie in, one per iteration, starting from [low, 1]; each
+    maps its interval into [1 - E, 1 + E], the next one's. Solved as a linear programme on
+    a dense grid (geometric and linear points). Returns ((a, b, c), ...) and the last
+    interval."""
+    lo, hi, coeffs = low, 1.0, []
+    for _ in range(steps):
+        x = np.concatenate([np.geomspace(lo, hi, grid), np.linspace(lo, hi, grid)])
+        powers = np.stack([x, x**3, x**5], axis=1)
+        ones = np.ones((len(x), 1))
+        # variables a, b, c, E: minimise E subject to p(x) - 1 <= E and 1 - p(x) <= E
+        res = linprog([0, 0, 0, 1], A_ub=np.block([[powers, -ones], [-powers, -ones]]),
+                      b_ub=np.concatenate([np.ones(len(x)), -np.ones(len(x))]),
+                      bounds=[(None, None)] * 4, method="highs")
+        p = powers @ res.x[:3]
+        coeffs.append(tuple(float(c) for c in res.x[:3]))
+        lo, hi = float(p.min()), float(p.max())
+    return tuple(coeffs), (lo, hi)
+
+
+def _axes(a) -> tuple[int, ...]:
+    return (a,) if isinstance(a, int) else tuple(a)
+
+
+def _scale_by_neuron(dims, beta2: float, eps: float = 1e-8) -> optax.GradientTransformation:
+    """NorMuon's neuron-wise normalisation of orthogonalised updates (module docstring)."""
+
+    def init(params):
+        def one(d, p):
+            if isinstance(d, optax.MaskedNode):
+                return optax.MaskedNode()
+            shape = tuple(1 if i in _axes(d.reduction_axis) else n for i, n in enumerate(p.shape))
+            return jnp.zeros(shape, jnp.float32)
+
+        return {"count": jnp.zeros([], jnp.int32), "nu": jax.tree.map(one, dims, params, is_leaf=_is_dims)}
+
+    def update(updates, state, params=None):
+        del params
+        count = state["count"] + 1
+
+        def one(d, u, nu):
+            if isinstance(d, optax.MaskedNode):
+                return u, nu
+            red = _axes(d.reduction_axis)
+            matrix = red + _axes(d.output_axis)
+            u32 = u.astype(jnp.float32)
+            nu = beta2 * nu + (1 - beta2) * jnp.mean(u32 * u32, axis=red, keepdims=True)
+            normed = u32 * jax.lax.rsqrt(nu / (1 - beta2 ** count) + eps)
+            scale = jnp.sqrt(jnp.sum(u32 * u32, axis=matrix, keepdims=True)
+                             / (jnp.sum(normed * normed, axis=matrix, keepdims=True) + eps))
+            return (normed * scale).astype(u.dtype), nu
+
+        pairs = jax.tree.map(one, dims, updates, state["nu"], is_leaf=_is_dims)
+        is_pair = lambda x: isinstance(x, tuple) and not isinstance(x, optax.MaskedNode)  # noqa: E731
+        new_updates = jax.tree.map(lambda pr: pr[0], pairs, is_leaf=is_pair)
+        new_nu = jax.tree.map(lambda pr: pr[1], pairs, is_leaf=is_pair)
+        return new_updates, {"count": count, "nu": new_nu}
+
+    return optax.GradientTransformation(init, update)
+
+
 def _adamw(cfg: OptimConfig, params, total_steps: int) -> optax.GradientTransformation:
     return optax.adamw(learning_rate=schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                        weight_decay=cfg.weight_decay, mask=decay_mask(params, cfg))
@@ -134,7 +223,9 @@ def _muon(cfg: OptimConfig, params, total_steps: int) -> optax.GradientTransform
     # optax.partition hands each branch the updates with the other branch's leaves masked
     masked = jax.tree.map(lambda d: optax.MaskedNode() if d is None else d, dims, is_leaf=_is_dims)
     muon = optax.chain(
-        scale_by_muon(beta=cfg.muon_momentum, nesterov=True, weight_dimension_numbers=masked),
+        scale_by_muon(ns_coeffs=POLAR_EXPRESS if cfg.muon_ns == "polar_express" else NEWTON_SCHULZ,
+                      beta=cfg.muon_momentum, nesterov=True, weight_dimension_numbers=masked),
+        *([_scale_by_neuron(masked, cfg.muon_beta2)] if cfg.muon_normalize else []),
         _scale_by_width(masked),
         optax.add_decayed_weights(cfg.muon_weight_decay),
         optax.scale_by_learning_rate(schedule(cfg, total_steps, peak=cfg.muon_lr)),
