@@ -53,6 +53,10 @@ class ModelConfig:
     # its own (D, D) projection and RMS norm into the shared output head; the loss adds
     # mtp_weight x their mean cross-entropy. Inference and export use the next-token head only.
     mtp_tokens: int = 0
+    # U-net skips (modded-nanogpt): the outputs of the first L//2 layers are added, each times a
+    # learned scalar (starting at 1), to the inputs of the last L//2 layers in reverse order
+    # (layer L-1-i receives layer i's output)
+    unet_skips: bool = False
     mtp_weight: float = 0.3
     init_std: float = 0.02
     param_dtype: str = "float32"

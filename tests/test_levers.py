@@ -202,3 +202,51 @@ def test_multi_token_prediction_is_training_only_decoding_and_export_use_the_nex
     assert names and not any("mtp" in name for name in names)
     with pytest.raises(ConfigError, match="mtp_tokens"):
         dataclasses.replace(CFG, mtp_tokens=-1).validate()
+
+
+def test_unet_skips_add_the_first_layers_outputs_to_the_last_layers_inputs_in_training_and_decoding(tmp_path):
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import attention_mask, expected_param_count, param_count, rope_tables
+
+    cfg = dataclasses.replace(CFG, n_layers=5, unet_skips=True, init_std=0.1)  # skips 0->4, 1->3; layer 2 alone
+    model = Transformer(cfg, nnx.Rngs(0))
+    model.unet_skip[...] = jnp.asarray([0.7, -1.3])
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
+    # by hand, block by block
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(12), (2, 12)), cfg.head_size, cfg.rope_theta)
+    mask = attention_mask(None, 2, 12)
+    graphdef, stacked = nnx.split(model.blocks)
+    x = jnp.take(model.embed[...], tokens.reshape(-1), axis=0)
+    outs = []
+    for i in range(5):
+        if i == 3:
+            x = x + 0.7 * outs[1]
+        if i == 4:
+            x = x - 1.3 * outs[0]
+        x = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))(x, cos, sin, mask, 2)
+        outs.append(x)
+    want = model.final_norm(x)
+    np.testing.assert_allclose(model.hidden(tokens), want, rtol=1e-5, atol=1e-5)
+    unrolled = Transformer(dataclasses.replace(cfg, scan_layers=False), nnx.Rngs(0))
+    nnx.update(unrolled, nnx.state(model, nnx.Param))
+    np.testing.assert_allclose(unrolled.hidden(tokens), want, rtol=1e-5, atol=1e-5)
+    plain = Transformer(dataclasses.replace(cfg, unet_skips=False), nnx.Rngs(0))
+    assert not np.allclose(plain.hidden(tokens), want, atol=1e-3)  # the skips change the output
+    assert param_count(cfg) == expected_param_count(cfg) == param_count(dataclasses.replace(cfg, unet_skips=False)) + 2
+    # the skip weights learn
+    gd, params = nnx.split(model, nnx.Param)
+    grads = jax.grad(lambda p: nnx.merge(gd, p)(tokens)[:, :-1].std())(params)
+    assert np.all(np.abs(np.asarray(grads["unet_skip"][...])) > 0)
+    # the decode engine: the same log-likelihoods, greedy tokens the model's argmax, split over 2 devices alike
+    logits = model(tokens)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
+    w = decode.prepare(gd, params)
+    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(nll), rel=1e-5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = generate(gd, params, prompts, 6, 32, temperature=0.0)
+    for prompt, new in zip(prompts, out):
+        row = jnp.asarray([prompt + new], jnp.int32)
+        np.testing.assert_array_equal(np.argmax(np.asarray(model(row))[0, len(prompt) - 1:-1], -1), new)
+    assert generate(gd, params, prompts, 6, 32, temperature=0.0, weights=decode.prepare(gd, params, tensor=2)) == out
+    with pytest.raises(ConfigError, match="no skip connections"):
+        export_llama(cfg, params, str(tmp_path / "hf"))

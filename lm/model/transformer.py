@@ -10,6 +10,9 @@ Architecture choices:
   attend across documents;
 - SwiGLU MLP: down(silu(gate(x)) * up(x)); no biases anywhere;
 - optional tied input/output embeddings;
+- speedrun levers, each off by default (README "Levers"): ReLU^2 MLP, zero-initialised
+  output projections, logit soft-capping, U-net skips between the first and last layers,
+  extra heads for multi-token prediction (training only);
 - layers stacked on a leading axis and run with `lax.scan` (compile time does not grow
   with depth) or unrolled; a configurable rematerialisation policy per layer;
 - float32 parameters, compute in `compute_dtype` (bfloat16 on accelerators), softmax,
@@ -221,6 +224,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt, ("embed", "vocab"))
+        if cfg.unet_skips:  # one learned weight per skip connection (module docstring)
+            self.unet_skip = nnx.Param(jnp.ones((cfg.n_layers // 2,), pdt), axes=("layers",))
         if cfg.mtp_tokens:  # multi-token prediction: a (D, D) projection and a norm per extra token
             self.mtp = _param(rngs, (cfg.mtp_tokens, cfg.d_model, cfg.d_model), cfg.init_std, pdt,
                               ("layers", "embed", None))
@@ -259,11 +264,38 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, stacked)
+
+        def layers(x, lo: int, hi: int, skips=None):
+            """Layers lo..hi-1 -> (x, each one's output (hi - lo, B*T, D) or None); with
+            `skips` (weights (hi - lo,), activations (hi - lo, B*T, D)), each layer's input
+            first gets its weighted skip added."""
+            if hi == lo:
+                return x, None
+            part = jax.tree.map(lambda a: a[lo:hi], stacked)
+
+            def body(x, xs):
+                params, skip = xs
+                if skip is not None:
+                    x = x + skip[0].astype(x.dtype) * skip[1]
+                x, _ = layer(x, params)
+                return x, (x if keep else None)
+
+            keep = cfg.unet_skips and skips is None
+            if cfg.scan_layers:
+                return jax.lax.scan(body, x, (part, skips))
+            outs = []
+            for i in range(hi - lo):
+                x, out = body(x, jax.tree.map(lambda a: a[i], (part, skips)))
+                outs.append(out)
+            return x, (jnp.stack(outs) if keep else None)
+
+        if cfg.unet_skips:  # U-net: layer L-1-i adds layer i's output, times a learned weight
+            half = cfg.n_layers // 2
+            x, saved = layers(x, 0, half)
+            x, _ = layers(x, half, cfg.n_layers - half)  # the middle layer of an odd depth
+            x, _ = layers(x, cfg.n_layers - half, cfg.n_layers, (self.unet_skip[...], saved[::-1]))
         else:
-            for i in range(cfg.n_layers):
-                x, _ = layer(x, jax.tree.map(lambda a: a[i], stacked))
+            x, _ = layers(x, 0, cfg.n_layers)
         return self.final_norm(x)
 
     def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
@@ -310,7 +342,8 @@ def expected_param_count(cfg: ModelConfig) -> int:
     attn = d * n * h + 2 * d * k * h + n * h * d + (2 * h if cfg.qk_norm else 0)
     per_layer = attn + (3 if cfg.mlp == "swiglu" else 2) * d * f + 2 * d
     mtp = cfg.mtp_tokens * (d * d + d)
-    return v * d * (1 if cfg.tie_embeddings else 2) + layers * per_layer + d + mtp
+    unet = layers // 2 if cfg.unet_skips else 0
+    return v * d * (1 if cfg.tie_embeddings else 2) + layers * per_layer + d + mtp + unet
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -324,6 +357,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, v = cfg.d_model, cfg.vocab_size
     matmul_params = expected_param_count(cfg) - v * d * (0 if cfg.tie_embeddings else 1)
     norms = cfg.n_layers * (2 * d + (2 * cfg.head_size if cfg.qk_norm else 0)) + d + cfg.mtp_tokens * d
+    norms += cfg.n_layers // 2 if cfg.unet_skips else 0  # (the skip weights: scalars, not matmul weights)
     matmul_params -= norms  # norm scales are not matmul weights
     matmul_params += cfg.mtp_tokens * v * d  # the output head again, once per extra token
     attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len

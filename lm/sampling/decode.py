@@ -158,6 +158,8 @@ def _layout(cfg, params) -> Weights:
         if cfg.qk_norm:
             layer["q_norm"] = at(b["attn"]["q_norm"]["scale"])
             layer["k_norm"] = at(b["attn"]["k_norm"]["scale"])
+        if cfg.unet_skips and i >= cfg.n_layers - cfg.n_layers // 2:  # the weight of the skip this layer adds
+            layer["unet_skip"] = params["unet_skip"][i - (cfg.n_layers - cfg.n_layers // 2)].astype(cdt)
         layers.append(layer)
     out = params["embed"].T if cfg.tie_embeddings else params["head"]
     return Weights(embed=params["embed"].astype(cdt), out=out.astype(cdt), final_norm=params["final_norm"]["scale"],
@@ -476,6 +478,20 @@ def argmax(logits):
     return jnp.min(jnp.where(logits == top, idx, logits.shape[-1] - 1), axis=-1)
 
 
+def _skip_in(w: Weights, i: int, layer: dict, x, saved: list):
+    """U-net skips (`model.unet_skips`): layer i's input, with layer L-1-i's output added
+    (times its weight) for the last L//2 layers; `saved` collects the first L//2 outputs."""
+    if "unet_skip" in layer:
+        x = x + layer["unet_skip"] * saved[w.cfg.n_layers - 1 - i]
+    return x
+
+
+def _skip_out(w: Weights, i: int, x, saved: list):
+    if w.cfg.unet_skips and i < w.cfg.n_layers // 2:
+        saved.append(x)
+    return x
+
+
 def _qkv(cfg, layer, x, positions):
     """Normed hidden states (B*T, D) at positions (B, T) -> q (B, T, N, H), k, v (B, T, K, H)."""
     b, t = positions.shape
@@ -542,12 +558,13 @@ def _forward(w: Weights, tokens):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), jnp.bool_))[None], (b, t, t))
     x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
-    kvs = []
-    for layer in w.layers:
+    kvs, saved = [], []
+    for i, layer in enumerate(w.layers):
         layer = _layer(w, layer, x)
+        x = _skip_in(w, i, layer, x, saved)
         q, k, v = _qkv(cfg, layer, x, positions)
         o = dot_product_attention(q, k, v, causal)  # (B, T, N, H)
-        x = _mlp(w, layer, x + _add_shares(w, _mm(o.reshape(b * t, -1), layer["wo"])))
+        x = _skip_out(w, i, _mlp(w, layer, x + _add_shares(w, _mm(o.reshape(b * t, -1), layer["wo"]))), saved)
         rows = lambda a: a.transpose(0, 2, 1, 3).reshape(b * cfg.n_kv_heads, t, cfg.head_size)  # noqa: E731
         kvs.append({"k": rows(k), "v": rows(v)})
     return x, kvs
@@ -576,9 +593,10 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
     rows = (jnp.arange(b)[:, None] * kh + jnp.arange(kh)[None]).reshape(-1)  # (B*K,)
     cols = jnp.repeat(positions, kh)
     x = jnp.take(w.embed, tokens, axis=0)  # (B, D)
-    new = []
-    for layer, c in zip(w.layers, cache):
+    new, saved = [], []
+    for i, (layer, c) in enumerate(zip(w.layers, cache)):
         layer = _layer(w, layer, x)
+        x = _skip_in(w, i, layer, x, saved)
         q, k, v = _qkv(cfg, layer, x, positions[:, None])  # (B, 1, N|K, H)
         kc, vc = c["k"], c["v"]
         k, v = k.reshape(b * kh, h).astype(kc.dtype), v.reshape(b * kh, h).astype(vc.dtype)
@@ -598,7 +616,7 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
         scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         o = jnp.einsum("RGS,RSH->RGH", probs, vs.astype(q.dtype)).reshape(b, n * h)
-        x = _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"])))
+        x = _skip_out(w, i, _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"]))), saved)
     return _logits(w, x), new
 
 
@@ -618,9 +636,10 @@ def extend(w: Weights, tokens, start, cache: list[dict], span: int):
     rows = jnp.repeat((jnp.arange(b)[:, None] * kh + jnp.arange(kh)[None]).reshape(-1), t)  # (B*K*T,)
     cols = jnp.repeat(positions, kh, axis=0).reshape(-1)  # (B*K*T,) row b's head j at its T positions
     x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
-    new = []
-    for layer, c in zip(w.layers, cache):
+    new, saved = [], []
+    for i, (layer, c) in enumerate(zip(w.layers, cache)):
         layer = _layer(w, layer, x)
+        x = _skip_in(w, i, layer, x, saved)
         q, k, v = _qkv(cfg, layer, x, positions)  # (B, T, N|K, H)
         kc, vc = c["k"], c["v"]
         k = k.transpose(0, 2, 1, 3).reshape(b * kh * t, h).astype(kc.dtype)
@@ -641,5 +660,5 @@ def extend(w: Weights, tokens, start, cache: list[dict], span: int):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         o = jnp.einsum("RGTS,RSH->RGTH", probs, vs.astype(q.dtype))  # (B*K, G, T, H)
         o = o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, n * h)
-        x = _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"])))
+        x = _skip_out(w, i, _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"]))), saved)
     return _logits(w, x).reshape(b, t, -1), new
