@@ -57,6 +57,9 @@ class ModelConfig:
     # learned scalar (starting at 1), to the inputs of the last L//2 layers in reverse order
     # (layer L-1-i receives layer i's output)
     unet_skips: bool = False
+    # Value embeddings (modded-nanogpt): every layer has its own (V, K*H) table whose row for the
+    # input token is added to that layer's values (a lookup: no FLOPs, L*V*K*H more parameters)
+    value_embeds: bool = False
     mtp_weight: float = 0.3
     init_std: float = 0.02
     param_dtype: str = "float32"

@@ -250,3 +250,44 @@ def test_unet_skips_add_the_first_layers_outputs_to_the_last_layers_inputs_in_tr
     assert generate(gd, params, prompts, 6, 32, temperature=0.0, weights=decode.prepare(gd, params, tensor=2)) == out
     with pytest.raises(ConfigError, match="no skip connections"):
         export_llama(cfg, params, str(tmp_path / "hf"))
+
+
+def test_value_embeddings_add_each_layers_table_row_of_the_input_token_to_its_values(tmp_path):
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import Attention, expected_param_count, param_count, rope_tables
+
+    cfg = dataclasses.replace(CFG, value_embeds=True, init_std=0.1)
+    attn = Attention(cfg, nnx.Rngs(0))
+    assert attn.ve[...].shape == (96, 2, 8)  # (V, K, H)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 96, (2, 12)), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(24, 32)), jnp.float32)
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(12), (2, 12)), cfg.head_size, cfg.rope_theta)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((12, 12), bool)), (2, 12, 12))
+    got = attn(x, cos, sin, causal, 2, tokens)
+    # the same attention with the embeddings' rows folded into the values by hand: a block whose
+    # values are x W_v + ve[token] equals one whose W_v is applied to [x, onehot(token)] @ [[W_v], [ve]]
+    plain_cfg = dataclasses.replace(cfg, value_embeds=False, d_model=32 + 96, head_dim=8)
+    plain = Attention(plain_cfg, nnx.Rngs(1))
+    pad = lambda w: jnp.concatenate([w, jnp.zeros((96,) + w.shape[1:])], 0)  # noqa: E731
+    plain.wq[...], plain.wk[...] = pad(attn.wq[...]), pad(attn.wk[...])
+    plain.wv[...] = jnp.concatenate([attn.wv[...], attn.ve[...]], 0)
+    plain.wo[...] = jnp.concatenate([attn.wo[...], jnp.zeros((4, 8, 96))], 2)
+    wide = jnp.concatenate([x, jax.nn.one_hot(tokens.reshape(-1), 96)], 1)
+    np.testing.assert_allclose(got, plain(wide, cos, sin, causal, 2)[:, :32], rtol=1e-5, atol=1e-5)
+    assert param_count(cfg) == expected_param_count(cfg) == param_count(CFG) + 2 * 96 * 2 * 8
+    # the decode engine: the same log-likelihoods, greedy tokens the model's argmax, split alike
+    model = Transformer(cfg, nnx.Rngs(0))
+    gd, params = nnx.split(model, nnx.Param)
+    logits = model(tokens)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
+    w = decode.prepare(gd, params)
+    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(nll), rel=1e-5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = generate(gd, params, prompts, 6, 32, temperature=0.0)
+    for prompt, new in zip(prompts, out):
+        row = jnp.asarray([prompt + new], jnp.int32)
+        np.testing.assert_array_equal(np.argmax(np.asarray(model(row))[0, len(prompt) - 1:-1], -1), new)
+    assert generate(gd, params, prompts, 6, 32, temperature=0.0, weights=decode.prepare(gd, params, tensor=2)) == out
+    with pytest.raises(ConfigError, match="no value embeddings"):
+        export_llama(cfg, params, str(tmp_path / "hf"))

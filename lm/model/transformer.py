@@ -12,6 +12,7 @@ Architecture choices:
 - optional tied input/output embeddings;
 - speedrun levers, each off by default (README "Levers"): ReLU^2 MLP, zero-initialised
   output projections, logit soft-capping, U-net skips between the first and last layers,
+  value embeddings (a per-layer table of the input token added to the values),
   extra heads for multi-token prediction (training only);
 - layers stacked on a leading axis and run with `lax.scan` (compile time does not grow
   with depth) or unrolled; a configurable rematerialisation policy per layer;
@@ -139,8 +140,10 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, cfg.norm_eps, pdt)
             self.k_norm = RMSNorm(h, cfg.norm_eps, pdt)
+        if cfg.value_embeds:  # (V, K, H): split over the tensor axis by key/value heads, as wv is
+            self.ve = _param(rngs, (cfg.vocab_size, k, h), cfg.init_std, pdt, (None, "kv_heads", "head_dim"))
 
-    def __call__(self, x, cos, sin, mask, batch: int):
+    def __call__(self, x, cos, sin, mask, batch: int, tokens=None):
         """x (B*T, D) -> (B*T, D). `mask` is (B, T, S), or for the fused kernels
         (`model.attention`, lm/model/attention.py) the segment ids (B, T) or None."""
         cfg = self.cfg
@@ -150,6 +153,8 @@ class Attention(nnx.Module):
         q = (x @ self.wq[...].astype(cdt).reshape(d, n * h)).reshape(batch, t, n, h)
         kk = (x @ self.wk[...].astype(cdt).reshape(d, k * h)).reshape(batch, t, k, h)
         v = (x @ self.wv[...].astype(cdt).reshape(d, k * h)).reshape(batch, t, k, h)
+        if cfg.value_embeds:  # the input tokens' value embeddings (B*T,) -> (B, T, K, H)
+            v = v + jnp.take(self.ve[...], tokens.reshape(-1), axis=0).astype(cdt).reshape(batch, t, k, h)
         q, kk, v = shard(q, "act_btnh"), shard(kk, "act_btkh"), shard(v, "act_btkh")
         if cfg.qk_norm:
             q, kk = self.q_norm(q), self.k_norm(kk)
@@ -195,8 +200,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, mask, batch: int):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, batch)
+    def __call__(self, x, cos, sin, mask, batch: int, tokens=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, batch, tokens)
         return shard(x + self.mlp(self.mlp_norm(x)), "act_nd")
 
 
@@ -260,7 +265,7 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x, params):
-            return nnx.merge(graphdef, params)(x, cos, sin, mask, b), None
+            return nnx.merge(graphdef, params)(x, cos, sin, mask, b, tokens), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
@@ -343,7 +348,8 @@ def expected_param_count(cfg: ModelConfig) -> int:
     per_layer = attn + (3 if cfg.mlp == "swiglu" else 2) * d * f + 2 * d
     mtp = cfg.mtp_tokens * (d * d + d)
     unet = layers // 2 if cfg.unet_skips else 0
-    return v * d * (1 if cfg.tie_embeddings else 2) + layers * per_layer + d + mtp + unet
+    value_embeds = layers * v * k * h if cfg.value_embeds else 0
+    return v * d * (1 if cfg.tie_embeddings else 2) + layers * per_layer + d + mtp + unet + value_embeds
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -358,6 +364,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     matmul_params = expected_param_count(cfg) - v * d * (0 if cfg.tie_embeddings else 1)
     norms = cfg.n_layers * (2 * d + (2 * cfg.head_size if cfg.qk_norm else 0)) + d + cfg.mtp_tokens * d
     norms += cfg.n_layers // 2 if cfg.unet_skips else 0  # (the skip weights: scalars, not matmul weights)
+    norms += cfg.n_layers * v * cfg.n_kv_heads * cfg.head_size if cfg.value_embeds else 0  # (lookups)
     matmul_params -= norms  # norm scales are not matmul weights
     matmul_params += cfg.mtp_tokens * v * d  # the output head again, once per extra token
     attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len

@@ -158,6 +158,8 @@ def _layout(cfg, params) -> Weights:
         if cfg.qk_norm:
             layer["q_norm"] = at(b["attn"]["q_norm"]["scale"])
             layer["k_norm"] = at(b["attn"]["k_norm"]["scale"])
+        if cfg.value_embeds:  # (V, K*H): the value columns' order
+            layer["ve"] = at(b["attn"]["ve"]).reshape(cfg.vocab_size, k * h)
         if cfg.unet_skips and i >= cfg.n_layers - cfg.n_layers // 2:  # the weight of the skip this layer adds
             layer["unet_skip"] = params["unet_skip"][i - (cfg.n_layers - cfg.n_layers // 2)].astype(cdt)
         layers.append(layer)
@@ -320,7 +322,7 @@ def specs(w: Weights):
 
     def layer_spec(layer):
         return {name: (P(fs, tp) if name in ("wqkv", "w_gate_up") else P(tp, fs) if name in ("wo", "w_down")
-                       else P()) for name in layer}
+                       else P(None, tp) if name == "ve" else P()) for name in layer}
 
     return Weights(embed=P(), out=P(), final_norm=P(), layers=[layer_spec(x) for x in w.layers], cfg=w.cfg,
                    mesh=w.mesh, tp=tp, fsdp=fs)
@@ -492,14 +494,18 @@ def _skip_out(w: Weights, i: int, x, saved: list):
     return x
 
 
-def _qkv(cfg, layer, x, positions):
-    """Normed hidden states (B*T, D) at positions (B, T) -> q (B, T, N, H), k, v (B, T, K, H)."""
+def _qkv(cfg, layer, x, positions, tokens):
+    """Normed hidden states (B*T, D) of `tokens` at positions (B, T) -> q (B, T, N, H), k, v
+    (B, T, K, H)."""
     b, t = positions.shape
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
     y = _mm(rms_norm(x, layer["attn_norm"], cfg.norm_eps), layer["wqkv"])
     q = y[:, : n * h].reshape(b, t, n, h)
     kk = y[:, n * h: (n + k) * h].reshape(b, t, k, h)
-    v = y[:, (n + k) * h:].reshape(b, t, k, h)
+    v = y[:, (n + k) * h:]
+    if "ve" in layer:  # value embeddings: this device's key/value heads' columns of the table
+        v = v + jnp.take(layer["ve"], tokens.reshape(-1), axis=0).astype(v.dtype)
+    v = v.reshape(b, t, k, h)
     if cfg.qk_norm:
         q, kk = rms_norm(q, layer["q_norm"], cfg.norm_eps), rms_norm(kk, layer["k_norm"], cfg.norm_eps)
     cos, sin = rope_tables(positions, h, cfg.rope_theta)
@@ -562,7 +568,7 @@ def _forward(w: Weights, tokens):
     for i, layer in enumerate(w.layers):
         layer = _layer(w, layer, x)
         x = _skip_in(w, i, layer, x, saved)
-        q, k, v = _qkv(cfg, layer, x, positions)
+        q, k, v = _qkv(cfg, layer, x, positions, tokens)
         o = dot_product_attention(q, k, v, causal)  # (B, T, N, H)
         x = _skip_out(w, i, _mlp(w, layer, x + _add_shares(w, _mm(o.reshape(b * t, -1), layer["wo"]))), saved)
         rows = lambda a: a.transpose(0, 2, 1, 3).reshape(b * cfg.n_kv_heads, t, cfg.head_size)  # noqa: E731
@@ -597,7 +603,7 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
     for i, (layer, c) in enumerate(zip(w.layers, cache)):
         layer = _layer(w, layer, x)
         x = _skip_in(w, i, layer, x, saved)
-        q, k, v = _qkv(cfg, layer, x, positions[:, None])  # (B, 1, N|K, H)
+        q, k, v = _qkv(cfg, layer, x, positions[:, None], tokens)  # (B, 1, N|K, H)
         kc, vc = c["k"], c["v"]
         k, v = k.reshape(b * kh, h).astype(kc.dtype), v.reshape(b * kh, h).astype(vc.dtype)
         if b == 1 and kh == kc.shape[0]:  # one row (the whole cache): a dynamic-update-slice
@@ -640,7 +646,7 @@ def extend(w: Weights, tokens, start, cache: list[dict], span: int):
     for i, (layer, c) in enumerate(zip(w.layers, cache)):
         layer = _layer(w, layer, x)
         x = _skip_in(w, i, layer, x, saved)
-        q, k, v = _qkv(cfg, layer, x, positions)  # (B, T, N|K, H)
+        q, k, v = _qkv(cfg, layer, x, positions, tokens)  # (B, T, N|K, H)
         kc, vc = c["k"], c["v"]
         k = k.transpose(0, 2, 1, 3).reshape(b * kh * t, h).astype(kc.dtype)
         v = v.transpose(0, 2, 1, 3).reshape(b * kh * t, h).astype(vc.dtype)
