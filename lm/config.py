@@ -60,6 +60,11 @@ class ModelConfig:
     # Value embeddings (modded-nanogpt): every layer has its own (V, K*H) table whose row for the
     # input token is added to that layer's values (a lookup: no FLOPs, L*V*K*H more parameters)
     value_embeds: bool = False
+    # Sliding-window attention in some layers (Gemma 2, modded-nanogpt): with window > 0, a token
+    # of a local layer attends to itself and the window-1 tokens before it; every
+    # window_global_every-th layer (layers k-1, 2k-1, ...) attends to the whole prefix (0: none)
+    window: int = 0
+    window_global_every: int = 2
     mtp_weight: float = 0.3
     init_std: float = 0.02
     param_dtype: str = "float32"
@@ -93,6 +98,12 @@ class ModelConfig:
         if self.mtp_tokens < 0 or not self.mtp_weight >= 0:
             raise ConfigError(f"model.mtp_tokens={self.mtp_tokens} and model.mtp_weight={self.mtp_weight} must not be "
                               "negative (mtp_tokens=0 turns multi-token prediction off)")
+        if self.window < 0 or self.window_global_every < 0:
+            raise ConfigError(f"model.window={self.window} and model.window_global_every={self.window_global_every} "
+                              "must not be negative (window=0 turns sliding windows off)")
+        if self.window and self.attention not in ("xla", "jax_dpa"):
+            raise ConfigError(f"model.window={self.window} needs model.attention 'xla' or 'jax_dpa' (the fused "
+                              f"kernels take no window), not {self.attention!r}")
         if not self.logit_softcap >= 0:
             raise ConfigError(f"model.logit_softcap={self.logit_softcap} must be >= 0 (0 turns soft-capping off)")
         if self.head_dim is not None and self.head_dim <= 0:

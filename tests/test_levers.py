@@ -291,3 +291,48 @@ def test_value_embeddings_add_each_layers_table_row_of_the_input_token_to_its_va
     assert generate(gd, params, prompts, 6, 32, temperature=0.0, weights=decode.prepare(gd, params, tensor=2)) == out
     with pytest.raises(ConfigError, match="no value embeddings"):
         export_llama(cfg, params, str(tmp_path / "hf"))
+
+
+def test_sliding_window_layers_see_only_the_last_tokens_in_training_and_every_decoding_path(tmp_path):
+    from lm.interop.hf import export_llama
+    from lm.model.transformer import layer_windows, rope_tables
+    from lm.sampling import sampler
+
+    cfg = dataclasses.replace(CFG, n_layers=3, window=3, window_global_every=3, init_std=0.2)
+    assert layer_windows(cfg) == (3, 3, 0)
+    assert layer_windows(dataclasses.replace(cfg, window_global_every=0)) == (3, 3, 3)
+    assert layer_windows(CFG) == (0, 0)
+    model = Transformer(cfg, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
+    # by hand: the local layers' masks are bands of width 3 below the diagonal
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(12), (2, 12)), cfg.head_size, cfg.rope_theta)
+    i, j = np.arange(12)[:, None], np.arange(12)[None, :]
+    band = jnp.asarray(np.broadcast_to((j <= i) & (i - j < 3), (2, 12, 12)))
+    causal = jnp.asarray(np.broadcast_to(j <= i, (2, 12, 12)))
+    graphdef, stacked = nnx.split(model.blocks)
+    x = jnp.take(model.embed[...], tokens.reshape(-1), axis=0)
+    for layer, mask in enumerate((band, band, causal)):
+        x = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], stacked))(x, cos, sin, mask, 2)
+    np.testing.assert_allclose(model.hidden(tokens), model.final_norm(x), rtol=1e-5, atol=1e-5)
+    plain = Transformer(dataclasses.replace(cfg, window=0), nnx.Rngs(0))
+    assert not np.allclose(plain.hidden(tokens), model.hidden(tokens), atol=1e-3)
+    # decoding: prefill, one step at a time, several tokens at once (speculative verification)
+    gd, params = nnx.split(model, nnx.Param)
+    w = decode.prepare(gd, params)
+    logits = model(tokens)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
+    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(nll), rel=1e-5)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    out = generate(gd, params, prompts, 7, 32, temperature=0.0)
+    for prompt, new in zip(prompts, out):
+        row = jnp.asarray([prompt + new], jnp.int32)
+        np.testing.assert_array_equal(np.argmax(np.asarray(model(row))[0, len(prompt) - 1:-1], -1), new)
+    assert generate(gd, params, prompts, 7, 32, temperature=0.0, weights=decode.prepare(gd, params, tensor=2)) == out
+    _, kvs = decode.prefill(w, tokens[:1, :4], jnp.asarray([4]))
+    cache = sampler._grow(kvs, 16)
+    ext, _ = decode.extend(w, tokens[:1, 4:10], jnp.asarray([4]), cache, 16)
+    np.testing.assert_allclose(ext[0], logits[0, 4:10], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="cannot be exported"):
+        export_llama(cfg, params, str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="model.window=8 needs model.attention"):
+        dataclasses.replace(CFG, window=8, attention="splash").validate()

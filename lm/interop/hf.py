@@ -118,6 +118,9 @@ def export_llama(cfg: ModelConfig, params: dict, out_dir: str, tokenizer_model: 
         raise ConfigError("LLaMA has no qk-norm: a model trained with model.qk_norm=true cannot be exported as LLaMA")
     if cfg.mlp != "swiglu":
         raise ConfigError(f"LLaMA's MLP is SwiGLU: a model trained with model.mlp={cfg.mlp} cannot be exported as LLaMA")
+    if cfg.window:
+        raise ConfigError(f"LLaMA attends to the whole prefix in every layer: a model trained with model.window="
+                          f"{cfg.window} cannot be exported as LLaMA")
     if cfg.value_embeds:
         raise ConfigError("LLaMA has no value embeddings: a model trained with model.value_embeds=true cannot be "
                           "exported as LLaMA")

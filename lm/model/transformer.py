@@ -12,7 +12,8 @@ Architecture choices:
 - optional tied input/output embeddings;
 - speedrun levers, each off by default (README "Levers"): ReLU^2 MLP, zero-initialised
   output projections, logit soft-capping, U-net skips between the first and last layers,
-  value embeddings (a per-layer table of the input token added to the values),
+  value embeddings (a per-layer table of the input token added to the values), sliding-
+  window attention in some layers,
   extra heads for multi-token prediction (training only);
 - layers stacked on a leading axis and run with `lax.scan` (compile time does not grow
   with depth) or unrolled; a configurable rematerialisation policy per layer;
@@ -72,6 +73,22 @@ def attention_mask(segment_ids: jax.Array | None, batch: int, length: int) -> ja
         return jnp.broadcast_to(causal, (batch, length, length))
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     return causal & same_doc
+
+
+def layer_windows(cfg: ModelConfig) -> tuple[int, ...]:
+    """Each layer's sliding window (`model.window`): 0 for a layer that attends to the whole
+    causal prefix, else how many tokens (itself included) a token attends to."""
+    every = cfg.window_global_every
+    return tuple(0 if not cfg.window or (every and (i + 1) % every == 0) else cfg.window
+                 for i in range(cfg.n_layers))
+
+
+def window_mask(mask: jax.Array, window) -> jax.Array:
+    """A (B, T, S) mask (queries and keys from the same positions) limited to keys fewer
+    than `window` positions back (a traced or static int; 0: no limit)."""
+    t, s = mask.shape[-2:]
+    back = jnp.arange(t)[:, None] - jnp.arange(s)[None, :]
+    return mask & ((back < window) | (window == 0))[None]
 
 
 def dot_product_attention(q, k, v, mask, block: int = 0):
@@ -263,8 +280,13 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0).astype(cdt)  # (B*T, D)
         x = shard(x, "act_nd")
         graphdef, stacked = nnx.split(self.blocks)
+        if cfg.window:  # each layer's window goes through the scan with its weights
+            stacked = (stacked, jnp.asarray(layer_windows(cfg), jnp.int32))
 
         def layer(x, params):
+            if cfg.window:
+                params, window = params
+                return nnx.merge(graphdef, params)(x, cos, sin, window_mask(mask, window), b, tokens), None
             return nnx.merge(graphdef, params)(x, cos, sin, mask, b, tokens), None
 
         if cfg.remat != "none":

@@ -39,7 +39,15 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm.model.transformer import apply_rope, dot_product_attention, rms_norm, rope_tables, softcap
+from lm.model.transformer import (
+    apply_rope,
+    dot_product_attention,
+    layer_windows,
+    rms_norm,
+    rope_tables,
+    softcap,
+    window_mask,
+)
 
 SPAN_BUCKET = 64  # attention spans are multiples of this (a compiled program per span)
 
@@ -480,6 +488,12 @@ def argmax(logits):
     return jnp.min(jnp.where(logits == top, idx, logits.shape[-1] - 1), axis=-1)
 
 
+def _in_window(valid, window: int, query_pos, key_pos):
+    """`valid` (keys a query may see) limited to keys fewer than `window` positions before the
+    query (`model.window`; 0: no limit, `valid` as it is)."""
+    return valid & (query_pos - key_pos < window) if window else valid
+
+
 def _skip_in(w: Weights, i: int, layer: dict, x, saved: list):
     """U-net skips (`model.unet_skips`): layer i's input, with layer L-1-i's output added
     (times its weight) for the last L//2 layers; `saved` collects the first L//2 outputs."""
@@ -565,11 +579,11 @@ def _forward(w: Weights, tokens):
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), jnp.bool_))[None], (b, t, t))
     x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
     kvs, saved = [], []
-    for i, layer in enumerate(w.layers):
+    for i, (layer, window) in enumerate(zip(w.layers, layer_windows(cfg))):
         layer = _layer(w, layer, x)
         x = _skip_in(w, i, layer, x, saved)
         q, k, v = _qkv(cfg, layer, x, positions, tokens)
-        o = dot_product_attention(q, k, v, causal)  # (B, T, N, H)
+        o = dot_product_attention(q, k, v, window_mask(causal, window) if window else causal)  # (B, T, N, H)
         x = _skip_out(w, i, _mlp(w, layer, x + _add_shares(w, _mm(o.reshape(b * t, -1), layer["wo"]))), saved)
         rows = lambda a: a.transpose(0, 2, 1, 3).reshape(b * cfg.n_kv_heads, t, cfg.head_size)  # noqa: E731
         kvs.append({"k": rows(k), "v": rows(v)})
@@ -600,7 +614,7 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
     cols = jnp.repeat(positions, kh)
     x = jnp.take(w.embed, tokens, axis=0)  # (B, D)
     new, saved = [], []
-    for i, (layer, c) in enumerate(zip(w.layers, cache)):
+    for i, (layer, c, window) in enumerate(zip(w.layers, cache, layer_windows(cfg))):
         layer = _layer(w, layer, x)
         x = _skip_in(w, i, layer, x, saved)
         q, k, v = _qkv(cfg, layer, x, positions[:, None], tokens)  # (B, 1, N|K, H)
@@ -619,7 +633,8 @@ def step(w: Weights, tokens, positions, cache: list[dict], span: int):
             ks, vs = kc[: b * kh, :span], vc[: b * kh, :span]
         q = q.reshape(b * kh, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)  # (B*K, G, H)
         scores = jnp.einsum("RGH,RSH->RGS", q, ks.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(_in_window(valid, window, cols[:, None, None], jnp.arange(span)), scores,
+                           jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         o = jnp.einsum("RGS,RSH->RGH", probs, vs.astype(q.dtype)).reshape(b, n * h)
         x = _skip_out(w, i, _mlp(w, layer, x + _add_shares(w, _mm(o, layer["wo"]))), saved)
@@ -643,7 +658,7 @@ def extend(w: Weights, tokens, start, cache: list[dict], span: int):
     cols = jnp.repeat(positions, kh, axis=0).reshape(-1)  # (B*K*T,) row b's head j at its T positions
     x = jnp.take(w.embed, tokens.reshape(-1), axis=0)  # (B*T, D)
     new, saved = [], []
-    for i, (layer, c) in enumerate(zip(w.layers, cache)):
+    for i, (layer, c, window) in enumerate(zip(w.layers, cache, layer_windows(cfg))):
         layer = _layer(w, layer, x)
         x = _skip_in(w, i, layer, x, saved)
         q, k, v = _qkv(cfg, layer, x, positions, tokens)  # (B, T, N|K, H)
@@ -662,7 +677,8 @@ def extend(w: Weights, tokens, start, cache: list[dict], span: int):
         q = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kh, g, t, h)
         q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
         scores = jnp.einsum("RGTH,RSH->RGTS", q, ks.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
+        query_pos = jnp.repeat(positions, kh, axis=0)[:, None, :, None]  # (B*K, 1, T, 1)
+        scores = jnp.where(_in_window(valid, window, query_pos, jnp.arange(span)), scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         o = jnp.einsum("RGTS,RSH->RGTH", probs, vs.astype(q.dtype))  # (B*K, G, T, H)
         o = o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, n * h)
