@@ -48,11 +48,6 @@ class ModelConfig:
     # The MLP: "swiglu" down(silu(x W_gate) * x W_up) (LLaMA), or "relu2" down(relu(x W_up)^2), no
     # gate (Primer; modded-nanogpt): two matrices instead of three, so d_ff can grow by 3/2 at equal size
     mlp: Literal["swiglu", "relu2"] = "swiglu"
-    # Multi-token prediction (training only; DeepSeek-V3, Gloeckle et al. 2024): besides the next
-    # token, the final hidden state also predicts the tokens 2..1+mtp_tokens ahead, each through
-    # its own (D, D) projection and RMS norm into the shared output head; the loss adds
-    # mtp_weight x their mean cross-entropy. Inference and export use the next-token head only.
-    mtp_tokens: int = 0
     # U-net skips (modded-nanogpt): the outputs of the first L//2 layers are added, each times a
     # learned scalar (starting at 1), to the inputs of the last L//2 layers in reverse order
     # (layer L-1-i receives layer i's output)
@@ -65,6 +60,11 @@ class ModelConfig:
     # window_global_every-th layer (layers k-1, 2k-1, ...) attends to the whole prefix (0: none)
     window: int = 0
     window_global_every: int = 2
+    # Multi-token prediction (training only; DeepSeek-V3, Gloeckle et al. 2024): besides the next
+    # token, the final hidden state also predicts the tokens 2..1+mtp_tokens ahead, each through
+    # its own (D, D) projection and RMS norm into the shared output head; the loss adds
+    # mtp_weight x their mean cross-entropy. Inference and export use the next-token head only.
+    mtp_tokens: int = 0
     mtp_weight: float = 0.3
     init_std: float = 0.02
     param_dtype: str = "float32"
@@ -98,6 +98,8 @@ class ModelConfig:
         if self.mtp_tokens < 0 or not self.mtp_weight >= 0:
             raise ConfigError(f"model.mtp_tokens={self.mtp_tokens} and model.mtp_weight={self.mtp_weight} must not be "
                               "negative (mtp_tokens=0 turns multi-token prediction off)")
+        if self.unet_skips and self.n_layers < 2:
+            raise ConfigError(f"model.unet_skips=true needs at least 2 layers (model.n_layers={self.n_layers})")
         if self.window < 0 or self.window_global_every < 0:
             raise ConfigError(f"model.window={self.window} and model.window_global_every={self.window_global_every} "
                               "must not be negative (window=0 turns sliding windows off)")
@@ -340,6 +342,13 @@ class Config:
             raise ConfigError(f"unknown optimiser optim.name={self.optim.name!r}; choose 'adamw' or 'muon'")
         if self.optim.muon_ns not in ("newton_schulz", "polar_express"):
             raise ConfigError(f"optim.muon_ns={self.optim.muon_ns!r} is not 'newton_schulz' or 'polar_express'")
+        if self.optim.name != "muon" and (self.optim.muon_ns != "newton_schulz" or self.optim.muon_normalize):
+            raise ConfigError(f"optim.muon_ns and optim.muon_normalize are Muon's levers; optim.name="
+                              f"{self.optim.name!r} does not use them: set optim.name=muon or leave them at their "
+                              "defaults")
+        if self.model.mtp_tokens >= self.data.seq_len:
+            raise ConfigError(f"model.mtp_tokens={self.model.mtp_tokens} must be less than data.seq_len="
+                              f"{self.data.seq_len} (each predicts a token further ahead in the row)")
         if self.data.batch_size % self.trainer.microbatches:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be divisible by "

@@ -183,6 +183,9 @@ def test_multi_token_prediction_adds_the_loss_of_the_tokens_further_ahead_by_han
     for a, c in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(c, a, atol=1e-5)
     assert float(jnp.abs(grads[0]["mtp"][...]).sum()) > 0  # the extra heads learn
+    from lm.config import DataConfig
+    with pytest.raises(ConfigError, match="model.mtp_tokens=16 must be less than data.seq_len=16"):
+        Config(model=dataclasses.replace(cfg, mtp_tokens=16), data=DataConfig(seq_len=16)).validate()
     assert param_count(cfg) == expected_param_count(cfg) == param_count(CFG) + 2 * (32 * 32 + 32)
 
 
@@ -250,6 +253,8 @@ def test_unet_skips_add_the_first_layers_outputs_to_the_last_layers_inputs_in_tr
     assert generate(gd, params, prompts, 6, 32, temperature=0.0, weights=decode.prepare(gd, params, tensor=2)) == out
     with pytest.raises(ConfigError, match="no skip connections"):
         export_llama(cfg, params, str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="needs at least 2 layers"):
+        dataclasses.replace(CFG, n_layers=1, unet_skips=True).validate()
 
 
 def test_value_embeddings_add_each_layers_table_row_of_the_input_token_to_its_values(tmp_path):
@@ -291,6 +296,17 @@ def test_value_embeddings_add_each_layers_table_row_of_the_input_token_to_its_va
     assert generate(gd, params, prompts, 6, 32, temperature=0.0, weights=decode.prepare(gd, params, tensor=2)) == out
     with pytest.raises(ConfigError, match="no value embeddings"):
         export_llama(cfg, params, str(tmp_path / "hf"))
+    # on a training mesh the (L, V, K, H) tables split like the embedding: rows over fsdp, heads over tensor
+    from lm.config import MeshConfig
+    from lm.model.sharding import make_mesh, state_shardings
+    from lm.train.optim import decay_mask
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices())
+    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+    assert tuple(state_shardings(abstract, mesh)["blocks"]["attn"]["ve"].get_value().spec) == (
+        None, "fsdp", "tensor", None)
+    from lm.config import OptimConfig
+    assert not decay_mask(abstract, OptimConfig())["blocks"]["attn"]["ve"].get_value()  # an embedding: no decay
 
 
 def test_sliding_window_layers_see_only_the_last_tokens_in_training_and_every_decoding_path(tmp_path):
@@ -332,7 +348,7 @@ def test_sliding_window_layers_see_only_the_last_tokens_in_training_and_every_de
     cache = sampler._grow(kvs, 16)
     ext, _ = decode.extend(w, tokens[:1, 4:10], jnp.asarray([4]), cache, 16)
     np.testing.assert_allclose(ext[0], logits[0, 4:10], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ConfigError, match="cannot be exported"):
+    with pytest.raises(ConfigError, match="model.window=3 cannot be exported"):
         export_llama(cfg, params, str(tmp_path / "hf"))
     with pytest.raises(ConfigError, match="model.window=8 needs model.attention"):
         dataclasses.replace(CFG, window=8, attention="splash").validate()

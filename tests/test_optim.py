@@ -214,9 +214,21 @@ def test_normuon_gives_every_neuron_the_same_rms_and_keeps_each_matrix_norm():
     # the embeddings and head are AdamW's, untouched by the lever
     for name in ("['embed'].value", "['head'].value"):
         np.testing.assert_allclose(u1[name], u0[name], rtol=1e-6)
-    # the running mean is kept per neuron: (L, 1, F)
+    # the running mean is kept per neuron, (L, 1, F), and the second step divides by it
     nu = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (2, 1, 96)]
-    assert nu
+    assert len(nu) == 2  # w_gate and w_up
+    grads2 = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    plain_state = plain.update(grads, plain.init(params), params)[1]
+    a2 = np.asarray(flat(jax.jit(plain.update)(grads2, plain_state, params)[0])[key], np.float64)
+    b2 = np.asarray(flat(jax.jit(normed.update)(grads2, state, params)[0])[key], np.float64)
+    a1 = np.asarray(u0[key], np.float64) / -0.05 / np.sqrt(96 / 64)  # step 1's orthogonal update
+    o2 = a2 / -0.05 / np.sqrt(96 / 64)
+    v = (0.9 * 0.1 * (a1 * a1).mean(axis=1, keepdims=True) + 0.1 * (o2 * o2).mean(axis=1, keepdims=True)) / (1 - 0.81)
+    want = o2 / np.sqrt(v + 1e-8)
+    want *= np.linalg.norm(o2, axis=(1, 2), keepdims=True) / np.linalg.norm(want, axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(b2, -0.05 * np.sqrt(96 / 64) * want, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ConfigError, match="Muon's levers"):
+        Config(optim=OptimConfig(name="adamw", muon_normalize=True)).validate()
 
 
 def test_normuon_running_means_are_laid_out_on_the_mesh_where_they_split():

@@ -31,6 +31,7 @@ RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "embed": "fsdp",
     "vocab": "tensor",
+    "vocab_rows": "fsdp",  # rows of a per-layer table indexed by token (value embeddings), split like the width
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",

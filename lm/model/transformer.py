@@ -158,7 +158,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.norm_eps, pdt)
             self.k_norm = RMSNorm(h, cfg.norm_eps, pdt)
         if cfg.value_embeds:  # (V, K, H): split over the tensor axis by key/value heads, as wv is
-            self.ve = _param(rngs, (cfg.vocab_size, k, h), cfg.init_std, pdt, (None, "kv_heads", "head_dim"))
+            self.ve = _param(rngs, (cfg.vocab_size, k, h), cfg.init_std, pdt, ("vocab_rows", "kv_heads", "head_dim"))
 
     def __call__(self, x, cos, sin, mask, batch: int, tokens=None):
         """x (B*T, D) -> (B*T, D). `mask` is (B, T, S), or for the fused kernels

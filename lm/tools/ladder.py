@@ -119,8 +119,12 @@ class Rung:
 
 
 def non_embedding_params(model) -> int:
-    """Parameters other than the input embedding and the output head (one matrix if tied)."""
-    return expected_param_count(model) - model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
+    """Parameters other than the input embedding and the output head (one matrix if tied), the
+    value-embedding tables (lookups) and the training-only multi-token prediction heads."""
+    tables = model.n_layers * model.vocab_size * model.n_kv_heads * model.head_size if model.value_embeds else 0
+    mtp = model.mtp_tokens * (model.d_model ** 2 + model.d_model)
+    return (expected_param_count(model) - model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
+            - tables - mtp)
 
 
 def geometric_widths(lo: int, hi: int, n: int, multiple: int) -> list[int]:

@@ -121,7 +121,8 @@ def check_model_matches(cfg: Config, path: str) -> None:
     mine = dataclasses.asdict(cfg.model)
     theirs = dataclasses.asdict(src)
     shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                  "tie_embeddings", "qk_norm")
+                  "tie_embeddings", "qk_norm", "mlp", "unet_skips", "value_embeds", "window", "window_global_every",
+                  "logit_softcap")
     diff = [f"model.{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in shape_keys if mine[k] != theirs[k]]
     if diff:
         raise ConfigError(f"trainer.init_from={path!r} is another model shape ({'; '.join(diff)}); "

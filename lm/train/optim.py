@@ -95,7 +95,7 @@ def decay_mask(params: nnx.State, cfg: OptimConfig):
 
     def one(path, v):
         name = _name(path)
-        is_embedding = "embed" in name or name.startswith("head")
+        is_embedding = "embed" in name or name.startswith("head") or name.split("/")[-1] == "ve"  # (value embeddings)
         is_norm = v.ndim <= 1 or (v.ndim == 2 and "norm" in name)
         if is_norm:
             return False
