@@ -130,6 +130,16 @@ def test_relu2_is_refused_by_the_llama_export_and_a_bad_mlp_name_is_one_line(tmp
         dataclasses.replace(CFG, mlp="gelu").validate()
 
 
+def assert_decode_nll_is_the_models(model, tokens):
+    """The decode engine's log-likelihood of `tokens` (B, T) equals the model's forward pass's."""
+    logits = model(tokens)
+    want = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
+    graphdef, params = nnx.split(model, nnx.Param)
+    mask = jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32)
+    got = decode.next_token_nll(decode.prepare(graphdef, params), tokens, mask)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
 def _mtp_batch(rng, b=2, t=12, v=96):
     tokens = rng.integers(0, v, (b, t + 1))
     seg = np.ones((b, t), np.int32)
@@ -193,9 +203,7 @@ def test_multi_token_prediction_is_training_only_decoding_and_export_use_the_nex
     model = Transformer(cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
-    w = decode.prepare(graphdef, params)
-    want = -jnp.take_along_axis(jax.nn.log_softmax(model(tokens)[:, :-1], -1), tokens[:, 1:, None], -1).mean()
-    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(want), rel=1e-5)
+    assert_decode_nll_is_the_models(model, tokens)
     out = export_llama(cfg, params, str(tmp_path / "hf"))
     from lm.interop.hf import load_safetensors
     names = load_safetensors(f"{out}/model.safetensors").keys() if isinstance(out, str) else ()
@@ -234,11 +242,7 @@ def test_unet_skips_add_the_first_layers_outputs_to_the_last_layers_inputs_in_tr
     assert not np.allclose(plain.hidden(tokens), want, atol=1e-3)  # the skips change the output
     assert param_count(cfg) == expected_param_count(cfg) == param_count(dataclasses.replace(cfg, unet_skips=False)) + 2
     gd, params = nnx.split(model, nnx.Param)
-    # the decode engine: the same log-likelihoods, greedy tokens the model's argmax, split over 2 devices alike
-    logits = model(tokens)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
-    w = decode.prepare(gd, params)
-    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(nll), rel=1e-5)
+    assert_decode_nll_is_the_models(model, tokens)
     with pytest.raises(ConfigError, match="no skip connections"):
         export_llama(cfg, params, str(tmp_path / "hf"))
     with pytest.raises(ConfigError, match="needs at least 2 layers"):
@@ -269,13 +273,9 @@ def test_value_embeddings_add_each_layers_table_row_of_the_input_token_to_its_va
     wide = jnp.concatenate([x, jax.nn.one_hot(tokens.reshape(-1), 96)], 1)
     np.testing.assert_allclose(got, plain(wide, cos, sin, causal, 2)[:, :32], rtol=1e-5, atol=1e-5)
     assert param_count(cfg) == expected_param_count(cfg) == param_count(CFG) + 2 * 96 * 2 * 8
-    # the decode engine: the same log-likelihoods, greedy tokens the model's argmax, split alike
     model = Transformer(cfg, nnx.Rngs(0))
     gd, params = nnx.split(model, nnx.Param)
-    logits = model(tokens)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
-    w = decode.prepare(gd, params)
-    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(nll), rel=1e-5)
+    assert_decode_nll_is_the_models(model, tokens)
     with pytest.raises(ConfigError, match="no value embeddings"):
         export_llama(cfg, params, str(tmp_path / "hf"))
     # on a training mesh the (L, V, K, H) tables split like the embedding: rows over fsdp, heads over tensor
@@ -313,12 +313,8 @@ def test_sliding_window_layers_see_only_the_last_tokens_in_training_and_every_de
     np.testing.assert_allclose(model.hidden(tokens), model.final_norm(x), rtol=1e-5, atol=1e-5)
     plain = Transformer(dataclasses.replace(cfg, window=0), nnx.Rngs(0))
     assert not np.allclose(plain.hidden(tokens), model.hidden(tokens), atol=1e-3)
-    # decoding: prefill, one step at a time, several tokens at once (speculative verification)
     gd, params = nnx.split(model, nnx.Param)
-    w = decode.prepare(gd, params)
-    logits = model(tokens)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), tokens[:, 1:, None], -1).mean()
-    assert float(decode.next_token_nll(w, tokens, jnp.ones((2, 11)))) == pytest.approx(float(nll), rel=1e-5)
+    assert_decode_nll_is_the_models(model, tokens)
     with pytest.raises(ConfigError, match="model.window=3 cannot be exported"):
         export_llama(cfg, params, str(tmp_path / "hf"))
     with pytest.raises(ConfigError, match="model.window=8 needs model.attention"):

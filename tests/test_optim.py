@@ -56,6 +56,13 @@ def flat(tree) -> dict:
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def params_and_random_grads(seed: int):
+    """The test model's initial parameters, standard normal gradients like them, and the generator."""
+    params = jax.jit(engine()._init_params, static_argnums=0)(0)
+    rng = np.random.default_rng(seed)
+    return params, jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params), rng
+
+
 def test_muon_takes_the_kernels_layer_by_layer_and_adamw_the_rest():
     tr = engine()
     dims = nnx.to_pure_dict(muon_dims(jax.eval_shape(lambda: tr._init_params(0))))
@@ -69,10 +76,7 @@ def test_muon_takes_the_kernels_layer_by_layer_and_adamw_the_rest():
 
 
 def test_muon_update_orthogonalises_each_layer_and_routes_the_learning_rates():
-    tr = engine()
-    params = jax.jit(tr._init_params, static_argnums=0)(0)
-    rng = np.random.default_rng(0)
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    params, grads, rng = params_and_random_grads(0)
     opt = make_optimizer(dataclasses.replace(MUON, weight_decay=0.0), params, 10)
     updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
     u, g = flat(updates), flat(grads)
@@ -119,10 +123,10 @@ def test_unknown_optimiser_is_a_one_line_config_error():
         Config(optim=OptimConfig(name="sgd")).validate()
 
 
-def run_steps(mesh_cfg, devices, steps=2):
+def run_steps(mesh_cfg, devices, steps=2, **levers):
     # AdamW (embeddings, head) with eps raised, as in test_sharding: near-zero gradients would
     # turn float rounding differences between layouts into sign flips of a whole update
-    tr = engine(mesh=mesh_cfg, devices=devices, optim=dataclasses.replace(MUON, clip_norm=1.0, eps=1e-4))
+    tr = engine(mesh=mesh_cfg, devices=devices, optim=dataclasses.replace(MUON, clip_norm=1.0, eps=1e-4, **levers))
     state, _ = tr.init_state(0)
     step = tr.compile_train_step()
     losses = []
@@ -176,10 +180,7 @@ def test_polar_express_coefficients_are_the_minimax_quintics_and_orthogonalise_c
 
 
 def test_polar_express_is_what_muon_applies():
-    tr = engine()
-    params = jax.jit(tr._init_params, static_argnums=0)(0)
-    rng = np.random.default_rng(1)
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    params, grads, rng = params_and_random_grads(1)
     opt = make_optimizer(dataclasses.replace(MUON, weight_decay=0.0, muon_ns="polar_express"), params, 10)
     u = flat(jax.jit(opt.update)(grads, opt.init(params), params)[0])
     key = "['blocks']['attn']['wq'].value"  # (L, D, N, H): each layer D x N*H, square here
@@ -192,10 +193,7 @@ def test_polar_express_is_what_muon_applies():
 
 
 def test_normuon_gives_every_neuron_the_same_rms_and_keeps_each_matrix_norm():
-    tr = engine()
-    params = jax.jit(tr._init_params, static_argnums=0)(0)
-    rng = np.random.default_rng(2)
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    params, grads, rng = params_and_random_grads(2)
     plain = make_optimizer(dataclasses.replace(MUON, weight_decay=0.0), params, 10)
     normed = make_optimizer(dataclasses.replace(MUON, weight_decay=0.0, muon_normalize=True, muon_beta2=0.9),
                             params, 10)
@@ -251,20 +249,9 @@ def test_normuon_running_means_are_laid_out_on_the_mesh_where_they_split():
 
 @pytest.mark.slow  # two compilations; the layout itself is checked by the test above
 def test_muon_levers_with_fsdp_and_tensor_on_eight_devices_match_one_device():
-    optim = dataclasses.replace(MUON, clip_norm=1.0, eps=1e-4, muon_ns="polar_express", muon_normalize=True)
-
-    def run(mesh_cfg, devices):
-        tr = engine(mesh=mesh_cfg, devices=devices, optim=optim)
-        state, _ = tr.init_state(0)
-        step = tr.compile_train_step()
-        losses = []
-        for batch in [b for b, _ in zip(synthetic_batches(128, 32, 8, seed=3), range(2))]:
-            state, metrics = step(state, global_batch(batch, tr.batch_sharding))
-            losses.append(float(metrics["loss"]))
-        return losses, state
-
-    ref_losses, ref = run(ONE, jax.devices()[:1])
-    losses, state = run(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices())
+    levers = dict(muon_ns="polar_express", muon_normalize=True)
+    ref_losses, ref = run_steps(ONE, jax.devices()[:1], **levers)
+    losses, state = run_steps(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices(), **levers)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref.params))):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
