@@ -31,6 +31,7 @@ def test_int8_matrices_round_to_their_columns_scale_and_take_a_quarter_of_the_by
         decode.prepare(graphdef, params, tensor=2, int8=True)
 
 
+@pytest.mark.slow  # trains nothing, but scores the held-out set twice; CI's slow phase runs it
 def test_int8_weights_keep_the_held_out_loss_within_one_percent(base_run):
     """On the trained base run's held-out text: the int8 engine's next-token loss is within 1%
     of the float32 engine's, which is the model's own (the training forward pass); and greedy

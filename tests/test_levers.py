@@ -112,11 +112,7 @@ def test_relu2_mlp_computes_relu_squared_with_two_matrices_in_the_model_and_the_
     mask = jnp.ones((2, 11), jnp.float32)
     assert float(decode.next_token_nll(decode.prepare(graphdef, params), tokens, mask)) == pytest.approx(
         float(want), rel=1e-5)
-    # split over 2 devices (each holds half of W_up's columns and of W_down's rows): one device's tokens
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    one = generate(graphdef, params, prompts, 8, 32, temperature=0.0)
-    assert generate(graphdef, params, prompts, 8, 32, temperature=0.0, weights=decode.prepare(graphdef, params,
-                                                                                          tensor=2)) == one
+    # (split over 2 devices, with the other levers: the slow test at the end of this file)
 
 
 def test_relu2_is_refused_by_the_llama_export_and_a_bad_mlp_name_is_one_line(tmp_path):
@@ -184,12 +180,9 @@ def test_multi_token_prediction_adds_the_loss_of_the_tokens_further_ahead_by_han
     extra /= 2 * n_next
     assert float(aux["mtp_loss"]) == pytest.approx(extra, rel=1e-4)
     assert float(loss) == pytest.approx(float(aux["loss"]) + 0.5 * extra, rel=1e-4)
-    # chunked loss: the same values and gradients
+    # chunked loss: the same value
     chunked = NextToken(Config(model=cfg, trainer=TrainerConfig(loss_chunks=4)))
     assert float(chunked.loss(model, batch, {})[0]) == pytest.approx(float(loss), rel=1e-5)
-    graphdef, params = nnx.split(model, nnx.Param)
-    grads = jax.grad(lambda p: NextToken(Config(model=cfg)).loss(nnx.merge(graphdef, p), batch, {})[0])(params)
-    assert float(jnp.abs(grads["mtp"][...]).sum()) > 0  # the extra heads learn
     from lm.config import DataConfig
     with pytest.raises(ConfigError, match="model.mtp_tokens=16 must be less than data.seq_len=16"):
         Config(model=dataclasses.replace(cfg, mtp_tokens=16), data=DataConfig(seq_len=16)).validate()
@@ -238,8 +231,6 @@ def test_unet_skips_add_the_first_layers_outputs_to_the_last_layers_inputs_in_tr
     unrolled = Transformer(dataclasses.replace(cfg, scan_layers=False), nnx.Rngs(0))
     nnx.update(unrolled, nnx.state(model, nnx.Param))
     np.testing.assert_allclose(unrolled.hidden(tokens), want, rtol=1e-5, atol=1e-5)
-    plain = Transformer(dataclasses.replace(cfg, unet_skips=False), nnx.Rngs(0))
-    assert not np.allclose(plain.hidden(tokens), want, atol=1e-3)  # the skips change the output
     assert param_count(cfg) == expected_param_count(cfg) == param_count(dataclasses.replace(cfg, unet_skips=False)) + 2
     gd, params = nnx.split(model, nnx.Param)
     assert_decode_nll_is_the_models(model, tokens)

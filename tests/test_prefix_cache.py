@@ -35,7 +35,7 @@ def _answers(batcher, requests, together=False):
     return [got[i] for i in range(len(requests))]
 
 
-@pytest.mark.parametrize("tensor", [1, 2])
+@pytest.mark.parametrize("tensor", [1, pytest.param(2, marks=pytest.mark.slow)])  # (split decoding: test_scale_out)
 def test_outputs_with_the_prefix_cache_equal_full_prefills(tensor):
     graphdef, params = nnx.split(Transformer(CFG, nnx.Rngs(0)), nnx.Param)
     w = decode.prepare(graphdef, params, tensor=tensor)
