@@ -262,6 +262,12 @@ class TrainerConfig:
     init_from: str | None = None
     init_step: int | None = None
     microbatches: int = 1  # gradient accumulation: the global batch is split this many times
+    # Warm-ups (lm/train/warmup.py; 0: off): the first *_steps steps cut each row into pieces
+    # of seq_warmup_start, 2x, ... tokens / train on the first batch_warmup_start, 2x, ... rows
+    seq_warmup_steps: int = 0
+    seq_warmup_start: int = 64
+    batch_warmup_steps: int = 0
+    batch_warmup_start: int = 1
     loss_chunks: int = 1  # >1: logits and loss computed in this many chunks of the sequence
     seed: int = 0
     log_every: int = 10
@@ -349,6 +355,7 @@ class Config:
         if self.model.mtp_tokens >= self.data.seq_len:
             raise ConfigError(f"model.mtp_tokens={self.model.mtp_tokens} must be less than data.seq_len="
                               f"{self.data.seq_len} (each predicts a token further ahead in the row)")
+        self._check_warmups()
         if self.data.batch_size % self.trainer.microbatches:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be divisible by "
@@ -360,6 +367,24 @@ class Config:
                 raise ConfigError("lora.rank>0 trains adapters on a frozen base: set trainer.init_from to a run "
                                   "directory or a Hugging Face folder")
         return self
+
+    def _check_warmups(self) -> None:
+        """Batch-size and sequence-length warm-ups (lm/train/warmup.py) that mean something."""
+        t, d = self.trainer, self.data
+        for key, steps, start, full, what in (
+                ("seq", t.seq_warmup_steps, t.seq_warmup_start, d.seq_len, "data.seq_len"),
+                ("batch", t.batch_warmup_steps, t.batch_warmup_start, d.batch_size, "data.batch_size")):
+            if steps < 0:
+                raise ConfigError(f"trainer.{key}_warmup_steps={steps} must not be negative (0: off)")
+            if not steps:
+                continue
+            if steps > t.steps:
+                raise ConfigError(f"trainer.{key}_warmup_steps={steps} exceeds trainer.steps={t.steps}")
+            ratio = full // start if start > 0 else 0
+            if start <= 0 or start >= full or full % start or ratio & (ratio - 1):
+                raise ConfigError(
+                    f"trainer.{key}_warmup_start={start} must be {what}={full} divided by a power of two "
+                    f"(2, 4, ...): the warm-up doubles it up to {what}")
 
     def _check_ranges(self) -> None:
         """Numbers outside the range where they mean something: one line naming the key, the

@@ -327,11 +327,11 @@ def test_seeds_differing_above_32_bits_draw_differently():
 def test_mfu_is_never_claimed_above_one():
     from lm.train.loop import _Meter
 
-    meter = _Meter(tokens_per_step=1000, fpt=1e6, peak=1e9 / 8, remeasure=lambda: 4e9 / 8)  # (8 fake devices)
-    assert meter.mfu(2000.0) == pytest.approx(0.5)  # 2e9 FLOP/s of a peak measured again at 4e9
-    assert meter.remeasure is None and meter.mfu(1000.0) == pytest.approx(0.25)
-    assert meter.mfu(8000.0) is None  # beats even the new measurement: no figure
-    assert _Meter(1000, 1e6, 1e9 / 8).mfu(2000.0) is None  # a peak that cannot be measured again
+    meter = _Meter(peak=1e9 / 8, remeasure=lambda: 4e9 / 8)  # (8 fake devices)
+    assert meter.mfu(2e9) == pytest.approx(0.5)  # 2e9 FLOP/s of a peak measured again at 4e9
+    assert meter.remeasure is None and meter.mfu(1e9) == pytest.approx(0.25)
+    assert meter.mfu(8e9) is None  # beats even the new measurement: no figure
+    assert _Meter(1e9 / 8).mfu(2e9) is None  # a peak that cannot be measured again
 
 
 def test_export_then_import_keeps_a_chat_model_a_chat_model(base_run, sft_run, tmp_path):

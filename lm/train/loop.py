@@ -28,7 +28,7 @@ from data_pipeline.jsonl import write_jsonl
 from data_pipeline.pipeline import DataSource, global_batch
 from lm.config import Config, ConfigError, to_dict
 from lm.model.transformer import flops_per_token, param_count
-from lm.train import interrupt, perf
+from lm.train import interrupt, perf, warmup
 from lm.train.checkpoint import Checkpointer
 from lm.train.engine import Engine
 from lm.train.logger import MetricsLogger, plot_loss, read_metrics
@@ -166,12 +166,15 @@ class _Meter:
     """Interval means and throughput: the loss is summed on the device (no sync), and the
     host reads it, with the step time, only when metrics are logged."""
 
-    def __init__(self, tokens_per_step: int, fpt: float, peak: float, remeasure: Callable[[], float] | None = None):
-        self.tokens_per_step, self.fpt, self.peak = tokens_per_step, fpt, peak
+    def __init__(self, peak: float, remeasure: Callable[[], float] | None = None):
+        self.peak = peak
         self.remeasure = remeasure  # a measured peak (a CPU's) can be measured again, once
         self.loss_sum, self.steps, self.wait, self.t_last, self.compile_s = None, 0, 0.0, None, 0.0
+        self.tokens, self.flops, self.paused = 0, 0.0, 0.0
 
-    def add(self, metrics: dict, wait: float, first: bool) -> None:
+    def add(self, metrics: dict, wait: float, first: bool, tokens: int, flops: float, compile_s: float = 0.0) -> None:
+        """One step of `tokens` tokens and `flops` model FLOPs; `compile_s`: seconds of it
+        spent compiling a program for a new shape (a warm-up's), left out of its time."""
         self.loss_sum = metrics["loss"] if self.loss_sum is None or self.steps == 0 else self.loss_sum + metrics["loss"]
         if first:  # throughput is timed from the end of the first step (its buffers are new)
             jax.block_until_ready(metrics)
@@ -179,32 +182,36 @@ class _Meter:
         else:
             self.wait += wait
             self.steps += 1
+            self.tokens += tokens
+            self.flops += flops
+            self.paused += compile_s
 
     def read(self, metrics: dict) -> dict:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         m["loss"] = float(self.loss_sum) / max(self.steps, 1)  # mean over the interval
         now = time.perf_counter()
         if self.steps:  # step 1 has no throughput: it includes compilation
-            step_time = (now - self.t_last) / self.steps
-            tps = self.tokens_per_step / step_time
-            m.update(step_time_s=step_time, tokens_per_s=tps, data_wait_fraction=self.wait / (now - self.t_last))
-            mfu = self.mfu(tps)
+            elapsed = now - self.t_last - self.paused
+            m.update(step_time_s=elapsed / self.steps, tokens_per_s=self.tokens / elapsed,
+                     data_wait_fraction=self.wait / elapsed)
+            mfu = self.mfu(self.flops / elapsed)
             if mfu is not None:
                 m["mfu"] = mfu
         return m
 
-    def mfu(self, tps: float) -> float | None:
+    def mfu(self, flops_per_s: float) -> float | None:
         """Model FLOPs utilisation; None where it would exceed 1 (a peak measured while the
         machine was busy is too low: it is measured again once, and if the achieved rate
         still beats it, no utilisation is claimed)."""
-        mfu = self.fpt * tps / (self.peak * jax.device_count())
+        mfu = flops_per_s / (self.peak * jax.device_count())
         if mfu > 1 and self.remeasure is not None:
             self.peak, self.remeasure = max(self.peak, self.remeasure()), None
-            mfu = self.fpt * tps / (self.peak * jax.device_count())
+            mfu = flops_per_s / (self.peak * jax.device_count())
         return mfu if mfu <= 1 else None
 
     def restart(self) -> None:
         self.t_last, self.steps, self.wait = time.perf_counter(), 0, 0.0
+        self.tokens, self.flops, self.paused = 0, 0.0, 0.0
 
 
 def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress: bool = True,
@@ -281,8 +288,13 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     hooks = [Hook(evaluation, t_cfg.eval_every, True, "evaluation"), *setup.hooks,
              _Checkpoints(ckpt, cfg, data, meta)]
     logger = MetricsLogger(run_dir, enabled=main)
-    meter = _Meter(cfg.data.batch_size * cfg.data.seq_len, fpt, peak,
-                   perf.remeasured_peak if peak_src.startswith("measured") else None)
+    meter = _Meter(peak, perf.remeasured_peak if peak_src.startswith("measured") else None)
+    shapes = warmup.Shapes(cfg)
+    if shapes.active:
+        _check_warmup(shapes, cfg, engine, log)
+    programs: dict[tuple[int, int], Any] = {}  # (rows, row length) -> the compiled step
+    fpts = {length: flops_per_token(cfg.model, length) for _, length in shapes.all()}  # (attention's share varies)
+    jitted_step = step_fn
     steps = t_cfg.steps
     source_tokens = np.zeros(len(data.names))  # realised training tokens per source
     reported, loss_ema, stopped = 0, None, None
@@ -308,23 +320,31 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                     data_state = _data_state(data) if saver.saved_step != step else None
                 with signals.during("waiting for data"):  # (a signal noted in the last step acts here)
                     local = data.next_train()
+                shape = shapes.at(step)
+                if shapes.active:  # the warm-ups' rows and pieces (lm/train/warmup.py)
+                    local = shapes.cut(local, step, jax.process_count())
                 batch = global_batch({k: local[k] for k in engine.objective.batch_axes}, engine.batch_sharding)
                 wait = time.perf_counter() - t0
                 if "source_id" in local and "segment_ids" in local:
                     real = (local["segment_ids"] > 0).reshape(len(local["source_id"]), -1)  # rows, or pairs of rows
                     np.add.at(source_tokens, local["source_id"], real.sum(axis=1))
-                first = step == start
-                if first:  # compile ahead of the first step, which then runs like every other
-                    log("compiling the train step")
+                first, compile_s = step == start, 0.0
+                if shape not in programs:  # compile ahead of the first step of each shape
+                    what = "the train step" if not shapes.active else \
+                        f"the train step for {shape[0]} rows cut into pieces of {shape[1]} tokens"
+                    log(f"compiling {what}")
                     with signals.during("compiling the train step"):
                         tc = time.perf_counter()
-                        step_fn = step_fn.lower(state, batch, frozen).compile()
-                        meter.compile_s = time.perf_counter() - tc
-                    log(f"compiled the train step in {meter.compile_s:.1f}s")
+                        programs[shape] = jitted_step.lower(state, batch, frozen).compile()
+                        compile_s = time.perf_counter() - tc
+                        meter.compile_s += compile_s
+                    log(f"compiled {what} in {compile_s:.1f}s")
+                step_fn = programs[shape]
                 with signals.finishing():
                     state, metrics = step_fn(state, batch, frozen)
                     ctx.state, ctx.step, ctx.last, ctx.preempted = state, step + 1, step == steps - 1, signals.name
-                    meter.add(metrics, wait, first)
+                    tokens = shape[0] * cfg.data.seq_len
+                    meter.add(metrics, wait, first, tokens, tokens * fpts[shape[1]], 0.0 if first else compile_s)
                     if bar is not None:
                         bar.update(1)
                     due = [h for h in hooks if h.due(ctx)]
@@ -410,6 +430,22 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     with interrupt.during("finishing the run (evaluation, samples, summary; the final checkpoint is saved)"):
         _finish(ctx, setup, summary, run_dir, main, log)
     return summary
+
+
+def _check_warmup(shapes: "warmup.Shapes", cfg: Config, engine: Engine, log: Callable) -> None:
+    """The warm-ups cut next-token rows: refused (one line) for stages that train on pairs or
+    rollouts, and for shapes that do not split over the processes, devices and micro-batches."""
+    if engine.objective.name != "next_token":
+        raise ConfigError(f"trainer.seq_warmup_steps and trainer.batch_warmup_steps cut next-token rows (the pretrain "
+                          f"and sft stages); stage {cfg.stage!r} trains on {engine.objective.name} batches: set them "
+                          "to 0")
+    spec = engine.batch_sharding["inputs"].spec
+    axes = spec[0] if spec and spec[0] is not None else ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    data_parallel = int(np.prod([engine.mesh.shape[a] for a in axes])) if axes else 1
+    shapes.check(jax.process_count(), data_parallel, cfg.trainer.microbatches)
+    log("warm-up: " + ", ".join(f"{rows} rows in pieces of {length} tokens" for rows, length in shapes.all())
+        + f" (batch: steps {[s for s, _ in shapes.rows]}, context: steps {[s for s, _ in shapes.lengths]})")
 
 
 def _finish(ctx: Context, setup: Setup, summary: dict, run_dir: str, main: bool, log: Callable) -> None:
