@@ -331,7 +331,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                 first, compile_s = step == start, 0.0
                 if shape not in programs:  # compile ahead of the first step of each shape
                     what = "the train step" if not shapes.active else \
-                        f"the train step for {shape[0]} rows cut into pieces of {shape[1]} tokens"
+                        f"the train step for {shapes.describe(shape)}"
                     log(f"compiling {what}")
                     with signals.during("compiling the train step"):
                         tc = time.perf_counter()
@@ -444,8 +444,8 @@ def _check_warmup(shapes: "warmup.Shapes", cfg: Config, engine: Engine, log: Cal
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     data_parallel = int(np.prod([engine.mesh.shape[a] for a in axes])) if axes else 1
     shapes.check(jax.process_count(), data_parallel, cfg.trainer.microbatches)
-    log("warm-up: " + ", ".join(f"{rows} rows in pieces of {length} tokens" for rows, length in shapes.all())
-        + f" (batch: steps {[s for s, _ in shapes.rows]}, context: steps {[s for s, _ in shapes.lengths]})")
+    log("warm-up: " + ", then ".join(shapes.describe(s) for s in shapes.all())
+        + f" (rows from steps {[s for s, _ in shapes.rows]}, lengths from steps {[s for s, _ in shapes.lengths]})")
 
 
 def _finish(ctx: Context, setup: Setup, summary: dict, run_dir: str, main: bool, log: Callable) -> None:

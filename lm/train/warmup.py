@@ -62,6 +62,10 @@ class Shapes:
         """(rows of the batch that train, length of the pieces they are cut into) at `step`."""
         return value_at(self.rows, step), value_at(self.lengths, step)
 
+    def describe(self, shape: tuple[int, int]) -> str:
+        rows, length = shape
+        return f"{rows} rows" + (f" cut into pieces of {length} tokens" if length < self.full[1] else "")
+
     def all(self) -> list[tuple[int, int]]:
         """The distinct shapes, in the order the steps meet them."""
         firsts = sorted({s for s, _ in self.rows} | {s for s, _ in self.lengths})
