@@ -270,17 +270,11 @@ def _sample_speculative(run, args, prompt_ids, weights) -> int:
     """`lm sample --draft`: one sample, printed whole, then the draft's acceptance rate."""
     from lm.sampling import decode, speculative  # lazy: a command imports what it runs
     from lm.sampling.sampler import generate  # lazy: a command imports what it runs
-    from lm.train.run import load_run  # lazy: a command imports what it runs
 
-    if args.num > 1 or args.tensor > 1:
-        raise UserError("--draft decodes one sample on one device: drop --num and --tensor")
-    draft_run = load_run(args.draft, log=_log)
-    if draft_run.tokenizer is None or not _same_file(draft_run.tokenizer.path, run.tokenizer.path):
-        raise UserError(f"--draft {args.draft}: its tokenizer is not {args.run_dir}'s; a draft must share the "
-                        "target's tokenizer (train it with the same data.tokenizer settings, or point "
-                        "data.tokenizer at the target's)")
+    if args.num > 1:
+        raise UserError("--draft decodes one sample: drop --num")
+    draft = _load_draft(run, args)
     target = weights if weights is not None else decode.prepare(run.graphdef, run.params)
-    draft = decode.prepare(draft_run.graphdef, draft_run.params)
     stops = [run.tokenizer.eos_id]
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops, seed=args.seed)
     max_len = run.cfg.model.max_seq_len
@@ -314,6 +308,24 @@ def _sample_speculative(run, args, prompt_ids, weights) -> int:
     return 0
 
 
+def _load_draft(run, args):
+    """--draft RUN_DIR: its decode weights, after checking that it can draft for `run`."""
+    from lm.sampling import decode  # lazy: a command imports what it runs
+    from lm.train.run import load_run  # lazy: a command imports what it runs
+
+    if args.tensor > 1 or args.quantize:
+        raise UserError("--draft decodes on one device in float32: drop --tensor and --quantize")
+    draft_run = load_run(args.draft, log=_log)
+    if draft_run.tokenizer is None or not _same_file(draft_run.tokenizer.path, run.tokenizer.path):
+        raise UserError(f"--draft {args.draft}: its tokenizer is not {args.run_dir}'s; a draft must share the "
+                        "target's tokenizer (train it with the same data.tokenizer settings, or point "
+                        "data.tokenizer at the target's)")
+    if draft_run.cfg.model.vocab_size != run.cfg.model.vocab_size:
+        raise UserError(f"--draft {args.draft}: its vocabulary has {draft_run.cfg.model.vocab_size} tokens, "
+                        f"{args.run_dir}'s {run.cfg.model.vocab_size}: a draft needs the target's tokenizer")
+    return decode.prepare(draft_run.graphdef, draft_run.params)
+
+
 def _same_file(a: str, b: str) -> bool:
     with open(a, "rb") as fa, open(b, "rb") as fb:
         return fa.read() == fb.read()
@@ -327,12 +339,19 @@ def cmd_chat(args) -> int:
     run = load_run(args.run_dir, log=_log, tensor=args.tensor)
     weights = run.decode_weights(_log, args.quantize) if args.tensor > 1 or args.quantize else None
     if not is_chat_model(run):
+        if args.draft:
+            raise UserError(f"--draft: {args.run_dir} is a base model; speculative decoding is for chat models here "
+                            "(for a base model: lm sample --draft)")
         return _chat_base(run, args, weights)
+    draft = _load_draft(run, args) if args.draft else None
     chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, weights=weights, tools=_tools(args))
+                top_p=args.top_p, seed=args.seed, weights=weights, tools=_tools(args), draft=draft,
+                draft_k=args.draft_k)
     # every program a conversation runs, compiled while the first message is typed (a turn
     # that needs one waits for it: no turn stalls to compile later)
-    threading.Thread(target=chat.warm_up, name="lm-chat-warm-up", daemon=True).start()
+    stop = threading.Event()
+    warm = threading.Thread(target=chat.warm_up, args=(stop,), name="lm-chat-warm-up", daemon=True)
+    warm.start()
     print(f"chatting with {args.run_dir} ({run.cfg.stage}, step {run.step}, context {run.cfg.model.max_seq_len} "
           "tokens)" + (f", system prompt {args.system!r}" if args.system else "")
           + ". /reset starts over; an empty line, /quit or Ctrl-D ends.")
@@ -358,6 +377,11 @@ def cmd_chat(args) -> int:
         sys.stdout.write("\n" if chat.ended else " [reply cut at --max-new tokens]\n")
         if chat.dropped > dropped:
             print(f"(the oldest {chat.dropped - dropped} exchange(s) no longer fit the context and were left out)")
+    stop.set()  # a compilation still running in the warm-up ends before the process does
+    warm.join()
+    if draft is not None and chat.drafted:
+        print(f"speculative decoding (k={args.draft_k}): {chat.accepted} of {chat.drafted} drafted tokens accepted "
+              f"({chat.accepted / chat.drafted:.0%})", file=sys.stderr)
     return 0
 
 
@@ -625,6 +649,13 @@ def main(argv: list[str] | None = None) -> int:
     ch = sub.add_parser("chat", help="talk to a fine-tuned run (multi-turn, streaming; /reset)")
     decoding_args(ch)
     ch.add_argument("--system", default="", help="a system prompt")
+    ch.add_argument("--draft", metavar="RUN_DIR",
+                    help="speculative decoding: a smaller chat run with the same tokenizer proposes tokens that this "
+                         "run checks several at a time (the same greedy replies; sampled replies follow this run's "
+                         "distribution; each reply is shown when it is done); the acceptance rate is printed at "
+                         "the end")
+    ch.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=4,
+                    help="with --draft: tokens the draft proposes per round (default 4)")
     ch.set_defaults(fn=cmd_chat)
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (continuous batching)")
     sv.add_argument("run_dir")

@@ -204,6 +204,42 @@ def test_cli_chat_and_sample(base_run, sft_run, monkeypatch, capsys):
     assert main(["sample", sft_run["run"], "--chat", "reverse: fox dog", "--temperature", "0", "--max-new", "8"]) == 0
 
 
+@pytest.mark.slow  # make test-all / CI's slow phase
+def test_chat_with_a_draft_gives_the_same_greedy_replies_and_counts_what_it_accepts(base_run, sft_run, monkeypatch,
+                                                                                     capsys):
+    """`lm chat --draft`: each reply decoded speculatively (the base run, same tokenizer,
+    drafting for the fine-tuned one) equals the reply decoded alone, turn after turn."""
+    from lm.cli import main
+    from lm.sampling import decode, speculative
+    from lm.serve.chat import Chat
+    from lm.train.run import load_run
+
+    loaded = load_run(sft_run["run"], log=lambda *_: None)
+    base = load_run(base_run["run"], log=lambda *_: None)
+    draft = decode.prepare(base.graphdef, base.params)
+    alone = Chat(loaded, max_new=10, temperature=0.0)
+    drafted = Chat(loaded, max_new=10, temperature=0.0, draft=draft, draft_k=3)
+    assert drafted.warm_up() >= 2  # every prompt width's program, compiled ahead (lm chat: while the user types)
+    programs = speculative._speculate._cache_size()
+    shown = []
+    for words in (2, 5):
+        message = "reverse: " + " ".join(WORDS[:words])
+        assert drafted.reply(message, on_text=shown.append) == alone.reply(message)
+        assert drafted.ended == alone.ended
+    assert shown == [m["content"] for m in alone.history if m["role"] == "assistant"]  # each reply shown whole
+    assert drafted.history == alone.history
+    assert speculative._speculate._cache_size() == programs  # no turn compiled anything
+    assert 0 < drafted.drafted and 0 <= drafted.accepted <= drafted.drafted
+    lines = iter(["reverse: lazy dog", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", sft_run["run"], "--temperature", "0", "--max-new", "8", "--draft", base_run["run"],
+                 "--draft-k", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "drafted tokens accepted" in captured.err, captured
+    assert main(["chat", sft_run["run"], "--draft", base_run["run"], "--quantize", "int8"]) == 2
+    assert "drop --tensor and --quantize" in capsys.readouterr().err
+
+
 def test_eval_reports_assistant_token_loss(sft_run):
     from lm.stages.runner import evaluate_run
 

@@ -236,15 +236,17 @@ def stream(graphdef, params, prompt: Sequence[int], max_new: int, max_len: int, 
             return
 
 
-def warm_up_stream(w, max_len: int, max_new: int, top_k: int = 0) -> int:
+def warm_up_stream(w, max_len: int, max_new: int, top_k: int = 0, stop=None) -> int:
     """Compile what `stream` runs for a context of `max_len` and `max_new` new tokens (the
     prefill of every prompt width, the step of every attention span) on dummy inputs, so
     that no later turn of a conversation waits for a compilation. Returns the number of
-    programs run."""
+    programs run. `stop` (a threading.Event), once set, ends it between two programs."""
     n = 0
     widths = sorted({_pack([[1] * k], max_new, max_len, STREAM_BUCKET, pow2=True)[0].shape[1]
                      for k in range(1, max_len + 1)})
     for width in widths:
+        if stop is not None and stop.is_set():
+            return n
         _prefill_jit(w, jnp.zeros((1, width), jnp.int32), jnp.ones((1,), jnp.int32))
         n += 1
     last, kvs = _prefill_jit(w, jnp.zeros((1, widths[0]), jnp.int32), jnp.ones((1,), jnp.int32))
@@ -252,6 +254,8 @@ def warm_up_stream(w, max_len: int, max_new: int, top_k: int = 0) -> int:
     bases = _bases(decode.seed_key(0), 1)
     one = jnp.ones((1,), jnp.float32)
     for span in decode.spans(cache[0]["k"].shape[1]):
+        if stop is not None and stop.is_set():
+            break
         _, last, cache = _step_jit(w, last, cache, jnp.zeros((1,), jnp.int32), bases, jnp.int32(0), one, one,
                                    span=span, top_k=top_k)
         n += 1

@@ -33,6 +33,8 @@ import numpy as np
 from lm.sampling import decode
 from lm.sampling.sampler import _grow, _pack, _stops
 
+BUCKET = 16  # prompts are padded to a power of two at least this long (so that they share programs)
+
 
 def probs(logits, temperature, top_p, top_k: int):
     """The sampling distribution of logits (..., V): filtered (top-k, top-p) as `decode.pick`
@@ -147,7 +149,7 @@ def generate(target: decode.Weights, draft: decode.Weights, prompt: Sequence[int
     if k < 1:
         raise ValueError(f"k={k}: the draft proposes at least one token per round")
     check_pair(target, draft)
-    tokens, lengths = _pack([prompt], max_new, max_len, bucket=16, pow2=True)
+    tokens, lengths = _pack([prompt], max_new, max_len, bucket=BUCKET, pow2=True)
     out, count, rounds, kept = _speculate(
         target, draft, jnp.asarray(tokens), jnp.asarray(lengths), decode.request_base(seed),
         jnp.float32(temperature), jnp.float32(top_p), _stops(stop_ids), k=k, max_new=max_new, top_k=top_k,

@@ -3,6 +3,9 @@
 `Chat` keeps the history of one conversation, renders it with the chat template
 (`data_pipeline/chat.py`), drops the oldest turns when the prompt and the reply would not
 fit the model's context, and streams the reply token by token until the end token.
+With a draft (`draft`, `lm chat --draft RUN_DIR`) each reply is decoded speculatively
+(lm/sampling/speculative.py): the same greedy reply, sampled replies from the same
+distribution, shown whole when it is done rather than token by token.
 A base model (a pretraining run) has never seen the template: `is_chat_model` tells, and
 `lm chat` then says so and continues the transcript as plain text.
 """
@@ -21,8 +24,8 @@ from data_pipeline.chat import (
 )
 from lm import stages
 from lm.agent import registry
-from lm.sampling import decode
-from lm.sampling.sampler import stream, warm_up_stream
+from lm.sampling import decode, speculative
+from lm.sampling.sampler import _pack, stream, warm_up_stream
 from lm.stages import STAGES
 from lm.train.run import LoadedRun
 
@@ -48,8 +51,10 @@ class Chat:
 
     def __init__(self, run: LoadedRun, system: str = "", max_new: int = 256, temperature: float = 0.7,
                  top_k: int = 0, top_p: float = 0.95, seed: int = 0, weights=None, tools=None,
-                 max_tool_calls: int = MAX_TOOL_CALLS):
+                 max_tool_calls: int = MAX_TOOL_CALLS, draft: decode.Weights | None = None, draft_k: int = 4):
         self.run, self.system = run, system
+        self.draft, self.draft_k = draft, draft_k  # speculative decoding: a draft's decode weights
+        self.drafted = self.accepted = 0  # the draft's proposals so far, and how many the run kept
         self.tools = list(tools or [])
         if self.tools and not has_tool_tokens(run.tokenizer):
             raise ChatFormatError(f"{run.run_dir or 'this run'} was not trained to call tools: its tokenizer has no "
@@ -66,11 +71,28 @@ class Chat:
         self.history: list[dict] = []
         self.dropped = 0  # turns left out of the prompt to fit the context
 
-    def warm_up(self) -> int:
+    def warm_up(self, stop=None) -> int:
         """Compile every program a conversation will run (lm/sampling/sampler.py
         `warm_up_stream`): `lm chat` does it while the user types the first message."""
-        w = self.weights if self.weights is not None else decode.prepare(self.run.graphdef, self.run.params)
-        return warm_up_stream(w, self.run.cfg.model.max_seq_len, self.max_new, self.kw["top_k"])
+        w = self._target()
+        max_len = self.run.cfg.model.max_seq_len
+        if self.draft is None:
+            return warm_up_stream(w, max_len, self.max_new, self.kw["top_k"], stop=stop)
+        # the speculative program of every prompt width (one whole reply each, on a dummy prompt)
+        room = max(1, max_len - self.max_new)
+        widths = sorted({_pack([[1] * n], self.max_new, max_len, speculative.BUCKET, pow2=True)[0].shape[1]
+                         for n in range(1, room + 1)})
+        for width in widths:
+            if stop is not None and stop.is_set():  # (a threading.Event: the conversation is over)
+                break
+            speculative.generate(w, self.draft, [1] * width, self.max_new, max_len, k=self.draft_k,
+                                 stop_ids=self.stops, **self.kw)
+        return len(widths)
+
+    def _target(self) -> decode.Weights:
+        if self.weights is None:
+            self.weights = decode.prepare(self.run.graphdef, self.run.params)
+        return self.weights
 
     def reset(self) -> None:
         self.history, self.dropped = [], 0
@@ -128,6 +150,8 @@ class Chat:
         ids: list[int] = []
         shown, calling = "", False
         self.ended = False  # whether the reply ended with its end token (else it ran to max_new)
+        if self.draft is not None:
+            return self._speculate(prompt, on_text)
         for t in stream(self.run.graphdef, self.run.params, prompt, self.max_new, self.run.cfg.model.max_seq_len,
                         stop_ids=self.stops, seed=self.seed, weights=self.weights, **self.kw):
             if t in self.stops:
@@ -139,4 +163,20 @@ class Chat:
                 text = self.tok.decode(ids)  # the whole reply: pieces can merge across tokens
                 on_text(text[len(shown):])
                 shown = text
+        return ids
+
+    def _speculate(self, prompt: list[int], on_text) -> list[int]:
+        r = speculative.generate(self._target(), self.draft, prompt, self.max_new, self.run.cfg.model.max_seq_len,
+                                 k=self.draft_k, stop_ids=self.stops, seed=self.seed, **self.kw)
+        self.drafted += r.drafted
+        self.accepted += r.accepted
+        ids = []
+        for t in r.tokens:
+            if t in self.stops:
+                self.ended = True
+                break
+            ids.append(t)
+        if on_text is not None:
+            shown = ids[:ids.index(self.tool_call_id)] if self.tool_call_id in ids else ids
+            on_text(self.tok.decode(shown))
         return ids
