@@ -45,8 +45,13 @@ experiments/results/ladder_tiny_cpu_2026-12-07*): one-layer rungs (`--aspect 128
 D=128 rung of 902 steps at 9.1x the largest fitted rung's compute, measured 2.890 nats/token.
 20 tokens per non-embedding parameter, D=32..64: predicted 2.913 (+0.8%; 3.138, +8.6%, with
 the rung above the unigram entropy kept); 3 tokens per parameter, D=16..48: predicted 2.997
-(+3.7%; 2.803, -3.0%, with it kept). The leave-one-out ranges span about 2.6 to 3.4: at 9x
-beyond four or five rungs that cover 8x of compute, expect errors of several percent.
+(+3.7%; 2.803, -3.0%, with it kept). The leave-one-out ranges span about 2.6 to 3.4. With
+batches of 16 rows the smallest rungs take 60-226 steps and are still in the transient where
+the loss follows the steps more than the size. The same ladder as the first with batches of
+4 rows (`--set data.batch_size=4`: 242-904 steps for the fitted rungs; designed before its
+target was trained) lies on one power law (rms error of log L 0.3%) and predicts its held-out
+D=128 rung at 3.238 against 3.258 measured (-0.6%); fits on four of its five rungs predict
+-1.2% to +4.2%. Give the rungs enough steps (a small batch) and expect a few percent.
 """
 
 from __future__ import annotations
