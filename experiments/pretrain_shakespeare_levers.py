@@ -6,8 +6,8 @@ in layers 0 and 2, and sequence-length warm-up (the first 120 steps train on eac
 into pieces of 64, then 128 tokens); batches of 8 rows of 256 tokens instead of 16, 305
 steps instead of 165 (at this data size more, smaller steps learn more per token).
 
-Measured on an idle 2-core AMD EPYC, 2026-12-07: **1.5475 nats/char in 2m56s** of
-wall-clock, the process's whole life (tokenizer, three compilations, the evaluation of
+Measured on an idle 2-core AMD EPYC, 2026-12-07: **1.5475 nats/char in 2m52s** of
+wall-clock (2m56s in a second run, the same loss), the process's whole life (tokenizer, three compilations, the evaluation of
 the whole held-out tenth and a sample included); `pretrain_shakespeare`: 1.630 in 2m52s.
 On the way (each measured the same way): the levers without windows and warm-up, with
 multi-token prediction, 330 steps: 1.559 in 3m17s; 295 steps with windows and MTP: 1.574

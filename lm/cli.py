@@ -200,6 +200,7 @@ def cmd_sample(args) -> int:
     from lm.sampling.sampler import generate, stream  # lazy: a command imports what it runs
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
+    _check_draft_flags(args)
     run = load_run(args.run_dir, log=_log, tensor=args.tensor)
     weights = run.decode_weights(_log, args.quantize) if args.tensor > 1 or args.quantize else None
     tok = run.tokenizer
@@ -210,7 +211,8 @@ def cmd_sample(args) -> int:
             raise UserError(f"{args.run_dir} is a base model (stage {run.cfg.stage!r}) without chat fine-tuning; "
                             "use --prompt to continue text, or fine-tune it (make sft)")
         chat = Chat(run, system=args.system, max_new=args.max_new, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, weights=weights, tools=_tools(args))
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, weights=weights, tools=_tools(args),
+                    draft=_load_draft(run, args) if args.draft else None, draft_k=args.draft_k)
         try:
             chat.reply(args.chat, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
                        on_tool=_show_tool_call)
@@ -308,13 +310,21 @@ def _sample_speculative(run, args, prompt_ids, weights) -> int:
     return 0
 
 
+def _check_draft_flags(args) -> None:
+    """--draft's refusals, before anything is loaded."""
+    if args.draft and (args.tensor > 1 or args.quantize):
+        raise UserError("--draft decodes on one device in float32: drop --tensor and --quantize")
+    if args.draft_k is not None and not args.draft:
+        raise UserError("--draft-k sets how many tokens a draft proposes: give the draft with --draft RUN_DIR")
+    if args.draft_k is None:
+        args.draft_k = 4
+
+
 def _load_draft(run, args):
     """--draft RUN_DIR: its decode weights, after checking that it can draft for `run`."""
     from lm.sampling import decode  # lazy: a command imports what it runs
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
-    if args.tensor > 1 or args.quantize:
-        raise UserError("--draft decodes on one device in float32: drop --tensor and --quantize")
     draft_run = load_run(args.draft, log=_log)
     if draft_run.tokenizer is None or not _same_file(draft_run.tokenizer.path, run.tokenizer.path):
         raise UserError(f"--draft {args.draft}: its tokenizer is not {args.run_dir}'s; a draft must share the "
@@ -336,6 +346,7 @@ def cmd_chat(args) -> int:
     from lm.serve.chat import Chat, is_chat_model  # lazy: a command imports what it runs
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
+    _check_draft_flags(args)
     run = load_run(args.run_dir, log=_log, tensor=args.tensor)
     weights = run.decode_weights(_log, args.quantize) if args.tensor > 1 or args.quantize else None
     if not is_chat_model(run):
@@ -355,30 +366,32 @@ def cmd_chat(args) -> int:
     print(f"chatting with {args.run_dir} ({run.cfg.stage}, step {run.step}, context {run.cfg.model.max_seq_len} "
           "tokens)" + (f", system prompt {args.system!r}" if args.system else "")
           + ". /reset starts over; an empty line, /quit or Ctrl-D ends.")
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            break
-        if not line.strip() or line.strip() in ("/quit", "/exit"):
-            break
-        if line.strip() == "/reset":
-            chat.reset()
-            print("(history cleared)")
-            continue
-        dropped = chat.dropped
-        try:
-            chat.reply(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                       on_tool=_show_tool_call)
-        except ValueError as e:
-            print(f"(not sent: {e})")
-            continue
-        sys.stdout.write("\n" if chat.ended else " [reply cut at --max-new tokens]\n")
-        if chat.dropped > dropped:
-            print(f"(the oldest {chat.dropped - dropped} exchange(s) no longer fit the context and were left out)")
-    stop.set()  # a compilation still running in the warm-up ends before the process does
-    warm.join()
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                break
+            if not line.strip() or line.strip() in ("/quit", "/exit"):
+                break
+            if line.strip() == "/reset":
+                chat.reset()
+                print("(history cleared)")
+                continue
+            dropped = chat.dropped
+            try:
+                chat.reply(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                           on_tool=_show_tool_call)
+            except ValueError as e:
+                print(f"(not sent: {e})")
+                continue
+            sys.stdout.write("\n" if chat.ended else " [reply cut at --max-new tokens]\n")
+            if chat.dropped > dropped:
+                print(f"(the oldest {chat.dropped - dropped} exchange(s) no longer fit the context and were left out)")
+    finally:  # a compilation still running in the warm-up ends before the process does
+        stop.set()
+        warm.join()
     if draft is not None and chat.drafted:
         print(f"speculative decoding (k={args.draft_k}): {chat.accepted} of {chat.drafted} drafted tokens accepted "
               f"({chat.accepted / chat.drafted:.0%})", file=sys.stderr)
@@ -641,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="speculative decoding: a smaller run with the same tokenizer proposes tokens that this run "
                          "checks several at a time (same greedy output; sampled output follows this run's "
                          "distribution); prints the acceptance rate")
-    sp.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=4,
+    sp.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=None,
                     help="with --draft: tokens the draft proposes per round (default 4)")
     sp.add_argument("--speedup", action="store_true",
                     help="with --draft: also decode with this run alone, and print the speed-up")
@@ -654,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
                          "run checks several at a time (the same greedy replies; sampled replies follow this run's "
                          "distribution; each reply is shown when it is done); the acceptance rate is printed at "
                          "the end")
-    ch.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=4,
+    ch.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=None,
                     help="with --draft: tokens the draft proposes per round (default 4)")
     ch.set_defaults(fn=cmd_chat)
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run (continuous batching)")

@@ -39,15 +39,20 @@ def test_the_cut_keeps_the_first_rows_and_makes_each_a_row_of_pieces():
     rng = np.random.default_rng(0)
     local = {k: rng.integers(0, 100, (8, 32)) for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
     local["source_id"] = np.arange(8)
-    out = shapes.cut(local, 0, processes=1)  # 4 rows in pieces of 8 tokens
+    out = shapes.cut(local, 0, processes=1, shards=1)  # 4 rows in pieces of 8 tokens
     for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask"):
         assert out[k].shape == (16, 8)
         np.testing.assert_array_equal(out[k][5], local[k][1, 8:16])  # row 1's second piece
         np.testing.assert_array_equal(out[k].reshape(4, 32), local[k][:4])  # nothing reordered or lost
     np.testing.assert_array_equal(out["source_id"], [0, 1, 2, 3])  # a row's source follows its row
-    two = shapes.cut({k: v[:4] for k, v in local.items()}, 0, processes=2)  # this process's half of the batch
+    two = shapes.cut({k: v[:4] for k, v in local.items()}, 0, processes=2, shards=2)  # process 0's half
     assert two["inputs"].shape == (8, 8) and two["source_id"].tolist() == [0, 1]
-    full = shapes.cut(local, 4, processes=1)
+    # 2 data shards in one process: the batch is their blocks of 4 rows, one after the other; the
+    # warm-up keeps the first 2 rows of each, the rows two processes would keep between them
+    sharded = shapes.cut(local, 0, processes=1, shards=2)
+    assert sharded["source_id"].tolist() == [0, 1, 4, 5]
+    np.testing.assert_array_equal(sharded["inputs"].reshape(4, 32), local["inputs"][[0, 1, 4, 5]])
+    full = shapes.cut(local, 4, processes=1, shards=1)
     assert all(full[k] is not None and np.array_equal(full[k], local[k]) for k in local)
 
 
@@ -58,23 +63,31 @@ def test_the_cut_keeps_the_first_rows_and_makes_each_a_row_of_pieces():
     (dict(batch_warmup_steps=4, batch_warmup_start=3), "trainer.batch_warmup_start=3 must be data.batch_size=8"),
     (dict(batch_warmup_steps=-1), "trainer.batch_warmup_steps=-1 must not be negative"),
     (dict(seq_warmup_steps=21, seq_warmup_start=8), "trainer.seq_warmup_steps=21 exceeds trainer.steps=20"),
+    (dict(seq_warmup_steps=4, seq_warmup_start=2, mtp=2), "model.mtp_tokens=2 must be less than trainer.seq_warmup"),
+    (dict(seq_warmup_steps=4, seq_warmup_start=8, stage="sft"), "a conversation's replies would lose their prompts"),
+    (dict(batch_warmup_steps=4, batch_warmup_start=2, stage="dpo"), "applies to the pretrain and sft stages, not 'dpo'"),
 ])
 def test_warm_ups_that_mean_nothing_are_refused_in_one_line(trainer, message):
+    mtp, stage = trainer.pop("mtp", 0), trainer.pop("stage", "pretrain")
+    cfg = _cfg(**trainer)
+    cfg = dataclasses.replace(cfg, stage=stage, model=dataclasses.replace(cfg.model, mtp_tokens=mtp))
     with pytest.raises(ConfigError) as e:
-        _cfg(**trainer).validate()
+        cfg.validate()
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_shapes_that_do_not_split_over_the_devices_are_refused():
     shapes = warmup.Shapes(_cfg(batch_warmup_steps=4, batch_warmup_start=1))
-    shapes.check(processes=1, data_parallel=1, microbatches=1)
-    with pytest.raises(ConfigError, match="1 rows cut into pieces of 32 tokens .1 rows. do not split over the 2 "
-                                          "data-parallel devices"):  # (the check's own wording: rows and pieces)
-        shapes.check(processes=1, data_parallel=2, microbatches=1)
-    with pytest.raises(ConfigError, match="the 2 processes"):
-        shapes.check(processes=2, data_parallel=1, microbatches=1)
+    shapes.check(shards=1, data_parallel=1, microbatches=1)
+    with pytest.raises(ConfigError, match="1 rows cut into pieces of 32 tokens .1 rows. do not split over "
+                                          "trainer.microbatches=1 x the 2 data-parallel devices"):
+        shapes.check(shards=1, data_parallel=2, microbatches=1)
+    with pytest.raises(ConfigError, match="the 2 data shards"):
+        shapes.check(shards=2, data_parallel=1, microbatches=1)
     seq = warmup.Shapes(_cfg(seq_warmup_steps=4, seq_warmup_start=8, batch_warmup_steps=4, batch_warmup_start=2))
-    seq.check(processes=1, data_parallel=8, microbatches=8)  # 2 rows in 4 pieces each split over 8
+    seq.check(shards=2, data_parallel=8, microbatches=1)  # 2 rows (one per shard) in 4 pieces each: 8 pieces
+    with pytest.raises(ConfigError, match="microbatches=2 x the 8"):  # 8 pieces in 2 micro-batches of 4: not over 8
+        seq.check(shards=1, data_parallel=8, microbatches=2)
 
 
 EXPERIMENT = """
@@ -140,4 +153,4 @@ def test_stages_that_train_on_pairs_or_rollouts_refuse_the_warm_ups():
     cfg = _cfg(seq_warmup_steps=4, seq_warmup_start=8)
     engine = SimpleNamespace(objective=SimpleNamespace(name="preference"))
     with pytest.raises(ConfigError, match="cut next-token rows .* trains on preference batches: set them to 0"):
-        _check_warmup(warmup.Shapes(cfg), dataclasses.replace(cfg, stage="dpo"), engine, print)
+        _check_warmup(warmup.Shapes(cfg), dataclasses.replace(cfg, stage="dpo"), engine, 1, print)

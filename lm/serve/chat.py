@@ -12,6 +12,7 @@ A base model (a pretraining run) has never seen the template: `is_chat_model` te
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 from data_pipeline.chat import (
@@ -55,6 +56,7 @@ class Chat:
         self.run, self.system = run, system
         self.draft, self.draft_k = draft, draft_k  # speculative decoding: a draft's decode weights
         self.drafted = self.accepted = 0  # the draft's proposals so far, and how many the run kept
+        self._lock = threading.Lock()
         self.tools = list(tools or [])
         if self.tools and not has_tool_tokens(run.tokenizer):
             raise ChatFormatError(f"{run.run_dir or 'this run'} was not trained to call tools: its tokenizer has no "
@@ -90,9 +92,10 @@ class Chat:
         return len(widths)
 
     def _target(self) -> decode.Weights:
-        if self.weights is None:
-            self.weights = decode.prepare(self.run.graphdef, self.run.params)
-        return self.weights
+        with self._lock:  # (the warm-up thread and the first reply may both ask)
+            if self.weights is None:
+                self.weights = decode.prepare(self.run.graphdef, self.run.params)
+            return self.weights
 
     def reset(self) -> None:
         self.history, self.dropped = [], 0

@@ -290,8 +290,9 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     logger = MetricsLogger(run_dir, enabled=main)
     meter = _Meter(peak, perf.remeasured_peak if peak_src.startswith("measured") else None)
     shapes = warmup.Shapes(cfg)
+    shards = getattr(data, "num_shards", None) or jax.process_count()  # data shards (at least one per process)
     if shapes.active:
-        _check_warmup(shapes, cfg, engine, log)
+        _check_warmup(shapes, cfg, engine, shards, log)
     programs: dict[tuple[int, int], Any] = {}  # (rows, row length) -> the compiled step
     fpts = {length: flops_per_token(cfg.model, length) for _, length in shapes.all()}  # (attention's share varies)
     jitted_step = step_fn
@@ -322,7 +323,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                     local = data.next_train()
                 shape = shapes.at(step)
                 if shapes.active:  # the warm-ups' rows and pieces (lm/train/warmup.py)
-                    local = shapes.cut(local, step, jax.process_count())
+                    local = shapes.cut(local, step, jax.process_count(), shards)
                 batch = global_batch({k: local[k] for k in engine.objective.batch_axes}, engine.batch_sharding)
                 wait = time.perf_counter() - t0
                 if "source_id" in local and "segment_ids" in local:
@@ -334,6 +335,8 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
                         f"the train step for {shapes.describe(shape)}"
                     log(f"compiling {what}")
                     with signals.during("compiling the train step"):
+                        if not first:  # (the steps queued before are not compilation time)
+                            jax.block_until_ready(state)
                         tc = time.perf_counter()
                         programs[shape] = jitted_step.lower(state, batch, frozen).compile()
                         compile_s = time.perf_counter() - tc
@@ -432,7 +435,7 @@ def run(cfg: Config, run_dir: str, setup: Setup, log: Callable = print, progress
     return summary
 
 
-def _check_warmup(shapes: "warmup.Shapes", cfg: Config, engine: Engine, log: Callable) -> None:
+def _check_warmup(shapes: "warmup.Shapes", cfg: Config, engine: Engine, shards: int, log: Callable) -> None:
     """The warm-ups cut next-token rows: refused (one line) for stages that train on pairs or
     rollouts, and for shapes that do not split over the processes, devices and micro-batches."""
     if engine.objective.name != "next_token":
@@ -443,7 +446,7 @@ def _check_warmup(shapes: "warmup.Shapes", cfg: Config, engine: Engine, log: Cal
     axes = spec[0] if spec and spec[0] is not None else ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     data_parallel = int(np.prod([engine.mesh.shape[a] for a in axes])) if axes else 1
-    shapes.check(jax.process_count(), data_parallel, cfg.trainer.microbatches)
+    shapes.check(shards, data_parallel, cfg.trainer.microbatches)
     log("warm-up: " + ", then ".join(shapes.describe(s) for s in shapes.all())
         + f" (rows from steps {[s for s, _ in shapes.rows]}, lengths from steps {[s for s, _ in shapes.lengths]})")
 

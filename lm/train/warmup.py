@@ -71,35 +71,38 @@ class Shapes:
         firsts = sorted({s for s, _ in self.rows} | {s for s, _ in self.lengths})
         return list(dict.fromkeys(self.at(s) for s in firsts))
 
-    def check(self, processes: int, data_parallel: int, microbatches: int) -> None:
-        """Each shape's rows must split over the processes, the data-parallel devices and the
-        micro-batches, as the full batch does."""
+    def check(self, shards: int, data_parallel: int, microbatches: int) -> None:
+        """Each shape's rows must split over the data shards (at least one per process), and its
+        pieces over the micro-batches times the data-parallel devices, as the full batch does."""
         for rows, length in self.all():
             pieces = rows * (self.full[1] // length)
-            for what, n, count in ((f"the {processes} processes", processes, rows),
-                                   (f"the {data_parallel} data-parallel devices", data_parallel, pieces),
-                                   (f"trainer.microbatches={microbatches}", microbatches, pieces)):
+            for what, n, count in ((f"the {shards} data shards (data.num_shards)", shards, rows),
+                                   (f"trainer.microbatches={microbatches} x the {data_parallel} data-parallel "
+                                    "devices", microbatches * data_parallel, pieces)):
                 if count % n:
                     raise ConfigError(
                         f"the warm-up's batches of {rows} rows cut into pieces of {length} tokens ({pieces} "
                         f"rows) do not split over {what}: raise trainer.batch_warmup_start or "
                         "trainer.seq_warmup_start")
 
-    def cut(self, local: dict, step: int, processes: int) -> dict:
-        """This process's batch at `step`: its first rows (batch warm-up), each cut into
-        pieces (sequence warm-up). Keys without a token axis (a row's source) follow."""
+    def cut(self, local: dict, step: int, processes: int, shards: int) -> dict:
+        """This process's batch at `step`: the first rows of each of its data shards' blocks
+        (batch warm-up: the same rows whatever the number of processes), each cut into pieces
+        (sequence warm-up). Keys without a token axis (a row's source) follow."""
         rows, length = self.at(step)
-        keep = rows // processes
         b, t = self.full[0] // processes, self.full[1]
+        blocks = shards // processes  # this process's rows: its shards' blocks, one after another
+        keep = rows // shards  # rows kept of each block
         out = {}
         for k, v in local.items():
             v = np.asarray(v)
             if v.ndim == 0 or v.shape[0] != b:
                 out[k] = v
                 continue
-            v = v[:keep]
+            if keep * blocks < b:
+                v = v.reshape(blocks, b // blocks, *v.shape[1:])[:, :keep].reshape(keep * blocks, *v.shape[1:])
             if v.ndim >= 2 and v.shape[1] == t and length < t:
-                v = v.reshape(keep * (t // length), length, *v.shape[2:])
+                v = v.reshape(len(v) * (t // length), length, *v.shape[2:])
             out[k] = v
         return out
 
