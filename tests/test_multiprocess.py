@@ -50,19 +50,27 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
+WARM_UPS = ["trainer.batch_warmup_steps=4", "trainer.batch_warmup_start=2", "trainer.seq_warmup_steps=4",
+            "trainer.seq_warmup_start=8"]
+
+
 @pytest.mark.slow  # run by .ci/run after make test
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [[], WARM_UPS], ids=["plain", "warm-ups"])
+def test_two_processes_match_one_process(tmp_path, extra):
+    """(with the warm-ups: each process keeps the first rows of its own data shard, and cuts them
+    into the same pieces, so the global batches are the one process's)"""
     experiment = write_experiment(tmp_path, EXPERIMENT, "two_process")
+    sets = [f for s in extra for f in ("--set", s)]
     single = tmp_path / "single"
-    done = subprocess.run(_cmd(experiment, single), cwd=ROOT, env=_env(8), capture_output=True, text=True,
+    done = subprocess.run(_cmd(experiment, single, sets), cwd=ROOT, env=_env(8), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     multi = tmp_path / "multi"
     port = _free_port()
     procs = [
-        subprocess.Popen(_cmd(experiment, multi, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                      "--process-id", str(i), "--cpu-collectives"]),
+        subprocess.Popen(_cmd(experiment, multi, [*sets, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                                  "2", "--process-id", str(i), "--cpu-collectives"]),
                          cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
@@ -78,6 +86,8 @@ def test_two_processes_match_one_process(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "2 process(es)" in outs[0] and "8 cpu device(s)" in outs[0]
+    if extra:
+        assert "compiling the train step for 2 rows cut into pieces of 8 tokens" in outs[0], outs[0][-3000:]
 
     a, b = _losses(single), _losses(multi)
     assert len(a) == len(b) == 6
