@@ -385,12 +385,6 @@ class Config:
                 raise ConfigError(
                     f"trainer.{key}_warmup_start={start} must be {what}={full} divided by a power of two "
                     f"(2, 4, ...): the warm-up doubles it up to {what}")
-            stages = ("pretrain",) if key == "seq" else ("pretrain", "sft")
-            if self.stage not in stages:
-                raise ConfigError(
-                    f"trainer.{key}_warmup_steps applies to the {' and '.join(stages)} stage{'s' * (len(stages) > 1)}"
-                    + (" (cut into pieces, a conversation's replies would lose their prompts)" if key == "seq"
-                       and self.stage == "sft" else f", not {self.stage!r}") + f": set trainer.{key}_warmup_steps=0")
         if t.seq_warmup_steps and self.model.mtp_tokens >= t.seq_warmup_start:
             raise ConfigError(f"model.mtp_tokens={self.model.mtp_tokens} must be less than trainer.seq_warmup_start="
                               f"{t.seq_warmup_start} (each extra token is predicted within the warm-up's pieces)")

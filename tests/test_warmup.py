@@ -64,13 +64,11 @@ def test_the_cut_keeps_the_first_rows_and_makes_each_a_row_of_pieces():
     (dict(batch_warmup_steps=-1), "trainer.batch_warmup_steps=-1 must not be negative"),
     (dict(seq_warmup_steps=21, seq_warmup_start=8), "trainer.seq_warmup_steps=21 exceeds trainer.steps=20"),
     (dict(seq_warmup_steps=4, seq_warmup_start=2, mtp=2), "model.mtp_tokens=2 must be less than trainer.seq_warmup"),
-    (dict(seq_warmup_steps=4, seq_warmup_start=8, stage="sft"), "a conversation's replies would lose their prompts"),
-    (dict(batch_warmup_steps=4, batch_warmup_start=2, stage="dpo"), "applies to the pretrain and sft stages, not 'dpo'"),
 ])
 def test_warm_ups_that_mean_nothing_are_refused_in_one_line(trainer, message):
-    mtp, stage = trainer.pop("mtp", 0), trainer.pop("stage", "pretrain")
+    mtp = trainer.pop("mtp", 0)
     cfg = _cfg(**trainer)
-    cfg = dataclasses.replace(cfg, stage=stage, model=dataclasses.replace(cfg.model, mtp_tokens=mtp))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mtp_tokens=mtp))
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -152,5 +150,15 @@ def test_stages_that_train_on_pairs_or_rollouts_refuse_the_warm_ups():
 
     cfg = _cfg(seq_warmup_steps=4, seq_warmup_start=8)
     engine = SimpleNamespace(objective=SimpleNamespace(name="preference"))
-    with pytest.raises(ConfigError, match="cut next-token rows .* trains on preference batches: set them to 0"):
+    with pytest.raises(ConfigError, match="cut next-token rows; stage 'dpo' trains on preference batches: set them "
+                                          "to 0"):
         _check_warmup(warmup.Shapes(cfg), dataclasses.replace(cfg, stage="dpo"), engine, 1, print)
+
+
+def test_sft_refuses_the_sequence_warm_up_before_it_reads_anything(tmp_path):
+    from lm.stages import sft
+
+    cfg = dataclasses.replace(_cfg(seq_warmup_steps=4, seq_warmup_start=8), stage="sft")
+    with pytest.raises(ConfigError, match="replies apart from their prompts: set it to 0 for SFT"):
+        sft.setup(cfg, str(tmp_path), None, print)
+    assert not any(tmp_path.iterdir())

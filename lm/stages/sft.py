@@ -105,6 +105,9 @@ def open_data(cfg: Config, run_dir: str, log: Callable = print, tokenizer: Token
 
 
 def setup(cfg: Config, run_dir: str, mesh, log: Callable) -> Setup:
+    if cfg.trainer.seq_warmup_steps:  # (the batch-size warm-up is fine: whole conversations)
+        raise ConfigError("trainer.seq_warmup_steps would cut conversations into pieces, replies apart from their "
+                          "prompts: set it to 0 for SFT")
     tok = run_tokenizer(cfg, run_dir)
     engine = make_engine(cfg, mesh, NextToken(cfg))
     data = open_data(cfg, run_dir, log, tok)

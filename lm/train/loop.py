@@ -439,9 +439,8 @@ def _check_warmup(shapes: "warmup.Shapes", cfg: Config, engine: Engine, shards: 
     """The warm-ups cut next-token rows: refused (one line) for stages that train on pairs or
     rollouts, and for shapes that do not split over the processes, devices and micro-batches."""
     if engine.objective.name != "next_token":
-        raise ConfigError(f"trainer.seq_warmup_steps and trainer.batch_warmup_steps cut next-token rows (the pretrain "
-                          f"and sft stages); stage {cfg.stage!r} trains on {engine.objective.name} batches: set them "
-                          "to 0")
+        raise ConfigError(f"trainer.seq_warmup_steps and trainer.batch_warmup_steps cut next-token rows; stage "
+                          f"{cfg.stage!r} trains on {engine.objective.name} batches: set them to 0")
     spec = engine.batch_sharding["inputs"].spec
     axes = spec[0] if spec and spec[0] is not None else ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
