@@ -48,6 +48,7 @@ from lm.model.transformer import (
     softcap,
     window_mask,
 )
+from lm.sampling import int8_cpu
 
 SPAN_BUCKET = 64  # attention spans are multiples of this (a compiled program per span)
 
@@ -436,9 +437,10 @@ def quantize(w: Weights) -> Weights:
 
 
 def _mm(x, m):
-    """x @ m, for a plain or an int8 matrix (converted in the product, scaled per column after)."""
+    """x @ m, for a plain or an int8 matrix (converted in the product, scaled per column after;
+    on a CPU by the native kernel, `int8_cpu`)."""
     if isinstance(m, Int8):
-        return (x @ m.q.astype(x.dtype)) * m.scale.astype(x.dtype)
+        return int8_cpu.matmul(x, m.q, m.scale)
     return x @ m
 
 
@@ -537,7 +539,7 @@ def _mlp(w: Weights, layer, x):
 def _logits(w: Weights, x):
     h = rms_norm(x, w.final_norm, w.cfg.norm_eps)
     if isinstance(w.out, Int8):
-        return softcap(jnp.dot(h, w.out.q.astype(h.dtype), preferred_element_type=jnp.float32) * w.out.scale,
+        return softcap(int8_cpu.matmul(h, w.out.q, w.out.scale, out_dtype=jnp.float32),
                        w.cfg.logit_softcap)
     return softcap(jnp.dot(h, w.out, preferred_element_type=jnp.float32), w.cfg.logit_softcap)
 

@@ -9,7 +9,9 @@ must stay far above what training consumes; `decode_tokens_per_s_b1/_b8=N` and, 
 torch and transformers installed, `decode_ratio_vs_transformers_b1/_b8=R` against
 `transformers.generate` on the same model exported, measured alternately in the same run;
 `decode_b8_over_b1_bound=R`: the most batch 8 could give over batch 1 with the step's
-weight products as fast as they run alone (`weight_products_ms`). `lm bench curate` (not part
+weight products as fast as they run alone (`weight_products_ms`); `decode_small_b1/_b8_*`: the
+same on `small` (110M, weights beyond the CPU's cache), float32 and int8, against transformers
+in float32 and in torch's dynamic int8 (`main_decode_large`). `lm bench curate` (not part
 of "all"): `lm data curate` on a planted corpus, `curate_docs_per_s=N curate_mb_per_s=M`.
 """
 
@@ -37,7 +39,8 @@ from lm.config import Config, MeshConfig
 from lm.interop.hf import export_llama
 from lm.model.sharding import make_mesh
 from lm.model.transformer import Transformer, flops_per_token, param_count
-from lm.sampling import decode
+from lm.model.sizes import size
+from lm.sampling import decode, int8_cpu
 from lm.sampling.sampler import generate
 from lm.tools import peer_torch
 from lm.train import perf
@@ -151,6 +154,68 @@ def main_decode(rounds: int = 5) -> dict:
     return _decode_report(weights, ours, theirs)
 
 
+def main_decode_large(name: str = "small", rounds: int = 3, new: int = 128, prompt: int = 32) -> dict:
+    """New tokens/s at batch 1 and 8 on a model whose float32 weights outgrow the CPU's cache
+    (`small`, 110M, random weights, float32 compute), where a decode step is bound by reading
+    its weights: ours in float32 and in int8 (`--quantize int8`, the native kernel on a CPU),
+    transformers `generate` (eager) in float32 and with torch's dynamic int8 quantisation, in
+    its own process with its default threads and with one (the faster counts). Medians of
+    `rounds`, all four interleaved; 32-token prompts, `new` greedy tokens, prefill included."""
+    cfg = dataclasses.replace(size(name), compute_dtype="float32")
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+    ours = {"float32": decode.prepare(graphdef, params)}
+    ours["int8"] = decode.quantize(ours["float32"])
+    sizes = {k: sum(a.nbytes for a in jax.tree.leaves(w)) / 2**20 for k, w in ours.items()}
+    print(f"decode[{name}]: {param_count(cfg) / 1e6:.0f}M parameters, weights {sizes['float32']:.0f} MiB in float32, "
+          f"{sizes['int8']:.0f} MiB in int8 (native int8 kernel: {'yes' if int8_cpu.available() else 'no'})")
+    peer = None
+    with tempfile.TemporaryDirectory() as hf_dir:
+        if _torch_available("large-model decode"):
+            export_llama(cfg, params, hf_dir)
+            peer = peer_torch.Peer()
+            for kind in ("float32", "int8"):
+                peer.default_threads = peer.call("load_decoder", hf_dir=hf_dir, name=kind,
+                                                 int8=kind == "int8")["default_threads"]
+    try:
+        rates = {}
+        for b in (1, 8):
+            prompts = [[(7 * i + j) % (cfg.vocab_size - 1) + 1 for j in range(prompt)] for i in range(b)]
+            runs = {k: (lambda w=w: generate(graphdef, params, prompts, new, prompt + new, temperature=0.0, weights=w))
+                    for k, w in ours.items()}
+            out = {k: run() for k, run in runs.items()}  # compile
+            print(f"decode[{name}, batch {b}]: int8 greedy tokens equal to float32's for the first "
+                  f"{_agreement(out['int8'], out['float32'])} of {new} (random weights: near-ties part them)")
+            modes = {} if peer is None else {(k, t): None for k in ("float32", "int8")
+                                             for t in (peer.default_threads, 1)}
+            times = {**{k: [] for k in runs}, **{m: [] for m in modes}}
+            for _ in range(rounds):
+                for k, run in runs.items():
+                    t = time.perf_counter()
+                    run()
+                    times[k].append(time.perf_counter() - t)
+                for kind, threads in modes:
+                    times[(kind, threads)].append(peer.call("generate", name=kind, prompts=prompts, new=new,
+                                                            threads=threads)["seconds"])
+            rate = {k: b * new / float(np.median(v)) for k, v in times.items()}
+            line = (f"decode[{name}, batch {b}]: ours float32 {rate['float32']:,.1f} new tokens/s, int8 "
+                    f"{rate['int8']:,.1f} ({rate['int8'] / rate['float32']:.2f}x float32)")
+            keys = {f"decode_{name}_b{b}_float32": rate["float32"], f"decode_{name}_b{b}_int8": rate["int8"],
+                    f"decode_{name}_b{b}_int8_over_float32": rate["int8"] / rate["float32"]}
+            if peer is not None:
+                for kind in ("float32", "int8"):
+                    best = max((m for m in modes if m[0] == kind), key=rate.get)
+                    keys[f"decode_{name}_b{b}_{kind}_ratio_vs_transformers"] = rate[kind] / rate[best]
+                    line += (f"; transformers eager {kind}: {rate[best]:,.1f} ({best[1]} thread"
+                             f"{'s' if best[1] > 1 else ''}), ratio {rate[kind] / rate[best]:.2f}x")
+            print(line)
+            print(" ".join(f"{k}={v:.2f}" for k, v in keys.items()))
+            rates.update(keys)
+        return rates
+    finally:
+        if peer is not None:
+            peer.close()
+
+
 def _decode_rounds(graphdef, params, weights, peer, rounds: int):
     new = 128
     ours, theirs = {}, {}
@@ -205,16 +270,17 @@ def weight_products_ms(w, batch: int, steps: int = 100, rounds: int = 5) -> floa
     so 8 x (batch-1 step) / (this at batch 8) bounds what batch 8 gains over batch 1."""
     cfg = w.cfg
     nh, f = cfg.n_heads * cfg.head_size, cfg.d_ff
+    mm = decode._mm  # float or int8 matrices
     x0 = jnp.full((batch, cfg.d_model), 0.1, jnp.dtype(cfg.compute_dtype))
 
     @jax.jit
     def loop(w, x0):
         def body(_, x):
             for layer in w.layers:
-                x = x + (x @ layer["wqkv"])[:, :nh] @ layer["wo"]
-                y = x @ layer["w_gate_up"]
-                x = x + (y[:, :f] * y[:, f:]) @ layer["w_down"]
-            return x0 + (x @ w.out)[:, : x.shape[1]] * 1e-3  # bounded values: no denormals
+                x = x + mm(mm(x, layer["wqkv"])[:, :nh], layer["wo"])
+                y = mm(x, layer["w_gate_up"])
+                x = x + mm(y[:, :f] * y[:, f:], layer["w_down"])
+            return x0 + mm(x, w.out)[:, : x.shape[1]] * 1e-3  # bounded values: no denormals
         return jax.lax.fori_loop(0, steps, body, x0)
 
     jax.block_until_ready(loop(w, x0))
@@ -258,6 +324,7 @@ def main(which: str = "all") -> int:
         main_data(ref)
     if which in ("all", "decode"):
         main_decode()
+        main_decode_large()
     if which == "curate":  # not in "all": it needs the curate extra and takes a minute or two
         main_curate()
     return 0

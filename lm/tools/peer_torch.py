@@ -2,7 +2,9 @@
 
 Decoding (`HFDecoder`): our model exported with `lm.interop.hf.export_llama` and loaded by
 `transformers.LlamaForCausalLM.from_pretrained`, greedy `generate` in eager mode with its
-own KV cache, exactly `new` tokens per prompt (no early stop), float32.
+own KV cache, exactly `new` tokens per prompt (no early stop), float32; with `int8=True`
+its linear layers (the output head included) go through torch's dynamic int8 quantisation
+(`torch.ao.quantization.quantize_dynamic`: int8 weights, activations quantised per step).
 
 Training:
 The same model (LlamaForCausalLM built from our ModelConfig: RoPE, RMSNorm, SwiGLU,
@@ -102,13 +104,17 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
 class HFDecoder:
     """Greedy `transformers.generate` on an exported model (a folder written by export_llama)."""
 
-    def __init__(self, hf_dir: str):
+    def __init__(self, hf_dir: str, int8: bool = False):
         import torch  # optional: the PyTorch peer
         import transformers  # optional: the PyTorch peer
 
         self.torch = torch
         self.model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         self.model.generation_config.eos_token_id = None  # exactly `new` tokens
+        if int8:
+            from torch.ao.quantization import quantize_dynamic  # optional: the PyTorch peer
+
+            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.default_threads = torch.get_num_threads()
 
     def generate(self, prompts: list[list[int]], new: int, threads: int | None = None) -> list[list[int]]:
@@ -128,7 +134,7 @@ class HFDecoder:
 
 def _serve() -> None:
     """The child's loop: a JSON command per line in, a JSON answer per line out."""
-    decoder = None
+    decoders = {}
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
@@ -136,11 +142,11 @@ def _serve() -> None:
                 cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cmd["model"].items()})
                 out = train_rate(cfg, cmd["batch"], cmd["seq_len"], **cmd.get("options", {}))
             elif cmd["op"] == "load_decoder":
-                decoder = HFDecoder(cmd["hf_dir"])
+                decoder = decoders[cmd.get("name", "")] = HFDecoder(cmd["hf_dir"], int8=cmd.get("int8", False))
                 out = {"default_threads": decoder.default_threads}
             elif cmd["op"] == "generate":
                 t = time.perf_counter()
-                tokens = decoder.generate(cmd["prompts"], cmd["new"], cmd.get("threads"))
+                tokens = decoders[cmd.get("name", "")].generate(cmd["prompts"], cmd["new"], cmd.get("threads"))
                 out = {"seconds": time.perf_counter() - t, "tokens": tokens}
             else:
                 out = {"error": f"unknown op {cmd['op']!r}"}

@@ -1,0 +1,113 @@
+"""The decode engine's int8 product on a CPU, as a small native kernel.
+
+XLA's CPU backend converts an int8 matrix to floats before a product instead of inside it,
+so int8 weights read more memory than float32 ones and decode no faster. `int8_cpu.cc`
+reads each int8 weight once and converts it in registers: at batch 1 a step reads a
+quarter of float32's bytes. It is built on first use with the machine's C++ compiler
+against the installed jaxlib's XLA FFI headers (about 2 s, once per machine; the library
+is kept under `LM_CACHE`, default `~/.cache/lm`) and registered as an XLA FFI target.
+
+`matmul(x, q, scale)` takes it for float32 rows on a CPU, up to `ROWS` of them (decode
+steps and speculative checks; longer prefills keep XLA's product, which wins there), and
+XLA's product everywhere else: on accelerators, for other dtypes, without a compiler
+(said once), or with `LM_INT8_KERNEL=0`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+log = logging.getLogger(__name__)
+
+ROWS = 64  # the most rows the kernel takes (more: XLA's product)
+TARGET = "lm_int8_matmul"
+SOURCE = Path(__file__).with_name("int8_cpu.cc")
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LM_CACHE") or Path.home() / ".cache" / "lm") / "kernels"
+
+
+def _cpu_id() -> str:
+    """What `-march=native` compiles for: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    """The kernel's shared library for this source, jaxlib and CPU, compiled if missing."""
+    include = Path(jaxlib.__file__).parent / "include"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++, g++ or clang++; or set CXX)")
+    if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
+        raise RuntimeError(f"jaxlib {jaxlib.__version__} has no XLA FFI headers under {include}")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, *FLAGS, _cpu_id()]).encode())
+    out = _cache_dir() / f"int8_cpu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, moved in whole
+        part = Path(tmp) / out.name
+        done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(part)],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-400:]}")
+        os.replace(part, out)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered (built on the first call; False, said
+    once, when it cannot be, or with `LM_INT8_KERNEL=0`)."""
+    if os.environ.get("LM_INT8_KERNEL", "1") == "0":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmInt8Matmul), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        log.warning("int8 weights use XLA's product on this CPU (slower): the native kernel is unavailable: %s", e)
+        return False
+    return True
+
+
+def _kernel(x, q, scale):
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (q.shape[1],), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, q, scale.astype(jnp.float32))
+
+
+def xla_matmul(x, q, scale, out_dtype=None):
+    """(x @ q) * scale by XLA: q converted to x's dtype, the product in `out_dtype` (x's)."""
+    y = jnp.dot(x, q.astype(x.dtype), preferred_element_type=out_dtype or x.dtype)
+    return y * scale.astype(y.dtype)
+
+
+def matmul(x, q, scale, out_dtype=None):
+    """(x @ q) * scale for x (..., K), an int8 q (K, N) and per-column scales (N,): the
+    native kernel where it applies (float32 x and result, at most `ROWS` rows, a CPU),
+    else XLA's product."""
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    rows = math.prod(x.shape[:-1])
+    if x.dtype != jnp.float32 or out_dtype != jnp.float32 or rows > ROWS or rows == 0 or not available():
+        return xla_matmul(x, q, scale, out_dtype)
+    return jax.lax.platform_dependent(x, q, scale, cpu=_kernel,
+                                      default=lambda x, q, s: xla_matmul(x, q, s, out_dtype))
