@@ -539,6 +539,7 @@ def cmd_bench(args) -> int:
         from lm.serve import bench as serve_bench  # lazy: a command imports what it runs
 
         serve_bench.main_serve()
+        serve_bench.main_serve(rounds=3, model="small")
         serve_bench.main_prefix()
     return code
 

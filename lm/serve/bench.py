@@ -1,12 +1,14 @@
 """`lm bench serve`: what the server's engine gives one client and many (lm/serve/batching.py).
 
 Decoding only (no HTTP, no tokenizer): the reference model of `lm bench decode`
-(experiments/bench_reference.py) with random weights, requests submitted straight to a
-`Batcher`.
+(experiments/bench_reference.py), and `small` (110M, float32 compute, weights beyond the
+CPU's cache: a step is bound by reading them, as serving a real model is), with random
+weights, requests submitted straight to a `Batcher`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -14,17 +16,21 @@ import numpy as np
 from flax import nnx
 
 from lm import experiment
+from lm.model.sizes import size
 from lm.model.transformer import Transformer
 from lm.sampling import decode
 from lm.serve.batching import Batcher, Request
 
 
-def main_serve(new: int = 128, rounds: int = 7) -> dict:
-    """The server's engine (lm/serve/batching.py) on the reference model: new tokens/s of one
-    client on a 1-slot and on an 8-slot batcher, and of 8 concurrent clients on the 8-slot
-    one (32-token prompts, `new` tokens each, greedy; median of `rounds`, the cases
-    interleaved; no HTTP)."""
-    cfg = experiment.load("bench_reference").model
+def main_serve(new: int = 128, rounds: int = 7, model: str = "reference") -> dict:
+    """The server's engine (lm/serve/batching.py) on the reference model (or `small`): new
+    tokens/s of one client on a 1-slot and on an 8-slot batcher, and of 8 concurrent clients
+    on the 8-slot one (32-token prompts, `new` tokens each, greedy; median of `rounds`, the
+    cases interleaved; no HTTP)."""
+    if model == "reference":
+        cfg = experiment.load("bench_reference").model
+    else:
+        cfg = dataclasses.replace(size(model), compute_dtype="float32")
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
     weights = decode.prepare(graphdef, params)
     batchers = {slots: Batcher(weights, lambda prompt, ids: "", slots=slots, max_len=256,
@@ -49,10 +55,11 @@ def main_serve(new: int = 128, rounds: int = 7) -> dict:
     rates = {(slots, clients): clients * new / float(np.median(times[(slots, clients)]))
              for slots, clients in cases}
     one = rates[(1, 1)]
-    print(f"serve[1-slot engine, 1 client]: {one:,.0f} tokens/s; [8 slots, 1 client]: {rates[(8, 1)]:,.0f} "
-          f"({rates[(8, 1)] / one:.2f}x); [8 slots, 8 clients]: {rates[(8, 8)]:,.0f} ({rates[(8, 8)] / one:.2f}x)")
-    print(f"serve_lone_client_8_slots_over_1_slot={rates[(8, 1)] / one:.2f} "
-          f"serve_8_clients_over_1_slot={rates[(8, 8)] / one:.2f}")
+    tag = "" if model == "reference" else f"_{model}"
+    print(f"serve[{model}; 1-slot engine, 1 client]: {one:,.1f} tokens/s; [8 slots, 1 client]: {rates[(8, 1)]:,.1f} "
+          f"({rates[(8, 1)] / one:.2f}x); [8 slots, 8 clients]: {rates[(8, 8)]:,.1f} ({rates[(8, 8)] / one:.2f}x)")
+    print(f"serve{tag}_lone_client_8_slots_over_1_slot={rates[(8, 1)] / one:.2f} "
+          f"serve{tag}_8_clients_over_1_slot={rates[(8, 8)] / one:.2f}")
     return rates
 
 
