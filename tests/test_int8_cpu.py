@@ -105,3 +105,27 @@ def test_the_library_is_built_once_per_source_jaxlib_and_cpu(tmp_path, monkeypat
     stamp = first.stat().st_mtime_ns
     assert int8_cpu._build() == first and first.stat().st_mtime_ns == stamp  # found, not compiled again
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # nothing half-written left
+
+
+def test_the_server_engine_with_int8_weights_answers_concurrent_clients_as_generate_does():
+    """Four clients at once over the batcher's slots (each step's products over the busy rows
+    go through the kernel) get the greedy tokens `generate` gives with the same int8 weights."""
+    import threading
+
+    from lm.serve.batching import Batcher, Request
+
+    graphdef, params = nnx.split(Transformer(CFG, nnx.Rngs(1)), nnx.Param)
+    q = decode.prepare(graphdef, params, int8=True)
+    prompts = [[3 + i, 7, 11 + 2 * i, 19, 23 + i][: 3 + i % 3] for i in range(4)]
+    got, done = {}, threading.Semaphore(0)
+    batcher = Batcher(q, lambda prompt, ids: "", slots=4, max_len=CFG.max_seq_len, log=lambda *_: None).start(warm=False)
+    try:
+        for i, p in enumerate(prompts):
+            batcher.submit(Request(p, 10, stream=False),
+                           lambda ev, i=i: ev.finish and (got.__setitem__(i, ev.tokens), done.release()))
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+    finally:
+        batcher.close()
+    want = [generate(graphdef, params, [p], 10, CFG.max_seq_len, temperature=0.0, weights=q)[0] for p in prompts]
+    assert [got[i] for i in range(4)] == want
