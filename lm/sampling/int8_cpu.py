@@ -37,6 +37,7 @@ ROWS = 64  # the most rows the kernel takes (more: XLA's product)
 TARGET = "lm_int8_matmul"
 SOURCE = Path(__file__).with_name("int8_cpu.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+_LOADED: dict = {}
 
 
 def _cache_dir() -> Path:
@@ -82,7 +83,7 @@ def available() -> bool:
     if os.environ.get("LM_INT8_KERNEL", "1") == "0":
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
+        library = _LOADED.setdefault("int8_cpu", ctypes.cdll.LoadLibrary(str(_build())))  # held for good
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmInt8Matmul), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         log.warning("int8 weights use XLA's product on this CPU (slower): the native kernel is unavailable: %s", e)
@@ -107,7 +108,8 @@ def matmul(x, q, scale, out_dtype=None):
     else XLA's product."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     rows = math.prod(x.shape[:-1])
-    if x.dtype != jnp.float32 or out_dtype != jnp.float32 or rows > ROWS or rows == 0 or not available():
+    if (x.dtype != jnp.float32 or out_dtype != jnp.float32 or rows > ROWS or rows == 0
+            or jax.default_backend() != "cpu" or not available()):  # (no build on an accelerator's host)
         return xla_matmul(x, q, scale, out_dtype)
     return jax.lax.platform_dependent(x, q, scale, cpu=_kernel,
                                       default=lambda x, q, s: xla_matmul(x, q, s, out_dtype))
