@@ -6,10 +6,12 @@
 // of the bytes of a float32 one. The matrix is cut into tiles (a slab of rows of q by a range
 // of at most 2048 columns, so a tile of a narrow matrix is one contiguous block of memory);
 // a tile walks its rows eight at a time, each pass over all its columns, with the M rows'
-// sums for 16 columns in registers. Slabs of one column range write partial sums that are
+// sums for 16 to 64 columns in registers. Slabs of one column range write partial sums that are
 // added at the end. The XLA CPU client's thread pool and the calling thread claim tiles from
 // one counter; the caller waits only for tiles already claimed, so a pool busy with other
-// work cannot stall it. Written with GCC/Clang vector extensions; AVX2 or AVX-512 intrinsics only
+// work cannot stall it. Each load is prefetched one pass ahead: memory answers too slowly
+// for the hardware prefetcher alone (the prefetch gave 20-70% more bandwidth to products of
+// 768-column matrices on a 2-core AMD EPYC). Written with GCC/Clang vector extensions; AVX2 or AVX-512 intrinsics only
 // where GCC 12 would scalarise the int8 -> float conversion.
 #include <algorithm>
 #include <atomic>
@@ -69,32 +71,41 @@ inline f16 Load(const int8_t* p) {
 #endif
 }
 
+// acc[:, j - c0 : j - c0 + 16 V] += xs (steps rows of x, R each) @ q[i : i + steps, j : j + 16 V];
+// V vectors of 16 columns side by side: V independent chains of multiply-adds per row of x,
+// and a whole 64-byte line of each row of q per load when V = 4
+template <int R, int V>
+inline void Block(const Work& w, int64_t i, int64_t steps, const float (*xs)[R], int64_t j, int64_t c0,
+                  int64_t width, float* acc) {
+  f16 a[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) std::memcpy(&a[r][v], acc + r * width + (j - c0) + 16 * v, sizeof(f16));
+  for (int64_t s = 0; s < steps; ++s) {
+    // the next pass's rows (see the top)
+    __builtin_prefetch(w.q + (i + s + kStep) * w.n + j, 0, 0);
+    f16 qv[V];
+    for (int v = 0; v < V; ++v) qv[v] = Load(w.q + (i + s) * w.n + j + 16 * v);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) a[r][v] += xs[s][r] * qv[v];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) std::memcpy(acc + r * width + (j - c0) + 16 * v, &a[r][v], sizeof(f16));
+}
+
 // acc (R, c1 - c0) += x[r0:r0+R, k0:k1] @ q[k0:k1, c0:c1]
 template <int R>
 void Pass(const Work& w, int64_t r0, int64_t k0, int64_t k1, int64_t c0, int64_t c1, float* acc) {
-  const int64_t width = c1 - c0, vec_end = c0 + width / 16 * 16;
+  constexpr int V = R <= 2 ? 4 : (R <= 4 ? 2 : 1);  // R x V sums in registers, at most 16
+  const int64_t width = c1 - c0;
   for (int64_t i = k0; i < k1; i += kStep) {
     const int64_t steps = std::min(kStep, k1 - i);
     float xs[kStep][R];
     for (int64_t s = 0; s < steps; ++s)
       for (int r = 0; r < R; ++r) xs[s][r] = w.x[(r0 + r) * w.k + i + s];
-    for (int64_t j = c0; j < vec_end; j += 16) {
-      f16 a[R];
-      for (int r = 0; r < R; ++r) std::memcpy(&a[r], acc + r * width + (j - c0), sizeof(f16));
-      if (steps == kStep) {
-        for (int64_t s = 0; s < kStep; ++s) {
-          const f16 qv = Load(w.q + (i + s) * w.n + j);
-          for (int r = 0; r < R; ++r) a[r] += xs[s][r] * qv;
-        }
-      } else {
-        for (int64_t s = 0; s < steps; ++s) {
-          const f16 qv = Load(w.q + (i + s) * w.n + j);
-          for (int r = 0; r < R; ++r) a[r] += xs[s][r] * qv;
-        }
-      }
-      for (int r = 0; r < R; ++r) std::memcpy(acc + r * width + (j - c0), &a[r], sizeof(f16));
-    }
-    for (int64_t j = vec_end; j < c1; ++j)
+    int64_t j = c0;
+    for (; j + 16 * V <= c1; j += 16 * V) Block<R, V>(w, i, steps, xs, j, c0, width, acc);
+    for (; j + 16 <= c1; j += 16) Block<R, 1>(w, i, steps, xs, j, c0, width, acc);
+    for (; j < c1; ++j)
       for (int64_t s = 0; s < steps; ++s)
         for (int r = 0; r < R; ++r) acc[r * width + (j - c0)] += xs[s][r] * w.q[(i + s) * w.n + j];
   }
@@ -163,7 +174,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   w->tiles = w->slabs * w->ranges;
   if (w->slabs > 1) w->part.assign(w->slabs * w->m * n, 0.0f);
   const int64_t helpers = std::min(threads, w->tiles) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([w] { Claim(*w); });  // late helpers find nothing left
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([w] { Claim(*w); });
   Claim(*w);
   while (w->done.load(std::memory_order_acquire) < w->tiles) {
   }
@@ -182,6 +193,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmInt8Matmul, Int8MatmulImpl,
@@ -191,3 +203,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
