@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -43,7 +44,7 @@ struct Work {
   float* y;
   int64_t m, k, n;
   int64_t cols, ranges, slab, slabs, tiles;
-  std::vector<float> part;  // (slabs, m, n) partial sums when slabs > 1
+  std::unique_ptr<float[]> part;  // (slabs, m, n) partial sums when slabs > 1 (each tile writes its own)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -82,7 +83,7 @@ inline void Block(const Work& w, int64_t i, int64_t steps, const float (*xs)[R],
     for (int v = 0; v < V; ++v) std::memcpy(&a[r][v], acc + r * width + (j - c0) + 16 * v, sizeof(f16));
   for (int64_t s = 0; s < steps; ++s) {
     // the next pass's rows (see the top)
-    __builtin_prefetch(w.q + (i + s + kStep) * w.n + j, 0, 0);
+    if (i + s + kStep < w.k) __builtin_prefetch(w.q + (i + s + kStep) * w.n + j, 0, 0);
     f16 qv[V];
     for (int v = 0; v < V; ++v) qv[v] = Load(w.q + (i + s) * w.n + j + 16 * v);
     for (int r = 0; r < R; ++r)
@@ -134,7 +135,7 @@ void Tile(Work& w, int64_t t) {
         float* out = w.y + (r0 + r) * w.n + c0;
         for (int64_t j = 0; j < width; ++j) out[j] = a[j] * w.scale[c0 + j];
       } else {
-        std::memcpy(w.part.data() + (slab * w.m + r0 + r) * w.n + c0, a, sizeof(float) * width);
+        std::memcpy(w.part.get() + (slab * w.m + r0 + r) * w.n + c0, a, sizeof(float) * width);
       }
     }
   }
@@ -152,7 +153,9 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const auto qd = q.dimensions();
   if (qd.size() != 2) return ffi::Error::InvalidArgument("int8 matmul: q must be (K, N)");
   const int64_t k = qd[0], n = qd[1];
-  if (k == 0 || n == 0 || x.element_count() % k != 0 || scale.element_count() != n)
+  const auto xd = x.dimensions();
+  if (k == 0 || n == 0 || xd.size() == 0 || xd[xd.size() - 1] != k || scale.element_count() != n ||
+      y->element_count() != x.element_count() / k * n)
     return ffi::Error::InvalidArgument("int8 matmul: x (..., K), q (K, N) and scale (N) do not fit");
   auto w = std::make_shared<Work>();
   w->x = x.typed_data();
@@ -172,19 +175,26 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   w->slab = (k + slabs - 1) / slabs;
   w->slabs = (k + w->slab - 1) / w->slab;
   w->tiles = w->slabs * w->ranges;
-  if (w->slabs > 1) w->part.assign(w->slabs * w->m * n, 0.0f);
+  if (w->slabs > 1) w->part.reset(new float[w->slabs * w->m * n]);
   const int64_t helpers = std::min(threads, w->tiles) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([w] { Claim(*w); });
   Claim(*w);
-  while (w->done.load(std::memory_order_acquire) < w->tiles) {
+  for (int spins = 0; w->done.load(std::memory_order_acquire) < w->tiles; ++spins) {
+    if (spins < 4096) {  // a helper's tile takes microseconds; if it was descheduled, give way
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
   }
   if (w->slabs > 1) {
     for (int64_t r = 0; r < w->m; ++r) {
       float* out = w->y + r * n;
-      const float* p = w->part.data() + r * n;
+      const float* p = w->part.get() + r * n;
       for (int64_t j = 0; j < n; ++j) out[j] = p[j];
       for (int64_t s = 1; s < w->slabs; ++s) {
-        const float* ps = w->part.data() + (s * w->m + r) * n;
+        const float* ps = w->part.get() + (s * w->m + r) * n;
         for (int64_t j = 0; j < n; ++j) out[j] += ps[j];
       }
       for (int64_t j = 0; j < n; ++j) out[j] *= w->scale[j];

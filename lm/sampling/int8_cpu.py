@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -38,6 +39,7 @@ TARGET = "lm_int8_matmul"
 SOURCE = Path(__file__).with_name("int8_cpu.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
 _LOADED: dict = {}
+_LOCK = threading.Lock()
 
 
 def _cache_dir() -> Path:
@@ -45,12 +47,15 @@ def _cache_dir() -> Path:
 
 
 def _cpu_id() -> str:
-    """What `-march=native` compiles for: the CPU's model and flags."""
+    """What `-march=native` compiles for: the machine, and the CPU's model and features
+    (x86's "model name" and "flags", ARM's "CPU implementer", "CPU part" and "Features")."""
+    keys = ("model name", "flags", "CPU implementer", "CPU part", "Features")
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+        found = "".join(sorted({ln for ln in lines if ln.startswith(keys)}))
     except OSError:
-        return platform.processor() or platform.machine()
+        found = ""
+    return f"{platform.machine()} {platform.processor()} {found}"
 
 
 def _build() -> Path:
@@ -79,16 +84,25 @@ def _build() -> Path:
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered (built on the first call; False, said
-    once, when it cannot be, or with `LM_INT8_KERNEL=0`)."""
-    if os.environ.get("LM_INT8_KERNEL", "1") == "0":
-        return False
-    try:
-        library = _LOADED.setdefault("int8_cpu", ctypes.cdll.LoadLibrary(str(_build())))  # held for good
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmInt8Matmul), platform="cpu")
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-        log.warning("int8 weights use XLA's product on this CPU (slower): the native kernel is unavailable: %s", e)
-        return False
-    return True
+    once, when it cannot be, or with `LM_INT8_KERNEL=0`). Decided once per process: a
+    function traced before a change of `LM_INT8_KERNEL` keeps its choice."""
+    with _LOCK:  # one build, one warning, whatever thread asks first
+        if os.environ.get("LM_INT8_KERNEL", "1") == "0":
+            return False
+        try:
+            library = _LOADED.setdefault("int8_cpu", ctypes.cdll.LoadLibrary(str(_build())))  # held for good
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmInt8Matmul), platform="cpu")
+        except Exception as e:  # noqa: BLE001 -- any failure: XLA's product, said once
+            log.warning("int8 weights use XLA's product on this CPU (slower): the native kernel is unavailable: %s",
+                        f"{type(e).__name__}: {e}")
+            return False
+        return True
+
+
+def used_here() -> bool:
+    """Whether products on this process's default backend go through the kernel: a CPU, and
+    the kernel built (nothing is built on an accelerator's host)."""
+    return jax.default_backend() == "cpu" and available()
 
 
 def _kernel(x, q, scale):
@@ -108,8 +122,8 @@ def matmul(x, q, scale, out_dtype=None):
     else XLA's product."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     rows = math.prod(x.shape[:-1])
-    if (x.dtype != jnp.float32 or out_dtype != jnp.float32 or rows > ROWS or rows == 0
-            or jax.default_backend() != "cpu" or not available()):  # (no build on an accelerator's host)
+    if (x.dtype != jnp.float32 or out_dtype != jnp.float32 or q.dtype != jnp.int8 or rows > ROWS or rows == 0
+            or x.shape[-1] == 0 or not used_here()):
         return xla_matmul(x, q, scale, out_dtype)
     return jax.lax.platform_dependent(x, q, scale, cpu=_kernel,
                                       default=lambda x, q, s: xla_matmul(x, q, s, out_dtype))
