@@ -320,11 +320,20 @@ def _check_draft_flags(args) -> None:
         args.draft_k = 4
 
 
+SELF_INT8 = "int8"  # --draft int8: the run's own weights in int8 (a run directory named int8: --draft ./int8)
+
+
 def _load_draft(run, args):
-    """--draft RUN_DIR: its decode weights, after checking that it can draft for `run`."""
+    """--draft RUN_DIR: its decode weights, after checking that it can draft for `run`;
+    --draft int8: `run`'s own weights in int8 (the same model, a quarter of the bytes to read
+    a step: on a CPU, where a step reads its weights, about 3x faster, and it agrees with
+    the target but for near-ties)."""
     from lm.sampling import decode  # lazy: a command imports what it runs
     from lm.train.run import load_run  # lazy: a command imports what it runs
 
+    if args.draft == SELF_INT8:
+        _log("drafting with this run's own weights in int8")
+        return decode.prepare(run.graphdef, run.params, int8=True)
     draft_run = load_run(args.draft, log=_log)
     if draft_run.tokenizer is None or not _same_file(draft_run.tokenizer.path, run.tokenizer.path):
         raise UserError(f"--draft {args.draft}: its tokenizer is not {args.run_dir}'s; a draft must share the "
@@ -654,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--draft", metavar="RUN_DIR",
                     help="speculative decoding: a smaller run with the same tokenizer proposes tokens that this run "
                          "checks several at a time (same greedy output; sampled output follows this run's "
-                         "distribution); prints the acceptance rate")
+                         "distribution); prints the acceptance rate. `--draft int8`: this run's own weights in int8 "
+                         "draft (a run directory named int8: ./int8)")
     sp.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=None,
                     help="with --draft: tokens the draft proposes per round (default 4)")
     sp.add_argument("--speedup", action="store_true",
@@ -667,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="speculative decoding: a smaller chat run with the same tokenizer proposes tokens that this "
                          "run checks several at a time (the same greedy replies; sampled replies follow this run's "
                          "distribution; each reply is shown when it is done); the acceptance rate is printed at "
-                         "the end")
+                         "the end. `--draft int8`: this run's own weights in int8 draft")
     ch.add_argument("--draft-k", type=_number(int, 1, 16, what="1 to 16"), default=None,
                     help="with --draft: tokens the draft proposes per round (default 4)")
     ch.set_defaults(fn=cmd_chat)

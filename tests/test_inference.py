@@ -69,3 +69,17 @@ def test_lm_sample_quantize_int8(base_run, capsys):
     assert "decode weights in int8" in out.out + out.err and "def f(x):" in out.out
     assert main(["sample", base_run["run"], "--quantize", "int8", "--tensor", "2", "--prompt", "x"]) == 2
     assert "not supported yet" in capsys.readouterr().err
+
+
+def test_lm_sample_drafts_with_its_own_int8_weights(base_run, capsys):
+    """`--draft int8`: the run's own weights in int8 draft for it; greedy output is the run's own."""
+    from lm.cli import main
+
+    args = ["sample", base_run["run"], "--prompt", "def f(x):", "--temperature", "0", "--max-new", "24"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    assert main(args + ["--draft", "int8", "--draft-k", "3", "--speedup"]) == 0
+    out = capsys.readouterr()
+    said = "drafting with this run's own weights in int8\n"
+    assert said in out.out + out.err and out.out.replace(said, "") == alone
+    assert "drafted tokens accepted" in out.err and "the target alone" in out.err

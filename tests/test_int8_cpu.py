@@ -134,3 +134,17 @@ def test_the_server_engine_with_int8_weights_answers_concurrent_clients_as_gener
         batcher.close()
     want = [generate(graphdef, params, [p], 10, CFG.max_seq_len, temperature=0.0, weights=q)[0] for p in prompts]
     assert [got[i] for i in range(4)] == want
+
+
+def test_the_int8_weights_of_the_target_draft_for_it():
+    """Speculative decoding with the target's own int8 weights as the draft: the target's greedy
+    tokens, and the draft agrees with most of them (the same model but for rounding; this
+    random model's near-ties part them more often than a trained model's)."""
+    from lm.sampling import speculative
+
+    graphdef, params = nnx.split(Transformer(CFG, nnx.Rngs(2)), nnx.Param)
+    target = decode.prepare(graphdef, params)
+    prompt = [7, 3, 9, 11, 5, 2]
+    ref = generate(graphdef, params, [prompt], 30, CFG.max_seq_len, temperature=0.0)[0]
+    r = speculative.generate(target, decode.quantize(target), prompt, 30, CFG.max_seq_len, k=4)
+    assert r.tokens == ref and r.accepted >= 0.6 * r.drafted
