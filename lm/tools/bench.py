@@ -38,8 +38,8 @@ from lm import experiment
 from lm.config import Config, MeshConfig
 from lm.interop.hf import export_llama
 from lm.model.sharding import make_mesh
-from lm.model.transformer import Transformer, flops_per_token, param_count
 from lm.model.sizes import size
+from lm.model.transformer import Transformer, flops_per_token, param_count
 from lm.sampling import decode, int8_cpu
 from lm.sampling.sampler import generate
 from lm.tools import peer_torch
