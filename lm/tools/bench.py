@@ -11,7 +11,8 @@ torch and transformers installed, `decode_ratio_vs_transformers_b1/_b8=R` agains
 `decode_b8_over_b1_bound=R`: the most batch 8 could give over batch 1 with the step's
 weight products as fast as they run alone (`weight_products_ms`); `decode_small_b1/_b8_*`: the
 same on `small` (110M, weights beyond the CPU's cache), float32 and int8, against transformers
-in float32 and in torch's dynamic int8 (`main_decode_large`). `lm bench curate` (not part
+in float32 and in torch's dynamic int8, and speculative decoding with its own int8 weights as
+the draft (`main_decode_large`). `lm bench curate` (not part
 of "all"): `lm data curate` on a planted corpus, `curate_docs_per_s=N curate_mb_per_s=M`.
 """
 
@@ -40,7 +41,7 @@ from lm.interop.hf import export_llama
 from lm.model.sharding import make_mesh
 from lm.model.sizes import size
 from lm.model.transformer import Transformer, flops_per_token, param_count
-from lm.sampling import decode, int8_cpu
+from lm.sampling import decode, int8_cpu, speculative
 from lm.sampling.sampler import generate
 from lm.tools import peer_torch
 from lm.train import perf
@@ -210,10 +211,37 @@ def main_decode_large(name: str = "small", rounds: int = 3, new: int = 128, prom
             print(line)
             print(" ".join(f"{k}={v:.2f}" for k, v in keys.items()))
             rates.update(keys)
+        rates.update(_speculative_rounds(name, graphdef, params, ours, cfg, rounds, new, prompt))
         return rates
     finally:
         if peer is not None:
             peer.close()
+
+
+def _speculative_rounds(name, graphdef, params, ours: dict, cfg, rounds: int, new: int, prompt: int) -> dict:
+    """Batch 1, greedy: speculative decoding with the model's own int8 weights as the draft
+    (`--draft int8`, k=4) against the float32 model alone, interleaved; the acceptance rate
+    (random weights have more near-ties than a trained model, so it is lower than a trained
+    model's)."""
+    ids = [(7 * j) % (cfg.vocab_size - 1) + 1 for j in range(prompt)]
+    alone = lambda: generate(graphdef, params, [ids], new, prompt + new, temperature=0.0, weights=ours["float32"])  # noqa: E731
+    spec = lambda: speculative.generate(ours["float32"], ours["int8"], ids, new, prompt + new, k=4)  # noqa: E731
+    alone(), spec()  # compile
+    times = {"alone": [], "speculative": []}
+    for _ in range(rounds):
+        for kind, run in (("alone", alone), ("speculative", spec)):
+            t = time.perf_counter()
+            out = run()
+            times[kind].append(time.perf_counter() - t)
+            if kind == "speculative":
+                result = out
+    rate = {k: new / float(np.median(v)) for k, v in times.items()}
+    accepted = result.accepted / max(1, result.drafted)
+    print(f"decode[{name}, batch 1, speculative, draft: its own int8 weights, k=4]: {rate['speculative']:,.1f} new "
+          f"tokens/s against {rate['alone']:,.1f} alone ({rate['speculative'] / rate['alone']:.2f}x), "
+          f"{accepted:.0%} of drafted tokens accepted")
+    return {f"decode_{name}_b1_speculative_int8_draft_speedup": rate["speculative"] / rate["alone"],
+            f"decode_{name}_b1_speculative_int8_draft_accepted": accepted}
 
 
 def _decode_rounds(graphdef, params, weights, peer, rounds: int):
