@@ -71,6 +71,7 @@ def test_lm_sample_quantize_int8(base_run, capsys):
     assert "not supported yet" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three CLI runs on the base run; CI's slow phase runs it
 def test_lm_sample_drafts_with_its_own_int8_weights(base_run, capsys):
     """`--draft int8`: the run's own weights in int8 draft for it; greedy output is the run's own."""
     from lm.cli import main

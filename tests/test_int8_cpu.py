@@ -101,6 +101,7 @@ def test_without_a_compiler_xla_computes_the_same_product_and_says_so_once(tmp_p
 
 
 @needs_kernel
+@pytest.mark.slow  # compiles the kernel twice (about 10 s); CI's slow phase runs it
 def test_the_library_is_built_once_per_source_jaxlib_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("LM_CACHE", str(tmp_path))
     first = int8_cpu._build()
