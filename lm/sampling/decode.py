@@ -200,6 +200,7 @@ def prepare(graphdef, params, tensor: int = 1, devices=None, int8: bool = False,
         return on_mesh(model.cfg, nnx.to_pure_dict(state), mesh)
     w = _layout(model.cfg, nnx.to_pure_dict(state))
     if int8:
+        int8_cpu.used_here()  # the CPU kernel built (or its absence said) now, not in the middle of an answer
         return quantize(w)
     return w if tensor == 1 else split(w, tensor, devices)
 
