@@ -8,7 +8,7 @@ setup(
     description="A JAX/Flax codebase from raw text to a chat model: tokenizer, pretraining, SFT, RLHF, eval.",
     python_requires=">=3.11",
     packages=find_packages(include=["lm", "lm.*", "data_pipeline", "data_pipeline.*", "experiments"]),
-    package_data={"lm.sampling": ["*.cc"]},  # the int8 CPU kernel's source, compiled on first use
+    package_data={"lm.sampling": ["*.cc"], "lm.model": ["*.cc"]},  # CPU kernels' sources, compiled on first use
     install_requires=[
         "jax>=0.7,<0.12",
         "flax>=0.12,<0.13",

@@ -15,7 +15,7 @@ from flax import nnx
 
 from data_pipeline.synthetic import packed_segment_ids
 from lm.config import ConfigError, ModelConfig
-from lm.model import attention
+from lm.model import attention, attention_cpu
 from lm.model import transformer as M
 
 B, T, N, K, H = 2, 256, 4, 2, 64
@@ -32,12 +32,19 @@ def inputs(seed=0):
     return q, k, v, jnp.asarray(seg)
 
 
+def _skip_without_the_cpu_kernel(impl):
+    if impl == "cpu_flash" and not attention_cpu.available():
+        pytest.skip("no C++ compiler: no CPU attention kernel")
+
+
 def reference(q, k, v, seg):
     return M.dot_product_attention(q, k, v, M.attention_mask(seg, B, T), 0)
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_skip", "pallas_skip/small_blocks", "pallas_skip/mha", "splash"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas_skip", "pallas_skip/small_blocks", "pallas_skip/mha", "splash",
+                                  "cpu_flash"])
 def test_fused_kernel_equals_reference_forward_and_gradients(impl):
+    _skip_without_the_cpu_kernel(impl)
     q, k, v, seg = inputs()
     if impl == "pallas_skip/mha":  # one key/value head per query head
         k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
@@ -106,7 +113,7 @@ def test_fused_kernel_sees_document_boundaries():
     assert not np.allclose(out[0, :100], out2[0, :100])
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_skip"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas_skip", "flash"])
 def test_model_with_fused_attention_equals_reference_model(impl):
     cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=T,
                       attention_block=0)
@@ -123,7 +130,8 @@ def test_resolve_and_config_errors():
     assert attention.resolve("pallas_skip", "gpu") == "pallas_skip"
     dataclasses.replace(ModelConfig(), attention="pallas_skip").validate()
     assert attention.resolve("flash", "tpu") == "splash"
-    assert attention.resolve("flash", "cpu") == "xla"
+    assert attention.resolve("flash", "cpu") == ("cpu_flash" if attention_cpu.available() else "xla")
+    assert attention.resolve("flash", "cpu", dtype=jnp.bfloat16) == "xla"  # the CPU kernel is float32 only
     assert attention.resolve("xla", "gpu") == "xla"
     base = ModelConfig(compute_dtype="bfloat16", document_mask=False)
     dataclasses.replace(base, attention="cudnn").validate()
@@ -146,8 +154,9 @@ def test_without_document_mask_rows_attend_across_documents():
     assert not np.allclose(masked[0, 8:], causal_only[0, 8:])
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_skip"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas_skip", "cpu_flash"])
 def test_fused_kernel_runs_per_shard_under_a_mesh(impl):
+    _skip_without_the_cpu_kernel(impl)
     from lm.config import MeshConfig
     from lm.model.sharding import make_mesh, use_mesh
 

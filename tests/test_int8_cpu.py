@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from lm.config import ModelConfig
+from lm.model import native
 from lm.model.transformer import Transformer
 from lm.sampling import decode, int8_cpu
 from lm.sampling.sampler import generate
@@ -104,12 +105,12 @@ def test_without_a_compiler_xla_computes_the_same_product_and_says_so_once(tmp_p
 @pytest.mark.slow  # compiles the kernel twice (about 10 s); CI's slow phase runs it
 def test_the_library_is_built_once_per_source_jaxlib_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("LM_CACHE", str(tmp_path))
-    first = int8_cpu._build()
+    first = native.build(int8_cpu.SOURCE)
     stamp = first.stat().st_mtime_ns
-    assert int8_cpu._build() == first and first.stat().st_mtime_ns == stamp  # found, not compiled again
+    assert native.build(int8_cpu.SOURCE) == first and first.stat().st_mtime_ns == stamp  # found, not compiled again
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # nothing half-written left
-    monkeypatch.setattr(int8_cpu, "_cpu_id", lambda: "another CPU")  # another machine sharing the cache
-    assert int8_cpu._build() != first and len(list((tmp_path / "kernels").iterdir())) == 2
+    monkeypatch.setattr(native, "cpu_id", lambda: "another CPU")  # another machine sharing the cache
+    assert native.build(int8_cpu.SOURCE) != first and len(list((tmp_path / "kernels").iterdir())) == 2
 
 
 def test_the_server_engine_with_int8_weights_answers_concurrent_clients_as_generate_does():

@@ -10,7 +10,8 @@
 | "pallas" | the Pallas (Triton) flash kernel of JAX, with segment ids         | GPUs; CPU in interpret mode (tests) |
 | "pallas_skip" | our Pallas (Triton) flash kernel, with segment ids; skips the key/value blocks of earlier documents (and, backward, query blocks of later ones) | GPUs; CPU in interpret mode (tests) |
 | "splash" | splash attention (Pallas, Mosaic TPU), with segment ids           | TPUs; CPU in interpret mode (tests) |
-| "flash"  | the platform's fused kernel with document masking: pallas_skip on GPU, splash on TPU, xla on CPU | |
+| "flash"  | the platform's fused kernel with document masking: pallas_skip on GPU, splash on TPU, cpu_flash on CPU (float32) | |
+| "cpu_flash" | our C++ kernel (lm/model/attention_cpu.cc), with segment ids; skips the causal upper triangle and the keys before each block's document | CPUs, float32 (else xla) |
 
 The Pallas and splash kernels take the segment ids (B, T) of packed documents: a query
 attends to keys at or before it in the same run of equal ids. A row's padding (id 0) is a run like
@@ -33,9 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-from lm.model import sharding
+from lm.model import attention_cpu, sharding
 
-FUSED = ("cudnn", "pallas", "pallas_skip", "splash", "flash")
+FUSED = ("cudnn", "pallas", "pallas_skip", "splash", "flash", "cpu_flash")
 # Block size of the Pallas kernel's backward pass. On an H100, `base` at 4096 context:
 # 64 gave 40.0% MFU against 33.0% with JAX's default of 32 (lm bench accel, 2026-11-26).
 PALLAS_BWD_BLOCK = 64
@@ -57,11 +58,14 @@ def _pallas_settings(t: int) -> dict:
     return s
 
 
-def resolve(name: str, platform: str | None = None) -> str:
-    """The implementation `name` stands for on `platform` (default: the default backend)."""
+def resolve(name: str, platform: str | None = None, dtype=jnp.float32) -> str:
+    """The implementation `name` stands for on `platform` (default: the default backend), for
+    activations of `dtype`: "flash" on a CPU is our kernel for float32 where it is built, else xla."""
     if name != "flash":
         return name
     platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "cpu_flash" if jnp.dtype(dtype) == jnp.float32 and attention_cpu.available() else "xla"
     return {"gpu": GPU_FLASH, "cuda": GPU_FLASH, "rocm": GPU_FLASH, "tpu": "splash"}.get(platform, "xla")
 
 
@@ -377,14 +381,22 @@ def pallas_skip(q, k, v, segment_ids, interpret: bool = False, block_q: int | No
     return _skip_attention(q, k, v, zero(start), zero(end), cfg)
 
 
+def _cpu_flash(q, k, v, segment_ids):
+    b, t = q.shape[:2]
+    if segment_ids is None:
+        return attention_cpu.attention(q, k, v, jnp.zeros((b, t), jnp.int32))
+    return attention_cpu.attention(q, k, v, doc_bounds(jnp.broadcast_to(segment_ids, (b, t)).astype(jnp.int32))[0])
+
+
 def fused_attention(q, k, v, segment_ids, impl: str):
     """Causal attention within documents. q (B,T,N,H), k/v (B,T,K,H), segment_ids (B,T) or None.
 
-    `impl` is one of "cudnn", "pallas", "pallas_skip", "splash" (after `resolve`). On CPU the Pallas
-    kernels run in interpret mode, which is for tests only (slow).
+    `impl` is one of "cudnn", "pallas", "pallas_skip", "splash", "cpu_flash" (after `resolve`). On
+    CPU the Pallas kernels run in interpret mode, which is for tests only (slow).
     """
     interpret = jax.default_backend() == "cpu"
-    fn = {"cudnn": _cudnn,
+    fn = {"cpu_flash": _cpu_flash,
+          "cudnn": _cudnn,
           "pallas": functools.partial(_pallas, interpret=interpret),
           "pallas_skip": functools.partial(pallas_skip, interpret=interpret),
           "splash": functools.partial(_splash, interpret=interpret)}[impl]

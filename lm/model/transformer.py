@@ -176,7 +176,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, kk = self.q_norm(q), self.k_norm(kk)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        impl = attention.resolve(cfg.attention)
+        impl = attention.resolve(cfg.attention, dtype=cdt)
         if impl in attention.FUSED:  # `mask` holds the segment ids (B, T), or None
             out = attention.fused_attention(q, kk, v, mask, impl)
         elif impl == "jax_dpa":
@@ -272,7 +272,7 @@ class Transformer(nnx.Module):
         cos, sin = rope_tables(positions, cfg.head_size, cfg.rope_theta)
         if not cfg.document_mask:
             segment_ids = None  # attend across the documents packed in a row (GPT-2 style)
-        if attention.resolve(cfg.attention) in attention.FUSED:
+        if attention.resolve(cfg.attention, dtype=cdt) in attention.FUSED:
             mask = segment_ids  # the fused kernels mask by segment ids, without a (B, T, T) mask
         else:
             mask = attention_mask(segment_ids, b, t)  # (B, T, T)

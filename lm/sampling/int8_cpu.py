@@ -5,7 +5,7 @@ so int8 weights read more memory than float32 ones and decode no faster. `int8_c
 reads each int8 weight once and converts it in registers: at batch 1 a step reads a
 quarter of float32's bytes. It is built on first use with the machine's C++ compiler
 against the installed jaxlib's XLA FFI headers (about 2 s, once per machine; the library
-is kept under `LM_CACHE`, default `~/.cache/lm`) and registered as an XLA FFI target.
+is kept under `LM_CACHE`, default `~/.cache/lm`; lm/model/native.py) and registered as an XLA FFI target.
 
 `matmul(x, q, scale)` takes it for float32 rows on a CPU, up to `ROWS` of them (decode
 steps and speculative checks; longer prefills keep XLA's product, which wins there), and
@@ -15,70 +15,24 @@ XLA's product everywhere else: on accelerators, for other dtypes, without a comp
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import logging
 import math
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
+
+from lm.model import native
 
 log = logging.getLogger(__name__)
 
 ROWS = 64  # the most rows the kernel takes (more: XLA's product)
 TARGET = "lm_int8_matmul"
 SOURCE = Path(__file__).with_name("int8_cpu.cc")
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
-_LOADED: dict = {}
 _LOCK = threading.Lock()
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LM_CACHE") or Path.home() / ".cache" / "lm") / "kernels"
-
-
-def _cpu_id() -> str:
-    """What `-march=native` compiles for: the machine, and the CPU's model and features
-    (x86's "model name" and "flags", ARM's "CPU implementer", "CPU part" and "Features")."""
-    keys = ("model name", "flags", "CPU implementer", "CPU part", "Features")
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        found = "".join(sorted({ln for ln in lines if ln.startswith(keys)}))
-    except OSError:
-        found = ""
-    return f"{platform.machine()} {platform.processor()} {found}"
-
-
-def _build() -> Path:
-    """The kernel's shared library for this source, jaxlib and CPU, compiled if missing."""
-    include = Path(jaxlib.__file__).parent / "include"
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++, g++ or clang++; or set CXX)")
-    if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
-        raise RuntimeError(f"jaxlib {jaxlib.__version__} has no XLA FFI headers under {include}")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, *FLAGS, _cpu_id()]).encode())
-    out = _cache_dir() / f"int8_cpu-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, moved in whole
-        part = Path(tmp) / out.name
-        done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(part)],
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-400:]}")
-        os.replace(part, out)
-    return out
 
 
 @functools.cache
@@ -90,8 +44,7 @@ def available() -> bool:
         if os.environ.get("LM_INT8_KERNEL", "1") == "0":
             return False
         try:
-            library = _LOADED.setdefault("int8_cpu", ctypes.cdll.LoadLibrary(str(_build())))  # held for good
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmInt8Matmul), platform="cpu")
+            native.load(SOURCE, {TARGET: "LmInt8Matmul"})
         except Exception as e:  # noqa: BLE001 -- any failure: XLA's product, said once
             log.warning("int8 weights use XLA's product on this CPU (slower): the native kernel is unavailable: %s",
                         f"{type(e).__name__}: {e}")

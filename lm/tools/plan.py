@@ -60,7 +60,7 @@ def plan(cfg, devices: int | None = None, hbm_gib: float = 80.0, log=print) -> d
     if devices and len(devs) < devices:
         raise ValueError(f"asked for {devices} devices, JAX sees {len(devs)}")
     model = cfg.model
-    if attention.resolve(model.attention) == "xla" and model.attention in attention.FUSED:
+    if attention.resolve(model.attention) in ("xla", "cpu_flash") and model.attention in attention.FUSED:
         model = dataclasses.replace(model, attention="pallas")  # as on the accelerator: see the module doc
     cfg = dataclasses.replace(cfg, model=model)
     mesh = make_mesh(cfg.mesh, devs)
