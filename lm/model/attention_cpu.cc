@@ -244,6 +244,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
     const int64_t kh = task % d.kh, b = task / d.kh, ldt = Pad16(d.t) + 16;  // room for a block's padded columns
     const int32_t* st = sp + b * d.t;
     thread_local std::vector<float> kt, s;
+    float inv[kBlock];
     kt.assign(d.h * ldt, 0.0f);
     s.resize(kBlock * ldt);
     const float* kb = kp + (b * d.t * d.kh + kh) * d.h;  // token j of this head: kb + j * kvrow
@@ -269,11 +270,14 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
             sv += p;
           }
           const float l = HSum(sv);
-          const f16 inv = Splat(1.0f / l);
-          for (int64_t j = 0; j < ld; j += 16) Store(row + j, Load(row + j) * inv);
+          inv[i] = 1.0f / l;
           lrow[i] = m + std::log(l);
         }
-        Gemm<false>(rows, d.h, width, s.data(), ld, 1, vb + lo * d.kvrow(), d.kvrow(), op + at * d.h, d.qrow(), 1.0f);
+        // o = (exp(s - m) v) / l: the division on the (rows, H) product, not on the scores
+        float* ob = op + at * d.h;
+        Gemm<false>(rows, d.h, width, s.data(), ld, 1, vb + lo * d.kvrow(), d.kvrow(), ob, d.qrow(), 1.0f);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t x = 0; x < d.h; ++x) ob[i * d.qrow() + x] *= inv[i];
       }
     }
   });

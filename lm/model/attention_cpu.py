@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lm.model import native
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention_cpu.cc")
 FORWARD, BACKWARD = "lm_attention_forward", "lm_attention_backward"
+SAVED = "cpu_attention"  # the checkpoint name of the forward pass's outputs
 _LOCK = threading.Lock()
 
 
@@ -59,6 +61,8 @@ def _attention(q, k, v, start):
 
 def _attention_fwd(q, k, v, start):
     o, lse = _forward(q, k, v, start)
+    # named, so that a rematerialisation policy can keep them (transformer._REMAT_POLICIES)
+    o, lse = checkpoint_name(o, SAVED), checkpoint_name(lse, SAVED)
     return o, (q, k, v, start, o, lse)
 
 

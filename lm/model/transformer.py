@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ModelConfig
-from lm.model import attention
+from lm.model import attention, attention_cpu
 from lm.model.sharding import shard
 
 # ---------------------------------------------------------------------------------------
@@ -222,10 +222,14 @@ class Block(nnx.Module):
         return shard(x + self.mlp(self.mlp_norm(x)), "act_nd")
 
 
+# "dots" policies also keep the CPU attention kernel's outputs (a custom call, not a dot):
+# recomputing them would run the kernel's forward pass twice.
+_keep_attention = jax.checkpoint_policies.save_only_these_names(attention_cpu.SAVED)
 _REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _keep_attention),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _keep_attention),
 }
 
 
