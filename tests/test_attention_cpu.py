@@ -25,9 +25,12 @@ def _case(rng, b, t, n, k, h, docs):
     kk = jnp.asarray(rng.standard_normal((b, t, k, h)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((b, t, k, h)), jnp.float32)
     seg = np.ones((b, t), np.int32)
-    if docs:
+    if docs == "every token":
+        seg = np.broadcast_to(np.arange(1, t + 1, dtype=np.int32), (b, t))
+    elif docs:
         seg = (np.cumsum(rng.random((b, t)) < 0.06, axis=1) + 1).astype(np.int32)
         seg[:, -5:] = 0  # padding at the end of each row: a run like any other
+        seg[:, :3], seg[:, 3] = 1000, 1001  # then a document of one token
     return q, kk, v, jnp.asarray(seg)
 
 
@@ -38,7 +41,8 @@ def _reference(q, k, v, seg):
 
 @needs_kernel
 @pytest.mark.parametrize("shape", [(2, 64, 4, 4, 64, False), (2, 100, 4, 2, 16, True), (1, 37, 3, 1, 8, True),
-                                   (2, 130, 6, 3, 24, True), (1, 200, 2, 2, 80, False)])
+                                   (2, 130, 6, 3, 24, True), (1, 200, 2, 2, 80, False), (1, 1, 2, 1, 4, False),
+                                   (2, 65, 2, 1, 17, "every token")])
 def test_kernel_equals_xla_attention_forward_and_gradients(shape):
     b, t, n, k, h, docs = shape
     rng = np.random.default_rng(t)
@@ -50,6 +54,16 @@ def test_kernel_equals_xla_attention_forward_and_gradients(shape):
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
     for a, r in zip(jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, kk, v), jax.grad(loss(ref), (0, 1, 2))(q, kk, v)):
         np.testing.assert_allclose(a, r, atol=1e-5 * float(jnp.max(jnp.abs(r))), rtol=1e-4)
+
+
+@needs_kernel
+def test_a_nan_in_a_key_reaches_the_queries_that_see_it_as_in_xla():
+    q, k, v, seg = _case(np.random.default_rng(5), 1, 40, 2, 1, 16, False)
+    k = k.at[0, 10, 0, 3].set(jnp.nan)
+    ours = np.asarray(jax.jit(lambda *a: attention.fused_attention(*a, seg, "cpu_flash"))(q, k, v))
+    ref = np.asarray(_reference(q, k, v, seg))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    assert np.isnan(ours[0, 10:]).all() and not np.isnan(ours[0, :10]).any()
 
 
 @needs_kernel

@@ -63,29 +63,32 @@ inline void Store(float* p, f16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline f16 Splat(float x) { return f16{} + x; }
 
-// exp(x) for 16 floats: 2^n * 2^f with n = round(x log2 e), a degree-6 polynomial for 2^f on
-// [-1/2, 1/2] (relative error about 2e-7); exactly 0 below -87 (masked scores are -inf)
+// exp(x) for 16 floats: e^r * 2^n with n = round(x log2 e) and r = x - n ln 2 in two parts
+// (Cody-Waite, so r keeps its bits for large |x|), e^r by its degree-6 Taylor polynomial on
+// [-ln2/2, ln2/2] (relative error about 2e-7); exactly 0 below -87 (masked scores are -inf);
+// NaN stays NaN
 inline f16 Exp(f16 x) {
   const f16 lo = Splat(-87.0f), hi = Splat(88.0f), magic = Splat(12582912.0f);  // 1.5 * 2^23
-  const i16 keep = x >= lo;
+  const i16 keep = x >= lo, nan = x != x;
   f16 c = x < lo ? lo : x;
   c = c > hi ? hi : c;
-  const f16 y = c * 1.44269504088896341f;
-  const f16 r = y + magic;  // round to nearest: the integer sits in the low mantissa bits
-  const f16 n = r - magic;
-  const f16 f = y - n;
-  f16 p = Splat(1.5353362e-4f);
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6184478e-3f;
-  p = p * f + 5.5503406e-2f;
-  p = p * f + 2.4022652e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
-  i16 ri, pi;
-  std::memcpy(&ri, &r, sizeof(ri));
+  const f16 t = c * 1.44269504088896341f + magic;  // round to nearest: n sits in the low mantissa bits
+  const f16 n = t - magic;
+  f16 r = c - n * 0.693145751953125f;  // ln 2 = 0.693145751953125 (exact in 16 bits) + 1.4286068e-6
+  r = r - n * 1.428606765330187e-6f;
+  f16 p = Splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i16 ti, pi, xi;
+  std::memcpy(&ti, &t, sizeof(ti));
   std::memcpy(&pi, &p, sizeof(pi));
-  pi += (ri - 0x4B400000) << 23;  // times 2^n
-  pi &= keep;
+  std::memcpy(&xi, &x, sizeof(xi));
+  pi += (ti - 0x4B400000) << 23;  // times 2^n
+  pi = (pi & keep) | (xi & nan);
   f16 out;
   std::memcpy(&out, &pi, sizeof(out));
   return out;
@@ -285,18 +288,16 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::F32> o,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
   if (auto e = CheckShapes(q.dimensions(), k.dimensions(), v.dimensions(), start.dimensions(), &d); e.failure())
     return e;
-  if (o.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
-      lse.element_count() != d.b * d.n * d.t)
-    return ffi::Error::InvalidArgument("cpu attention backward: o, lse or the output gradient do not fit q");
+  if (dout.element_count() != q.element_count() || lse.element_count() != d.b * d.n * d.t)
+    return ffi::Error::InvalidArgument("cpu attention backward: lse or the output gradient do not fit q");
   const int64_t tasks = d.b * d.kh;
   if (tasks == 0 || d.t == 0 || d.h == 0) return ffi::Error::Success();
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *opp = o.typed_data();
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *lp = lse.typed_data(), *dop = dout.typed_data();
   const int32_t* sp = start.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
@@ -320,22 +321,25 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         const int64_t rows = std::min(kBlock, d.t - q0);
         const int64_t lo = std::clamp<int64_t>(st[q0], 0, q0), width = q0 + rows - lo, ld = Pad16(width);
         const int64_t at = (b * d.t + q0) * d.n + n;  // token q0 of head n in q, o, dq, dout
-        const float *qb = qp + at * d.h, *ob = opp + at * d.h, *gob = dop + at * d.h;
+        const float *qb = qp + at * d.h, *gob = dop + at * d.h;
         const float* lrow = lp + (b * d.n + n) * d.t + q0;
         // P = exp(scale q k^T - lse), masked; dP = dout v^T; dS = P (dP - delta)
         Gemm<false>(rows, ld, d.h, qb, d.qrow(), 1, kt.data() + lo, ldt, s.data(), ld, d.scale);
         Mask(s.data(), rows, ld, q0, lo, st);
         Gemm<false>(rows, ld, d.h, gob, d.qrow(), 1, vt.data() + lo, ldt, dp.data(), ld, 1.0f);
         for (int64_t i = 0; i < rows; ++i) {
-          float dl = 0.0f;
-          for (int64_t x = 0; x < d.h; ++x) dl += gob[i * d.qrow() + x] * ob[i * d.qrow() + x];
-          const f16 l = Splat(lrow[i]), dlv = Splat(dl);
+          // delta = sum_j P dP over the row in cache: the softmax's own Jacobian (sum(dout o),
+          // the usual shortcut, leaves rounding noise where the gradient is exactly 0)
+          const f16 l = Splat(lrow[i]);
           float *row = s.data() + i * ld, *drow = dp.data() + i * ld;
+          f16 acc = f16{};
           for (int64_t j = 0; j < ld; j += 16) {
             const f16 p = Exp(Load(row + j) - l);
             Store(row + j, p);
-            Store(drow + j, p * (Load(drow + j) - dlv));
+            acc += p * Load(drow + j);
           }
+          const f16 delta = Splat(HSum(acc));
+          for (int64_t j = 0; j < ld; j += 16) Store(drow + j, Load(row + j) * (Load(drow + j) - delta));
         }
         // dq = scale dS k; dk += scale dS^T q; dv += P^T dout
         Gemm<false>(rows, d.h, width, dp.data(), ld, 1, kb + lo * d.kvrow(), d.kvrow(), dqp + at * d.h, d.qrow(),
@@ -373,7 +377,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

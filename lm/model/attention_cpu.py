@@ -63,15 +63,15 @@ def _attention_fwd(q, k, v, start):
     o, lse = _forward(q, k, v, start)
     # named, so that a rematerialisation policy can keep them (transformer._REMAT_POLICIES)
     o, lse = checkpoint_name(o, SAVED), checkpoint_name(lse, SAVED)
-    return o, (q, k, v, start, o, lse)
+    return o, (q, k, v, start, lse)
 
 
 def _attention_bwd(res, do):
-    q, k, v, start, o, lse = res
+    q, k, v, start, lse = res
     shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
               jax.ShapeDtypeStruct(v.shape, jnp.float32))
     dq, dk, dv = jax.ffi.ffi_call(BACKWARD, shapes, vmap_method="sequential")(
-        q, k, v, start, o, lse, do.astype(jnp.float32))
+        q, k, v, start, lse, do.astype(jnp.float32))
     return dq, dk, dv, None
 
 
