@@ -11,7 +11,8 @@ The same model (LlamaForCausalLM built from our ModelConfig: RoPE, RMSNorm, SwiG
 grouped-query attention, same vocabulary/width/depth), the same batch of token ids, one
 AdamW step per iteration, timed like ours (median of repeats, after warm-up). On a GPU:
 bfloat16 autocast over float32 parameters, SDPA attention (flash, causal), fused AdamW;
-on a CPU: float32. `compile=True` wraps the model in `torch.compile`. Gradient
+on a CPU: float32. `compile=True` wraps the model in `torch.compile` (`compile_mode`: its
+mode, e.g. "max-autotune", which on a CPU also tunes its own matrix-product kernels). Gradient
 checkpointing mirrors `model.remat="full"` where asked. `fused=True` uses AdamW's fused
 kernel (on a CPU too, where it is often the faster one), else its multi-tensor one.
 
@@ -49,7 +50,8 @@ def hf_config(cfg: ModelConfig, seq_len: int):
 
 def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu", bf16: bool = False,
                compile: bool = False, grad_ckpt: bool = False, steps: int = 10, warmup: int = 3,
-               repeats: int = 3, threads: int | None = None, fused: bool | None = None) -> dict:
+               repeats: int = 3, threads: int | None = None, fused: bool | None = None,
+               compile_mode: str | None = None) -> dict:
     """Training tokens/s of the Hugging Face LLaMA peer (and its peak device memory on GPU)."""
     import torch  # optional: the PyTorch peer
     import transformers  # optional: the PyTorch peer
@@ -64,7 +66,7 @@ def train_rate(cfg: ModelConfig, batch: int, seq_len: int, *, device: str = "cpu
     model.train()
     fused = device == "cuda" if fused is None else fused
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused, foreach=not fused or None)
-    fwd = torch.compile(model) if compile else model
+    fwd = torch.compile(model, mode=compile_mode) if compile else model
     rng = np.random.default_rng(0)
     xs = [torch.from_numpy(rng.integers(4, cfg.vocab_size, size=(batch, seq_len))).to(device) for _ in range(4)]
 
