@@ -41,8 +41,9 @@ def _reference(q, k, v, seg):
 
 @needs_kernel
 @pytest.mark.parametrize("shape", [(2, 64, 4, 4, 64, False), (2, 100, 4, 2, 16, True), (1, 37, 3, 1, 8, True),
-                                   (2, 130, 6, 3, 24, True), (1, 200, 2, 2, 80, False), (1, 1, 2, 1, 4, False),
-                                   (2, 65, 2, 1, 17, "every token")])
+                                   pytest.param((2, 130, 6, 3, 24, True), marks=pytest.mark.slow),
+                                   pytest.param((1, 200, 2, 2, 80, False), marks=pytest.mark.slow),
+                                   (1, 1, 2, 1, 4, False), (2, 65, 2, 1, 17, "every token")])
 def test_kernel_equals_xla_attention_forward_and_gradients(shape):
     b, t, n, k, h, docs = shape
     rng = np.random.default_rng(t)
@@ -79,6 +80,7 @@ def test_a_document_never_sees_another_and_the_kernel_is_in_the_program():
 
 
 @needs_kernel
+@pytest.mark.slow  # about 5 s; test_attention.py's model test with "flash" stays in make test
 def test_model_trains_the_same_with_flash_on_a_cpu():
     """One step's loss and gradients of a small model: "flash" (the kernel) against "xla"."""
     cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=80)

@@ -113,6 +113,7 @@ def test_the_library_is_built_once_per_source_jaxlib_and_cpu(tmp_path, monkeypat
     assert native.build(int8_cpu.SOURCE) != first and len(list((tmp_path / "kernels").iterdir())) == 2
 
 
+@pytest.mark.slow  # about 6 s; the int8 greedy-equality test stays in make test
 def test_the_server_engine_with_int8_weights_answers_concurrent_clients_as_generate_does():
     """Four clients at once over the batcher's slots (each step's products over the busy rows
     go through the kernel where it runs) get the greedy tokens `generate` gives with the same

@@ -205,6 +205,7 @@ def test_multi_token_prediction_is_training_only_decoding_and_export_use_the_nex
         dataclasses.replace(CFG, mtp_tokens=-1).validate()
 
 
+@pytest.mark.slow  # about 7 s; CI's slow phase runs it (make test stays under 5 minutes)
 def test_unet_skips_add_the_first_layers_outputs_to_the_last_layers_inputs_in_training_and_decoding(tmp_path):
     from lm.interop.hf import export_llama
     from lm.model.transformer import attention_mask, expected_param_count, param_count, rope_tables

@@ -192,6 +192,7 @@ def test_polar_express_is_what_muon_applies():
     np.testing.assert_allclose(u[key][0].reshape(64, 64), -0.05 * want, atol=1e-4)
 
 
+@pytest.mark.slow  # about 7 s; CI's slow phase runs it (make test stays under 5 minutes)
 def test_normuon_gives_every_neuron_the_same_rms_and_keeps_each_matrix_norm():
     params, grads, rng = params_and_random_grads(2)
     plain = make_optimizer(dataclasses.replace(MUON, weight_decay=0.0), params, 10)
