@@ -11,7 +11,7 @@
 | "pallas_skip" | our Pallas (Triton) flash kernel, with segment ids; skips the key/value blocks of earlier documents (and, backward, query blocks of later ones) | GPUs; CPU in interpret mode (tests) |
 | "splash" | splash attention (Pallas, Mosaic TPU), with segment ids           | TPUs; CPU in interpret mode (tests) |
 | "flash"  | the platform's fused kernel with document masking: pallas_skip on GPU, splash on TPU, cpu_flash on CPU (float32) | |
-| "cpu_flash" | our C++ kernel (lm/model/attention_cpu.cc), with segment ids; skips the causal upper triangle and the keys before each block's document | CPUs, float32 (else xla) |
+| "cpu_flash" | (what "flash" resolves to on a CPU; not a config value) our C++ kernel (lm/model/attention_cpu.cc), with segment ids; skips the causal upper triangle and the keys before each block's document | CPUs, float32 (else xla) |
 
 The Pallas and splash kernels take the segment ids (B, T) of packed documents: a query
 attends to keys at or before it in the same run of equal ids. A row's padding (id 0) is a run like
