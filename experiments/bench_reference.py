@@ -8,8 +8,8 @@ on a CPU our native kernel (lm/model/attention_cpu.cc; XLA's attention over bloc
 queries where it cannot be built), and each layer keeps its matrix products' outputs and the
 attention kernel's and recomputes the rest in the backward pass (`remat="dots"`). On a 2-core
 Intel Xeon (2026-12-07), alternated in one process: 427 ms a step with XLA's attention and
-`remat="full"`, 350-362 with the kernel, 341-348 with the kernel and "dots". MFU counts model FLOPs only (6N per
-token plus attention), never the recomputation.
+`remat="full"`, 350-362 with the kernel, 341-348 with the kernel and "dots". MFU counts
+model FLOPs only (6N per token plus attention), never the recomputation.
 """
 
 from lm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig

@@ -17,8 +17,8 @@
 // Both passes run one task per (batch row, key/value head): it transposes that head's keys (and,
 // backward, values) once, walks its query heads' blocks, and owns its outputs (o and lse of its
 // query heads; backward dq of its query heads, its dk and dv), so no two tasks write the same
-// memory. Tasks are claimed from one counter by the
-// caller and by helpers on the XLA CPU client's thread pool.
+// memory. Tasks are claimed from one counter by the caller and by helpers on the XLA CPU
+// client's thread pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
